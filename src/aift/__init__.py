@@ -1,0 +1,47 @@
+"""aift, the AI Fine-tuning Toolkit: full, LoRA and QLoRA fine-tuning of LLMs, Japanese models first.
+
+The public API is imported lazily so that ``import aift`` (and ``aift --help``) stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "JapaneseModel": "aift.models.japanese",
+    "BaseModel": "aift.models.japanese",
+    "SUPPORTED_MODELS": "aift.models.registry",
+    "EMBEDDED_MODEL": "aift.models.registry",
+    "ModelNotAvailableError": "aift.models.loading",
+    "TrainingConfig": "aift.config",
+    "LoRAConfig": "aift.config",
+    "MultiGPUTrainingConfig": "aift.config",
+    "ConfigError": "aift.config",
+    "AiftError": "aift.errors",
+    "TextDataset": "aift.data.text_dataset",
+    "FullFinetuningTrainer": "aift.training.trainers",
+    "LoRAFinetuningTrainer": "aift.training.trainers",
+    "AdvancedMultiGPUTrainer": "aift.training.multi_gpu",
+    "QuantizationOptimizer": "aift.quant.optimizer",
+    "get_available_device": "aift.utils.gpu",
+    "get_gpu_memory_info": "aift.utils.gpu",
+    "optimize_model_for_gpu": "aift.utils.gpu",
+    "clear_gpu_memory": "aift.utils.gpu",
+    "set_memory_fraction": "aift.utils.gpu",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'aift' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -1,0 +1,89 @@
+"""The `aift` command: a table of subcommands, each a module with `add_arguments(parser)` and `run(args)`.
+
+A subcommand module is imported only when it is run, so `aift --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from aift import __version__
+from aift.errors import AiftError
+
+# name -> (module, one-line summary). Each module defines add_arguments(parser) and run(args) -> int | None.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "models": ("aift.cli.models", "List the registered models (--formats: prompt formats)."),
+    "recommend": ("aift.cli.recommend", "Suggest a model and method for your GPU memory."),
+    "prepare": ("aift.cli.prepare", "Turn raw data into tokenized, loss-masked train/test splits."),
+    "preview": ("aift.cli.preview", "Show prepared examples with the trained tokens highlighted."),
+    "train": ("aift.cli.train", "Fine-tune (full, LoRA, QLoRA) from a YAML config and/or flags."),
+    "eval": ("aift.cli.eval", "Loss, perplexity and generation metrics on a prepared split."),
+    "report": ("aift.cli.report", "HTML report with loss curves and a table of runs."),
+    "generate": ("aift.cli.generate", "Answer one prompt, streaming."),
+    "chat": ("aift.cli.chat", "Multi-turn chat in the terminal."),
+    "merge": ("aift.cli.merge", "Merge a LoRA adapter into its base model."),
+    "quantize": ("aift.cli.quantize", "Quantize a model to 8 or 4 bits with bitsandbytes."),
+    "export": ("aift.cli.export", "Export a model to GGUF or safetensors."),
+    "bench": ("aift.cli.bench", "Benchmark aift's trainer (optionally against TRL)."),
+    "plan": ("aift.cli.plan", "Plan device placement and memory for multi-GPU training."),
+    "demo": ("aift.cli.demo", "Fine-tune the embedded model on the bundled Japanese data, before/after."),
+    "login": ("aift.cli.login", "Store a Hugging Face token (mode 0600, never echoed)."),
+}
+
+
+def _top_help() -> str:
+    width = max(map(len, COMMANDS))
+    rows = "\n".join(f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items())
+    return (
+        f"usage: aift COMMAND [options]   (aift COMMAND --help for its options)\n\n"
+        f"aift {__version__}: fine-tune LLMs (full, LoRA, QLoRA), Japanese models first.\n\ncommands:\n{rows}\n"
+    )
+
+
+def build_parser(name: str) -> argparse.ArgumentParser:
+    """The argument parser of one subcommand."""
+    module_name, summary = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"aift {name}", description=summary)
+    module.add_arguments(parser)
+    parser.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_top_help(), end="")
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        print(f"aift {__version__}")
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        print(f"aift: unknown command {name!r}{hint}\n\n{_top_help()}", file=sys.stderr, end="")
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        parser = build_parser(name)
+    except ModuleNotFoundError as e:
+        if e.name != COMMANDS[name][0]:
+            raise
+        print(f"aift {name}: not implemented yet in this version", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv[1:])
+    try:
+        code = args._run(args)
+    except AiftError as e:
+        print(f"aift {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"aift {name}: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)

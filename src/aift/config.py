@@ -1,0 +1,239 @@
+"""Typed configuration: TrainingConfig, LoRAConfig, MultiGPUTrainingConfig.
+
+Each option is documented once, on its field (``metadata["help"]``); YAML files and ``key=value``
+overrides from the CLI go through :func:`from_dict`, which rejects unknown keys with a suggestion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from aift.errors import AiftError
+
+T = TypeVar("T")
+
+
+class ConfigError(AiftError, ValueError):
+    """A configuration value or key is invalid; the message names the field."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class TrainingConfig:
+    """How to train: optimisation, precision, schedule, logging and checkpoints."""
+
+    model_name: str = _f("smollm2-135m-instruct", "Model alias, local folder or Hugging Face id.")
+    dataset_path: str | None = _f(None, "Folder written by `aift prepare` (DatasetDict with train/test).")
+    output_dir: str = _f("./outputs", "Where checkpoints, logs and the final model go.")
+    learning_rate: float = _f(2e-5, "Peak learning rate of AdamW.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    batch_size: int = _f(4, "Micro-batch size per process (rows per forward pass).")
+    gradient_accumulation_steps: int = _f(4, "Micro-batches accumulated per optimizer step.")
+    num_epochs: float = _f(3, "Passes over the training data (ignored when max_steps > 0).")
+    max_steps: int = _f(-1, "Stop after this many optimizer steps; -1 means run num_epochs.")
+    warmup_steps: int = _f(100, "Linear warmup steps, then linear decay to 0.")
+    max_grad_norm: float = _f(1.0, "Clip gradients to this global L2 norm; 0 disables clipping.")
+    eval_steps: int = _f(100, "Evaluate on the test split every this many optimizer steps; 0 disables.")
+    save_steps: int = _f(500, "Write a checkpoint every this many optimizer steps; 0 saves only at the end.")
+    save_total_limit: int | None = _f(2, "Keep at most this many checkpoints (oldest deleted); None keeps all.")
+    logging_steps: int = _f(10, "Log loss, lr, grad norm, tokens/s and memory every this many steps.")
+    fp16: bool = _f(True, "Mixed precision; becomes bf16 where the device supports it (CPU, Ampere+).")
+    bf16: bool = _f(False, "bf16 autocast (takes precedence over fp16).")
+    gradient_checkpointing: bool = _f(True, "Recompute activations in backward to save memory.")
+    max_length: int = _f(512, "Tokens per packed row (or the truncation length without packing).")
+    packing: bool = _f(True, "Pack examples into full rows with per-example position ids (no cross-attention).")
+    seed: int = _f(42, "Seed for model init, data order and dropout.")
+    report_to: list[str] = _f(["tensorboard"], "Loggers besides metrics.jsonl: tensorboard, wandb, mlflow, none.")
+    resume_from_checkpoint: str | None = _f(None, "Checkpoint folder, or 'latest', to continue from.")
+    overwrite_output_dir: bool = _f(False, "Allow writing into an output dir that holds another run.")
+    loss_chunk_size: int = _f(
+        0,
+        "Fused linear cross-entropy over this many tokens at a time, never holding the full-vocabulary "
+        "logits of the batch; 0 uses the model's own loss.",
+    )
+    torch_compile: bool = _f(False, "torch.compile the model (pays ~100 s of compile on 2 CPU cores; long runs only).")
+    frozen_base_bf16: bool = _f(False, "LoRA: hold the frozen base weights in bf16 while adapters stay fp32.")
+    collect_metrics: bool = _f(False, "Sample CPU/GPU utilisation and memory every second into system_metrics.jsonl.")
+    use_flash_attention: bool = _f(True, "Use flash-attention 2 on CUDA when installed, else SDPA.")
+    deepspeed: str | None = _f(None, "DeepSpeed JSON config (or a preset name zero1/zero2/zero3).")
+    ddp: bool = _f(False, "Distributed data parallel (set automatically under torchrun).")
+    local_rank: int = _f(-1, "Local process rank (set by the launcher).")
+    world_size: int = _f(1, "Number of processes (set by the launcher).")
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "batch_size", "gradient_accumulation_steps", "max_length")
+        _check_non_negative(self, "warmup_steps", "max_grad_norm", "eval_steps", "save_steps", "logging_steps")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.num_epochs <= 0 and self.max_steps <= 0:
+            raise ConfigError("num_epochs must be > 0 when max_steps is not set")
+        if isinstance(self.report_to, str):
+            self.report_to = [s for s in self.report_to.split(",") if s]
+        unknown = set(self.report_to) - {"tensorboard", "wandb", "mlflow", "none"}
+        if unknown:
+            raise ConfigError(f"report_to: unknown logger(s) {sorted(unknown)}; use tensorboard, wandb, mlflow or none")
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA / QLoRA adapter settings (passed to peft)."""
+
+    r: int = _f(16, "Adapter rank.")
+    lora_alpha: int = _f(32, "Scaling numerator: the update is scaled by lora_alpha / r (or / sqrt(r) with rsLoRA).")
+    target_modules: list[str] | str | None = _f(
+        None, "Modules to adapt; None means the model's attention and MLP projections; 'all-linear' for every linear."
+    )
+    lora_dropout: float = _f(0.05, "Dropout on the adapter input.")
+    bias: str = _f("none", "Which biases to train: none, all or lora_only.")
+    task_type: str = _f("CAUSAL_LM", "peft task type.")
+    use_qlora: bool = _f(False, "Load the frozen base quantized with bitsandbytes (QLoRA).")
+    qlora_4bit: bool = _f(True, "With use_qlora: 4-bit NF4 with double quantization; False means 8-bit.")
+    use_dora: bool = _f(False, "Weight-decomposed LoRA (DoRA).")
+    use_rslora: bool = _f(False, "Rank-stabilised scaling lora_alpha / sqrt(r).")
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "r", "lora_alpha")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ConfigError(f"bias must be one of none, all, lora_only; got {self.bias!r}")
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            self.target_modules = [m.strip() for m in self.target_modules.split(",") if m.strip()]
+
+
+STRATEGIES = ("ddp", "model_parallel", "pipeline", "fsdp", "deepspeed")
+
+
+@dataclass
+class MultiGPUTrainingConfig(TrainingConfig):
+    """TrainingConfig plus how to spread the work over devices and processes."""
+
+    strategy: str = _f("ddp", "One of ddp, model_parallel, pipeline, fsdp, deepspeed.")
+    max_memory_per_gpu: dict[Any, str] | None = _f(None, 'Per-device budget for model_parallel, e.g. {0: "22GB"}.')
+    pipeline_parallel_size: int = _f(1, "Pipeline stages (strategy=pipeline).")
+    tensor_parallel_size: int = _f(1, "Tensor-parallel degree.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}")
+        _check_positive(self, "pipeline_parallel_size", "tensor_parallel_size")
+
+
+def _check_positive(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{name} must be a positive number, got {value!r}")
+
+
+def _check_non_negative(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"{name} must be >= 0, got {value!r}")
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """The documentation of each field of a config dataclass."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+def _unknown_key_error(cls: type, key: str) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(names)}"
+    return ConfigError(f"unknown {cls.__name__} key {key!r}{hint}")
+
+
+def _coerce(value: Any, annotation: Any, name: str) -> Any:
+    """Turns strings from the CLI (and YAML scalars) into the field's declared type."""
+    hint = annotation if not isinstance(annotation, str) else eval(annotation, vars(typing))  # noqa: S307
+    args = typing.get_args(hint)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args):
+        return None
+    types = [a for a in args if a is not type(None)] or [hint]
+    if not isinstance(value, str):
+        if float in types and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        return value
+    for t in types:
+        origin = typing.get_origin(t) or t
+        try:
+            if origin is bool:
+                if value.lower() in ("true", "1", "yes", "on"):
+                    return True
+                if value.lower() in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError(value)
+            if origin in (int, float):
+                return origin(value)
+            if origin is list:
+                return [v.strip() for v in value.split(",") if v.strip()]
+            if origin is dict:
+                return yaml.safe_load(value)
+            if origin is str:
+                return value
+        except (ValueError, yaml.YAMLError):
+            continue
+    raise ConfigError(f"{name}: cannot read {value!r} as {hint}")
+
+
+def from_dict(cls: type[T], values: dict[str, Any]) -> T:
+    """Builds a config dataclass from a mapping; unknown keys and bad values raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        key = key.replace("-", "_")
+        if key not in known:
+            raise _unknown_key_error(cls, key)
+        kwargs[key] = _coerce(value, hints[key], key)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(str(e)) from e
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """Parses CLI ``key=value`` items into a dict (values stay strings, typed by from_dict)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Reads a YAML mapping; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+    return data
+
+
+def to_yaml(*configs: Any) -> str:
+    """Serialises config dataclasses (sections named after their class) to YAML."""
+    return yaml.safe_dump(
+        {type(c).__name__: dataclasses.asdict(c) for c in configs}, sort_keys=False, allow_unicode=True
+    )

@@ -1,0 +1,159 @@
+"""`BaseModel` and `JapaneseModel`: one interface over the registered models and the embedded default."""
+
+from __future__ import annotations
+
+import abc
+import logging
+from typing import Any
+
+import torch
+
+from aift.models import loading
+from aift.models.registry import EMBEDDED_MODEL, SUPPORTED_MODELS, ModelSpec
+from aift.utils.gpu import get_available_device
+
+log = logging.getLogger(__name__)
+
+JA_INSTRUCTION_TEMPLATE = "### 指示:\n{instruction}\n\n### 応答:\n"
+JA_INSTRUCTION_INPUT_TEMPLATE = "### 指示:\n{instruction}\n\n### 入力:\n{input}\n\n### 応答:\n"
+
+
+class BaseModel(abc.ABC):
+    """A model and its tokenizer, loaded on demand."""
+
+    def __init__(self, model_name: str, device: str | None = None):
+        self.model_name = model_name
+        self.device = device or get_available_device()
+        self.model = None
+        self.tokenizer = None
+
+    @abc.abstractmethod
+    def load_model(self):
+        """Loads and returns the model."""
+
+    @abc.abstractmethod
+    def load_tokenizer(self):
+        """Loads and returns the tokenizer."""
+
+
+class JapaneseModel(BaseModel):
+    """A causal LM for (Japanese) instruction following; the embedded SmolLM2-135M-Instruct by default."""
+
+    def __init__(
+        self,
+        model_name: str = EMBEDDED_MODEL,
+        device: str | None = None,
+        load_in_8bit: bool = False,
+        load_in_4bit: bool = False,
+        torch_dtype: torch.dtype | None = None,
+        use_flash_attention: bool = True,
+        gradient_checkpointing: bool = False,
+        *,
+        device_map: Any = None,
+        max_memory: dict | None = None,
+        offload_folder: str | None = None,
+        trust_remote_code: bool = False,
+    ):
+        super().__init__(model_name, device)
+        if load_in_8bit and load_in_4bit:
+            raise ValueError("choose one of load_in_8bit and load_in_4bit")
+        self.load_in_8bit = load_in_8bit
+        self.load_in_4bit = load_in_4bit
+        self.torch_dtype = torch_dtype
+        self.use_flash_attention = use_flash_attention
+        self.gradient_checkpointing = gradient_checkpointing
+        self.device_map = device_map
+        self.max_memory = max_memory
+        self.offload_folder = offload_folder
+        self.trust_remote_code = trust_remote_code
+
+    @classmethod
+    def list_supported_models(cls) -> dict[str, ModelSpec]:
+        """The registered models, by name."""
+        return dict(SUPPORTED_MODELS)
+
+    @property
+    def model_path(self) -> str:
+        """The folder or hub id that from_pretrained is given."""
+        return loading.resolve_model_path(self.model_name)
+
+    def load_tokenizer(self):
+        if self.tokenizer is None:
+            self.tokenizer = loading.load_tokenizer(self.model_name, trust_remote_code=self.trust_remote_code)
+        return self.tokenizer
+
+    def load_model(self):
+        if self.model is None:
+            self.model = loading.load_causal_lm(
+                self.model_name,
+                device=self.device,
+                dtype=self.torch_dtype,
+                load_in_8bit=self.load_in_8bit,
+                load_in_4bit=self.load_in_4bit,
+                use_flash_attention=self.use_flash_attention,
+                device_map=self.device_map,
+                max_memory=self.max_memory,
+                offload_folder=self.offload_folder,
+                trust_remote_code=self.trust_remote_code,
+            )
+            if self.gradient_checkpointing:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return self.model
+
+    def load(self) -> JapaneseModel:
+        """Loads tokenizer and model; returns self."""
+        self.load_tokenizer()
+        self.load_model()
+        return self
+
+    def load_with_fallback(self, fallback_models: list[str] | None = None) -> bool:
+        """Tries this model, then each fallback in turn; logs why each failed; True when one loaded."""
+        for name in [self.model_name, *(fallback_models or [])]:
+            self.model_name, self.model, self.tokenizer = name, None, None
+            try:
+                self.load()
+                log.info("loaded %s", name)
+                return True
+            except Exception as e:  # noqa: BLE001 - any failure means: try the next one
+                log.warning("could not load %s: %s", name, e)
+        self.model, self.tokenizer = None, None
+        return False
+
+    def build_prompt(self, instruction: str, input_text: str | None = None) -> str:
+        """The generation prompt: the tokenizer's chat template when it has one, else the Japanese instruction template."""
+        tokenizer = self.load_tokenizer()
+        if getattr(tokenizer, "chat_template", None):
+            content = instruction if not input_text else f"{instruction}\n\n{input_text}"
+            return tokenizer.apply_chat_template(
+                [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+            )
+        if input_text:
+            return JA_INSTRUCTION_INPUT_TEMPLATE.format(instruction=instruction, input=input_text)
+        return JA_INSTRUCTION_TEMPLATE.format(instruction=instruction)
+
+    @torch.inference_mode()
+    def generate_japanese(
+        self,
+        instruction: str,
+        input_text: str | None = None,
+        max_new_tokens: int = 512,
+        temperature: float = 0.7,
+        top_p: float = 0.9,
+        top_k: int = 50,
+        do_sample: bool = True,
+        **kwargs: Any,
+    ) -> str:
+        """Answers an instruction; returns only the newly generated text."""
+        tokenizer, model = self.load_tokenizer(), self.load_model()
+        prompt = self.build_prompt(instruction, input_text)
+        inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+        sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
+        output = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            pad_token_id=tokenizer.pad_token_id,
+            **sampling,
+            **kwargs,
+        )
+        return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()

@@ -1,0 +1,93 @@
+"""Device helpers: correct, and silent, on a machine without a GPU."""
+
+from __future__ import annotations
+
+import gc
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def get_available_device() -> str:
+    """'cuda' when a CUDA GPU is usable, then 'mps', else 'cpu'."""
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def get_gpu_memory_info() -> dict:
+    """Per-GPU memory in GB: {'available', 'device_count', 'devices': [{index, name, total_gb, ...}]}."""
+    if not torch.cuda.is_available():
+        return {"available": False, "device_count": 0, "devices": []}
+    devices = []
+    for i in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(i)
+        free, total = torch.cuda.mem_get_info(i)
+        devices.append(
+            {
+                "index": i,
+                "name": props.name,
+                "total_gb": total / 1024**3,
+                "allocated_gb": torch.cuda.memory_allocated(i) / 1024**3,
+                "reserved_gb": torch.cuda.memory_reserved(i) / 1024**3,
+                "free_gb": free / 1024**3,
+                "multi_processor_count": props.multi_processor_count,
+                "compute_capability": f"{props.major}.{props.minor}",
+            }
+        )
+    return {"available": True, "device_count": len(devices), "devices": devices}
+
+
+def supports_bf16(device: str) -> bool:
+    """bf16 autocast is worth it on CPUs and on CUDA GPUs of compute capability 8.0+."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return device == "cpu"
+
+
+def optimize_model_for_gpu(
+    model, device: str | None = None, enable_mixed_precision: bool = True, gradient_checkpointing: bool = False
+):
+    """Moves a model to the device, in bf16/fp16 on CUDA when mixed precision is on; returns it."""
+    device = device or get_available_device()
+    if device.startswith("cuda") and enable_mixed_precision:
+        model = model.to(dtype=torch.bfloat16 if supports_bf16(device) else torch.float16)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model = model.to(device)
+    if gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if getattr(model.config, "use_cache", False):
+            model.config.use_cache = False
+    return model
+
+
+def clear_gpu_memory() -> None:
+    """Frees Python garbage and, on CUDA, the caching allocator's unused blocks."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.ipc_collect()
+
+
+def set_memory_fraction(fraction: float = 0.9) -> None:
+    """Caps this process's share of each GPU's memory; a no-op without CUDA."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.set_per_process_memory_fraction(fraction, i)
+
+
+def peak_memory_gb(device: str = "cpu") -> float:
+    """Peak memory of this process: max allocated on CUDA, peak RSS on CPU (Linux ru_maxrss is in KB)."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1024**3
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
