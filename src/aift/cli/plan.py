@@ -1,0 +1,70 @@
+"""`aift plan`: the device map and memory per device that training would use, and whether it fits.
+
+    aift plan --model elyza/Llama-3-ELYZA-JP-8B --gpus 2 --gpu-memory 24 --method lora
+    aift plan --model ./my-model --max-memory '{0: "22GB", 1: "22GB"}' --method full --json
+
+Only the model's config is read (no weights), so this runs on a laptop without GPUs. Exit status 0 when the
+plan fits the GPUs, 1 when it does not (or needs CPU/disk offload).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import yaml
+
+from aift.distributed.planning import METHODS, PlanningError, plan_training
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="Alias, local folder or hub id.")
+    parser.add_argument("--gpus", type=int, default=1, help="Number of GPUs to plan for.")
+    parser.add_argument(
+        "--gpu-memory", type=float, default=24, help="Memory of each GPU in GiB (as nvidia-smi shows it)."
+    )
+    parser.add_argument(
+        "--max-memory",
+        default=None,
+        help="Per-device budgets instead of --gpus/--gpu-memory, e.g. '{0: 22GB, 1: 22GB}'.",
+    )
+    parser.add_argument("--cpu-memory", type=float, default=64, help="CPU RAM in GB for offloaded modules.")
+    parser.add_argument("--method", choices=METHODS, default="lora")
+    parser.add_argument("--batch-size", type=int, default=1, help="Micro-batch size per forward pass.")
+    parser.add_argument("--max-length", type=int, default=2048, help="Tokens per row.")
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument(
+        "--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True, help="Recompute activations."
+    )
+    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--json", action="store_true", help="Print the plan as JSON.")
+
+
+def _max_memory(text: str | None):
+    if text is None:
+        return None
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise PlanningError(f"--max-memory: cannot read {text!r}: {e}") from e
+    if not isinstance(value, dict):
+        raise PlanningError(f"--max-memory must be a mapping like '{{0: 22GB, 1: 22GB}}', got {text!r}")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    plan = plan_training(
+        args.model,
+        gpus=args.gpus,
+        gpu_memory_gb=args.gpu_memory,
+        method=args.method,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        gradient_checkpointing=args.gradient_checkpointing,
+        lora_r=args.lora_r,
+        max_memory=_max_memory(args.max_memory),
+        cpu_memory_gb=args.cpu_memory,
+        trust_remote_code=args.trust_remote_code,
+    )
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.render())
+    return 0 if plan.fits else 1

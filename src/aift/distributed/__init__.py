@@ -1,0 +1,1 @@
+"""Beyond one device: memory planning, launching with torchrun, and the strategies of AdvancedMultiGPUTrainer."""

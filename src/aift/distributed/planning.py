@@ -1,0 +1,584 @@
+"""Where a model goes and how much memory training takes on each device, before any weight is loaded.
+
+The model is built from its config on the meta device (accelerate's ``init_empty_weights``: no memory,
+no download of weights), so planning a 70B model takes a second on a laptop. The device map comes from
+accelerate's ``infer_auto_device_map``, the same function ``device_map="auto"`` uses when loading, with
+the budgets you give (``{0: "22GB", 1: "22GB"}``): nothing here asks the machine what it has.
+
+Bytes per parameter, as aift trains:
+- full: fp32 master weights (4) + fp32 gradients (4) + AdamW's two fp32 moments (8); bf16/fp16 is autocast.
+- lora: the frozen base in bf16 (2); adapters r * (in + out) per adapted linear layer, in fp32 with
+  gradients and AdamW moments (16).
+- qlora: linear layers of the decoder blocks in 4-bit NF4 with double quantization (about 0.52),
+  embeddings, norms and the output head in bf16 (2); adapters as for lora.
+Activations, in bf16, per token and decoder layer (Korthikanti et al. 2022, adapted to SwiGLU and
+SDPA/flash attention, which keep no seq x seq scores): 12h + 4kv + 8i bytes (h hidden, kv the key/value
+width, i the MLP width). With gradient checkpointing only each layer's input (2h) is kept, plus one layer
+being recomputed. The logits cost 10 bytes per token and vocabulary entry (bf16 out, fp32 upcast and its
+gradient). Each GPU also loses about 0.5 GB to the CUDA context.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from aift.errors import AiftError
+
+GB = 1024**3
+METHODS = ("full", "lora", "qlora")
+CUDA_CONTEXT_BYTES = 0.5 * GB  # CUDA context, cuBLAS workspace and allocator slack on every GPU
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit values + 8-bit absmax per 64 + fp32 per 256 blocks
+LOGIT_BYTES = 10  # bf16 logits, their fp32 upcast for the loss, and its gradient
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class PlanningError(AiftError, ValueError):
+    """The plan cannot be made: bad budget, unknown method, unreadable model config."""
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes of one device (or one process) during training."""
+
+    weights: float = 0.0
+    gradients: float = 0.0
+    optimizer: float = 0.0
+    activations: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+    def __add__(self, other: MemoryEstimate) -> MemoryEstimate:
+        return MemoryEstimate(
+            self.weights + other.weights,
+            self.gradients + other.gradients,
+            self.optimizer + other.optimizer,
+            self.activations + other.activations,
+        )
+
+
+@dataclass
+class DevicePlan:
+    """One device of a model-parallel plan: what it holds and whether that fits its budget."""
+
+    device: str  # "0", "1", ... for GPUs, "cpu", "disk"
+    modules: list[str]
+    estimate: MemoryEstimate
+    budget: float | None  # bytes; None for disk
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.device.isdigit()
+
+    @property
+    def needed(self) -> float:
+        return self.estimate.total + (CUDA_CONTEXT_BYTES if self.is_gpu else 0.0)
+
+    @property
+    def fits(self) -> bool:
+        return self.budget is None or self.needed <= self.budget
+
+
+@dataclass
+class TrainingPlan:
+    """The device map and memory per device of one training setup; ``render()`` prints it."""
+
+    model: str
+    method: str
+    gpus: int
+    gpu_memory_gb: float
+    batch_size: int
+    max_length: int
+    gradient_checkpointing: bool
+    params: int
+    trainable_params: int
+    device_map: dict[str, Any]
+    devices: list[DevicePlan]
+    per_gpu_by_strategy: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def offloaded(self) -> bool:
+        return any(not d.is_gpu for d in self.devices)
+
+    @property
+    def fits(self) -> bool:
+        """Every GPU within its budget and nothing offloaded to CPU or disk."""
+        return all(d.fits for d in self.devices) and not self.offloaded
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "method": self.method,
+            "gpus": self.gpus,
+            "gpu_memory_gb": self.gpu_memory_gb,
+            "batch_size": self.batch_size,
+            "max_length": self.max_length,
+            "gradient_checkpointing": self.gradient_checkpointing,
+            "params": self.params,
+            "trainable_params": self.trainable_params,
+            "fits": self.fits,
+            "offloaded": self.offloaded,
+            "device_map": {k: str(v) for k, v in self.device_map.items()},
+            "devices": [
+                {
+                    "device": d.device,
+                    "modules": len(d.modules),
+                    "weights_gb": d.estimate.weights / GB,
+                    "gradients_gb": d.estimate.gradients / GB,
+                    "optimizer_gb": d.estimate.optimizer / GB,
+                    "activations_gb": d.estimate.activations / GB,
+                    "needed_gb": d.needed / GB,
+                    "budget_gb": None if d.budget is None else d.budget / GB,
+                    "fits": d.fits,
+                }
+                for d in self.devices
+            ],
+            "per_gpu_gb_by_strategy": {k: v / GB for k, v in self.per_gpu_by_strategy.items()},
+            "notes": self.notes,
+        }
+
+    def render(self) -> str:
+        head = (
+            f"{self.model}: {self.method}, {self.params / 1e9:.2f}B parameters "
+            f"({self.trainable_params / 1e6:.1f}M trained), batch {self.batch_size} x {self.max_length} tokens, "
+            f"gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}"
+        )
+        rows = [
+            f"{'device':<7}{'modules':>8}{'weights':>9}{'grads':>8}{'optim':>8}{'activ':>8}{'needed':>9}{'budget':>9}"
+        ]
+        for d in self.devices:
+            e, budget = d.estimate, "-" if d.budget is None else f"{d.budget / GB:.1f}"
+            name = f"cuda:{d.device}" if d.is_gpu else d.device
+            rows.append(
+                f"{name:<7}{len(d.modules):>8}{e.weights / GB:>9.2f}{e.gradients / GB:>8.2f}{e.optimizer / GB:>8.2f}"
+                f"{e.activations / GB:>8.2f}{d.needed / GB:>9.2f}{budget:>9}{'' if d.fits else '  over budget'}"
+            )
+        spans = "\n".join(f"  {name}: {span}" for name, span in _module_spans(self.device_map).items())
+        strategies = "\n".join(
+            f"  {name:<15}{need / GB:8.2f} GB per GPU{'' if need <= self.gpu_memory_gb * GB else '  (does not fit)'}"
+            for name, need in self.per_gpu_by_strategy.items()
+        )
+        used = sum(1 for d in self.devices if d.is_gpu)
+        verdict = (
+            f"fits: yes, using {used} of {self.gpus} GPU(s) of {self.gpu_memory_gb:g} GB"
+            if self.fits
+            else "fits: NO" + (" (parts offloaded to CPU/disk: trains, but slowly)" if self.offloaded else "")
+        )
+        parts = [head, "model_parallel (device_map='auto'), GB:", "\n".join(rows), "device map:", spans]
+        if strategies:
+            parts += [
+                "data-parallel strategies, each GPU (GB, weights+grads+optim+activations+CUDA context):",
+                strategies,
+            ]
+        parts += [*(f"note: {n}" for n in self.notes), verdict]
+        return "\n".join(parts)
+
+
+def _module_spans(device_map: Mapping[str, Any]) -> dict[str, str]:
+    """Device -> 'first .. last (n modules)', for a readable device map."""
+    by_device: dict[str, list[str]] = {}
+    for module, device in device_map.items():
+        by_device.setdefault(_device_name(device), []).append(module or "(whole model)")
+    return {
+        dev: (mods[0] if len(mods) == 1 else f"{mods[0]} .. {mods[-1]} ({len(mods)} modules)")
+        for dev, mods in by_device.items()
+    }
+
+
+def _device_name(device: Any) -> str:
+    return str(device)
+
+
+def load_model_config(model: Any, trust_remote_code: bool = False):
+    """A transformers config from a config object, a registered alias, a folder or a hub id."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(model, PretrainedConfig):
+        return model
+    from aift.models.loading import check_trust_remote_code, explain_load_failure, resolve_model_path
+
+    check_trust_remote_code(str(model), trust_remote_code)
+    path = resolve_model_path(str(model))
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise explain_load_failure(str(model), e) from e
+
+
+@contextmanager
+def _quiet_accelerate():
+    """infer_auto_device_map warns that the planned GPUs are absent; here that is the point."""
+    logger = logging.getLogger("accelerate.utils.modeling")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def empty_model(config):
+    """The model of ``config`` on the meta device, with tied weights tied (so they count once)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()
+    return model
+
+
+def _named_parameters(model) -> dict[str, Any]:
+    """Unique parameters by name (tied weights once, under their first name)."""
+    seen, out = set(), {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) not in seen:
+            seen.add(id(param))
+            out[name] = param
+    return out
+
+
+def _linear_shapes(model) -> dict[str, tuple[int, int]]:
+    """weight name -> (in_features, out_features) of every nn.Linear."""
+    import torch.nn as nn
+
+    return {
+        f"{name}.weight": (m.in_features, m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+    }
+
+
+def _in_decoder_layers(name: str, layer_prefix: str) -> bool:
+    return name.startswith(layer_prefix + ".")
+
+
+def _layer_prefix(model) -> str:
+    """The module path of the decoder-layer list (``model.layers`` for llama; others vary)."""
+    import torch.nn as nn
+
+    best, size = "", 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > size:
+            best, size = name, len(module)
+    return best
+
+
+def parameter_bytes(
+    model, method: str, lora_r: int = 16, lora_targets=DEFAULT_LORA_TARGETS
+) -> dict[str, MemoryEstimate]:
+    """Parameter name -> memory of that parameter (with its adapter, if any) during training."""
+    if method not in METHODS:
+        raise PlanningError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    linears, prefix = _linear_shapes(model), _layer_prefix(model)
+    out = {}
+    for name, param in _named_parameters(model).items():
+        n = param.numel()
+        if method == "full":
+            out[name] = MemoryEstimate(weights=4 * n, gradients=4 * n, optimizer=8 * n)
+            continue
+        adapted = name in linears and _in_decoder_layers(name, prefix) and name.split(".")[-2] in lora_targets
+        quantized = method == "qlora" and name in linears and _in_decoder_layers(name, prefix)
+        base = MemoryEstimate(weights=(NF4_BYTES if quantized else 2) * n)
+        if adapted:
+            a = lora_r * sum(linears[name])
+            base = base + MemoryEstimate(weights=4 * a, gradients=4 * a, optimizer=8 * a)
+        out[name] = base
+    return out
+
+
+def trainable_count(model, method: str, lora_r: int = 16, lora_targets=DEFAULT_LORA_TARGETS) -> int:
+    params = _named_parameters(model)
+    if method == "full":
+        return sum(p.numel() for p in params.values())
+    linears, prefix = _linear_shapes(model), _layer_prefix(model)
+    return sum(
+        lora_r * sum(linears[n])
+        for n in params
+        if n in linears and _in_decoder_layers(n, prefix) and n.split(".")[-2] in lora_targets
+    )
+
+
+@dataclass(frozen=True)
+class ActivationModel:
+    """Activation bytes of one decoder layer and of the logits, for a batch."""
+
+    tokens: int  # batch_size * max_length
+    hidden: int
+    kv_width: int
+    intermediate: int
+    vocab: int
+    checkpointing: bool
+
+    @property
+    def full_layer(self) -> float:
+        return self.tokens * (12 * self.hidden + 4 * self.kv_width + 8 * self.intermediate)
+
+    def layers(self, n_layers: int) -> float:
+        """Activations kept for n layers on one device (one recomputed layer on top with checkpointing)."""
+        if n_layers == 0:
+            return 0.0
+        if self.checkpointing:
+            return n_layers * self.tokens * 2 * self.hidden + self.full_layer
+        return n_layers * self.full_layer
+
+    @property
+    def logits(self) -> float:
+        return self.tokens * self.vocab * LOGIT_BYTES
+
+
+def activation_model(config, batch_size: int, max_length: int, checkpointing: bool) -> ActivationModel:
+    hidden = config.hidden_size
+    heads = getattr(config, "num_attention_heads", 1)
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
+    return ActivationModel(
+        batch_size * max_length, hidden, kv_heads * head_dim, intermediate, config.vocab_size, checkpointing
+    )
+
+
+def _module_of(param_name: str, device_map: Mapping[str, Any]) -> str:
+    """The device-map entry that holds a parameter (the longest module-path prefix)."""
+    holders = [m for m in device_map if m == "" or param_name == m or param_name.startswith(m + ".")]
+    best = max(holders, key=len, default=None)
+    if best is None:
+        raise PlanningError(f"parameter {param_name} is not in the device map")
+    return best
+
+
+def per_device_estimates(
+    model, device_map: Mapping[str, Any], per_param: Mapping[str, MemoryEstimate], acts: ActivationModel
+) -> dict[str, MemoryEstimate]:
+    """Device -> memory, summing the parameters and the activations of the layers each device holds."""
+    prefix = _layer_prefix(model)
+    out: dict[str, MemoryEstimate] = {}
+    layers: dict[str, int] = {}
+    for name, est in per_param.items():
+        device = _device_name(device_map[_module_of(name, device_map)])
+        out[device] = out.get(device, MemoryEstimate()) + est
+    for module, device in device_map.items():
+        device = _device_name(device)
+        out.setdefault(device, MemoryEstimate())
+        if module.startswith(prefix + ".") and module.count(".") == prefix.count(".") + 1:
+            layers[device] = layers.get(device, 0) + 1
+    head = _device_name(device_map[_module_of(_head_param(model), device_map)])
+    for device in out:
+        extra = acts.layers(layers.get(device, 0)) + (acts.logits if device == head else 0.0)
+        out[device] = out[device] + MemoryEstimate(activations=extra)
+    return out
+
+
+def _head_param(model) -> str:
+    """The name under which the output head's weight is counted (the embedding's when tied)."""
+    params = _named_parameters(model)
+    head = model.get_output_embeddings()
+    for name, p in params.items():
+        if head is not None and p is head.weight:
+            return name
+    return next(reversed(params))
+
+
+def parse_budget(value: Any) -> float:
+    """'22GB', '512MiB', 24 (GB) or bytes -> bytes."""
+    from accelerate.utils import convert_file_size_to_int
+
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value <= 0:
+            raise PlanningError(f"memory budget must be > 0, got {value}")
+        return float(value) * GB if value < 10_000 else float(value)
+    try:
+        return float(convert_file_size_to_int(str(value)))
+    except ValueError as e:
+        raise PlanningError(f"cannot read memory budget {value!r}: use e.g. '22GB' or '512MiB'") from e
+
+
+def _sorted_devices(names) -> list[str]:
+    order = {"cpu": 1, "disk": 2}
+    return sorted(names, key=lambda d: (order.get(d, 0), int(d) if d.isdigit() else 0))
+
+
+def infer_device_map(
+    model, max_memory: Mapping[Any, float], per_param: Mapping[str, MemoryEstimate], acts: ActivationModel
+) -> dict[str, Any]:
+    """accelerate's device map for training: the budgets shrink until weights, gradients, optimizer states and
+    activations of every GPU fit (infer_auto_device_map itself only counts the weights)."""
+    import torch
+    from accelerate import infer_auto_device_map
+
+    params = _named_parameters(model)
+    weight_bytes = sum(p.numel() for p in params.values()) * 4
+    training_bytes = sum(e.weights + e.gradients + e.optimizer for e in per_param.values())
+    scale = training_bytes / weight_bytes  # accelerate sizes fp32 weights; we need all training state
+    budgets = {k: float(v) for k, v in max_memory.items()}
+    device_map: dict[str, Any] = {}
+    for _ in range(12):
+        sized = {
+            k: max(0, int((v - (CUDA_CONTEXT_BYTES if isinstance(k, int) else 0)) / scale)) for k, v in budgets.items()
+        }
+        with _quiet_accelerate():
+            device_map = infer_auto_device_map(
+                model,
+                max_memory=sized,
+                no_split_module_classes=list(getattr(model, "_no_split_modules", None) or []),
+                dtype=torch.float32,
+            )
+        over = _overruns(model, device_map, per_param, acts, max_memory)
+        if not over:
+            break
+        for device, excess in over.items():
+            budgets[device] = max(0.0, budgets[device] - excess)
+    return dict(device_map)
+
+
+def _overruns(model, device_map, per_param, acts, max_memory) -> dict[Any, float]:
+    """GPU -> bytes over budget (only GPUs: CPU offload is the fallback, not something to shrink)."""
+    estimates = per_device_estimates(model, device_map, per_param, acts)
+    over = {}
+    for key, budget in max_memory.items():
+        if isinstance(key, int) and str(key) in estimates:
+            excess = estimates[str(key)].total + CUDA_CONTEXT_BYTES - budget
+            if excess > 0:
+                over[key] = excess
+    return over
+
+
+def strategy_per_gpu(
+    per_param: Mapping[str, MemoryEstimate], acts: ActivationModel, n_layers: int, gpus: int
+) -> dict[str, float]:
+    """Bytes per GPU when every GPU runs the whole model (data parallel), with each sharding scheme."""
+    total = MemoryEstimate()
+    for est in per_param.values():
+        total = total + est
+    activations = acts.layers(n_layers) + acts.logits
+    w, g, o = total.weights, total.gradients, total.optimizer
+    largest_layer = w / max(n_layers, 1)  # FSDP/ZeRO-3 gathers about one layer (plus one prefetched)
+    out = {
+        "ddp": w + g + o,
+        "zero1": w + g + o / gpus,
+        "zero2": w + (g + o) / gpus,
+        "fsdp / zero3": (w + g + o) / gpus + 2 * largest_layer,
+    }
+    return {k: v + activations + CUDA_CONTEXT_BYTES for k, v in out.items()}
+
+
+def plan_training(
+    model: Any,
+    *,
+    gpus: int = 1,
+    gpu_memory_gb: float = 24,
+    method: str = "lora",
+    batch_size: int = 1,
+    max_length: int = 2048,
+    gradient_checkpointing: bool = True,
+    lora_r: int = 16,
+    max_memory: Mapping[Any, Any] | None = None,
+    cpu_memory_gb: float = 64,
+    trust_remote_code: bool = False,
+) -> TrainingPlan:
+    """Plans model-parallel placement and memory per device for training ``model``.
+
+    Args:
+        model: A transformers config, a registered alias, a local folder or a hub id (config only is read).
+        gpus: Number of GPUs to plan for (they need not exist here).
+        gpu_memory_gb: Memory of each GPU, used when ``max_memory`` is not given.
+        method: full, lora or qlora.
+        batch_size: Micro-batch size (rows per forward pass).
+        max_length: Tokens per row.
+        gradient_checkpointing: Recompute activations in backward.
+        lora_r: Adapter rank (lora, qlora).
+        max_memory: Per-device budgets as accelerate takes them, e.g. ``{0: "22GB", 1: "22GB", "cpu": "64GB"}``.
+        cpu_memory_gb: CPU RAM for offload when ``max_memory`` has no "cpu" entry.
+        trust_remote_code: Allow configs whose model code lives on the hub.
+
+    Returns:
+        The plan; ``plan.fits`` says whether every GPU stays within budget with nothing offloaded.
+    """
+    if gpus < 1:
+        raise PlanningError(f"gpus must be >= 1, got {gpus}")
+    if batch_size < 1 or max_length < 1:
+        raise PlanningError("batch_size and max_length must be >= 1")
+    config = load_model_config(model, trust_remote_code)
+    budgets = _budgets(max_memory, gpus, gpu_memory_gb, cpu_memory_gb)
+    meta = empty_model(config)
+    per_param = parameter_bytes(meta, method, lora_r)
+    acts = activation_model(config, batch_size, max_length, gradient_checkpointing)
+    device_map = infer_device_map(meta, budgets, per_param, acts)
+    estimates = per_device_estimates(meta, device_map, per_param, acts)
+    devices = [
+        DevicePlan(
+            dev,
+            [m for m, d in device_map.items() if _device_name(d) == dev],
+            estimates[dev],
+            _budget_of(budgets, dev),
+        )
+        for dev in _sorted_devices(estimates)
+    ]
+    n_gpus = sum(1 for k in budgets if isinstance(k, int))
+    n_layers = getattr(config, "num_hidden_layers", 1)
+    plan = TrainingPlan(
+        model=str(model) if not hasattr(model, "to_dict") else (config.name_or_path or config.model_type),
+        method=method,
+        gpus=n_gpus,
+        gpu_memory_gb=min(v for k, v in budgets.items() if isinstance(k, int)) / GB,
+        batch_size=batch_size,
+        max_length=max_length,
+        gradient_checkpointing=gradient_checkpointing,
+        params=sum(p.numel() for p in _named_parameters(meta).values()),
+        trainable_params=trainable_count(meta, method, lora_r),
+        device_map=device_map,
+        devices=devices,
+        per_gpu_by_strategy=strategy_per_gpu(per_param, acts, n_layers, n_gpus) if n_gpus > 1 else {},
+    )
+    plan.notes = _notes(plan)
+    return plan
+
+
+def _budgets(max_memory, gpus: int, gpu_memory_gb: float, cpu_memory_gb: float) -> dict[Any, float]:
+    if max_memory:
+        budgets = {_device_key(k): parse_budget(v) for k, v in max_memory.items()}
+    else:
+        if gpu_memory_gb <= 0:
+            raise PlanningError(f"gpu_memory_gb must be > 0, got {gpu_memory_gb}")
+        budgets = {i: gpu_memory_gb * GB for i in range(gpus)}
+    budgets.setdefault("cpu", parse_budget(cpu_memory_gb))
+    if not any(isinstance(k, int) for k in budgets):
+        raise PlanningError("max_memory names no GPU: give budgets like {0: '22GB', 1: '22GB'}")
+    return budgets
+
+
+def _device_key(key: Any) -> Any:
+    """0, '0', 'cuda:0' -> 0; 'cpu', 'disk' stay."""
+    text = str(key).removeprefix("cuda:")
+    if text.isdigit():
+        return int(text)
+    if text in ("cpu", "disk"):
+        return text
+    raise PlanningError(f"unknown device {key!r} in max_memory: use GPU indices (0, 1, ...), 'cpu' or 'disk'")
+
+
+def _budget_of(budgets: Mapping[Any, float], device: str) -> float | None:
+    key = int(device) if device.isdigit() else device
+    return budgets.get(key)
+
+
+def _notes(plan: TrainingPlan) -> list[str]:
+    notes = []
+    on = {d.device for d in plan.devices}
+    if "cpu" in on or "disk" in on:
+        notes.append(
+            "some modules do not fit on the GPUs and go to "
+            + " and ".join(sorted(on & {"cpu", "disk"}))
+            + ": training runs but each step moves them over PCIe (give more GPUs or memory, or use qlora)"
+        )
+    if plan.method == "full" and plan.gpus > 1:
+        notes.append("full fine-tuning across GPUs usually fits better with fsdp or deepspeed zero3 (table above)")
+    if not plan.gradient_checkpointing:
+        notes.append("gradient checkpointing is off: activations grow with every layer")
+    return notes
