@@ -33,6 +33,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "login": ("aift.cli.login", "Store a Hugging Face token (mode 0600, never echoed)."),
 }
 
+# Commands that train start on tcmalloc when it is installed (aift.utils.launch), unless --no-tcmalloc.
+LAUNCHED_COMMANDS = ("train", "bench")
+
 
 def _top_help() -> str:
     width = max(map(len, COMMANDS))
@@ -49,11 +52,16 @@ def build_parser(name: str) -> argparse.ArgumentParser:
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"aift {name}", description=summary)
     module.add_arguments(parser)
+    if name in LAUNCHED_COMMANDS:
+        parser.add_argument(
+            "--no-tcmalloc", action="store_true", help="Run on the system allocator even when tcmalloc is installed."
+        )
     parser.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from_command_line = argv is None  # only a real process entry point may re-execute itself
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_top_help(), end="")
@@ -78,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"aift {name}: not implemented yet in this version", file=sys.stderr)
         return 2
     args = parser.parse_args(argv[1:])
+    if name in LAUNCHED_COMMANDS and from_command_line:
+        from aift.utils.launch import maybe_reexec_with_tcmalloc
+
+        maybe_reexec_with_tcmalloc(disabled=args.no_tcmalloc)
     try:
         code = args._run(args)
     except AiftError as e:

@@ -1,0 +1,145 @@
+"""Fused linear cross-entropy: the language-model loss without the full-vocabulary logits of the batch.
+
+A causal LM's last matmul turns every position's hidden state into ``vocab_size`` logits (49,152 for
+SmolLM2). The plain path holds them for the whole batch, in bf16 and again in fp32 for the loss, plus
+their gradient: about 2 GB for 4 x 512 tokens. Here the positions that have a target are taken a chunk
+at a time; each chunk's logits are turned into its loss and, right away, into the gradients of the
+hidden states (and of the weight, when it trains). Backward then only scales what forward stored
+(the approach of Liger-Kernel's fused linear cross-entropy). Positions without a target (padding,
+masked prompt tokens, the last position of each row) are skipped entirely.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from aift.errors import NotAvailableError
+
+IGNORE_INDEX = -100
+
+
+def fused_linear_cross_entropy(
+    hidden_states: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int = 1024,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Sum of the cross-entropy of ``hidden_states @ weight.T`` against the next-token labels.
+
+    Labels are not shifted (``labels[..., i]`` is the target of position ``i``, as the contract of prepared
+    datasets says), so position ``i`` is scored against ``labels[..., i + 1]``. The caller divides the sum by
+    its own count of trained tokens, which lets gradient accumulation weight every token equally.
+
+    Args:
+        hidden_states: ``[..., T, H]`` final hidden states (after the last norm).
+        weight: ``[V, H]`` output projection (``lm_head.weight``).
+        labels: ``[..., T]`` token ids, ``ignore_index`` where nothing is trained.
+        chunk_size: positions per chunk; peak extra memory is about ``chunk_size * V * 6`` bytes.
+        ignore_index: label value that is not trained.
+
+    Returns:
+        A scalar fp32 tensor: the summed loss over trained positions (0 when there are none).
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    hidden = hidden_states[..., :-1, :].reshape(-1, hidden_states.shape[-1])
+    targets = labels[..., 1:].reshape(-1)
+    kept = (targets != ignore_index).nonzero().squeeze(1)
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        compute_dtype = torch.get_autocast_dtype(device_type)
+    else:
+        compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    return _FusedLinearCrossEntropy.apply(
+        hidden.index_select(0, kept), weight, targets.index_select(0, kept), chunk_size, compute_dtype
+    )
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Loss and gradients computed together, chunk by chunk, in forward; backward scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size, compute_dtype):  # noqa: D417
+        want_hidden_grad, want_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # Both kept in fp32 until backward has scaled them: one bf16 rounding fewer, and an fp32 accumulator
+        # for the weight, since summing many bf16 chunk products would lose the small ones.
+        grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if want_hidden_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight_grad else None
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # Matmuls in compute_dtype, softmax in fp32, chosen above, not by an autocast that may be active here.
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(compute_dtype)
+            for start in range(0, hidden.shape[0], chunk_size):
+                h = hidden[start : start + chunk_size].to(compute_dtype)
+                t = targets[start : start + chunk_size]
+                logits = (h @ w.T).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                loss += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                if not (want_hidden_grad or want_weight_grad):
+                    continue
+                # d(sum CE)/d logits = softmax - one_hot, formed in place over the chunk's logits.
+                grad_logits = logits.sub_(lse[:, None]).exp_()
+                grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+                grad_logits = grad_logits.to(compute_dtype)
+                if want_hidden_grad:
+                    grad_hidden[start : start + chunk_size] = grad_logits @ w
+                if want_weight_grad:
+                    grad_weight += (grad_logits.T @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = (grad_hidden * grad_loss).to(ctx.hidden_dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+# Config fields of architectures whose logits are not plain hidden @ W.T (Gemma, Cohere, Granite, Falcon-H1, ...).
+_LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+)
+
+
+def split_causal_lm(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
+    """The decoder stack (returns hidden states) and the output projection of a causal LM, peft-wrapped or not.
+
+    Raises NotAvailableError for models whose logits are more than ``hidden @ lm_head.weight.T`` (soft-capping,
+    logit scaling, an adapter on lm_head), for which the fused loss would be wrong.
+    """
+    from peft import PeftModel
+
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    head = base.get_output_embeddings()
+    config = base.config
+    if type(head) is not nn.Linear or head.bias is not None:
+        raise NotAvailableError(
+            f"loss_chunk_size needs a plain bias-free nn.Linear lm_head; this model has {type(head).__name__} "
+            "(set loss_chunk_size=0)"
+        )
+    for name in _LOGIT_TRANSFORMS:
+        if getattr(config, name, None) not in (None, 1.0):  # only some architectures define these
+            raise NotAvailableError(f"loss_chunk_size does not support models with {name} (set loss_chunk_size=0)")
+    return base.get_decoder(), head
+
+
+def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
+    """Runs the decoder on a batch and returns the summed next-token loss through the fused cross-entropy.
+
+    ``batch`` holds ``input_ids`` and ``labels`` and optionally ``attention_mask`` and ``position_ids``
+    (the packed collator's 4-D mask included); other keys are ignored.
+    """
+    decoder, head = split_causal_lm(model)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    hidden = decoder(**inputs, use_cache=False).last_hidden_state
+    return fused_linear_cross_entropy(hidden, head.weight, batch["labels"], chunk_size=chunk_size)
