@@ -1,0 +1,1 @@
+"""Evaluation: loss/perplexity and generation scores (`evaluate`), HTML reports (`report`), system metrics."""

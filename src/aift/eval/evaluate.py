@@ -1,0 +1,396 @@
+"""Loss, perplexity and generation scores of a model (optionally with a LoRA adapter) on a prepared split.
+
+Loss is the mean cross-entropy over the split's trained tokens (labels != -100), the same masking and the
+same shift as training, weighted per token over the whole split. Generation is greedy from each row's
+`prompt` column (the training prompt format, rendered by `aift prepare`), scored against `reference`.
+
+    from aift.eval.evaluate import evaluate
+    result = evaluate("smollm2-135m-instruct", adapter="out/final", dataset_path="data/prepared",
+                      generate=True, compare_base=True)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aift.errors import AiftError
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+LOSS_COLUMNS = ("input_ids", "labels")
+GENERATION_COLUMNS = ("prompt", "reference")
+COMPARED_METRICS = ("loss", "perplexity", "exact_match", "chrf", "rouge_l")
+
+
+class EvalError(AiftError, ValueError):
+    """The model, adapter or dataset given to `aift eval` cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class EvalTarget:
+    """What to evaluate: a base model plus either a LoRA adapter or a fully fine-tuned model (or neither)."""
+
+    base: str
+    adapter: str | None = None
+    finetuned: str | None = None
+
+    @property
+    def has_finetune(self) -> bool:
+        return self.adapter is not None or self.finetuned is not None
+
+
+# ---------------------------------------------------------------- what to load
+
+
+def _final_dir(path: Path) -> Path:
+    """A training output dir stands for its `final/` folder."""
+    final = path / "final"
+    if path.is_dir() and final.is_dir() and not (path / "config.json").is_file():
+        return final
+    return path
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise EvalError(f"cannot read {path}: {e}") from e
+
+
+def _base_of(folder: Path) -> str:
+    """The base model a fine-tuned folder came from: aift_meta.json first, then adapter_config.json."""
+    if (folder / "aift_meta.json").is_file():
+        base = _read_json(folder / "aift_meta.json").get("base_model")
+        if base:
+            return str(base)
+    if (folder / "adapter_config.json").is_file():
+        base = _read_json(folder / "adapter_config.json").get("base_model_name_or_path")
+        if base:
+            return str(base)
+    raise EvalError(f"{folder} does not say which base model it came from (no base_model in aift_meta.json)")
+
+
+def resolve_target(model: str, adapter: str | None = None) -> EvalTarget:
+    """Works out base / adapter / full fine-tune from `--model` and `--adapter`.
+
+    `--model` may be a base model name or folder, a training output dir (its `final/` is used), an adapter
+    folder (its base is read from aift_meta.json or adapter_config.json) or a fully fine-tuned folder.
+    """
+    if adapter is not None:
+        adapter_dir = _final_dir(Path(adapter).expanduser())
+        if not (adapter_dir / "adapter_config.json").is_file():
+            raise EvalError(f"--adapter {adapter}: no adapter_config.json in {adapter_dir} (not a LoRA adapter)")
+        return EvalTarget(base=model, adapter=str(adapter_dir))
+    folder = _final_dir(Path(model).expanduser())
+    if (folder / "adapter_config.json").is_file():
+        return EvalTarget(base=_base_of(folder), adapter=str(folder))
+    if (folder / "aift_meta.json").is_file() and (folder / "config.json").is_file():
+        return EvalTarget(base=_base_of(folder), finetuned=str(folder))
+    return EvalTarget(base=str(folder) if folder.is_dir() else model)
+
+
+def load_eval_tokenizer(target: EvalTarget):
+    """The fine-tune's own tokenizer when it saved one (it may have added tokens), else the base model's."""
+    from transformers import AutoTokenizer
+
+    from aift.models.loading import load_tokenizer
+
+    own = target.adapter or target.finetuned
+    if own and (Path(own) / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(own)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        return tokenizer
+    return load_tokenizer(target.base)
+
+
+def load_model(name: str, device: str, dtype=None, adapter: str | None = None, **quant: bool):
+    """A causal LM in eval mode, with a LoRA adapter put on top with peft when given."""
+    from aift.models.loading import load_causal_lm
+
+    model = load_causal_lm(name, device=device, dtype=dtype, **quant)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    return model.eval()
+
+
+# ---------------------------------------------------------------- the dataset
+
+
+def load_split(dataset_path: str | Path, split: str = "test", max_samples: int | None = None, generate: bool = False):
+    """One split of a prepared dataset (`aift prepare` output), its first `max_samples` rows."""
+    from datasets import DatasetDict, load_from_disk
+
+    path = Path(dataset_path).expanduser()
+    if not (path / "dataset_dict.json").is_file():
+        raise EvalError(f"{path} is not a prepared dataset (no dataset_dict.json in it); run `aift prepare` first")
+    data = load_from_disk(str(path))
+    if not isinstance(data, DatasetDict) or split not in data:
+        raise EvalError(f"{path} has no split {split!r} (splits: {', '.join(data.keys())})")
+    rows = data[split]
+    wanted = LOSS_COLUMNS + (GENERATION_COLUMNS if generate else ())
+    missing = [c for c in wanted if c not in rows.column_names]
+    if missing:
+        why = " (--generate needs the prompt and reference columns)" if generate else ""
+        raise EvalError(f"{path} split {split!r} lacks column(s) {', '.join(missing)}{why}")
+    if len(rows) == 0:
+        raise EvalError(f"{path} split {split!r} is empty")
+    if max_samples is not None:
+        rows = rows.select(range(min(max_samples, len(rows))))
+    return rows
+
+
+# ---------------------------------------------------------------- loss
+
+
+def _progress(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="ex", leave=False)
+
+
+@torch.no_grad()
+def compute_loss(model, rows, pad_token_id: int, batch_size: int = 4, desc: str = "loss") -> dict[str, float]:
+    """Token-weighted mean cross-entropy over the trained tokens of `rows`, and its perplexity."""
+    from aift.data.packing import PaddedCollator
+
+    collate = PaddedCollator(pad_token_id)
+    device = next(model.parameters()).device
+    total_loss, total_tokens = 0.0, 0
+    with _progress(len(rows), desc) as bar:
+        for start in range(0, len(rows), batch_size):
+            batch = collate(list(rows.select(range(start, min(start + batch_size, len(rows))))))
+            logits = model(
+                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+            ).logits
+            labels = batch["labels"][:, 1:].to(device)
+            total_loss += torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+            ).item()
+            total_tokens += int((labels != IGNORE_INDEX).sum())
+            bar.update(batch["input_ids"].shape[0])
+    if total_tokens == 0:
+        raise EvalError("the split has no trained tokens (every label is -100)")
+    loss = total_loss / total_tokens
+    return {"loss": loss, "perplexity": _perplexity(loss), "trained_tokens": total_tokens}
+
+
+def _perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else float("inf")
+
+
+# ---------------------------------------------------------------- generation
+
+
+def _stop_ids(model, tokenizer) -> list[int]:
+    """EOS of the tokenizer and of the generation config (chat models often end turns with their own token)."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+def _prompt_ids(tokenizer, prompt: str, first_input_id: int) -> list[int]:
+    """The prompt's tokens, with BOS in front when the training sequence began with it."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is not None and first_input_id == bos and (not ids or ids[0] != bos):
+        ids = [bos, *ids]
+    return ids
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, rows, max_new_tokens: int = 64, batch_size: int = 8, desc: str = "generate"):
+    """Greedy answers to each row's `prompt`, decoded without special tokens and stripped."""
+    device = next(model.parameters()).device
+    prompts = [_prompt_ids(tokenizer, p, ids[0]) for p, ids in zip(rows["prompt"], rows["input_ids"], strict=True)]
+    stop = _stop_ids(model, tokenizer)
+    answers: list[str] = []
+    with _progress(len(prompts), desc) as bar:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            input_ids, attention_mask = _left_pad(chunk, tokenizer.pad_token_id)
+            out = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=stop,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new_tokens = out[:, input_ids.shape[1] :]
+            answers += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+            bar.update(len(chunk))
+    return answers
+
+
+def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(map(len, sequences))
+    input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for row, seq in enumerate(sequences):
+        input_ids[row, longest - len(seq) :] = torch.as_tensor(seq)
+        mask[row, longest - len(seq) :] = 1
+    return input_ids, mask
+
+
+# ---------------------------------------------------------------- one model, then base vs fine-tuned
+
+
+def evaluate_loaded(
+    model,
+    tokenizer,
+    rows,
+    *,
+    generate: bool = False,
+    max_new_tokens: int = 64,
+    batch_size: int = 4,
+    label: str = "model",
+) -> dict[str, Any]:
+    """Loss and perplexity of a loaded model on `rows`; with `generate`, EM / chrF / ROUGE-L and a few samples."""
+    from aift.eval.metrics import score_generations
+
+    result: dict[str, Any] = {"examples": len(rows)}
+    result.update(compute_loss(model, rows, tokenizer.pad_token_id, batch_size, desc=f"loss ({label})"))
+    if generate:
+        answers = generate_answers(model, tokenizer, rows, max_new_tokens, batch_size, desc=f"generate ({label})")
+        result.update(score_generations(answers, rows["reference"]))
+        result["answers"] = answers
+    return result
+
+
+def difference(finetuned: dict[str, Any], base: dict[str, Any]) -> dict[str, float]:
+    """Fine-tuned minus base for each metric both have (lower loss is better, higher scores are better)."""
+    return {k: finetuned[k] - base[k] for k in COMPARED_METRICS if k in finetuned and k in base}
+
+
+def evaluate(
+    model: str,
+    dataset_path: str | Path,
+    *,
+    adapter: str | None = None,
+    split: str = "test",
+    max_samples: int | None = None,
+    generate: bool = False,
+    compare_base: bool = False,
+    max_new_tokens: int = 64,
+    batch_size: int = 4,
+    num_shown: int = 3,
+    device: str | None = None,
+    load_in_8bit: bool = False,
+    load_in_4bit: bool = False,
+) -> dict[str, Any]:
+    """Evaluates a model (or base + adapter, or a full fine-tune) on a prepared split.
+
+    Args:
+        model: Base model name/folder, a training output dir, an adapter folder or a fine-tuned folder.
+        dataset_path: A folder written by `aift prepare`.
+        adapter: A LoRA adapter folder (or training output dir) to put on `model`.
+        split: Which split to score.
+        max_samples: Score only the first N rows.
+        generate: Also generate greedy answers and score them against the `reference` column.
+        compare_base: Evaluate the base model too and report fine-tuned minus base per metric.
+        max_new_tokens: Generation length limit.
+        batch_size: Rows per forward pass.
+        num_shown: How many answers to keep side by side with their references in `samples`.
+        device: cpu / cuda / mps; default: the best available.
+        load_in_8bit: Load the base with bitsandbytes 8-bit.
+        load_in_4bit: Load the base with bitsandbytes 4-bit (as QLoRA trained it).
+
+    Returns:
+        A JSON-ready dict: `metrics` (the fine-tuned model, or the only model), with `compare_base` also
+        `base_metrics` and `delta`; `samples` (prompt, reference, answers) when generating.
+    """
+    from aift.utils.gpu import get_available_device
+
+    start = time.perf_counter()
+    target = resolve_target(model, adapter)
+    if compare_base and not target.has_finetune:
+        raise EvalError(
+            "--compare-base needs a fine-tune: pass --adapter DIR, or --model pointing at a training output dir "
+            "or a fine-tuned folder with aift_meta.json"
+        )
+    rows = load_split(dataset_path, split, max_samples, generate)
+    tokenizer = load_eval_tokenizer(target)
+    device = device or get_available_device()
+    common = {"generate": generate, "max_new_tokens": max_new_tokens, "batch_size": batch_size}
+    quant = {"load_in_8bit": load_in_8bit, "load_in_4bit": load_in_4bit}
+    scores = _evaluate_target(target, tokenizer, rows, device, quant, compare_base, common)
+    result: dict[str, Any] = {
+        "model": target.base,
+        "adapter": target.adapter,
+        "finetuned_model": target.finetuned,
+        "dataset_path": str(dataset_path),
+        "split": split,
+        "examples": len(rows),
+        "metrics": _without_answers(scores["finetuned"] if target.has_finetune else scores["model"]),
+    }
+    if compare_base:
+        result["base_metrics"] = _without_answers(scores["base"])
+        result["delta"] = difference(scores["finetuned"], scores["base"])
+    if generate:
+        result["samples"] = _samples(rows, scores, num_shown)
+    result["time_s"] = time.perf_counter() - start
+    return result
+
+
+def _evaluate_target(target: EvalTarget, tokenizer, rows, device: str, quant: dict, compare_base: bool, common):
+    """Scores per label ('finetuned' and 'base', or 'model' alone); with an adapter one load serves both."""
+    scores: dict[str, dict] = {}
+    if target.finetuned is not None:
+        model = load_model(target.finetuned, device, **quant)
+        scores["finetuned"] = evaluate_loaded(model, tokenizer, rows, label="fine-tuned", **common)
+        del model
+        if compare_base:
+            base = load_model(target.base, device, **quant)
+            scores["base"] = evaluate_loaded(base, tokenizer, rows, label="base", **common)
+        return scores
+    model = load_model(target.base, device, adapter=target.adapter, **quant)
+    if target.adapter is not None:
+        scores["finetuned"] = evaluate_loaded(model, tokenizer, rows, label="fine-tuned", **common)
+        if compare_base:
+            with model.disable_adapter():
+                scores["base"] = evaluate_loaded(model, tokenizer, rows, label="base", **common)
+    else:
+        scores["model"] = evaluate_loaded(model, tokenizer, rows, label="model", **common)
+    return scores
+
+
+def _without_answers(scores: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in scores.items() if k != "answers"}
+
+
+def _samples(rows, scores: dict[str, dict], num_shown: int) -> list[dict[str, str]]:
+    """The first few prompts with their reference and each model's answer, side by side."""
+    samples = []
+    for i in range(min(num_shown, len(rows))):
+        sample = {"prompt": rows[i]["prompt"], "reference": rows[i]["reference"]}
+        sample.update({label: s["answers"][i] for label, s in scores.items()})
+        samples.append(sample)
+    return samples
+
+
+def write_json(result: dict[str, Any], path: str | Path) -> Path:
+    """Writes the result atomically (temp file in the same folder, then rename)."""
+    import os
+    import tempfile
+
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(result, f, ensure_ascii=False, indent=2, allow_nan=True)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private
+    os.replace(tmp, path)
+    return path
