@@ -1,0 +1,463 @@
+"""The one training loop of aift, top to bottom: setup, loop, save, cleanup.
+
+Every trainer (full, LoRA, QLoRA, multi-process) ends up in :func:`run_training`. It runs on a CPU, one
+GPU, or under ``torchrun`` / ``accelerate launch`` across processes: Accelerate provides the processes,
+the device, DDP wrapping, ``no_sync`` and the all-reduces; everything else is here, in the open:
+
+- micro-batches from :mod:`aift.training.data` (packed rows or length-grouped padding), a fixed plan per
+  (seed, epoch), split over processes micro-batch by micro-batch;
+- the loss is the sum of per-token cross-entropy (fp32) over the trained tokens of the whole accumulated
+  batch, on every process, divided by their count: 8 micro-batches of 1 equal 1 batch of 8, and
+  2 processes x batch 2 equal 1 process x batch 2 x 2 accumulation steps;
+- AdamW (fused where supported), linear warmup then linear decay to 0, clipping, bf16 autocast
+  (fp16 with loss scaling on GPUs without bf16);
+- eval, logging, checkpoints (exactly resumable), Ctrl-C saves a checkpoint first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import shutil
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from aift import __version__
+from aift.config import LoRAConfig, TrainingConfig, to_yaml
+from aift.data.packing import IGNORE_INDEX
+from aift.errors import AiftError
+from aift.training import checkpoint as ckpt
+from aift.training.data import BatchPlanner, Examples, check_trainable, eval_batches
+from aift.training.reporting import MetricsLogger, check_loggers, peak_memory_gb
+
+log = logging.getLogger(__name__)
+
+# Files and folders that mark an output dir as holding a run.
+RUN_MARKERS = ("config.yaml", "metrics.jsonl", "train_summary.json", "checkpoints", "final", "tensorboard")
+
+
+class OutputDirError(AiftError, ValueError):
+    """The output dir holds another run."""
+
+
+@dataclass
+class RunInfo:
+    """What the trainer knows about the run beyond TrainingConfig."""
+
+    method: str  # full | lora | qlora
+    model_name: str
+    prompt_format: str | None = None
+    lora_config: LoRAConfig | None = None
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module
+    summary: dict
+    output_dir: Path
+
+
+def run_training(
+    model: torch.nn.Module,
+    tokenizer,
+    config: TrainingConfig,
+    train_examples: Examples,
+    eval_examples: Examples | None,
+    info: RunInfo,
+) -> TrainResult:
+    """Trains ``model`` (already LoRA-wrapped / quantized / checkpointed by the trainer) and saves the run."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    # ------------------------------------------------------------------ setup
+    started = time.perf_counter()
+    output_dir = Path(config.output_dir)
+    is_peft = info.method in ("lora", "qlora")
+    check_trainable(train_examples)
+    if eval_examples is not None and not eval_examples.rows:
+        eval_examples = None
+    check_loggers(config.report_to)
+    resume_from = (
+        ckpt.find_checkpoint(output_dir, config.resume_from_checkpoint) if config.resume_from_checkpoint else None
+    )
+
+    # Mixed precision is done here (autocast + GradScaler), not by Accelerate, so that several runs with
+    # different precisions can share one process (tests, notebooks).
+    accelerator = Accelerator(mixed_precision="no")
+    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    precision = resolve_precision(config, device.type)
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    if config.frozen_base_bf16 and autocast_dtype is None:
+        raise AiftError("frozen_base_bf16 needs mixed precision: set bf16: true (or fp16: true)")
+    if accelerator.is_main_process:
+        prepare_output_dir(output_dir, config, resuming=resume_from is not None)
+    accelerator.wait_for_everyone()
+    set_seed(config.seed)
+
+    planner = BatchPlanner(
+        train_examples, config.batch_size, config.max_length, config.packing, tokenizer.pad_token_id, config.seed
+    )
+    micro_per_step = config.gradient_accumulation_steps * world
+    steps_per_epoch = math.ceil(planner.num_micro_batches() / micro_per_step)
+    total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_epochs * steps_per_epoch)
+    if config.warmup_steps >= total_steps:
+        log.warning(
+            "warmup_steps=%d >= total steps %d: the learning rate never reaches its peak",
+            config.warmup_steps,
+            total_steps,
+        )
+    log.info(
+        "training %d steps (%d per epoch), %d examples, %s, precision %s, packing efficiency %.1f%%",
+        total_steps,
+        steps_per_epoch,
+        len(train_examples.rows),
+        info.method,
+        precision,
+        100 * planner.efficiency,
+    )
+
+    if config.torch_compile:
+        model = torch.compile(model)
+    optimizer = make_optimizer(model, config, device.type)
+    scheduler = linear_warmup_then_decay(optimizer, config.warmup_steps, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+
+    state = ckpt.TrainerState(seed=config.seed, total_steps=total_steps)
+    if resume_from is not None:
+        state, rng = ckpt.load_checkpoint(resume_from, unwrap(accelerator, model), optimizer, scheduler, is_peft)
+        state.total_steps = total_steps
+        ckpt.restore_rng(rng)
+        log.info("resumed from %s at step %d", resume_from, state.step)
+    logger = (
+        MetricsLogger(output_dir, config.report_to, _flat_config(config, info), state.step if resume_from else None)
+        if accelerator.is_main_process
+        else None
+    )
+    if accelerator.is_main_process:
+        _write_atomic(output_dir / "config.yaml", to_yaml(*[c for c in (config, info.lora_config) if c is not None]))
+
+    def forward_loss_sum(batch: dict) -> torch.Tensor:
+        """Sum over trained tokens of the per-token cross-entropy, computed in fp32 from the logits."""
+        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(**inputs, use_cache=False).logits
+        # labels[i] is the target of position i: position i-1 predicts it.
+        targets = batch["labels"][:, 1:].to(device)
+        return F.cross_entropy(
+            logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+
+    @torch.no_grad()
+    def evaluate() -> float:
+        model.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, trained tokens
+        for batch in eval_batches(eval_examples, config.batch_size, tokenizer.pad_token_id, rank, world):
+            totals[0] += forward_loss_sum(batch).double()
+            totals[1] += batch["num_trained_tokens"]
+        totals = accelerator.reduce(totals, "sum")
+        model.train()
+        return (totals[0] / totals[1].clamp(min=1)).item()
+
+    def log_eval(loss: float) -> None:
+        if logger is not None:
+            ppl = math.exp(min(loss, 50.0))
+            logger.log(
+                {
+                    "type": "eval",
+                    "step": state.step,
+                    "eval_loss": loss,
+                    "eval_ppl": ppl,
+                    "time": round(time.perf_counter() - started, 3),
+                }
+            )
+
+    def save(rng: dict) -> None:
+        if accelerator.is_main_process:
+            path = ckpt.save_checkpoint(
+                output_dir / "checkpoints",
+                state,
+                unwrap(accelerator, model),
+                optimizer,
+                scheduler,
+                rng,
+                config.save_total_limit,
+            )
+            log.info("saved %s", path)
+        accelerator.wait_for_everyone()
+
+    stop = _StopOnInterrupt()
+    progress = tqdm(
+        total=total_steps, initial=state.step, desc="train", disable=not accelerator.is_main_process, dynamic_ncols=True
+    )
+    sampler = _system_metrics(output_dir, config.collect_metrics and accelerator.is_main_process)
+    final_eval = None
+    if eval_examples is not None and resume_from is None:
+        state.initial_eval_loss = evaluate()
+        log_eval(state.initial_eval_loss)
+
+    # ------------------------------------------------------------------ loop
+    window_losses: list[float] = []
+    window_tokens, window_time = 0, 0.0
+    with stop, sampler:
+        while state.step < total_steps:
+            plan = planner.epoch(state.epoch)
+            if world > 1 and len(plan) % world:
+                plan += plan[: world - len(plan) % world]  # every process gets as many micro-batches
+            while state.micro_batch < len(plan) and state.step < total_steps:
+                step_started = time.perf_counter()
+                window = plan[state.micro_batch : state.micro_batch + micro_per_step]
+                batches = [planner.collate(mb) for mb in window[rank::world]]
+                counts = torch.tensor(
+                    [sum(int(b["num_trained_tokens"]) for b in batches), sum(int(b["num_tokens"]) for b in batches)],
+                    device=device,
+                )
+                trained_tokens, real_tokens = accelerator.reduce(counts, "sum").tolist()
+                # DDP averages gradients over processes; multiplying by world makes that a plain sum.
+                scale = world / max(trained_tokens, 1)
+
+                loss_sum = torch.zeros((), device=device)
+                for i, batch in enumerate(batches):
+                    sync = i == len(batches) - 1
+                    with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                        loss = forward_loss_sum(batch) * scale
+                        accelerator.backward(scaler.scale(loss) if scaler else loss)
+                    loss_sum += loss.detach()
+
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or math.inf)
+                lr = scheduler.get_last_lr()[0]
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+                step_loss = accelerator.reduce(loss_sum, "sum").item() / world
+                state.step += 1
+                state.micro_batch += len(window)
+                state.tokens += int(real_tokens)
+                state.last_loss = step_loss
+                elapsed = time.perf_counter() - step_started
+                state.train_time_s += elapsed
+                window_losses.append(step_loss)
+                window_tokens += int(real_tokens)
+                window_time += elapsed
+                progress.update(1)
+
+                if config.logging_steps and state.step % config.logging_steps == 0 or state.step == total_steps:
+                    record = {
+                        "type": "train",
+                        "step": state.step,
+                        "epoch": round(state.step / steps_per_epoch, 4),
+                        "loss": sum(window_losses) / len(window_losses),
+                        "lr": lr,
+                        "grad_norm": float(grad_norm),
+                        "tokens_per_s": window_tokens / max(window_time, 1e-9),
+                        "tokens": state.tokens,
+                        "peak_mem_gb": round(peak_memory_gb(device.type), 3),
+                        "time": round(time.perf_counter() - started, 3),
+                    }
+                    if logger is not None:
+                        logger.log(record)
+                    progress.set_postfix(
+                        loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
+                    )
+                    window_losses, window_tokens, window_time = [], 0, 0.0
+                if eval_examples is not None and config.eval_steps and state.step % config.eval_steps == 0:
+                    final_eval = evaluate()
+                    log_eval(final_eval)
+                if config.save_steps and state.step % config.save_steps == 0 and state.step < total_steps:
+                    save(ckpt.capture_rng())
+                if stop.requested:
+                    save(ckpt.capture_rng())
+                    raise KeyboardInterrupt
+            if state.micro_batch >= len(plan):
+                state.epoch, state.micro_batch = state.epoch + 1, 0
+
+        # -------------------------------------------------------------- save
+        if eval_examples is not None and (final_eval is None or state.step % max(config.eval_steps, 1)):
+            final_eval = evaluate()
+            log_eval(final_eval)
+        save(ckpt.capture_rng())
+    progress.close()
+
+    model = accelerator.unwrap_model(model, keep_fp32_wrapper=False, keep_torch_compile=False)
+    summary = {
+        "completed": True,
+        "model": info.model_name,
+        "method": info.method,
+        "steps": state.step,
+        "epochs": round(state.step / steps_per_epoch, 4),
+        "tokens": state.tokens,
+        "train_tokens_per_s": state.tokens / max(state.train_time_s, 1e-9),
+        "final_train_loss": state.last_loss,
+        "final_eval_loss": final_eval,
+        "initial_eval_loss": state.initial_eval_loss,
+        "peak_mem_gb": round(peak_memory_gb(device.type), 3),
+        "wall_time_s": round(time.perf_counter() - started, 3),
+        "output_dir": str(output_dir),
+        "prompt_format": info.prompt_format,
+    }
+    if accelerator.is_main_process:
+        save_final(model, tokenizer, output_dir / "final", info, config.max_length)
+        _write_atomic(output_dir / "train_summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
+        log.info("done: %d steps, final train loss %.4f; output in %s", state.step, state.last_loss or 0, output_dir)
+
+    # ------------------------------------------------------------------ cleanup
+    if logger is not None:
+        logger.close()
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    return TrainResult(model=model, summary=summary, output_dir=output_dir)
+
+
+# ---------------------------------------------------------------------- pieces of the setup
+
+
+def resolve_precision(config: TrainingConfig, device_type: str) -> str:
+    """'bf16', 'fp16' or 'no': bf16 wherever the device has it; fp16 (with loss scaling) only on older GPUs."""
+    if not (config.bf16 or config.fp16):
+        return "no"
+    if device_type == "cpu":
+        if not config.bf16:
+            log.info("note: fp16 was requested on a CPU, which has no fp16 loss scaling; using bf16 autocast")
+        return "bf16"
+    if device_type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16"
+        if config.bf16:
+            log.info("note: this GPU has no bf16; using fp16 autocast with loss scaling")
+        return "fp16"
+    log.info("note: mixed precision is not used on %s; training in the model's dtype", device_type)
+    return "no"
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainingConfig, device_type: str) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; no weight decay on biases and norms (1-D tensors); fused if possible."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise AiftError("the model has no trainable parameters")
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    fused = device_type in ("cuda", "cpu") and all(
+        p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params
+    )
+    try:
+        return torch.optim.AdamW(groups, lr=config.learning_rate, fused=fused or None)
+    except RuntimeError:  # fused kernels are not built for every device/dtype
+        return torch.optim.AdamW(groups, lr=config.learning_rate)
+
+
+def linear_warmup_then_decay(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
+    """The learning rate climbs linearly over warmup_steps, then falls linearly to 0 at total_steps."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def prepare_output_dir(output_dir: Path, config: TrainingConfig, resuming: bool) -> None:
+    """Refuses to mix two runs in one folder; with overwrite_output_dir, removes the old run's files."""
+    existing = [name for name in RUN_MARKERS if (output_dir / name).exists()]
+    if existing and not resuming:
+        if not config.overwrite_output_dir:
+            raise OutputDirError(
+                f"{output_dir} holds another run ({', '.join(existing)}): choose another output_dir, resume it "
+                "with resume_from_checkpoint=latest, or pass overwrite_output_dir=true to replace it"
+            )
+        for name in existing:
+            path = output_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "train_summary.json").unlink(missing_ok=True)
+
+
+def save_final(model: torch.nn.Module, tokenizer, final_dir: Path, info: RunInfo, max_length: int) -> None:
+    """final/: the adapter (LoRA) or the full model, the tokenizer and aift_meta.json, written atomically."""
+    tmp = final_dir.with_name(".tmp-final")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    meta = {
+        "base_model": info.model_name,
+        "method": info.method,
+        "prompt_format": info.prompt_format,
+        "max_length": max_length,
+        "aift_version": __version__,
+    }
+    (tmp / "aift_meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
+    shutil.rmtree(final_dir, ignore_errors=True)
+    tmp.rename(final_dir)
+
+
+def unwrap(accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _flat_config(config: TrainingConfig, info: RunInfo) -> dict[str, Any]:
+    flat = asdict(config)
+    if info.lora_config is not None:
+        flat.update({f"lora_{k}": v for k, v in asdict(info.lora_config).items()})
+    return flat
+
+
+def _system_metrics(output_dir: Path, enabled: bool):
+    """The EVAL part's sampler of CPU/GPU use when asked for and available, else nothing."""
+    if not enabled:
+        return contextlib.nullcontext()
+    try:
+        from aift.eval.system_metrics import SystemMetricsSampler
+    except ImportError:
+        log.warning("collect_metrics: aift.eval.system_metrics is not available in this version; not sampling")
+        return contextlib.nullcontext()
+    return SystemMetricsSampler(output_dir / "system_metrics.jsonl", interval=1.0)
+
+
+class _StopOnInterrupt:
+    """The first Ctrl-C asks the loop to finish its step and save a checkpoint; a second one stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again to stop at once)")
+
+    def __enter__(self) -> _StopOnInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)

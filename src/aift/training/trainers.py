@@ -1,0 +1,256 @@
+"""`FullFinetuningTrainer` and `LoRAFinetuningTrainer`: prepare the model, resolve the data, run the one loop.
+
+```python
+from aift import JapaneseModel, LoRAFinetuningTrainer, LoRAConfig, TrainingConfig
+trainer = LoRAFinetuningTrainer(JapaneseModel(), LoRAConfig(r=16), TrainingConfig(learning_rate=3e-4))
+model = trainer.train(train_texts=texts, eval_texts=eval_texts)
+```
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aift.config import LoRAConfig, TrainingConfig
+from aift.errors import AiftError
+from aift.models import loading
+from aift.models.japanese import JapaneseModel
+from aift.training.data import DatasetError, Examples, load_prepared, to_examples
+from aift.training.loop import RunInfo, TrainResult, run_training
+
+log = logging.getLogger(__name__)
+
+ModelArg = JapaneseModel | str
+
+
+class _Trainer:
+    """What both trainers share: the model holder, the data sources, and the call into the loop."""
+
+    method = "full"
+
+    def __init__(self, model: ModelArg, config: TrainingConfig | None, train_dataset: Any, eval_dataset: Any):
+        self.model = model if isinstance(model, JapaneseModel) else JapaneseModel(str(model))
+        self.config = config or TrainingConfig()
+        self.train_dataset = train_dataset
+        self.eval_dataset = eval_dataset
+        self.result: TrainResult | None = None
+
+    def train(
+        self, train_texts: list[str] | None = None, eval_texts: list[str] | None = None, resume_from_checkpoint=None
+    ) -> torch.nn.Module:
+        """Trains on train_texts (or the trainer's train_dataset, or config.dataset_path); returns the model."""
+        from accelerate.utils import set_seed
+
+        config = self.config
+        if resume_from_checkpoint is not None:
+            config.resume_from_checkpoint = str(resume_from_checkpoint)
+        tokenizer = self.model.load_tokenizer()
+        train_examples, eval_examples = self._examples(train_texts, eval_texts, tokenizer)
+        set_seed(config.seed)  # before adapters are initialised
+        model = self._prepare_model()
+        info = RunInfo(
+            method=self.method,
+            model_name=self.model.model_name,
+            prompt_format=train_examples.prompt_format,
+            lora_config=getattr(self, "lora_config", None),
+        )
+        self.result = run_training(model, tokenizer, config, train_examples, eval_examples, info)
+        return self.result.model
+
+    def _examples(self, train_texts, eval_texts, tokenizer) -> tuple[Examples, Examples | None]:
+        config = self.config
+        train_source = train_texts if train_texts is not None else self.train_dataset
+        if train_source is None:
+            train_source = config.dataset_path
+        if train_source is None:
+            raise DatasetError("no training data: pass train_texts= or train_dataset=, or set dataset_path")
+        train = to_examples(train_source, tokenizer, config.max_length, "training", split="train")
+        eval_source = eval_texts if eval_texts is not None else self.eval_dataset
+        if eval_source is None and _has_test_split(train_source):
+            eval_source = train_source
+        evaluation = None
+        if eval_source is not None:
+            evaluation = to_examples(eval_source, tokenizer, config.max_length, "evaluation", split="test")
+        return train, evaluation
+
+    def _prepare_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+
+def _has_test_split(source: Any) -> bool:
+    if isinstance(source, (str, Path)):
+        data, _ = load_prepared(source)
+        return "test" in data
+    return isinstance(getattr(source, "column_names", None), dict) and "test" in source
+
+
+def _enable_checkpointing(model: torch.nn.Module) -> None:
+    # Non-reentrant checkpointing: works with frozen inputs and is what torch recommends.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
+class FullFinetuningTrainer(_Trainer):
+    """Trains every weight of the model; saves the full model (safetensors), tokenizer and resolved config.
+
+    Args:
+        model: A JapaneseModel (loaded or not) or a model name / folder.
+        config: Training settings; defaults to TrainingConfig().
+        train_dataset: A prepared dataset folder, a datasets.Dataset/DatasetDict with input_ids and labels,
+            a TextDataset, or a list of strings. ``train(train_texts=...)`` takes precedence.
+        eval_dataset: The same kinds; a prepared folder's test split is used when none is given.
+        use_accelerate: Kept for compatibility: the loop always runs on Accelerate (a single process is
+            a plain loop, several processes are DDP).
+    """
+
+    method = "full"
+
+    def __init__(
+        self,
+        model: ModelArg,
+        config: TrainingConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        use_accelerate: bool = True,
+    ):
+        super().__init__(model, config, train_dataset, eval_dataset)
+        self.use_accelerate = use_accelerate
+
+    def _prepare_model(self) -> torch.nn.Module:
+        if self.model.load_in_4bit or self.model.load_in_8bit:
+            raise AiftError(
+                "full fine-tuning of a quantized model is not possible: use LoRAFinetuningTrainer with use_qlora=True"
+            )
+        model = self.model.load_model()
+        if self.config.frozen_base_bf16:
+            raise AiftError("frozen_base_bf16 applies to LoRA only: a full fine-tune has no frozen base")
+        for p in model.parameters():
+            p.requires_grad_(True)
+        if self.config.gradient_checkpointing:
+            _enable_checkpointing(model)
+        return model
+
+
+class LoRAFinetuningTrainer(_Trainer):
+    """Trains LoRA adapters (peft) on a frozen base, optionally quantized with bitsandbytes (QLoRA).
+
+    Args:
+        model: A JapaneseModel (loaded or not) or a model name / folder.
+        lora_config: Adapter settings (r, alpha, dropout, target modules, DoRA, rsLoRA, QLoRA).
+        training_config: Training settings; defaults to TrainingConfig().
+        train_dataset: As for FullFinetuningTrainer.
+        eval_dataset: As for FullFinetuningTrainer.
+        merge: After training, also write the base model with the adapter merged into ``OUTPUT/merged``
+            (and return that merged model).
+    """
+
+    method = "lora"
+
+    def __init__(
+        self,
+        model: ModelArg,
+        lora_config: LoRAConfig | None = None,
+        training_config: TrainingConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        merge: bool = False,
+    ):
+        super().__init__(model, training_config, train_dataset, eval_dataset)
+        self.lora_config = lora_config or LoRAConfig()
+        self.merge = merge
+        if self.lora_config.use_qlora:
+            self.method = "qlora"
+
+    def train(self, train_texts=None, eval_texts=None, resume_from_checkpoint=None, merge: bool | None = None):
+        """Trains the adapter; with merge (here or in the constructor) returns and saves the merged model."""
+        model = super().train(train_texts, eval_texts, resume_from_checkpoint)
+        if not (self.merge if merge is None else merge):
+            return model
+        return self._save_merged()
+
+    def _prepare_model(self) -> torch.nn.Module:
+        from peft import get_peft_model, prepare_model_for_kbit_training
+
+        lc, config = self.lora_config, self.config
+        model = self._load_base()
+        if lc.use_qlora:
+            model = prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=config.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
+        elif config.gradient_checkpointing:
+            _enable_checkpointing(model)
+            model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+        model = get_peft_model(model, peft_config(lc))
+        if config.frozen_base_bf16:
+            hold_frozen_in_bf16(model)
+        model.print_trainable_parameters()
+        return model
+
+    def _load_base(self) -> torch.nn.Module:
+        """The base model, (re)loaded quantized when QLoRA asks for it."""
+        lc, holder = self.lora_config, self.model
+        if lc.use_qlora:
+            want_4bit, want_8bit = lc.qlora_4bit, not lc.qlora_4bit
+            if (holder.load_in_4bit, holder.load_in_8bit) != (want_4bit, want_8bit):
+                holder.load_in_4bit, holder.load_in_8bit, holder.model = want_4bit, want_8bit, None
+        return holder.load_model()
+
+    def _save_merged(self) -> torch.nn.Module:
+        """Merges the saved adapter into a freshly loaded, unquantized base and saves it under OUTPUT/merged."""
+        final = self.result.output_dir / "final"
+        model, tokenizer = self.load_lora_model(self.model.model_name, final, device=self.model.device)
+        merged = model.merge_and_unload()
+        target = self.result.output_dir / "merged"
+        merged.save_pretrained(target, safe_serialization=True)
+        tokenizer.save_pretrained(target)
+        meta = json.loads((final / "aift_meta.json").read_text(encoding="utf-8"))
+        (target / "aift_meta.json").write_text(
+            json.dumps({**meta, "merged_from": str(final)}, indent=2), encoding="utf-8"
+        )
+        log.info("merged model saved to %s", target)
+        return merged
+
+    @staticmethod
+    def load_lora_model(base_model_name: str, lora_adapter_path: str | Path, device: str | None = None):
+        """Loads a base model and applies a saved LoRA adapter; returns (model, tokenizer)."""
+        from peft import PeftModel
+
+        adapter = Path(lora_adapter_path)
+        if not (adapter / "adapter_config.json").is_file():
+            raise AiftError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json in it)")
+        holder = JapaneseModel(base_model_name, device=device)
+        base = holder.load_model()
+        has_tokenizer = (adapter / "tokenizer_config.json").is_file()
+        tokenizer = loading.load_tokenizer(str(adapter)) if has_tokenizer else holder.load_tokenizer()
+        model = PeftModel.from_pretrained(base, str(adapter))
+        return model.eval(), tokenizer
+
+
+def peft_config(lc: LoRAConfig):
+    """peft's LoraConfig from ours; no target modules means every linear layer except the output head."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lc.r,
+        lora_alpha=lc.lora_alpha,
+        lora_dropout=lc.lora_dropout,
+        target_modules=lc.target_modules or "all-linear",
+        bias=lc.bias,
+        task_type=lc.task_type,
+        use_dora=lc.use_dora,
+        use_rslora=lc.use_rslora,
+    )
+
+
+def hold_frozen_in_bf16(model: torch.nn.Module) -> None:
+    """Casts the frozen floating-point weights to bf16; trainable adapters stay fp32 (their optimizer too)."""
+    for param in model.parameters():
+        if not param.requires_grad and param.is_floating_point():
+            param.data = param.data.to(torch.bfloat16)
