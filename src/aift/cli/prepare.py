@@ -1,0 +1,53 @@
+"""`aift prepare`: raw data -> tokenized, loss-masked train/test splits (see aift.data.prepare)."""
+
+from __future__ import annotations
+
+import argparse
+
+from aift.data.formats import FORMAT_CHOICES
+from aift.data.sources import SOURCES
+from aift.models.registry import EMBEDDED_MODEL
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default=EMBEDDED_MODEL, help=f"model name, hub id or folder (default {EMBEDDED_MODEL})"
+    )
+    parser.add_argument(
+        "--source", default=None, help=f"one of {', '.join(SOURCES)} (default: from the --source-path suffix)"
+    )
+    parser.add_argument(
+        "--source-path", help="local data file (for alpaca/dolly/wizardlm: a local copy in that schema)"
+    )
+    parser.add_argument("--num-samples", type=int, help="use only the first N rows")
+    parser.add_argument("--format", default="auto", help=f"prompt format: {', '.join(FORMAT_CHOICES)} (default auto)")
+    parser.add_argument("--output-dir", help="default datasets/{source}_{model basename}_{num-samples or all}")
+    parser.add_argument("--max-length", type=int, default=2048, help="tokens per example; the prompt is cut first")
+    parser.add_argument("--val-ratio", type=float, default=0.05, help="share of examples in the test split")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the train/test split")
+    parser.add_argument("--train-on-prompt", action="store_true", help="train on all tokens, not only the answers")
+    parser.add_argument("--system", help="system prompt for conversations without one")
+    parser.add_argument("--strict", action="store_true", help="fail on the first unusable row instead of dropping it")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow tokenizers with code from the hub")
+
+
+def run(args: argparse.Namespace) -> int:
+    from aift.data.prepare import prepare_dataset
+
+    out = prepare_dataset(
+        model=args.model,
+        source=args.source,
+        source_path=args.source_path,
+        num_samples=args.num_samples,
+        format=args.format,
+        output_dir=args.output_dir,
+        max_length=args.max_length,
+        val_ratio=args.val_ratio,
+        seed=args.seed,
+        train_on_prompt=args.train_on_prompt,
+        system=args.system,
+        strict=args.strict,
+        trust_remote_code=args.trust_remote_code,
+    )
+    print(out)
+    return 0

@@ -1,0 +1,47 @@
+"""`aift preview DATASET_DIR`: prepared examples with the trained tokens highlighted (`[[...]]` when not a terminal)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dataset_dir", metavar="DATASET_DIR", help="a folder written by `aift prepare`")
+    parser.add_argument("-n", type=int, default=3, help="number of examples to show (default 3)")
+    parser.add_argument("--split", default="train", help="train or test (default train)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.text import Text
+
+    from aift.data.preview import preview_dataset
+
+    preview = preview_dataset(args.dataset_dir, n=args.n, split=args.split)
+    tty = sys.stdout.isatty()
+    console = Console(highlight=False, force_terminal=tty, no_color=not tty, soft_wrap=True)
+    info = preview.info
+    console.print(
+        f"{args.dataset_dir} [{args.split}]: format {info.get('format')}, model {info.get('model')}, "
+        f"max_length {info.get('max_length')}",
+        markup=False,
+    )
+    legend = "trained tokens in green" if tty else "trained tokens in [[...]]"
+    for example in preview.examples:
+        console.print(
+            f"\n--- example {example.index}: {example.trained} trained / {example.masked} masked tokens ({legend})",
+            markup=False,
+        )
+        if tty:
+            console.print(Text.assemble(*((t, "bold green") if on else (t, "dim") for t, on in example.runs)))
+        else:
+            console.print(example.bracketed(), markup=False)
+        for warning in example.warnings:
+            console.print(f"warning: example {example.index}: {warning}", markup=False)
+    total = preview.trained + preview.masked
+    share = preview.trained / total if total else 0.0
+    console.print(f"\n{args.split}: {preview.trained} trained / {preview.masked} masked tokens ({share:.1%} trained)")
+    for warning in preview.warnings:
+        console.print(f"warning: {warning}", markup=False)
+    return 0

@@ -1,0 +1,70 @@
+"""Rendered text -> token ids and labels, with the loss mask taken from token offsets.
+
+A token is trained when its character span (``return_offsets_mapping``) overlaps a trained span of the
+rendered text. The whole text is tokenized once, so the mask is exact for any tokenizer: no piece is
+tokenized on its own, where merges at the seams would differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aift.data import DataError
+from aift.data.formats import Rendered
+from aift.data.packing import IGNORE_INDEX
+
+
+@dataclass
+class Encoded:
+    """One tokenized example. ``truncated`` is None, "prompt" or "answer"."""
+
+    input_ids: list[int]
+    labels: list[int]
+    text: str
+    truncated: str | None = None
+
+    @property
+    def num_trained(self) -> int:
+        return sum(label != IGNORE_INDEX for label in self.labels)
+
+
+def _overlaps(start: int, end: int, spans: tuple[tuple[int, int], ...]) -> bool:
+    return end > start and any(start < b and end > a for a, b in spans)
+
+
+def encode(rendered: Rendered, tokenizer, max_length: int, train_on_prompt: bool = False) -> Encoded:
+    """Tokenizes a rendered conversation, masks what is not trained and fits it into ``max_length`` tokens.
+
+    Over the limit, the prompt side is cut first (from the left, so the question nearest the answer and the
+    answer opening stay); only an answer longer than the limit by itself is cut at its end.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError("loss masks need a fast tokenizer (offsets); this model's tokenizer has no fast version")
+    text = rendered.text
+    bos = tokenizer.bos_token
+    encoding = tokenizer(
+        text, add_special_tokens=not (bos and text.startswith(bos)), return_offsets_mapping=True, truncation=False
+    )
+    ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
+    spans = ((0, len(text)),) if train_on_prompt else rendered.spans
+    labels = [i if _overlaps(s, e, spans) else IGNORE_INDEX for i, (s, e) in zip(ids, offsets, strict=True)]
+    if len(ids) <= max_length:
+        return Encoded(ids, labels, text)
+    start, stop, kind = _window(labels, max_length)
+    kept = [o for o in offsets[start:stop] if o[1] > o[0]]
+    return Encoded(ids[start:stop], labels[start:stop], text[kept[0][0] : kept[-1][1]], kind)
+
+
+def _window(labels: list[int], max_length: int) -> tuple[int, int, str]:
+    """The token range to keep for an over-long example, and what was cut."""
+    trained = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+    if not trained:
+        return len(labels) - max_length, len(labels), "prompt"
+    last_run = trained[-1]  # walks back to the start of the last trained run (the last answer)
+    while last_run > 0 and labels[last_run - 1] != IGNORE_INDEX:
+        last_run -= 1
+    if len(labels) - last_run <= max_length:
+        return len(labels) - max_length, len(labels), "prompt"
+    # The last answer alone is too long: keep up to half the window of the prompt before it, then its start.
+    start = last_run - min(last_run, max_length // 2)
+    return start, start + max_length, "answer"

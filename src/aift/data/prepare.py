@@ -1,0 +1,240 @@
+"""`prepare_dataset`: a source -> a tokenized, loss-masked DatasetDict (train/test) on disk, with prepare.json.
+
+The folder is built in a temp dir beside the target and renamed at the end, so a failure leaves nothing
+half-written. prepare.json records what was read, kept, dropped (with reasons) and truncated, token-length
+statistics and the packing efficiency at ``max_length``, and the prompt format that train/eval/generate reuse.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import statistics
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from aift.data import DataError
+from aift.data.formats import PromptFormat, default_system, resolve_format
+from aift.data.masking import Encoded, encode
+from aift.data.packing import best_fit_decreasing, packing_efficiency
+from aift.data.sources import SOURCES, Loaded, load_conversations
+from aift.models.registry import EMBEDDED_MODEL
+
+log = logging.getLogger(__name__)
+
+PREPARE_JSON = "prepare.json"
+
+
+def default_output_dir(source: str, model: str, num_samples: int | None) -> Path:
+    """``datasets/{source}_{model basename}_{num_samples or all}``."""
+    return Path("datasets") / f"{source}_{Path(str(model).rstrip('/')).name}_{num_samples or 'all'}"
+
+
+def _check_options(source: str | None, max_length: int, val_ratio: float, num_samples: int | None) -> None:
+    if source is not None and source not in SOURCES:
+        raise DataError(f"unknown source {source!r}; valid sources: {', '.join(SOURCES)}")
+    if max_length < 8:
+        raise DataError(f"--max-length must be at least 8 tokens, got {max_length}")
+    if not 0 <= val_ratio < 1:
+        raise DataError(f"--val-ratio must be in [0, 1), got {val_ratio}")
+    if num_samples is not None and num_samples < 1:
+        raise DataError(f"--num-samples must be positive, got {num_samples}")
+
+
+def _with_system(conversation: list[dict], system: str | None) -> list[dict]:
+    if not system or conversation[0]["role"] == "system":
+        return conversation
+    return [{"role": "system", "content": system}, *conversation]
+
+
+def _encode_all(
+    loaded: Loaded, fmt: PromptFormat, tokenizer, max_length: int, train_on_prompt: bool, system: str | None
+) -> tuple[list[dict[str, Any]], Counter, Counter]:
+    """Rendered and tokenized examples, plus drop reasons and truncation counts."""
+    from tqdm.auto import tqdm
+
+    examples, dropped, truncated = [], Counter(), Counter()
+    for conversation, where in tqdm(
+        zip(loaded.conversations, loaded.wheres, strict=True), total=len(loaded.conversations), desc="tokenizing"
+    ):
+        try:
+            rendered = fmt.render(_with_system(conversation, system), tokenizer)
+        except DataError as e:
+            log.warning("%s dropped: %s", where, e)
+            dropped[f"cannot render: {e}"] += 1
+            continue
+        encoded: Encoded = encode(rendered, tokenizer, max_length, train_on_prompt)
+        if encoded.num_trained == 0:
+            dropped["no trained token"] += 1
+            continue
+        if encoded.truncated:
+            truncated[encoded.truncated] += 1
+        examples.append(
+            {
+                "input_ids": encoded.input_ids,
+                "attention_mask": [1] * len(encoded.input_ids),
+                "labels": encoded.labels,
+                "text": encoded.text,
+                "prompt": rendered.prompt,
+                "reference": rendered.reference,
+            }
+        )
+    return examples, dropped, truncated
+
+
+def _split(examples: list[dict], val_ratio: float, seed: int) -> tuple[list[dict], list[dict]]:
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_test = round(len(order) * val_ratio)
+    if val_ratio > 0 and len(order) >= 2:
+        n_test = min(max(1, n_test), len(order) - 1)
+    return [examples[i] for i in order[n_test:]], [examples[i] for i in order[:n_test]]
+
+
+def _length_stats(lengths: list[int]) -> dict[str, float]:
+    ordered = sorted(lengths)
+    return {
+        "min": ordered[0],
+        "mean": round(statistics.fmean(ordered), 1),
+        "median": statistics.median(ordered),
+        "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
+        "max": ordered[-1],
+    }
+
+
+def _template_sha(tokenizer) -> str | None:
+    template = getattr(tokenizer, "chat_template", None)
+    return hashlib.sha256(template.encode()).hexdigest() if isinstance(template, str) else None
+
+
+def _write_atomically(output_dir: Path, splits: dict[str, list[dict]], info: dict[str, Any]) -> None:
+    from datasets import Dataset, DatasetDict
+
+    columns = ["input_ids", "attention_mask", "labels", "text", "prompt", "reference"]
+    if output_dir.exists() and not (output_dir / PREPARE_JSON).is_file() and any(output_dir.iterdir()):
+        raise DataError(f"{output_dir} exists and is not a prepared dataset; choose another --output-dir")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        DatasetDict(
+            {name: Dataset.from_dict({c: [e[c] for e in rows] for c in columns}) for name, rows in splits.items()}
+        ).save_to_disk(str(tmp))
+        (tmp / PREPARE_JSON).write_text(json.dumps(info, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
+        if output_dir.exists():
+            os.replace(output_dir, old)
+        os.replace(tmp, output_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prepare_dataset(
+    model: str = EMBEDDED_MODEL,
+    source: str | None = "json",
+    source_path: str | Path | None = None,
+    num_samples: int | None = None,
+    format: str = "auto",
+    output_dir: str | Path | None = None,
+    max_length: int = 2048,
+    val_ratio: float = 0.05,
+    seed: int = 42,
+    train_on_prompt: bool = False,
+    system: str | None = None,
+    strict: bool = False,
+    trust_remote_code: bool = False,
+) -> Path:
+    """Turns raw data into a tokenized, loss-masked train/test DatasetDict on disk.
+
+    Args:
+        model: Registered name, hub id or folder; gives the tokenizer and the default format.
+        source: alpaca, dolly, wizardlm (hub), json, jsonl, csv, parquet (files), or None to infer it
+            from ``source_path``.
+        source_path: The local file (for hub sources: a local copy in the hub's schema).
+        num_samples: Use only the first N rows.
+        format: ``auto`` or a name from ``aift.data.formats.FORMATS``.
+        output_dir: Default ``datasets/{source}_{model basename}_{num_samples or all}``.
+        max_length: Examples are cut to this many tokens (prompt side first).
+        val_ratio: Share of examples in the test split.
+        seed: Seed of the train/test shuffle.
+        train_on_prompt: Train on every token, not only the answers.
+        system: System prompt for conversations without one (default: the model card's, if any).
+        strict: Fail on the first unusable row instead of dropping it.
+        trust_remote_code: Allow tokenizers that run code from their hub repository.
+
+    Returns:
+        The output folder.
+    """
+    from aift import __version__
+    from aift.models.loading import load_tokenizer
+
+    _check_options(source, max_length, val_ratio, num_samples)
+    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
+    fmt = resolve_format(model, tokenizer, format)
+    system = system or default_system(model)
+    loaded = load_conversations(source, source_path, num_samples, strict)
+    source = source or Path(str(source_path)).suffix.lstrip(".").lower()
+    examples, dropped, truncated = _encode_all(loaded, fmt, tokenizer, max_length, train_on_prompt, system)
+    dropped.update(loaded.dropped)
+    n_dropped = sum(dropped.values())
+    if not examples or n_dropped > loaded.read / 2:
+        reasons = ", ".join(f"{n} {why}" for why, n in dropped.most_common())
+        raise DataError(f"{n_dropped} of {loaded.read} rows were dropped ({reasons}); nothing was written")
+    train, test = _split(examples, val_ratio, seed)
+    lengths = [len(e["input_ids"]) for e in examples]
+    info = {
+        "source": source,
+        "source_path": str(source_path) if source_path else None,
+        "shape": loaded.shape,
+        "model": str(model),
+        "tokenizer": str(model),
+        "tokenizer_class": type(tokenizer).__name__,
+        "format": fmt.name,
+        "prompt_format": fmt.name,
+        "end_of_turn": sorted({fmt.end_of_turn(tokenizer, last=True), fmt.end_of_turn(tokenizer, last=False)}),
+        "chat_template_sha256": _template_sha(tokenizer),
+        "system": system,
+        "max_length": max_length,
+        "train_on_prompt": train_on_prompt,
+        "val_ratio": val_ratio,
+        "seed": seed,
+        "num_samples": num_samples,
+        "counts": {
+            "available": loaded.total_available,
+            "read": loaded.read,
+            "kept": len(examples),
+            "dropped": n_dropped,
+            "dropped_reasons": dict(dropped),
+            "truncated": {"prompt": truncated["prompt"], "answer": truncated["answer"]},
+            "train": len(train),
+            "test": len(test),
+        },
+        "tokens": {
+            "length": _length_stats(lengths),
+            "total": sum(lengths),
+            "trained": sum(sum(label != -100 for label in e["labels"]) for e in examples),
+            "packing_efficiency": round(
+                packing_efficiency(lengths, best_fit_decreasing(lengths, max_length), max_length), 4
+            ),
+        },
+        "aift_version": __version__,
+    }
+    out = Path(output_dir) if output_dir else default_output_dir(source, model, num_samples)
+    _write_atomically(out, {"train": train, "test": test}, info)
+    log.info(
+        "prepared %s: %d train / %d test examples (%d read, %d dropped, %d truncated), format %s",
+        out,
+        len(train),
+        len(test),
+        loaded.read,
+        n_dropped,
+        sum(truncated.values()),
+        fmt.name,
+    )
+    return out

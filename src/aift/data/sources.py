@@ -1,0 +1,358 @@
+"""Sources -> conversations: hub datasets (alpaca, dolly, wizardlm) and local JSON / JSONL / CSV / parquet files.
+
+A local file's shape is detected from its columns (alpaca, dolly, prompt/completion, chat ``messages``,
+ShareGPT ``conversations``, question/answer, 質問/回答). Hub sources have a fixed schema and go through
+``datasets.load_dataset``; with ``--source-path`` the same schema is read from a local copy, which is
+also how the tests exercise each hub schema without a network.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aift.data import DataError
+from aift.data.formats import Message, normalize
+
+log = logging.getLogger(__name__)
+
+FILE_SOURCES = ("json", "jsonl", "csv", "parquet")
+HUB_DATASETS = {
+    "alpaca": "tatsu-lab/alpaca",
+    "dolly": "databricks/databricks-dolly-15k",
+    "wizardlm": "WizardLMTeam/WizardLM_evol_instruct_70k",
+}
+SOURCES = (*HUB_DATASETS, *FILE_SOURCES)
+_SUFFIX_SOURCE = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+
+SHAPE_HELP = (
+    "instruction/input/output (alpaca), instruction/context/response (dolly), prompt/completion, "
+    "messages (role/content), conversations (from/value, ShareGPT), question/answer, 質問/回答"
+)
+
+
+class Drop(Exception):
+    """A row that cannot become a conversation; the message is the reason counted in prepare.json."""
+
+
+@dataclass
+class Row:
+    data: dict[str, Any]
+    where: str  # "line 7" or "row 3", for messages
+
+
+@dataclass
+class Loaded:
+    """Conversations read from a source, with what was dropped and why."""
+
+    conversations: list[list[Message]]
+    wheres: list[str]
+    shape: str
+    read: int
+    dropped: Counter = field(default_factory=Counter)
+    total_available: int = 0
+
+
+def _text(value: Any) -> str:
+    """A cell as stripped text ('' for None/NaN)."""
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    return str(value).strip()
+
+
+def _pair(question: str, answer: str, context: str = "", system: str = "") -> list[Message]:
+    if not question:
+        raise Drop("missing instruction")
+    if not answer:
+        raise Drop("missing answer")
+    user: Message = {"role": "user", "content": question}
+    if context:
+        user["input"] = context
+    messages = [{"role": "system", "content": system}] if system else []
+    return [*messages, user, {"role": "assistant", "content": answer}]
+
+
+def _keyed(question: str, answer: str, context: str | None = None) -> Callable[[dict], list[Message]]:
+    def convert(data: dict) -> list[Message]:
+        ctx = _text(data.get(context)) if context else ""
+        return _pair(_text(data.get(question)), _text(data.get(answer)), ctx, _text(data.get("system")))
+
+    return convert
+
+
+def _chat(key: str, role_key: str, content_key: str) -> Callable[[dict], list[Message]]:
+    def convert(data: dict) -> list[Message]:
+        turns = data.get(key)
+        if isinstance(turns, str):  # CSV cells hold JSON text
+            try:
+                turns = json.loads(turns)
+            except ValueError as e:
+                raise Drop(f"'{key}' is not valid JSON") from e
+        if not isinstance(turns, list) or not turns:
+            raise Drop(f"empty or missing '{key}'")
+        try:
+            messages = [{"role": t.get(role_key), "content": t.get(content_key)} for t in turns]
+        except AttributeError as e:
+            raise Drop(f"'{key}' items must be objects with {role_key}/{content_key}") from e
+        while messages and messages[-1]["role"] not in ("assistant", "gpt", "bot", "model", "chatgpt"):
+            messages.pop()  # a trailing question without an answer teaches nothing
+        if not messages:
+            raise Drop("missing answer")
+        try:
+            return normalize(messages)
+        except DataError as e:
+            raise Drop(f"invalid conversation: {e}") from e
+
+    return convert
+
+
+# shape -> (required keys, optional keys, converter). Detection tries them in this order.
+SHAPES: dict[str, tuple[tuple[str, ...], tuple[str, ...], Callable[[dict], list[Message]]]] = {
+    "messages": (("messages",), (), _chat("messages", "role", "content")),
+    "sharegpt": (("conversations",), (), _chat("conversations", "from", "value")),
+    "alpaca": (("instruction", "output"), ("input", "system"), _keyed("instruction", "output", "input")),
+    "dolly": (("instruction", "response"), ("context", "system"), _keyed("instruction", "response", "context")),
+    "prompt_completion": (("prompt", "completion"), ("system",), _keyed("prompt", "completion")),
+    "qa": (("question", "answer"), ("context", "system"), _keyed("question", "answer", "context")),
+    "qa_ja": (("質問", "回答"), ("入力", "system"), _keyed("質問", "回答", "入力")),
+}
+# The answer column each question column needs, to name what is missing.
+_ANSWER_FOR = {
+    "instruction": "'output' (alpaca) or 'response' (dolly)",
+    "prompt": "'completion'",
+    "question": "'answer'",
+    "質問": "'回答'",
+}
+# Hub sources have a fixed schema; wizardlm also comes as ShareGPT conversations (its V2 release).
+HUB_SHAPES = {"alpaca": ("alpaca",), "dolly": ("dolly",), "wizardlm": ("alpaca", "sharegpt")}
+
+
+def detect_shape(columns: list[str], origin: str, allowed: tuple[str, ...] | None = None) -> str:
+    """The shape whose required columns are all present; DataError naming what is missing otherwise."""
+    present = set(columns)
+    for shape in allowed or SHAPES:
+        if set(SHAPES[shape][0]) <= present:
+            return shape
+    if allowed:
+        wanted = " or ".join("/".join(SHAPES[s][0]) for s in allowed)
+        raise DataError(f"{origin}: expected the columns {wanted}; found {sorted(present)}")
+    for question, answer in _ANSWER_FOR.items():
+        if question in present:
+            raise DataError(
+                f"{origin}: has '{question}' but no answer column {answer}; found columns {sorted(present)}"
+            )
+    raise DataError(
+        f"{origin}: cannot tell the data shape from columns {sorted(present)}; expected one of: {SHAPE_HELP}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- local files
+
+
+def source_for_path(path: str | Path) -> str:
+    """The file source (json, jsonl, csv, parquet) for a file name."""
+    source = _SUFFIX_SOURCE.get(Path(path).suffix.lower())
+    if source is None:
+        raise DataError(f"cannot tell the file type of {path}; pass --source ({', '.join(FILE_SOURCES)})")
+    return source
+
+
+def _check_path(path: str | Path | None, source: str) -> Path:
+    if path is None:
+        raise DataError(f"--source {source} needs --source-path FILE")
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"{path} does not exist")
+    if not path.is_file():
+        raise DataError(f"{path} is not a file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path} is empty")
+    return path
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path} is not UTF-8 (line {line}, byte {e.start}); save it as UTF-8") from e
+    if not text.strip():
+        raise DataError(f"{path} is empty")
+    return text
+
+
+def _read_json(path: Path) -> list[Row]:
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        hint = " (one object per line? use --source jsonl)" if "Extra data" in e.msg else ""
+        raise DataError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}{hint}") from e
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON array of objects, found a {type(data).__name__}")
+    rows = []
+    for i, item in enumerate(data, 1):
+        if not isinstance(item, dict):
+            raise DataError(f"{path}: item {i} of the array is a {type(item).__name__}, expected an object")
+        rows.append(Row(item, f"row {i}"))
+    return rows
+
+
+def _read_jsonl(path: Path) -> list[Row]:
+    rows = []
+    for number, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: malformed JSON on line {number}, column {e.colno}: {e.msg}") from e
+        if not isinstance(item, dict):
+            raise DataError(f"{path}: line {number} is a {type(item).__name__}, expected an object")
+        rows.append(Row(item, f"line {number}"))
+    return rows
+
+
+def _read_csv(path: Path) -> list[Row]:
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    columns = [c.strip() for c in reader.fieldnames or []]
+    if not any(columns):
+        raise DataError(f"{path}: no header row")
+    try:
+        rows = [Row({k.strip(): v for k, v in r.items() if k}, f"line {reader.line_num}") for r in reader]
+    except csv.Error as e:
+        raise DataError(f"{path}: malformed CSV at line {reader.line_num}: {e}") from e
+    if not rows:
+        raise DataError(f"{path}: has a header but no rows")
+    detect_shape(columns, str(path))  # names missing columns even when every row would be dropped
+    return rows
+
+
+def _read_parquet(path: Path) -> list[Row]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable parquet file: {e}") from e
+    return [Row(r, f"row {i}") for i, r in enumerate(table.to_pylist(), 1)]
+
+
+_READERS = {"json": _read_json, "jsonl": _read_jsonl, "csv": _read_csv, "parquet": _read_parquet}
+
+
+def read_file(path: str | Path, source: str | None = None) -> list[Row]:
+    """Rows of a local file; ``source`` (json, jsonl, csv, parquet) defaults to the file's suffix."""
+    path = _check_path(path, source or "json")
+    rows = _READERS[source or source_for_path(path)](path)
+    if not rows:
+        raise DataError(f"{path} holds no rows")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ hub sources
+
+
+def load_hub_dataset(source: str, source_path: str | Path | None = None):
+    """The hub dataset behind a source as a ``datasets.Dataset`` (split train), or a local copy in its schema."""
+    import datasets
+
+    if source_path is not None:
+        path = _check_path(source_path, source)
+        builder = source_for_path(path).replace("jsonl", "json")
+        try:
+            return datasets.load_dataset(builder, data_files=str(path), split="train")
+        except Exception as e:  # noqa: BLE001 - datasets raises many types for a bad file
+            raise DataError(f"{path}: cannot be read as {builder} in the {source} schema: {e}") from e
+    from aift.models.loading import hub_reachable
+
+    repo = HUB_DATASETS[source]
+    offline_cache = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    advice = (
+        f"cannot download {repo} (--source {source}): the Hugging Face hub cannot be reached. "
+        f"Download the data where there is a network and pass the file: --source json --source-path FILE "
+        f"(or --source {source} --source-path FILE for a copy in {repo}'s own columns)"
+    )
+    if not offline_cache and not hub_reachable():
+        raise DataError(advice)
+    try:
+        return datasets.load_dataset(repo, split="train")
+    except Exception as e:  # noqa: BLE001 - offline, not cached, or a hub error: one message for all
+        raise DataError(f"{advice}. ({type(e).__name__}: {e})") from e
+
+
+def hub_rows(source: str, dataset) -> tuple[list[Row], str]:
+    """Rows and shape of a hub-schema ``datasets.Dataset``; DataError when its columns are not that schema."""
+    shape = detect_shape(list(dataset.column_names), f"--source {source}", HUB_SHAPES[source])
+    return [Row(r, f"row {i}") for i, r in enumerate(dataset, 1)], shape
+
+
+# ------------------------------------------------------------------------------------------------ conversions
+
+
+def to_conversations(rows: list[Row], shape: str, origin: str, strict: bool = False) -> Loaded:
+    """Converts rows of a shape; rows that cannot be converted are counted by reason (or raise with strict)."""
+    convert = SHAPES[shape][2]
+    loaded = Loaded([], [], shape, read=len(rows))
+    for row in rows:
+        try:
+            conversation = convert(row.data)
+        except Drop as e:
+            if strict:
+                raise DataError(
+                    f"{origin} {row.where}: {e} (without --strict such rows are dropped and counted)"
+                ) from e
+            if loaded.dropped[str(e)] < 3:
+                log.warning("%s %s dropped: %s", origin, row.where, e)
+            loaded.dropped[str(e)] += 1
+            continue
+        loaded.conversations.append(conversation)
+        loaded.wheres.append(row.where)
+    return loaded
+
+
+def load_conversations(
+    source: str | None, source_path: str | Path | None = None, num_samples: int | None = None, strict: bool = False
+) -> Loaded:
+    """Reads a source into conversations.
+
+    Args:
+        source: One of SOURCES, or None to take the file type from ``source_path``.
+        source_path: A local file (required for file sources; for hub sources a local copy in the hub schema).
+        num_samples: Use only the first N rows.
+        strict: Raise on the first row that cannot be used instead of dropping it.
+
+    Returns:
+        The conversations, where each came from, the detected shape and counts.
+    """
+    if source is None:
+        source = source_for_path(_check_path(source_path, "json"))
+    if source not in SOURCES:
+        raise DataError(f"unknown source {source!r}; valid sources: {', '.join(SOURCES)}")
+    if source in HUB_DATASETS:
+        dataset = load_hub_dataset(source, source_path)
+        total = len(dataset)
+        if num_samples is not None and num_samples < total:
+            dataset = dataset.select(range(num_samples))
+        rows, shape = hub_rows(source, dataset)
+        origin = str(source_path or HUB_DATASETS[source])
+    else:
+        rows = read_file(source_path, source)
+        total = len(rows)
+        origin = str(source_path)
+        shape = detect_shape(sorted({k for r in rows[:100] for k in r.data}), origin)
+        rows = rows[:num_samples] if num_samples is not None else rows
+    if num_samples is not None and num_samples > total:
+        log.info("note: --num-samples %d is more than the %d rows of %s; using all of them", num_samples, total, origin)
+    loaded = to_conversations(rows, shape, origin, strict)
+    loaded.total_available = total
+    return loaded
