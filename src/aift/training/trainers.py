@@ -254,3 +254,16 @@ def hold_frozen_in_bf16(model: torch.nn.Module) -> None:
     for param in model.parameters():
         if not param.requires_grad and param.is_floating_point():
             param.data = param.data.to(torch.bfloat16)
+
+
+def train_from_config(
+    config: TrainingConfig, lora_config: LoRAConfig | None = None, merge: bool = False
+) -> TrainResult:
+    """What `aift train` runs: full fine-tuning without a LoRA config, LoRA/QLoRA with one."""
+    holder = JapaneseModel(config.model_name, use_flash_attention=config.use_flash_attention)
+    if lora_config is None:
+        trainer: _Trainer = FullFinetuningTrainer(holder, config)
+    else:
+        trainer = LoRAFinetuningTrainer(holder, lora_config, config, merge=merge)
+    trainer.train()
+    return trainer.result

@@ -1,0 +1,113 @@
+"""`aift train [CONFIG.yaml] [key=value ...] [--flags]`: fine-tune (full, LoRA, QLoRA).
+
+The YAML holds TrainingConfig keys at the top level and, for LoRA/QLoRA, a ``lora:`` mapping of LoRAConfig
+keys (its presence means LoRA; ``lora: {use_qlora: true}`` means QLoRA)::
+
+    model_name: smollm2-135m-instruct
+    dataset_path: data/prepared/ja_qa
+    learning_rate: 3.0e-4
+    lora:
+      r: 16
+      target_modules: all-linear
+
+Precedence: YAML < ``key=value`` overrides (``lora.r=8`` for LoRA keys) < flags. Unknown keys are errors
+with a suggestion. ``python scripts/train_sft.py`` takes exactly the same arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+from aift.config import ConfigError, LoRAConfig, TrainingConfig, field_help, from_dict, load_yaml, parse_overrides
+
+# Set by the launcher, never by hand.
+_LAUNCHER_FIELDS = {"ddp", "local_rank", "world_size"}
+# LoRA flags of the SFT guide -> LoRAConfig field.
+_LORA_FLAGS = {
+    "lora_r": "r",
+    "lora_alpha": "lora_alpha",
+    "lora_dropout": "lora_dropout",
+    "lora_target_modules": "target_modules",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "items",
+        nargs="*",
+        metavar="CONFIG.yaml | key=value",
+        help="a YAML config and/or key=value overrides (lora.KEY=value for LoRA keys)",
+    )
+    help_of = field_help(TrainingConfig)
+    for f in dataclasses.fields(TrainingConfig):
+        if f.name in _LAUNCHER_FIELDS:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_of[f.name])
+        else:
+            parser.add_argument(flag, default=None, metavar="V", help=help_of[f.name])
+    lora_help = field_help(LoRAConfig)
+    lora = parser.add_argument_group("LoRA / QLoRA")
+    lora.add_argument("--use-lora", action="store_true", default=None, help="Train LoRA adapters (peft).")
+    for flag, name in _LORA_FLAGS.items():
+        lora.add_argument("--" + flag.replace("_", "-"), default=None, metavar="V", help=lora_help[name])
+    lora.add_argument("--use-4bit", action="store_true", default=None, help="QLoRA: base in 4-bit NF4.")
+    lora.add_argument("--use-8bit", action="store_true", default=None, help="QLoRA: base in 8-bit.")
+    lora.add_argument("--use-dora", action="store_true", default=None, help=lora_help["use_dora"])
+    lora.add_argument("--use-rslora", action="store_true", default=None, help=lora_help["use_rslora"])
+    lora.add_argument("--merge", action="store_true", help="After LoRA training, also save a merged model.")
+
+
+def resolve_configs(args: argparse.Namespace) -> tuple[TrainingConfig, LoRAConfig | None]:
+    """YAML, then key=value overrides, then flags -> (TrainingConfig, LoRAConfig or None for full)."""
+    yaml_files = [i for i in args.items if "=" not in i]
+    if len(yaml_files) > 1:
+        raise ConfigError(f"expected one config file, got {yaml_files}; overrides are key=value")
+    values: dict[str, Any] = load_yaml(yaml_files[0]) if yaml_files else {}
+    lora_values = values.pop("lora", None)
+    if lora_values is not None and not isinstance(lora_values, dict):
+        raise ConfigError("'lora:' must be a mapping of LoRAConfig keys (or be left out for full fine-tuning)")
+    lora_values = dict(lora_values or {}) if lora_values is not None else None
+
+    for key, value in parse_overrides([i for i in args.items if "=" in i]).items():
+        if key.startswith("lora."):
+            lora_values = {**(lora_values or {}), key[len("lora.") :]: value}
+        else:
+            values[key] = value
+
+    for f in dataclasses.fields(TrainingConfig):
+        flag_value = getattr(args, f.name, None)
+        if f.name not in _LAUNCHER_FIELDS and flag_value is not None:
+            values[f.name] = flag_value
+    lora_values = _lora_flags(args, lora_values)
+    training = from_dict(TrainingConfig, values)
+    return training, from_dict(LoRAConfig, lora_values) if lora_values is not None else None
+
+
+def _lora_flags(args: argparse.Namespace, lora_values: dict | None) -> dict | None:
+    given = {name: getattr(args, flag) for flag, name in _LORA_FLAGS.items() if getattr(args, flag) is not None}
+    if args.use_4bit and args.use_8bit:
+        raise ConfigError("choose one of --use-4bit and --use-8bit")
+    if args.use_4bit or args.use_8bit:
+        given.update(use_qlora=True, qlora_4bit=bool(args.use_4bit))
+    given.update({k: True for k in ("use_dora", "use_rslora") if getattr(args, k)})
+    if args.use_lora or given:
+        return {**(lora_values or {}), **given}
+    return lora_values
+
+
+def run(args: argparse.Namespace) -> int:
+    from aift.training.trainers import train_from_config
+
+    training, lora = resolve_configs(args)
+    result = train_from_config(training, lora, merge=args.merge)
+    s = result.summary
+    print(
+        f"trained {s['steps']} steps ({s['method']}), final train loss {s['final_train_loss']:.4f}"
+        + (f", eval loss {s['final_eval_loss']:.4f}" if s["final_eval_loss"] is not None else "")
+    )
+    print(f"output: {result.output_dir} (final model in {result.output_dir / 'final'})")
+    return 0
