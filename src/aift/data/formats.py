@@ -104,7 +104,7 @@ def normalize(messages: list[dict[str, Any]], *, last_role: str = "assistant") -
     if not turns or [m["role"] for m in turns] != expected[: len(turns)]:
         raise DataError("turns must alternate user, assistant (after an optional system message), starting with user")
     if turns[-1]["role"] != last_role:
-        raise DataError(f"the conversation must end with a {last_role} message")
+        raise DataError(f"the conversation must end with a message from the {last_role}")
     return out
 
 
