@@ -74,8 +74,12 @@ def run_training(
     train_examples: Examples,
     eval_examples: Examples | None,
     info: RunInfo,
+    accelerator_kwargs: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Trains ``model`` (already LoRA-wrapped / quantized / checkpointed by the trainer) and saves the run."""
+    """Trains ``model`` (already LoRA-wrapped / quantized / checkpointed by the trainer) and saves the run.
+
+    ``accelerator_kwargs`` go to ``Accelerator`` (the multi-GPU trainer passes its FSDP / DeepSpeed plugin).
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -93,7 +97,10 @@ def run_training(
 
     # Mixed precision is done here (autocast + GradScaler), not by Accelerate, so that several runs with
     # different precisions can share one process (tests, notebooks).
-    accelerator = Accelerator(mixed_precision="no")
+    # cpu=True without CUDA: else Accelerate ignores torchrun's processes on a CPU (DistributedType.NO, 1 process).
+    accelerator = Accelerator(
+        mixed_precision="no", **{"cpu": not torch.cuda.is_available(), **(accelerator_kwargs or {})}
+    )
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     precision = resolve_precision(config, device.type)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)

@@ -39,6 +39,7 @@ class _Trainer:
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
         self.result: TrainResult | None = None
+        self.accelerator_kwargs: dict[str, Any] = {}  # set by AdvancedMultiGPUTrainer (FSDP / DeepSpeed plugins)
 
     def train(
         self, train_texts: list[str] | None = None, eval_texts: list[str] | None = None, resume_from_checkpoint=None
@@ -59,7 +60,9 @@ class _Trainer:
             prompt_format=train_examples.prompt_format,
             lora_config=getattr(self, "lora_config", None),
         )
-        self.result = run_training(model, tokenizer, config, train_examples, eval_examples, info)
+        self.result = run_training(
+            model, tokenizer, config, train_examples, eval_examples, info, accelerator_kwargs=self.accelerator_kwargs
+        )
         return self.result.model
 
     def _examples(self, train_texts, eval_texts, tokenizer) -> tuple[Examples, Examples | None]:
