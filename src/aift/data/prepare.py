@@ -113,18 +113,37 @@ def _template_sha(tokenizer) -> str | None:
     return hashlib.sha256(template.encode()).hexdigest() if isinstance(template, str) else None
 
 
-def _write_atomically(output_dir: Path, splits: dict[str, list[dict]], info: dict[str, Any]) -> None:
-    from datasets import Dataset, DatasetDict
+def _to_dataset_dict(splits: dict[str, list[dict]]):
+    from datasets import Dataset, DatasetDict, Features, List, Value
 
-    columns = ["input_ids", "attention_mask", "labels", "text", "prompt", "reference"]
+    features = Features(
+        {
+            "input_ids": List(Value("int32")),
+            "attention_mask": List(Value("int8")),
+            "labels": List(Value("int32")),
+            "text": Value("string"),
+            "prompt": Value("string"),
+            "reference": Value("string"),
+        }
+    )
+    columns = list(features)
+    return DatasetDict(
+        {
+            name: Dataset.from_dict({c: [e[c] for e in rows] for c in columns}, features=features)
+            for name, rows in splits.items()
+        }
+    )
+
+
+def _write_atomically(output_dir: Path, splits: dict[str, list[dict]], info: dict[str, Any]) -> None:
     if output_dir.exists() and not (output_dir / PREPARE_JSON).is_file() and any(output_dir.iterdir()):
         raise DataError(f"{output_dir} exists and is not a prepared dataset; choose another --output-dir")
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     try:
-        DatasetDict(
-            {name: Dataset.from_dict({c: [e[c] for e in rows] for c in columns}) for name, rows in splits.items()}
-        ).save_to_disk(str(tmp))
+        # An empty split saved with the default (zero) shards cannot be loaded back: give it one.
+        shards = {name: 1 if not rows else None for name, rows in splits.items()}
+        _to_dataset_dict(splits).save_to_disk(str(tmp), num_shards=shards)
         (tmp / PREPARE_JSON).write_text(json.dumps(info, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
         old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
         if output_dir.exists():
