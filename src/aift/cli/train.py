@@ -20,7 +20,19 @@ import argparse
 import dataclasses
 from typing import Any
 
-from aift.config import ConfigError, LoRAConfig, TrainingConfig, field_help, from_dict, load_yaml, parse_overrides
+from aift.config import (
+    ConfigError,
+    LoRAConfig,
+    MultiGPUTrainingConfig,
+    TrainingConfig,
+    field_help,
+    from_dict,
+    load_yaml,
+    parse_overrides,
+)
+
+# MultiGPUTrainingConfig keys: their presence (YAML, key=value or --strategy) selects AdvancedMultiGPUTrainer.
+_MULTI_KEYS = {"strategy", "max_memory_per_gpu", "pipeline_parallel_size", "tensor_parallel_size"}
 
 # Set by the launcher, never by hand.
 _LAUNCHER_FIELDS = {"ddp", "local_rank", "world_size"}
@@ -59,6 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lora.add_argument("--use-dora", action="store_true", default=None, help=lora_help["use_dora"])
     lora.add_argument("--use-rslora", action="store_true", default=None, help=lora_help["use_rslora"])
     lora.add_argument("--merge", action="store_true", help="After LoRA training, also save a merged model.")
+    from aift.distributed.launch import add_launch_arguments
+
+    add_launch_arguments(parser)
 
 
 def resolve_configs(args: argparse.Namespace) -> tuple[TrainingConfig, LoRAConfig | None]:
@@ -83,7 +98,10 @@ def resolve_configs(args: argparse.Namespace) -> tuple[TrainingConfig, LoRAConfi
         if f.name not in _LAUNCHER_FIELDS and flag_value is not None:
             values[f.name] = flag_value
     lora_values = _lora_flags(args, lora_values)
-    training = from_dict(TrainingConfig, values)
+    for key in ("strategy", "max_memory_per_gpu"):
+        if getattr(args, key, None) is not None:
+            values[key] = getattr(args, key)
+    training = from_dict(MultiGPUTrainingConfig if _MULTI_KEYS & values.keys() else TrainingConfig, values)
     return training, from_dict(LoRAConfig, lora_values) if lora_values is not None else None
 
 
@@ -103,7 +121,16 @@ def run(args: argparse.Namespace) -> int:
     from aift.training.trainers import train_from_config
 
     training, lora = resolve_configs(args)
-    result = train_from_config(training, lora, merge=args.merge)
+    if args.nproc_per_node is not None:
+        from aift.distributed.launch import launch_options, launch_training
+
+        return launch_training(launch_options(args), training, lora, merge=args.merge)
+    if isinstance(training, MultiGPUTrainingConfig) or training.deepspeed or training.world_size > 1:
+        from aift.training.multi_gpu import train_multi_gpu_from_config
+
+        result = train_multi_gpu_from_config(training, lora, merge=args.merge)
+    else:
+        result = train_from_config(training, lora, merge=args.merge)
     s = result.summary
     print(
         f"trained {s['steps']} steps ({s['method']}), final train loss {s['final_train_loss']:.4f}"

@@ -220,14 +220,22 @@ def run_training(
     with stop, sampler:
         while state.step < total_steps:
             plan = planner.epoch(state.epoch)
+            real = len(plan)
             if world > 1 and len(plan) % world:
-                plan += plan[: world - len(plan) % world]  # every process gets as many micro-batches
+                # Every process runs as many micro-batches (DDP all-reduces in each backward); the padding
+                # repeats micro-batches with weight 0, so no example counts twice in an epoch.
+                plan += plan[: world - len(plan) % world]
             while state.micro_batch < len(plan) and state.step < total_steps:
                 step_started = time.perf_counter()
                 window = plan[state.micro_batch : state.micro_batch + micro_per_step]
-                batches = [planner.collate(mb) for mb in window[rank::world]]
+                mine = range(state.micro_batch, state.micro_batch + len(window))[rank::world]
+                batches = [planner.collate(plan[j]) for j in mine]
+                weights = [1.0 if j < real else 0.0 for j in mine]
                 counts = torch.tensor(
-                    [sum(int(b["num_trained_tokens"]) for b in batches), sum(int(b["num_tokens"]) for b in batches)],
+                    [
+                        sum(int(b["num_trained_tokens"]) * w for b, w in zip(batches, weights, strict=True)),
+                        sum(int(b["num_tokens"]) * w for b, w in zip(batches, weights, strict=True)),
+                    ],
                     device=device,
                 )
                 trained_tokens, real_tokens = accelerator.reduce(counts, "sum").tolist()
@@ -235,10 +243,10 @@ def run_training(
                 scale = world / max(trained_tokens, 1)
 
                 loss_sum = torch.zeros((), device=device)
-                for i, batch in enumerate(batches):
+                for i, (batch, weight) in enumerate(zip(batches, weights, strict=True)):
                     sync = i == len(batches) - 1
                     with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                        loss = forward_loss_sum(batch) * scale
+                        loss = forward_loss_sum(batch) * (scale * weight)
                         accelerator.backward(scaler.scale(loss) if scaler else loss)
                     loss_sum += loss.detach()
 

@@ -1,0 +1,252 @@
+"""`AdvancedMultiGPUTrainer`: the same loop as every trainer, with Accelerate set up for several devices.
+
+```python
+from aift import AdvancedMultiGPUTrainer, LoRAConfig, MultiGPUTrainingConfig
+config = MultiGPUTrainingConfig(strategy="ddp", batch_size=2, learning_rate=2e-4)
+trainer = AdvancedMultiGPUTrainer("smollm2-135m-instruct", config, lora_config=LoRAConfig(r=16))
+trainer.train(train_texts=texts)     # under `torchrun --nproc-per-node 2` (or `aift train --nproc-per-node 2`)
+```
+
+Strategies (aift has no distributed engine of its own; this file only configures Accelerate):
+- ``ddp``: DistributedDataParallel (gloo on CPU, NCCL on GPU). The loop gives each process its share of
+  every optimizer step's micro-batches and normalises the loss by the trained tokens of all processes, so
+  N processes x batch B equal 1 process x batch B x N accumulation steps. Only rank 0 writes.
+- ``fsdp``: FSDP2 (``fully_shard``) through Accelerate's FullyShardedDataParallelPlugin(fsdp_version=2).
+- ``deepspeed``: ZeRO-1/2/3 (optionally offloaded) from ``configs/deepspeed`` presets or your JSON.
+- ``model_parallel``: one process, the layers spread over the GPUs with ``device_map="auto"`` and
+  ``max_memory_per_gpu`` (``aift plan`` prints the same map without loading anything).
+- ``pipeline``: not available (see :func:`_pipeline`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aift.config import LoRAConfig, MultiGPUTrainingConfig, TrainingConfig
+from aift.distributed.launch import check_world_size, under_launcher
+from aift.errors import AiftError, NotAvailableError
+from aift.models.japanese import JapaneseModel
+from aift.training.trainers import FullFinetuningTrainer, LoRAFinetuningTrainer, _Trainer
+
+log = logging.getLogger(__name__)
+
+DEEPSPEED_PRESETS = ("zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
+PRESET_DIR = Path(__file__).resolve().parents[3] / "configs" / "deepspeed"
+
+
+class AdvancedMultiGPUTrainer:
+    """Full or LoRA/QLoRA fine-tuning over several processes or devices, through Accelerate.
+
+    Args:
+        model: A JapaneseModel or a model name / folder.
+        config: MultiGPUTrainingConfig (a plain TrainingConfig means strategy ddp).
+        train_dataset: As for FullFinetuningTrainer (prepared folder, Dataset, TextDataset, texts).
+        eval_dataset: The same kinds.
+        lora_config: Train LoRA adapters (QLoRA with ``use_qlora=True``); None means full fine-tuning.
+    """
+
+    def __init__(
+        self,
+        model: JapaneseModel | str,
+        config: MultiGPUTrainingConfig | TrainingConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        lora_config: LoRAConfig | None = None,
+    ):
+        self.config = _as_multi(config)
+        self.model = model if isinstance(model, JapaneseModel) else JapaneseModel(str(model))
+        self.train_dataset, self.eval_dataset, self.lora_config = train_dataset, eval_dataset, lora_config
+        self.result = None
+        self.inner: _Trainer | None = None
+
+    def train(self, train_texts=None, eval_texts=None, resume_from_checkpoint=None) -> torch.nn.Module:
+        """Trains with the configured strategy; returns the trained (unwrapped) model on every process."""
+        check_world_size(self.config.world_size if self.config.world_size > 1 else None)
+        setup = STRATEGIES[self.config.strategy]
+        accelerator_kwargs = setup(self)
+        self.inner = self._inner_trainer()
+        self.inner.accelerator_kwargs = accelerator_kwargs
+        model = self.inner.train(train_texts, eval_texts, resume_from_checkpoint)
+        self.result = self.inner.result
+        return model
+
+    def _inner_trainer(self) -> _Trainer:
+        if self.lora_config is None:
+            return FullFinetuningTrainer(self.model, self.config, self.train_dataset, self.eval_dataset)
+        return LoRAFinetuningTrainer(self.model, self.lora_config, self.config, self.train_dataset, self.eval_dataset)
+
+    # ------------------------------------------------------------------ strategies -> Accelerator kwargs
+
+    def _ddp(self) -> dict[str, Any]:
+        if not under_launcher():
+            log.info("strategy ddp in a single process: start it with `aift train --nproc-per-node N` or torchrun")
+        self._load_on_own_gpu()
+        return {}
+
+    def _load_on_own_gpu(self) -> None:
+        """Each process loads its copy on its own GPU (all on cuda:0 first would not fit large models)."""
+        if torch.cuda.is_available() and under_launcher():
+            self.model.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(self.model.device)
+            self.model.model = None
+
+    def _fsdp(self) -> dict[str, Any]:
+        _require_cuda(
+            "fsdp",
+            "Accelerate enables FSDP only on GPU backends: on a CPU it would run plain DDP without sharding "
+            "(torch's fully_shard itself runs on CPU with gloo, but not through Accelerate)",
+        )
+        return {"fsdp_plugin": fsdp_plugin(self._no_split_modules(), self.config)}
+
+    def _deepspeed(self) -> dict[str, Any]:
+        _require_cuda(
+            "deepspeed",
+            "with DeepSpeed on a CPU, Accelerate reports one process whatever the launcher started, so data "
+            "would not be split between processes",
+        )
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        ds_config = resolve_deepspeed_config(
+            self.config.deepspeed or "zero2", self.config, int(os.environ.get("WORLD_SIZE", "1")), precision
+        )
+        return {"deepspeed_plugin": deepspeed_plugin(ds_config)}
+
+    def _model_parallel(self) -> dict[str, Any]:
+        if under_launcher() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise AiftError(
+                "strategy model_parallel runs in ONE process that spreads the model over the GPUs: "
+                "start it without torchrun / --nproc-per-node"
+            )
+        _require_cuda("model_parallel", "there is no second device to put layers on")
+        memory = self.config.max_memory_per_gpu or {
+            i: f"{int(torch.cuda.get_device_properties(i).total_memory * 0.9 / 2**30)}GiB"
+            for i in range(torch.cuda.device_count())
+        }
+        self.model.device_map, self.model.max_memory = "auto", {**memory, "cpu": memory.get("cpu", "64GiB")}
+        self.model.offload_folder = str(Path(self.config.output_dir) / "offload")  # last resort, disk
+        self.model.model = None  # reload with the device map
+        return {}
+
+    def _pipeline(self) -> dict[str, Any]:
+        raise NotAvailableError(
+            "strategy pipeline is not available in this version: torch.distributed.pipelining does run here "
+            "(2 stages over gloo give the unsplit model's loss), but it needs its own schedule (GPipe/1F1B) in "
+            "place of aift's one Accelerate loop, which is not written yet. Use ddp, fsdp or deepspeed zero3 "
+            "(which also fit models larger than one GPU), or model_parallel for one process over several GPUs"
+        )
+
+    def _no_split_modules(self) -> list[str]:
+        """The decoder-layer class names (FSDP wraps each), read from a meta-device copy of the model."""
+        from aift.distributed.planning import empty_model, load_model_config
+
+        meta = empty_model(load_model_config(self.model.model_name, self.model.trust_remote_code))
+        return list(getattr(meta, "_no_split_modules", None) or [])
+
+
+STRATEGIES = {
+    "ddp": AdvancedMultiGPUTrainer._ddp,
+    "fsdp": AdvancedMultiGPUTrainer._fsdp,
+    "deepspeed": AdvancedMultiGPUTrainer._deepspeed,
+    "model_parallel": AdvancedMultiGPUTrainer._model_parallel,
+    "pipeline": AdvancedMultiGPUTrainer._pipeline,
+}
+
+
+def _as_multi(config: MultiGPUTrainingConfig | TrainingConfig | None) -> MultiGPUTrainingConfig:
+    if config is None:
+        return MultiGPUTrainingConfig()
+    if isinstance(config, MultiGPUTrainingConfig):
+        return config
+    from dataclasses import asdict
+
+    return MultiGPUTrainingConfig(**asdict(config), strategy="deepspeed" if config.deepspeed else "ddp")
+
+
+def _require_cuda(strategy: str, why: str) -> None:
+    if not torch.cuda.is_available():
+        raise NotAvailableError(f"strategy {strategy} needs CUDA GPUs: {why}")
+
+
+# ---------------------------------------------------------------------- plugins
+
+
+def fsdp_plugin(no_split_modules: list[str], config: TrainingConfig, sharded_state_dict: bool = False):
+    """FSDP2: every decoder layer its own shard group, resharded after forward; full state dict on save."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        reshard_after_forward=True,  # full shard (ZeRO-3 like)
+        auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=no_split_modules,
+        state_dict_type="SHARDED_STATE_DICT" if sharded_state_dict else "FULL_STATE_DICT",
+        activation_checkpointing=config.gradient_checkpointing,
+        cpu_ram_efficient_loading=False,
+    )
+
+
+def load_deepspeed_config(preset_or_path: str) -> dict[str, Any]:
+    """A preset name (zero1, zero2, zero3, zero2_offload, zero3_offload) or a JSON file -> dict."""
+    path = Path(preset_or_path)
+    if not path.is_file():
+        if preset_or_path not in DEEPSPEED_PRESETS:
+            raise AiftError(
+                f"deepspeed: {preset_or_path!r} is neither a JSON file nor a preset ({', '.join(DEEPSPEED_PRESETS)})"
+            )
+        path = PRESET_DIR / f"{preset_or_path}.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise AiftError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+    if not isinstance(data, dict) or "zero_optimization" not in data:
+        raise AiftError(f"{path}: a DeepSpeed config needs a 'zero_optimization' section")
+    return data
+
+
+def resolve_deepspeed_config(
+    preset_or_path: str, config: TrainingConfig, world_size: int, precision: str
+) -> dict[str, Any]:
+    """The DeepSpeed config with every "auto" filled from aift's config (batch, accumulation, clipping, precision).
+
+    Values set in the file win over aift's, except that a contradiction (e.g. another micro-batch size)
+    is an error instead of a silent surprise.
+    """
+    ds = load_deepspeed_config(preset_or_path)
+    wanted = {
+        "train_micro_batch_size_per_gpu": config.batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "train_batch_size": config.batch_size * config.gradient_accumulation_steps * world_size,
+        "gradient_clipping": config.max_grad_norm,
+    }
+    for key, value in wanted.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+        elif ds[key] != value:
+            raise AiftError(f'deepspeed config sets {key}={ds[key]} but aift\'s config gives {value}: set it to "auto"')
+    for name in ("bf16", "fp16"):
+        section = ds.setdefault(name, {"enabled": "auto"})
+        if section.get("enabled", "auto") == "auto":
+            section["enabled"] = precision == name
+    return ds
+
+
+def deepspeed_plugin(ds_config: dict[str, Any]):
+    """Accelerate's DeepSpeedPlugin from a resolved config dict (validated by Accelerate and DeepSpeed's parser)."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    return DeepSpeedPlugin(hf_ds_config=ds_config)
+
+
+def train_multi_gpu_from_config(config: TrainingConfig, lora_config: LoRAConfig | None = None, merge: bool = False):
+    """What `aift train` runs for a multi-GPU config (a strategy, a deepspeed file, or a launcher's world size)."""
+    holder = JapaneseModel(config.model_name, use_flash_attention=config.use_flash_attention)
+    trainer = AdvancedMultiGPUTrainer(holder, config, lora_config=lora_config)
+    trainer.train()
+    if merge and lora_config is not None and int(os.environ.get("RANK", "0")) == 0:
+        trainer.inner._save_merged()
+    return trainer.result
