@@ -51,7 +51,7 @@ GOLDEN = [
     (
         "alpaca",
         SINGLE,
-        "以下は、タスクを説明する指示です。要求を適切に満たす応答を書きなさい。\n\n### 指示:\n日本の首都は？\n\n### 応答:\n東京です。</s>",
+        "### 指示:\n日本の首都は？\n\n### 応答:\n東京です。</s>",
         "東京です。</s>",
     ),
     (
@@ -73,6 +73,12 @@ GOLDEN = [
         "<|im_start|>system\n短く答えて。<|im_end|>\n<|im_start|>user\n1たす1は？<|im_end|>\n<|im_start|>assistant\n"
         "2です。<|im_end|>\n<|im_start|>user\nでは2たす2は？<|im_end|>\n<|im_start|>assistant\n4です。\n簡単です。<|im_end|>\n",
         "2です。<|im_end|>4です。\n簡単です。<|im_end|>",
+    ),
+    (
+        "alpaca",
+        [{"role": "user", "content": "要約して", "input": "長い文"}, {"role": "assistant", "content": "短い文"}],
+        "### 指示:\n要約して\n\n### 入力:\n長い文\n\n### 応答:\n短い文</s>",
+        "短い文</s>",
     ),
     ("llama2", SINGLE, "<s>[INST] 日本の首都は？ [/INST] 東京です。 </s>", " 東京です。 </s>"),
     (

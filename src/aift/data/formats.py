@@ -215,8 +215,9 @@ _ALPACA = {
         "response": "### Response:",
     },
     "ja": {
-        "preamble": "以下は、タスクを説明する指示です。要求を適切に満たす応答を書きなさい。",
-        "preamble_input": "以下は、タスクを説明する指示と、文脈のある入力の組み合わせです。要求を適切に満たす応答を書きなさい。",
+        # No preamble: the Japanese variant starts at "### 指示:" (aift's JapaneseModel prompt since its start).
+        "preamble": "",
+        "preamble_input": "",
         "instruction": "### 指示:",
         "input": "### 入力:",
         "response": "### 応答:",
@@ -225,7 +226,7 @@ _ALPACA = {
 
 
 class AlpacaFormat(_TurnFormat):
-    """Stanford Alpaca; the Japanese variant (### 指示: / ### 入力: / ### 応答:) when the user text is Japanese."""
+    """Stanford Alpaca; for Japanese user text the Japanese variant (### 指示: / ### 入力: / ### 応答:, no preamble)."""
 
     name = "alpaca"
     summary = "Stanford Alpaca (### Instruction/Input/Response; ### 指示/入力/応答 for Japanese rows)"
@@ -238,7 +239,7 @@ class AlpacaFormat(_TurnFormat):
     def system_text(self, system, first_user):
         words = self._words(first_user)
         preamble = system or words["preamble_input" if first_user.get("input") else "preamble"]
-        return preamble + "\n\n"
+        return f"{preamble}\n\n" if preamble else ""
 
     def user_text(self, message, first, system):
         words = self._words(message)

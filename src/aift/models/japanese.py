@@ -14,9 +14,6 @@ from aift.utils.gpu import get_available_device
 
 log = logging.getLogger(__name__)
 
-JA_INSTRUCTION_TEMPLATE = "### 指示:\n{instruction}\n\n### 応答:\n"
-JA_INSTRUCTION_INPUT_TEMPLATE = "### 指示:\n{instruction}\n\n### 入力:\n{input}\n\n### 応答:\n"
-
 
 class BaseModel(abc.ABC):
     """A model and its tokenizer, loaded on demand."""
@@ -38,6 +35,10 @@ class BaseModel(abc.ABC):
 
 class JapaneseModel(BaseModel):
     """A causal LM for (Japanese) instruction following; the embedded SmolLM2-135M-Instruct by default."""
+
+    # "auto": the format stored with a fine-tuned folder, else the registered one, else the tokenizer's chat
+    # template, else Japanese alpaca (aift.data.formats.resolve_format). Set a format name to override it.
+    prompt_format: str = "auto"
 
     def __init__(
         self,
@@ -119,17 +120,20 @@ class JapaneseModel(BaseModel):
         self.model, self.tokenizer = None, None
         return False
 
+    def resolved_format(self):
+        """The PromptFormat for ``self.prompt_format`` (see the class attribute)."""
+        from aift.data.formats import resolve_format
+
+        return resolve_format(self.model_name, self.load_tokenizer(), self.prompt_format)
+
     def build_prompt(self, instruction: str, input_text: str | None = None) -> str:
-        """The generation prompt: the tokenizer's chat template when it has one, else the Japanese instruction template."""
-        tokenizer = self.load_tokenizer()
-        if getattr(tokenizer, "chat_template", None):
-            content = instruction if not input_text else f"{instruction}\n\n{input_text}"
-            return tokenizer.apply_chat_template(
-                [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-            )
-        if input_text:
-            return JA_INSTRUCTION_INPUT_TEMPLATE.format(instruction=instruction, input=input_text)
-        return JA_INSTRUCTION_TEMPLATE.format(instruction=instruction)
+        """The generation prompt in this model's format (stored with a fine-tune, registered, or its chat template)."""
+        from aift.data.formats import default_system
+
+        system = default_system(self.model_name)
+        user = {"role": "user", "content": instruction, **({"input": input_text} if input_text else {})}
+        messages = [{"role": "system", "content": system}, user] if system else [user]
+        return self.resolved_format().generation_prompt(messages, self.load_tokenizer())
 
     @torch.inference_mode()
     def generate_japanese(
@@ -143,8 +147,9 @@ class JapaneseModel(BaseModel):
         do_sample: bool = True,
         **kwargs: Any,
     ) -> str:
-        """Answers an instruction; returns only the newly generated text."""
+        """Answers an instruction; returns only the answer (cut at the format's end markers, rinna <NL> -> newline)."""
         tokenizer, model = self.load_tokenizer(), self.load_model()
+        fmt = self.resolved_format()
         prompt = self.build_prompt(instruction, input_text)
         inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
         sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
@@ -153,7 +158,10 @@ class JapaneseModel(BaseModel):
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
             pad_token_id=tokenizer.pad_token_id,
+            stop_strings=fmt.stop_strings(tokenizer),
+            tokenizer=tokenizer,
             **sampling,
             **kwargs,
         )
-        return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        generated = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=False)
+        return fmt.parse_answer(generated, tokenizer)
