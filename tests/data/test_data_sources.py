@@ -218,3 +218,15 @@ def test_num_samples_larger_than_data_is_a_note(caplog):
     assert len(loaded.conversations) == 2
     assert "more than the 2 rows" in caplog.text
     assert len(load_conversations("json", FIXTURES / "question_answer.json", num_samples=1).conversations) == 1
+
+
+def test_user_assistant_strings_become_conversations():
+    loaded = load_conversations(None, FIXTURES / "user_assistant.jsonl")
+    assert loaded.shape == "user_assistant_text"
+    assert loaded.conversations[1] == [
+        {"role": "user", "content": "東京の天気は？"},
+        {"role": "assistant", "content": "晴れです。"},
+        {"role": "user", "content": "明日は？"},
+        {"role": "assistant", "content": "雨の予報です。"},
+    ]
+    assert sum(loaded.dropped.values()) == 1

@@ -261,3 +261,8 @@ def test_template_without_chat_template_is_a_clear_error():
 def test_bad_conversations(conversation, message):
     with pytest.raises(DataError, match=message):
         get_format("chatml").render(conversation)
+
+
+def test_user_assistant_strings_parse_back_to_the_conversation():
+    fmt = get_format("user-assistant")
+    assert fmt.parse_conversation(fmt.render(MULTI).text) == MULTI

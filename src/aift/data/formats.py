@@ -363,6 +363,17 @@ class UserAssistantFormat(_TurnFormat):
     def stop_strings(self, tokenizer=None):
         return ["<|endoftext|>", "<|user|>", _eos(tokenizer)]
 
+    _TURN = re.compile(
+        r"<\|(system|user|assistant)\|>(.*?)(?:<\|endoftext\|>|(?=<\|(?:system|user|assistant)\|>)|$)", re.S
+    )
+
+    def parse_conversation(self, text: str) -> list[Message]:
+        """The conversation in a ``<|user|>...<|endoftext|>\\n<|assistant|>...<|endoftext|>`` string."""
+        messages = [{"role": role, "content": content.strip()} for role, content in self._TURN.findall(text)]
+        if not messages:
+            raise DataError("no <|user|>/<|assistant|> turns in the text")
+        return normalize(messages)
+
 
 class CompletionFormat(_TurnFormat):
     """Plain text for base models: the prompt, a newline, the answer and EOS."""

@@ -35,7 +35,8 @@ _SUFFIX_SOURCE = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv"
 
 SHAPE_HELP = (
     "instruction/input/output (alpaca), instruction/context/response (dolly), prompt/completion, "
-    "messages (role/content), conversations (from/value, ShareGPT), question/answer, 質問/回答"
+    "messages (role/content), conversations (from/value, ShareGPT), question/answer, 質問/回答, "
+    "text (<|user|>...<|endoftext|>\\n<|assistant|>...<|endoftext|> dialogues)"
 )
 
 
@@ -114,6 +115,18 @@ def _chat(key: str, role_key: str, content_key: str) -> Callable[[dict], list[Me
     return convert
 
 
+def _user_assistant_text(data: dict) -> list[Message]:
+    from aift.data.formats import UserAssistantFormat
+
+    text = _text(data.get("text"))
+    if not text:
+        raise Drop("missing text")
+    try:
+        return UserAssistantFormat().parse_conversation(text)
+    except DataError as e:
+        raise Drop(f"text is not a <|user|>...<|assistant|>... dialogue: {e}") from e
+
+
 # shape -> (required keys, optional keys, converter). Detection tries them in this order.
 SHAPES: dict[str, tuple[tuple[str, ...], tuple[str, ...], Callable[[dict], list[Message]]]] = {
     "messages": (("messages",), (), _chat("messages", "role", "content")),
@@ -123,6 +136,7 @@ SHAPES: dict[str, tuple[tuple[str, ...], tuple[str, ...], Callable[[dict], list[
     "prompt_completion": (("prompt", "completion"), ("system",), _keyed("prompt", "completion")),
     "qa": (("question", "answer"), ("context", "system"), _keyed("question", "answer", "context")),
     "qa_ja": (("質問", "回答"), ("入力", "system"), _keyed("質問", "回答", "入力")),
+    "user_assistant_text": (("text",), (), _user_assistant_text),
 }
 # The answer column each question column needs, to name what is missing.
 _ANSWER_FOR = {
