@@ -176,3 +176,27 @@ def test_bundled_japanese_qa_end_to_end(tmp_path, tokenizer, capsys):
     assert main(["preview", str(out), "-n", "3"]) == 0
     shown = capsys.readouterr().out
     assert shown.count("<|im_end|>]]") == 3 and "warning" not in shown
+
+
+def test_train_on_prompt_and_system(tmp_path, tokenizer):
+    out = prepare_dataset(
+        MODEL,
+        "json",
+        FIXTURES / "question_answer.json",
+        output_dir=tmp_path / "p",
+        train_on_prompt=True,
+        system="Answer in one word.",
+        val_ratio=0,
+    )
+    row = load_from_disk(str(out))["train"][0]
+    assert row["labels"] == row["input_ids"]
+    assert row["text"].startswith("<|im_start|>system\nAnswer in one word.<|im_end|>\n")
+    info = json.loads((out / "prepare.json").read_text())
+    assert info["train_on_prompt"] is True and info["system"] == "Answer in one word."
+
+
+def test_preview_colours_on_a_terminal(prepared, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert main(["preview", str(prepared), "-n", "1"]) == 0
+    shown = capsys.readouterr().out
+    assert "\x1b[1;32m" in shown and "[[" not in shown  # bold green answers, no brackets
