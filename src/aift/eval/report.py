@@ -358,12 +358,14 @@ def make_charts(runs: list[Run]) -> dict[str, bytes]:
     import matplotlib
 
     matplotlib.use("Agg")  # files only: never open a window
+    # One colour per run, the same in every chart: index among the runs that have curves.
+    charted = [run for run in runs if run.is_training or run.system]
     charts = {
-        "loss.png": _line_chart(runs, "loss", "Loss (train solid, eval dashed)", "loss", with_eval=True),
-        "learning_rate.png": _line_chart(runs, "lr", "Learning rate", "lr"),
-        "tokens_per_s.png": _line_chart(runs, "tokens_per_s", "Training throughput", "tokens/s"),
-        "memory.png": _line_chart(runs, "peak_mem_gb", "Peak memory", "GB"),
-        "system_metrics.png": _system_chart(runs),
+        "loss.png": _line_chart(charted, "loss", "Loss (train solid, eval dashed)", "loss", with_eval=True),
+        "learning_rate.png": _line_chart(charted, "lr", "Learning rate", "lr"),
+        "tokens_per_s.png": _line_chart(charted, "tokens_per_s", "Training throughput", "tokens/s"),
+        "memory.png": _line_chart(charted, "peak_mem_gb", "Peak memory", "GB"),
+        "system_metrics.png": _system_chart(charted),
         "bench.png": _bench_chart(runs),
     }
     return {name: png for name, png in charts.items() if png is not None}
@@ -372,7 +374,7 @@ def make_charts(runs: list[Run]) -> dict[str, bytes]:
 # ---------------------------------------------------------------- HTML
 
 _CSS = """
-body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:24px;color:#222;max-width:1150px}
+body{font-family:system-ui,-apple-system,'Segoe UI','Hiragino Sans','Yu Gothic','Noto Sans CJK JP',sans-serif;margin:24px;color:#222;max-width:1150px}
 h1{margin-bottom:4px} .sub{color:#666;margin-top:0}
 table{border-collapse:collapse;margin:12px 0;font-size:13px} th,td{border:1px solid #ccc;padding:4px 8px}
 th{background:#f0f3f7;text-align:left} td.num{text-align:right;font-variant-numeric:tabular-nums}
