@@ -119,3 +119,37 @@ def test_markers_that_are_plain_text_can_merge_at_the_seam(tokenizer):
     rendered = get_format("llama2").render(CONVERSATIONS[2], tokenizer)
     decoded = tokenizer.decode(trained_ids(encode(rendered, tokenizer, max_length=4096)))
     assert decoded == rendered.trained_text.replace(" </s> ", " </s>< ", 1)
+
+
+LLAMA3_LIKE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '<|im_end|>\\n\\n' + m['content'] + '<|endoftext|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant<|im_end|>\\n\\n' }}{% endif %}"
+)
+
+
+@pytest.fixture
+def templated_tokenizer(tokenizer):
+    """The embedded tokenizer with another chat template (Llama-3 shaped: header, blank line, end token)."""
+    copied = copy.deepcopy(tokenizer)
+    copied.chat_template = LLAMA3_LIKE
+    return copied
+
+
+def test_template_spans_for_another_template(templated_tokenizer):
+    fmt = get_format("template")
+    assert fmt.end_of_turn(templated_tokenizer) == "<|endoftext|>"
+    for conversation in CONVERSATIONS:
+        rendered = fmt.render(conversation, templated_tokenizer)
+        assert rendered.trained_text == expected_trained(fmt, conversation, templated_tokenizer)
+        encoded = encode(rendered, templated_tokenizer, max_length=4096)
+        assert templated_tokenizer.decode(trained_ids(encoded)) == rendered.trained_text
+
+
+def test_template_that_rewrites_answers_is_refused(templated_tokenizer):
+    from aift.data import DataError
+
+    templated_tokenizer.chat_template = LLAMA3_LIKE.replace("m['content']", "m['content'] | upper")
+    with pytest.raises(DataError, match="trained spans cannot be located"):
+        get_format("template").render(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}], templated_tokenizer
+        )

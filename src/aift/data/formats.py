@@ -447,7 +447,9 @@ class TemplateFormat(PromptFormat):
         return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
     def end_of_turn(self, tokenizer=None, last=True):
-        return _eos(tokenizer)
+        """The special token the template puts after an answer (found by rendering a probe), or ''."""
+        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+        return self.render(probe, tokenizer).trained_text.removeprefix("Hello")
 
     def stop_strings(self, tokenizer=None):
         return [_eos(tokenizer), *_special_tokens(tokenizer)]

@@ -205,6 +205,11 @@ def prepare_dataset(
     if not examples or n_dropped > loaded.read / 2:
         reasons = ", ".join(f"{n} {why}" for why, n in dropped.most_common())
         raise DataError(f"{n_dropped} of {loaded.read} rows were dropped ({reasons}); nothing was written")
+    end_markers = sorted({fmt.end_of_turn(tokenizer, last=True), fmt.end_of_turn(tokenizer, last=False)})
+    if not any(m.strip() for m in end_markers):
+        log.warning(
+            "warning: format %s puts no end-of-turn marker after answers: the model may not learn to stop", fmt.name
+        )
     train, test = _split(examples, val_ratio, seed)
     lengths = [len(e["input_ids"]) for e in examples]
     info = {
@@ -216,7 +221,7 @@ def prepare_dataset(
         "tokenizer_class": type(tokenizer).__name__,
         "format": fmt.name,
         "prompt_format": fmt.name,
-        "end_of_turn": sorted({fmt.end_of_turn(tokenizer, last=True), fmt.end_of_turn(tokenizer, last=False)}),
+        "end_of_turn": end_markers,
         "chat_template_sha256": _template_sha(tokenizer),
         "system": system,
         "max_length": max_length,
