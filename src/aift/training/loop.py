@@ -38,6 +38,7 @@ from aift.data.packing import IGNORE_INDEX
 from aift.errors import AiftError
 from aift.training import checkpoint as ckpt
 from aift.training.data import BatchPlanner, Examples, check_trainable, eval_batches
+from aift.training.loss import causal_lm_loss_sum, split_causal_lm
 from aift.training.reporting import MetricsLogger, check_loggers, peak_memory_gb
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,9 @@ def run_training(
         100 * planner.efficiency,
     )
 
-    if config.torch_compile:
+    if config.torch_compile and config.loss_chunk_size:
+        split_causal_lm(model)[0].compile()  # the fused loss calls the decoder itself: compile it, in place
+    elif config.torch_compile:
         model = torch.compile(model)
     optimizer = make_optimizer(model, config, device.type)
     scheduler = linear_warmup_then_decay(optimizer, config.warmup_steps, total_steps)
@@ -159,6 +162,9 @@ def run_training(
         """Sum over trained tokens of the per-token cross-entropy, computed in fp32 from the logits."""
         inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            if config.loss_chunk_size:  # fused linear cross-entropy: never the whole batch's logits
+                labels = batch["labels"].to(device)
+                return causal_lm_loss_sum(model, {**inputs, "labels": labels}, config.loss_chunk_size)
             logits = model(**inputs, use_cache=False).logits
         # labels[i] is the target of position i: position i-1 predicts it.
         targets = batch["labels"][:, 1:].to(device)

@@ -18,7 +18,6 @@ import torch
 
 from aift.config import LoRAConfig, TrainingConfig
 from aift.errors import AiftError
-from aift.models import loading
 from aift.models.japanese import JapaneseModel
 from aift.training.data import DatasetError, Examples, load_prepared, to_examples
 from aift.training.loop import RunInfo, TrainResult, run_training
@@ -230,8 +229,12 @@ class LoRAFinetuningTrainer(_Trainer):
             raise AiftError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json in it)")
         holder = JapaneseModel(base_model_name, device=device)
         base = holder.load_model()
-        has_tokenizer = (adapter / "tokenizer_config.json").is_file()
-        tokenizer = loading.load_tokenizer(str(adapter)) if has_tokenizer else holder.load_tokenizer()
+        tokenizer = holder.load_tokenizer()
+        if (adapter / "tokenizer_config.json").is_file():  # the tokenizer saved with the adapter wins
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(adapter))
+            tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
         model = PeftModel.from_pretrained(base, str(adapter))
         return model.eval(), tokenizer
 
@@ -263,7 +266,9 @@ def train_from_config(
     config: TrainingConfig, lora_config: LoRAConfig | None = None, merge: bool = False
 ) -> TrainResult:
     """What `aift train` runs: full fine-tuning without a LoRA config, LoRA/QLoRA with one."""
-    holder = JapaneseModel(config.model_name, use_flash_attention=config.use_flash_attention)
+    holder = JapaneseModel(
+        config.model_name, use_flash_attention=config.use_flash_attention, trust_remote_code=config.trust_remote_code
+    )
     if lora_config is None:
         trainer: _Trainer = FullFinetuningTrainer(holder, config)
     else:
