@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 
@@ -242,9 +243,13 @@ def test_unknown_format_lists_valid_ones(tokenizer):
         resolve_format("smollm2-135m-instruct", tokenizer, "vicuna")
 
 
-def test_template_without_chat_template_is_a_clear_error():
-    with pytest.raises(DataError, match="no"):
+def test_template_without_chat_template_is_a_clear_error(tokenizer):
+    with pytest.raises(DataError, match="needs a tokenizer with a chat template"):
         get_format("template").render(SINGLE, None)
+    no_template = copy.deepcopy(tokenizer)
+    no_template.chat_template = None
+    with pytest.raises(DataError, match="choose another --format"):
+        resolve_format("someone/base-model", no_template, "template")
 
 
 @pytest.mark.parametrize(

@@ -528,9 +528,13 @@ def resolve_format(model_name: str | Path, tokenizer=None, requested: str | None
     registered = spec.prompt_format if spec and spec.prompt_format in FORMATS else None
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if requested in (None, "", "auto"):
-        name = stored or registered or ("template" if has_template else "alpaca")
-        return get_format(name)
+        fmt = get_format(stored or registered or ("template" if has_template else "alpaca"))
+        if fmt.name == "template" and tokenizer is not None:
+            TemplateFormat._check(tokenizer)  # fail now, not on every row
+        return fmt
     fmt = get_format(requested)
+    if requested == "template" and tokenizer is not None:
+        TemplateFormat._check(tokenizer)
     if stored and stored != requested:
         log.warning(
             "warning: %s was trained with format %r but format %r was asked for; using %r",
