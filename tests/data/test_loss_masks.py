@@ -153,3 +153,17 @@ def test_template_that_rewrites_answers_is_refused(templated_tokenizer):
         get_format("template").render(
             [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}], templated_tokenizer
         )
+
+
+def test_bos_added_once_and_no_extra_eos(tokenizer):
+    """A tokenizer that adds BOS and EOS (T5/Llama-style post-processor): BOS once, untrained; no second EOS."""
+    both = copy.deepcopy(tokenizer)
+    both.add_bos_token, both.add_eos_token = True, True
+    both.update_post_processor()
+    rendered = get_format("alpaca").render(CONVERSATIONS[0], both)
+    encoded = encode(rendered, both, max_length=4096)
+    assert encoded.input_ids[0] == both.bos_token_id and encoded.labels[0] == IGNORE_INDEX
+    assert encoded.input_ids[1:] == tokenizer(rendered.text, add_special_tokens=False)["input_ids"]
+    assert both.decode(trained_ids(encoded)) == rendered.trained_text
+    chatml = get_format("chatml").render(CONVERSATIONS[0], both)  # starts with its BOS text <|im_start|>
+    assert encode(chatml, both, max_length=4096).input_ids.count(both.bos_token_id) == 2  # two turns, no extra

@@ -32,6 +32,13 @@ def _overlaps(start: int, end: int, spans: tuple[tuple[int, int], ...]) -> bool:
     return end > start and any(start < b and end > a for a, b in spans)
 
 
+def _adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts BOS in front of a text it encodes with special tokens."""
+    if tokenizer.bos_token_id is None:
+        return False
+    return tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]
+
+
 def encode(rendered: Rendered, tokenizer, max_length: int, train_on_prompt: bool = False) -> Encoded:
     """Tokenizes a rendered conversation, masks what is not trained and fits it into ``max_length`` tokens.
 
@@ -41,11 +48,12 @@ def encode(rendered: Rendered, tokenizer, max_length: int, train_on_prompt: bool
     if not getattr(tokenizer, "is_fast", False):
         raise DataError("loss masks need a fast tokenizer (offsets); this model's tokenizer has no fast version")
     text = rendered.text
-    bos = tokenizer.bos_token
-    encoding = tokenizer(
-        text, add_special_tokens=not (bos and text.startswith(bos)), return_offsets_mapping=True, truncation=False
-    )
-    ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
+    ids, offsets = list(encoding["input_ids"]), list(encoding["offset_mapping"])
+    # Only BOS is added by hand: add_special_tokens=True would also append EOS for some tokenizers (T5-style),
+    # doubling the end marker the format already wrote.
+    if _adds_bos(tokenizer) and not text.startswith(tokenizer.bos_token):
+        ids, offsets = [tokenizer.bos_token_id, *ids], [(0, 0), *offsets]
     spans = ((0, len(text)),) if train_on_prompt else rendered.spans
     labels = [i if _overlaps(s, e, spans) else IGNORE_INDEX for i, (s, e) in zip(ids, offsets, strict=True)]
     if len(ids) <= max_length:
