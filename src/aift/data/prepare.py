@@ -23,7 +23,7 @@ from aift.data import DataError
 from aift.data.formats import PromptFormat, default_system, resolve_format
 from aift.data.masking import Encoded, encode
 from aift.data.packing import best_fit_decreasing, packing_efficiency
-from aift.data.sources import SOURCES, Loaded, load_conversations
+from aift.data.sources import SOURCES, Loaded, load_conversations, source_for_path
 from aift.models.registry import EMBEDDED_MODEL
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ def prepare_dataset(
     fmt = resolve_format(model, tokenizer, format)
     system = system or default_system(model)
     loaded = load_conversations(source, source_path, num_samples, strict)
-    source = source or Path(str(source_path)).suffix.lstrip(".").lower()
+    source = source or source_for_path(source_path)
     examples, dropped, truncated = _encode_all(loaded, fmt, tokenizer, max_length, train_on_prompt, system)
     dropped.update(loaded.dropped)
     n_dropped = sum(dropped.values())
