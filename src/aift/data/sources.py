@@ -211,7 +211,8 @@ def _read_json(path: Path) -> list[Row]:
         hint = " (one object per line? use --source jsonl)" if "Extra data" in e.msg else ""
         raise DataError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}{hint}") from e
     if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON array of objects, found a {type(data).__name__}")
+        hint = " (one object per line? use --source jsonl)" if isinstance(data, dict) else ""
+        raise DataError(f"{path}: expected a JSON array of objects, found a {type(data).__name__}{hint}")
     rows = []
     for i, item in enumerate(data, 1):
         if not isinstance(item, dict):
