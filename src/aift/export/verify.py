@@ -37,28 +37,46 @@ def load_gguf(path: str | Path, dtype=torch.float32):
 
 
 @torch.inference_mode()
+def reference_run(model, tokenizer, prompt: str, max_new_tokens: int = 20) -> dict:
+    """What the source does on the check prompt: its token ids, logits and greedy continuation."""
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    greedy = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+    return {
+        "prompt": prompt,
+        "ids": ids,
+        "logits": model(ids).logits.float(),
+        "continuation": model.generate(ids, **greedy)[0, ids.shape[1] :],
+        "tokenizer": tokenizer,
+        "greedy": greedy,
+    }
+
+
+@torch.inference_mode()
+def compare_to_reference(reference: dict, exported, exported_tokenizer) -> dict:
+    """Token ids, max |logit| difference, mean KL(source || exported) and greedy continuations."""
+    ids = reference["ids"]
+    exported_ids = exported_tokenizer(reference["prompt"], return_tensors="pt", add_special_tokens=False)["input_ids"]
+    logits = exported(ids).logits.float()
+    kl = torch.nn.functional.kl_div(
+        logits.log_softmax(-1), reference["logits"].log_softmax(-1), log_target=True, reduction="none"
+    ).sum(-1)
+    continuation = exported.generate(ids, **reference["greedy"])[0, ids.shape[1] :]
+    return {
+        "tokens_match": torch.equal(ids, exported_ids),
+        "max_abs_logit_diff": (reference["logits"] - logits).abs().max().item(),
+        "mean_kl": kl.mean().item(),
+        "greedy_match": torch.equal(reference["continuation"], continuation),
+        "source_text": reference["tokenizer"].decode(reference["continuation"], skip_special_tokens=True),
+        "exported_text": exported_tokenizer.decode(continuation, skip_special_tokens=True),
+    }
+
+
 def compare_models(
     source, source_tokenizer, exported, exported_tokenizer, prompt: str, max_new_tokens: int = 20
 ) -> dict:
-    """Token ids, max |logit| difference, mean KL(source || exported) and greedy continuations on one prompt."""
-    ids = source_tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    exported_ids = exported_tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    logits_a = source(ids).logits.float()
-    logits_b = exported(ids).logits.float()
-    kl = torch.nn.functional.kl_div(
-        logits_b.log_softmax(-1), logits_a.log_softmax(-1), log_target=True, reduction="none"
-    ).sum(-1)
-    greedy = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": source_tokenizer.pad_token_id}
-    out_a = source.generate(ids, **greedy)[0, ids.shape[1] :]
-    out_b = exported.generate(ids, **greedy)[0, ids.shape[1] :]
-    return {
-        "tokens_match": torch.equal(ids, exported_ids),
-        "max_abs_logit_diff": (logits_a - logits_b).abs().max().item(),
-        "mean_kl": kl.mean().item(),
-        "greedy_match": torch.equal(out_a, out_b),
-        "source_text": source_tokenizer.decode(out_a, skip_special_tokens=True),
-        "exported_text": exported_tokenizer.decode(out_b, skip_special_tokens=True),
-    }
+    """Runs the source and the export on one prompt and compares them (see compare_to_reference)."""
+    reference = reference_run(source, source_tokenizer, prompt, max_new_tokens)
+    return compare_to_reference(reference, exported, exported_tokenizer)
 
 
 def verify_gguf(source_dir: str | Path, gguf_path: str | Path, quant: str, prompt: str | None = None) -> dict:
