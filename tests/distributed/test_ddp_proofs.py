@@ -126,3 +126,24 @@ def test_two_nodes_on_loopback_train_together(full_runs, tiny_model_dir, tiny_pr
     assert node1.returncode == 0, node1.stderr[-4000:]
     _assert_same_losses(train_losses(out), train_losses(two), [1, 2, 3, 4])
     assert (out / "launch-node0.yaml").is_file() and (out / "launch-node1.yaml").is_file()
+
+
+def test_deepspeed_zero2_one_process_on_cpu_matches_and_resumes(full_runs, tiny_model_dir, tiny_prepared, tmp_path):
+    """DeepSpeed runs on this CPU in one process (Accelerate miscounts several): ZeRO-2 through the same loop gives
+    the plain loop's losses, writes a sharded checkpoint, and resumes from it exactly."""
+    pytest.importorskip("deepspeed")
+    _, one = full_runs
+    ds = ["--nproc-per-node=1", "--strategy=deepspeed", "--deepspeed=zero2"]
+    out = _train(tiny_model_dir, tiny_prepared, tmp_path / "ds", *ds, **{"gradient-accumulation-steps": 2})
+    _assert_same_losses(train_losses(out), train_losses(one), [1, 2, 3, 4])
+    assert (out / "checkpoints" / "checkpoint-2" / "sharded" / "pytorch_model").is_dir()  # DeepSpeed's own format
+    assert (out / "final" / "model.safetensors").is_file()
+    resumed = _resume_copy(out, tmp_path / "ds-resumed")
+    _train(
+        tiny_model_dir,
+        tiny_prepared,
+        resumed,
+        *ds,
+        **{"gradient-accumulation-steps": 2, "resume-from-checkpoint": "latest"},
+    )
+    _assert_same_losses(train_losses(resumed), train_losses(one), [3, 4])

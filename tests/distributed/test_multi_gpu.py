@@ -25,10 +25,10 @@ CONFIG = TrainingConfig(batch_size=2, gradient_accumulation_steps=4, max_grad_no
 
 @pytest.mark.parametrize("preset", DEEPSPEED_PRESETS)
 def test_every_preset_resolves_and_passes_accelerates_plugin(preset):
-    resolved = resolve_deepspeed_config(preset, CONFIG, world_size=2, precision="bf16")
+    resolved = resolve_deepspeed_config(preset, CONFIG, world_size=2)
     assert "auto" not in json.dumps(resolved)
     assert resolved["train_batch_size"] == 2 * 4 * 2 and resolved["gradient_clipping"] == 0.5
-    assert resolved["bf16"]["enabled"] is True and resolved["fp16"]["enabled"] is False
+    assert resolved["bf16"]["enabled"] is False and resolved["fp16"]["enabled"] is False  # the loop autocasts
     plugin = deepspeed_plugin(resolved)
     assert plugin.zero_stage == int(preset[4])
     assert plugin.hf_ds_config.is_offload() == preset.endswith("offload")
@@ -39,10 +39,10 @@ def test_every_preset_passes_deepspeeds_own_config_parser(preset):
     pytest.importorskip("deepspeed")
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    parsed = DeepSpeedConfig(resolve_deepspeed_config(preset, CONFIG, world_size=1, precision="fp16"))
+    parsed = DeepSpeedConfig(resolve_deepspeed_config(preset, CONFIG, world_size=1))
     assert parsed.zero_optimization_stage == int(preset[4])
     assert parsed.train_micro_batch_size_per_gpu == 2 and parsed.gradient_accumulation_steps == 4
-    assert parsed.float16_config.enabled and not parsed.bfloat16_config.enabled
+    assert not parsed.float16_config.enabled and not parsed.bfloat16_config.enabled
     offloaded = parsed.zero_config.offload_optimizer is not None
     assert offloaded == preset.endswith("offload")
     if offloaded:
@@ -57,7 +57,7 @@ def test_user_deepspeed_file_contradicting_the_config_is_an_error(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}}))
     with pytest.raises(AiftError, match="train_micro_batch_size_per_gpu=8 but aift's config gives 2"):
-        resolve_deepspeed_config(str(path), CONFIG, world_size=1, precision="bf16")
+        resolve_deepspeed_config(str(path), CONFIG, world_size=1)
 
 
 def test_bad_deepspeed_inputs_are_clear_errors(tmp_path):
@@ -91,7 +91,6 @@ def test_unknown_strategy_is_a_config_error():
     ("strategy", "reason"),
     [
         ("fsdp", "Accelerate enables FSDP only on GPU backends"),
-        ("deepspeed", "Accelerate reports one process"),
         ("model_parallel", "no second device"),
         ("pipeline", "torch.distributed.pipelining does run here"),
     ],
@@ -159,3 +158,12 @@ def test_model_parallel_spreads_layers_over_two_gpus(tmp_path, tiny_model_dir, t
         tmp_path, tiny_model_dir, tiny_prepared, "--strategy=model_parallel", "--max-memory-per-gpu={0: 30MB, 1: 2GB}"
     )
     assert losses[4] < losses[1]
+
+
+def test_deepspeed_over_several_cpu_processes_says_why(monkeypatch, tiny_model_dir, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only message")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config = MultiGPUTrainingConfig(strategy="deepspeed", output_dir=str(tmp_path), max_steps=1)
+    with pytest.raises(NotAvailableError, match="Accelerate reports one process"):
+        AdvancedMultiGPUTrainer(str(tiny_model_dir), config).train(train_texts=["a"])

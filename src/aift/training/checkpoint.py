@@ -21,6 +21,7 @@ from aift.errors import AiftError
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
+SHARDED_DIR = "sharded"  # accelerator.save_state output of FSDP / DeepSpeed runs
 
 
 class CheckpointError(AiftError, RuntimeError):
@@ -95,6 +96,39 @@ def save_checkpoint(
     os.replace(tmp, final)
     _rotate(checkpoints_dir, total_limit, keep=final)
     return final
+
+
+def save_sharded_checkpoint(
+    accelerator, checkpoints_dir: Path, state: TrainerState, scheduler, rng: dict, total_limit: int | None
+) -> Path:
+    """FSDP / DeepSpeed: every rank writes its shards (accelerator.save_state), rank 0 the rest; atomic rename."""
+    final = checkpoints_dir / f"{PREFIX}{state.step}"
+    tmp = checkpoints_dir / f".tmp-{PREFIX}{state.step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / SHARDED_DIR))  # model and optimizer shards, collective
+    if accelerator.is_main_process:
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng, tmp / "rng_state.pt")
+        (tmp / STATE_FILE).write_text(state.to_json(), encoding="utf-8")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _rotate(checkpoints_dir, total_limit, keep=final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_sharded_checkpoint(path: Path, accelerator, scheduler) -> tuple[TrainerState, dict]:
+    """Counterpart of save_sharded_checkpoint (same number of processes and the same strategy)."""
+    if not (path / SHARDED_DIR).is_dir():
+        raise CheckpointError(f"{path} was not written by an FSDP/DeepSpeed run (no {SHARDED_DIR}/ in it)")
+    accelerator.load_state(str(path / SHARDED_DIR))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng = torch.load(path / "rng_state.pt", weights_only=True)
+    return TrainerState.from_json((path / STATE_FILE).read_text(encoding="utf-8")), rng
 
 
 def list_checkpoints(checkpoints_dir: Path) -> list[Path]:

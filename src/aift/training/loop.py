@@ -82,7 +82,7 @@ def run_training(
     ``accelerator_kwargs`` go to ``Accelerator`` (the multi-GPU trainer passes its FSDP / DeepSpeed plugin).
     """
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
 
     # ------------------------------------------------------------------ setup
     started = time.perf_counter()
@@ -143,10 +143,16 @@ def run_training(
     scheduler = linear_warmup_then_decay(optimizer, config.warmup_steps, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
+    # FSDP and DeepSpeed hold weights and optimizer states in shards: saving and loading them is collective.
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
 
     state = ckpt.TrainerState(seed=config.seed, total_steps=total_steps)
-    if resume_from is not None:
+    if resume_from is not None and sharded:
+        state, rng = ckpt.load_sharded_checkpoint(resume_from, accelerator, scheduler)
+    elif resume_from is not None:
         state, rng = ckpt.load_checkpoint(resume_from, unwrap(accelerator, model), optimizer, scheduler, is_peft)
+    if resume_from is not None:
         state.total_steps = total_steps
         ckpt.restore_rng(rng)
         log.info("resumed from %s at step %d", resume_from, state.step)
@@ -197,7 +203,12 @@ def run_training(
             )
 
     def save(rng: dict) -> None:
-        if accelerator.is_main_process:
+        if sharded:
+            path = ckpt.save_sharded_checkpoint(
+                accelerator, output_dir / "checkpoints", state, scheduler, rng, config.save_total_limit
+            )
+            log.info("saved %s", path)
+        elif accelerator.is_main_process:
             path = ckpt.save_checkpoint(
                 output_dir / "checkpoints",
                 state,
@@ -253,7 +264,13 @@ def run_training(
                     sync = i == len(batches) - 1
                     with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                         loss = forward_loss_sum(batch) * (scale * weight)
-                        accelerator.backward(scaler.scale(loss) if scaler else loss)
+                        if deepspeed:  # the loop, not DeepSpeed's counter, says where a step ends and scales the loss
+                            model.set_gradient_accumulation_boundary(sync)
+                            model.backward(loss, scale_wrt_gas=False)
+                            if sync:
+                                model.step()  # clips (gradient_clipping) and steps; optimizer.step() below is a no-op
+                        else:
+                            accelerator.backward(scaler.scale(loss) if scaler else loss)
                     loss_sum += loss.detach()
 
                 if scaler is not None:
@@ -317,6 +334,7 @@ def run_training(
         save(ckpt.capture_rng())
     progress.close()
 
+    full_state = accelerator.get_state_dict(model) if sharded else None  # gathers the shards (collective)
     model = accelerator.unwrap_model(model, keep_fp32_wrapper=False, keep_torch_compile=False)
     summary = {
         "completed": True,
@@ -335,7 +353,7 @@ def run_training(
         "prompt_format": info.prompt_format,
     }
     if accelerator.is_main_process:
-        save_final(model, tokenizer, output_dir / "final", info, config.max_length)
+        save_final(model, tokenizer, output_dir / "final", info, config.max_length, state_dict=full_state)
         _write_atomic(output_dir / "train_summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
         log.info("done: %d steps, final train loss %.4f; output in %s", state.step, state.last_loss or 0, output_dir)
 
@@ -414,11 +432,13 @@ def prepare_output_dir(output_dir: Path, config: TrainingConfig, resuming: bool)
     (output_dir / "train_summary.json").unlink(missing_ok=True)
 
 
-def save_final(model: torch.nn.Module, tokenizer, final_dir: Path, info: RunInfo, max_length: int) -> None:
+def save_final(
+    model: torch.nn.Module, tokenizer, final_dir: Path, info: RunInfo, max_length: int, state_dict: dict | None = None
+) -> None:
     """final/: the adapter (LoRA) or the full model, the tokenizer and aift_meta.json, written atomically."""
     tmp = final_dir.with_name(".tmp-final")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
     tokenizer.save_pretrained(tmp)
     meta = {
         "base_model": info.model_name,

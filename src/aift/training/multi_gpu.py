@@ -105,16 +105,22 @@ class AdvancedMultiGPUTrainer:
         return {"fsdp_plugin": fsdp_plugin(self._no_split_modules(), self.config)}
 
     def _deepspeed(self) -> dict[str, Any]:
-        _require_cuda(
-            "deepspeed",
-            "with DeepSpeed on a CPU, Accelerate reports one process whatever the launcher started, so data "
-            "would not be split between processes",
-        )
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        ds_config = resolve_deepspeed_config(
-            self.config.deepspeed or "zero2", self.config, int(os.environ.get("WORLD_SIZE", "1")), precision
-        )
-        return {"deepspeed_plugin": deepspeed_plugin(ds_config)}
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if not torch.cuda.is_available() and world > 1:
+            raise NotAvailableError(
+                "strategy deepspeed needs CUDA GPUs for more than one process: with DeepSpeed on a CPU, "
+                "Accelerate reports one process whatever the launcher started, so data would not be split "
+                "between processes (one process on a CPU works, for testing)"
+            )
+        if torch.cuda.is_available() and not torch.cuda.is_bf16_supported() and (self.config.fp16 or self.config.bf16):
+            raise NotAvailableError(
+                "strategy deepspeed with fp16 loss scaling is not supported by aift's loop: use a GPU with bf16 "
+                "(Ampere or newer), fp32 (--no-fp16 --no-bf16), or strategy ddp / fsdp"
+            )
+        self._load_on_own_gpu()
+        ds_config = resolve_deepspeed_config(self.config.deepspeed or "zero2", self.config, world)
+        # cpu=False even without CUDA: Accelerate sets DeepSpeed up only when not told to stay on the CPU.
+        return {"deepspeed_plugin": deepspeed_plugin(ds_config), "cpu": False}
 
     def _model_parallel(self) -> dict[str, Any]:
         if under_launcher() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -208,13 +214,12 @@ def load_deepspeed_config(preset_or_path: str) -> dict[str, Any]:
     return data
 
 
-def resolve_deepspeed_config(
-    preset_or_path: str, config: TrainingConfig, world_size: int, precision: str
-) -> dict[str, Any]:
+def resolve_deepspeed_config(preset_or_path: str, config: TrainingConfig, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config with every "auto" filled from aift's config (batch, accumulation, clipping, precision).
 
-    Values set in the file win over aift's, except that a contradiction (e.g. another micro-batch size)
-    is an error instead of a silent surprise.
+    A value set in the file that contradicts aift's config (e.g. another micro-batch size) is an error
+    instead of a silent surprise. ``bf16``/``fp16`` "auto" become disabled: aift's loop autocasts to bf16
+    itself, so DeepSpeed keeps fp32 master weights; enable them in your JSON to hold bf16 weights instead.
     """
     ds = load_deepspeed_config(preset_or_path)
     wanted = {
@@ -231,7 +236,7 @@ def resolve_deepspeed_config(
     for name in ("bf16", "fp16"):
         section = ds.setdefault(name, {"enabled": "auto"})
         if section.get("enabled", "auto") == "auto":
-            section["enabled"] = precision == name
+            section["enabled"] = False
     return ds
 
 
