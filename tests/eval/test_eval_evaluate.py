@@ -134,3 +134,23 @@ def test_bad_inputs_are_clear_errors(tmp_path, tiny_model_dir, tokenizer, prepar
     ds.save_to_disk(str(tmp_path / "all_masked"))
     with pytest.raises(EvalError, match="no trained tokens"):
         evaluate(str(tiny_model_dir), tmp_path / "all_masked")
+
+
+def test_warns_when_data_format_differs_from_training(tmp_path, prepared_dataset, caplog):
+    from aift.eval.evaluate import EvalTarget, warn_on_mismatch
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "aift_meta.json").write_text(
+        json.dumps({"base_model": "b", "method": "qlora", "prompt_format": "alpaca"})
+    )
+    with caplog.at_level("WARNING"):
+        warn_on_mismatch(EvalTarget(base="b", adapter=str(adapter)), prepared_dataset, load_in_4bit=False)
+    assert "prompt format 'alpaca'" in caplog.text and "'chatml'" in caplog.text
+    assert "--load-in-4bit" in caplog.text
+    caplog.clear()
+    (adapter / "aift_meta.json").write_text(
+        json.dumps({"base_model": "b", "method": "lora", "prompt_format": "chatml"})
+    )
+    warn_on_mismatch(EvalTarget(base="b", adapter=str(adapter)), prepared_dataset, load_in_4bit=False)
+    assert caplog.text == ""

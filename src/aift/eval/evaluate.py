@@ -125,6 +125,30 @@ def load_model(name: str, device: str, dtype=None, adapter: str | None = None, *
     return model.eval()
 
 
+def _meta(target: EvalTarget) -> dict:
+    folder = target.adapter or target.finetuned
+    path = Path(folder) / "aift_meta.json" if folder else None
+    return _read_json(path) if path and path.is_file() else {}
+
+
+def warn_on_mismatch(target: EvalTarget, dataset_path: str | Path, load_in_4bit: bool) -> None:
+    """Warns when the data's prompt format is not the one the fine-tune learned, or QLoRA runs on full weights."""
+    meta = _meta(target)
+    prepare_json = Path(dataset_path).expanduser() / "prepare.json"
+    data_format = _read_json(prepare_json).get("prompt_format") if prepare_json.is_file() else None
+    if meta.get("prompt_format") and data_format and meta["prompt_format"] != data_format:
+        log.warning(
+            "the fine-tune was trained with prompt format %r but %s was prepared with %r: scores will suffer; "
+            "re-run `aift prepare --format %s`",
+            meta["prompt_format"],
+            dataset_path,
+            data_format,
+            meta["prompt_format"],
+        )
+    if meta.get("method") == "qlora" and not load_in_4bit:
+        log.warning("the adapter was trained on a 4-bit base (QLoRA); pass --load-in-4bit to evaluate it the same way")
+
+
 # ---------------------------------------------------------------- the dataset
 
 
@@ -322,6 +346,7 @@ def evaluate(
             "or a fine-tuned folder with aift_meta.json"
         )
     rows = load_split(dataset_path, split, max_samples, generate)
+    warn_on_mismatch(target, dataset_path, load_in_4bit)
     tokenizer = load_eval_tokenizer(target)
     device = device or get_available_device()
     common = {"generate": generate, "max_new_tokens": max_new_tokens, "batch_size": batch_size}
