@@ -164,6 +164,14 @@ def test_deepspeed_over_several_cpu_processes_says_why(monkeypatch, tiny_model_d
     if torch.cuda.is_available():
         pytest.skip("checks the CPU-only message")
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
     config = MultiGPUTrainingConfig(strategy="deepspeed", output_dir=str(tmp_path), max_steps=1)
     with pytest.raises(NotAvailableError, match="Accelerate reports one process"):
+        AdvancedMultiGPUTrainer(str(tiny_model_dir), config).train(train_texts=["a"])
+
+
+def test_deepspeed_outside_a_launcher_is_refused(monkeypatch, tiny_model_dir, tmp_path):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    config = MultiGPUTrainingConfig(strategy="deepspeed", output_dir=str(tmp_path), max_steps=1)
+    with pytest.raises(AiftError, match="runs under a launcher"):
         AdvancedMultiGPUTrainer(str(tiny_model_dir), config).train(train_texts=["a"])

@@ -15,7 +15,7 @@ Strategies (aift has no distributed engine of its own; this file only configures
 - ``deepspeed``: ZeRO-1/2/3 (optionally offloaded) from ``configs/deepspeed`` presets or your JSON.
 - ``model_parallel``: one process, the layers spread over the GPUs with ``device_map="auto"`` and
   ``max_memory_per_gpu`` (``aift plan`` prints the same map without loading anything).
-- ``pipeline``: not available (see :func:`_pipeline`).
+- ``pipeline``: not available for training yet (stages in :mod:`aift.distributed.pipeline` are tested).
 """
 
 from __future__ import annotations
@@ -106,6 +106,11 @@ class AdvancedMultiGPUTrainer:
 
     def _deepspeed(self) -> dict[str, Any]:
         world = int(os.environ.get("WORLD_SIZE", "1"))
+        if not under_launcher():
+            raise AiftError(
+                "strategy deepspeed runs under a launcher: `aift train --nproc-per-node N --strategy deepspeed ...`, "
+                "`accelerate launch`, `torchrun` or `deepspeed` (one process: --nproc-per-node 1)"
+            )
         if not torch.cuda.is_available() and world > 1:
             raise NotAvailableError(
                 "strategy deepspeed needs CUDA GPUs for more than one process: with DeepSpeed on a CPU, "
@@ -140,10 +145,11 @@ class AdvancedMultiGPUTrainer:
 
     def _pipeline(self) -> dict[str, Any]:
         raise NotAvailableError(
-            "strategy pipeline is not available in this version: torch.distributed.pipelining does run here "
-            "(2 stages over gloo give the unsplit model's loss), but it needs its own schedule (GPipe/1F1B) in "
-            "place of aift's one Accelerate loop, which is not written yet. Use ddp, fsdp or deepspeed zero3 "
-            "(which also fit models larger than one GPU), or model_parallel for one process over several GPUs"
+            "strategy pipeline is not available for training in this version: torch.distributed.pipelining "
+            "does run here (aift.distributed.pipeline cuts the model into stages; 2 stages over gloo give the "
+            "whole model's loss and gradients), but training with it needs a GPipe/1F1B schedule in place of "
+            "aift's one Accelerate loop, which is not written. Use ddp, fsdp or deepspeed (zero3 also fits "
+            "models larger than one GPU), or model_parallel for one process over several GPUs"
         )
 
     def _no_split_modules(self) -> list[str]:
@@ -191,7 +197,7 @@ def fsdp_plugin(no_split_modules: list[str], config: TrainingConfig, sharded_sta
         auto_wrap_policy="transformer_based_wrap",
         transformer_cls_names_to_wrap=no_split_modules,
         state_dict_type="SHARDED_STATE_DICT" if sharded_state_dict else "FULL_STATE_DICT",
-        activation_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing=False,  # the trainers enable transformers' own checkpointing when asked
         cpu_ram_efficient_loading=False,
     )
 
