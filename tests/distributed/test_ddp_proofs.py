@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from dist_helpers import RUN_TIMEOUT_S, clean_env, run_aift, train_args, train_losses
+from dist_helpers import RUN_TIMEOUT_S, clean_env, run_aift, run_with_timeout, train_args, train_losses
 
 pytestmark = pytest.mark.slow
 TOLERANCE = 1e-4
@@ -147,3 +147,19 @@ def test_deepspeed_zero2_one_process_on_cpu_matches_and_resumes(full_runs, tiny_
         **{"gradient-accumulation-steps": 2, "resume-from-checkpoint": "latest"},
     )
     _assert_same_losses(train_losses(resumed), train_losses(one), [3, 4])
+
+
+def test_accelerate_launch_runs_the_same_training(full_runs, tiny_model_dir, tiny_prepared, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2 -m aift train ...` (MULTI_CPU over gloo here) equals
+    aift's own launcher, which runs `torchrun -m aift train`."""
+    from aift.distributed.launch import find_free_port
+
+    two, _ = full_runs
+    out = tmp_path / "accelerate"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2"]
+    launcher += [f"--main_process_port={find_free_port()}", "--num_machines=1", "--mixed_precision=no"]
+    launcher += ["--dynamo_backend=no", "-m", "aift", "train"]
+    command = [*launcher, *train_args(tiny_model_dir, tiny_prepared, out, **{"save-steps": 0})]
+    result = run_with_timeout(command, clean_env(), RUN_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-4000:]
+    _assert_same_losses(train_losses(out), train_losses(two), [1, 2, 3, 4])
