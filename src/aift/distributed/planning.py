@@ -161,12 +161,12 @@ class TrainingPlan:
             )
         spans = "\n".join(f"  {name}: {span}" for name, span in _module_spans(self.device_map).items())
         strategies = "\n".join(
-            f"  {name:<15}{need / GB:8.2f} GB per GPU{'' if need <= self.gpu_memory_gb * GB else '  (does not fit)'}"
+            f"  {name:<15}{need / GB:8.2f} GB per GPU{'' if need <= self.gpu_memory_gb * GB else '  (over the smallest GPU)'}"
             for name, need in self.per_gpu_by_strategy.items()
         )
         used = sum(1 for d in self.devices if d.is_gpu)
         verdict = (
-            f"fits: yes, using {used} of {self.gpus} GPU(s) of {self.gpu_memory_gb:g} GB"
+            f"fits: yes, using {used} of {self.gpus} GPU(s)"
             if self.fits
             else "fits: NO" + (" (parts offloaded to CPU/disk: trains, but slowly)" if self.offloaded else "")
         )

@@ -138,10 +138,32 @@ class AdvancedMultiGPUTrainer:
             i: f"{int(torch.cuda.get_device_properties(i).total_memory * 0.9 / 2**30)}GiB"
             for i in range(torch.cuda.device_count())
         }
-        self.model.device_map, self.model.max_memory = "auto", {**memory, "cpu": memory.get("cpu", "64GiB")}
+        budgets = {**memory, "cpu": memory.get("cpu", "64GiB")}
+        self._log_plan(budgets)
+        self.model.device_map, self.model.max_memory = "auto", budgets
         self.model.offload_folder = str(Path(self.config.output_dir) / "offload")  # last resort, disk
         self.model.model = None  # reload with the device map
         return {}
+
+    def _log_plan(self, budgets: dict) -> None:
+        """The same device map and memory estimate as `aift plan`, before the weights are loaded."""
+        from aift.distributed.planning import plan_training
+
+        lc = self.lora_config
+        method = "full" if lc is None else ("qlora" if lc.use_qlora else "lora")
+        plan = plan_training(
+            self.model.model_name,
+            method=method,
+            batch_size=self.config.batch_size,
+            max_length=self.config.max_length,
+            gradient_checkpointing=self.config.gradient_checkpointing,
+            lora_r=lc.r if lc else 16,
+            max_memory=budgets,
+            trust_remote_code=self.model.trust_remote_code,
+        )
+        log.info("model_parallel plan:\n%s", plan.render())
+        if plan.offloaded and lc is None:
+            log.warning("full fine-tuning with layers offloaded to CPU/disk is slow; consider lora or deepspeed zero3")
 
     def _pipeline(self) -> dict[str, Any]:
         raise NotAvailableError(
