@@ -115,3 +115,9 @@ def test_failures_are_explained():
     assert isinstance(busy, PortInUseError)
     other = explain_failure(3, "ValueError: something else\n", options, command)
     assert "exit status 3" in str(other) and "ValueError" in str(other)
+
+
+def test_deepspeed_launchers_local_rank_argument_is_accepted(capsys):
+    """`deepspeed --module aift train ...` runs `python -m aift --local_rank=N train ...`."""
+    assert main(["--local_rank=1", "--version"]) == 0
+    assert capsys.readouterr().out.startswith("aift ")

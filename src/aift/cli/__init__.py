@@ -63,6 +63,8 @@ def build_parser(name: str) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from_command_line = argv is None  # only a real process entry point may re-execute itself
     argv = list(sys.argv[1:] if argv is None else argv)
+    # `deepspeed --module aift ...` puts --local_rank=N before the command; LOCAL_RANK is in the env as well.
+    argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_top_help(), end="")
         return 0 if argv else 2

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from typing import Any
 
 from aift.config import (
@@ -132,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         result = train_from_config(training, lora, merge=args.merge)
     s = result.summary
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under a launcher, rank 0 reports for all
     print(
         f"trained {s['steps']} steps ({s['method']}), final train loss {s['final_train_loss']:.4f}"
         + (f", eval loss {s['final_eval_loss']:.4f}" if s["final_eval_loss"] is not None else "")

@@ -256,6 +256,8 @@ def write_launch_config(path: Path, text: str) -> Path:
 
 def add_launch_arguments(parser) -> None:
     """`aift train`'s flags for starting several processes (and nodes)."""
+    import argparse
+
     group = parser.add_argument_group("multi-process / multi-node (torchrun)")
     group.add_argument("--nproc-per-node", type=int, default=None, help="Start N training processes on this node.")
     group.add_argument("--nnodes", type=int, default=1, help="Number of nodes (machines) taking part.")
@@ -270,6 +272,8 @@ def add_launch_arguments(parser) -> None:
     group.add_argument(
         "--rdzv-timeout", type=int, default=DEFAULT_RDZV_TIMEOUT_S, help="Seconds to wait for the other nodes."
     )
+    # The deepspeed launcher appends --local_rank=N to the script's arguments (LOCAL_RANK is in the env too).
+    group.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     group.add_argument(
         "--strategy",
         default=None,
