@@ -58,6 +58,21 @@ def adapter_base(adapter_dir: Path) -> str:
     return str(base)
 
 
+def load_folder_tokenizer(adapter_dir: str | Path, fallback: str):
+    """The tokenizer saved beside an adapter (training saves it there), else the base model's; pad token set."""
+    from aift.models.loading import load_tokenizer
+
+    folder = Path(adapter_dir)
+    if not (folder / "tokenizer_config.json").is_file():
+        return load_tokenizer(fallback)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
 def write_meta(folder: Path, meta: dict) -> None:
     from aift import __version__
 

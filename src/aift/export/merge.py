@@ -11,26 +11,23 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from aift.export.folders import adapter_base, atomic_dir, read_meta, torch_dtype, write_meta
+from aift.export.folders import adapter_base, atomic_dir, load_folder_tokenizer, read_meta, torch_dtype, write_meta
 
 log = logging.getLogger(__name__)
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 def load_merged(adapter_dir: str | Path, base: str | None = None, dtype: str = "fp32", device: str = "cpu"):
     """Base plus adapter merged in memory -> (model, tokenizer, meta). The base's own name when `base` is None."""
     from peft import PeftModel
 
-    from aift.models.loading import load_causal_lm, load_tokenizer
+    from aift.models.loading import load_causal_lm
 
     adapter_dir = Path(adapter_dir)
     base = base or adapter_base(adapter_dir)
     meta = read_meta(adapter_dir)
     if meta.get("method") == "qlora":
         log.info("QLoRA adapter: merging into %s loaded in %s (not 4-bit)", base, dtype)
-    has_tokenizer = any((adapter_dir / f).is_file() for f in _TOKENIZER_FILES)
-    tokenizer = load_tokenizer(str(adapter_dir) if has_tokenizer else base)
+    tokenizer = load_folder_tokenizer(adapter_dir, base)
     model = load_causal_lm(base, device=device, dtype=torch_dtype(dtype))
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))  # tokens added during training

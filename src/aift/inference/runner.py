@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from aift.data.formats import PromptFormat, default_system, resolve_format, stored_format
-from aift.export.folders import adapter_base, is_adapter_dir, read_json
+from aift.export.folders import adapter_base, is_adapter_dir, load_folder_tokenizer, read_json
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,10 @@ def load_for_inference(
     path = resolve_model_path(model)
     # A saved bitsandbytes folder carries its quantization_config; it must be placed by device_map.
     device_map = {"": device} if _is_quantized_folder(path) else None
-    tokenizer_source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model
-    tokenizer = load_tokenizer(tokenizer_source, trust_remote_code=trust_remote_code)
+    if adapter:
+        tokenizer = load_folder_tokenizer(adapter, model)
+    else:
+        tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
     lm = load_causal_lm(model, device=device, device_map=device_map, trust_remote_code=trust_remote_code)
     if adapter:
         from peft import PeftModel
