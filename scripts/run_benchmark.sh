@@ -5,7 +5,7 @@
 #   scripts/run_benchmark.sh smollm2-135m-instruct 2 20 256
 #
 # Each run trains STEPS optimizer steps of the same global batch (NPROC x batch 2 x accumulation, kept equal
-# across runs), packed rows of LENGTH tokens, bf16 autocast, on the bundled Japanese Q&A data. Each run gets
+# across runs), packed rows of LENGTH tokens, bf16 autocast, no gradient checkpointing, on the bundled Japanese Q&A data. Each run gets
 # the machine's cores split between its processes (OMP_NUM_THREADS = cores / processes). Throughput is
 # real (non-padding) tokens over training time, summed over processes, read from train_summary.json.
 # Results: bench/multi_gpu/scaling-<model>.json and .md. On CPU, processes share the same cores, so
@@ -36,7 +36,8 @@ for ((n = 1; n <= NPROC; n++)); do
   if ((n > 1)); then launch=(--nproc-per-node "$n"); fi
   OMP_NUM_THREADS=$((CORES / n > 0 ? CORES / n : 1)) timeout 3600 "$PY" -m aift train --model-name "$MODEL" --dataset-path "$WORK/data" --output-dir "$WORK/run-$n" \
     --use-lora --batch-size 2 --gradient-accumulation-steps "$accum" --max-steps "$STEPS" --max-length "$LENGTH" \
-    --warmup-steps 0 --eval-steps 0 --save-steps 0 --logging-steps 5 --report-to none --bf16 "${launch[@]}" \
+    --warmup-steps 0 --eval-steps 0 --save-steps 0 --logging-steps 5 --report-to none --bf16 --no-gradient-checkpointing \
+    "${launch[@]}" \
     >"$WORK/log-$n.txt" 2>&1 || { tail -20 "$WORK/log-$n.txt"; exit 1; }
   RESULTS+=("$n:$WORK/run-$n/train_summary.json")
 done
