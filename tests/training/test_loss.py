@@ -148,3 +148,18 @@ def test_split_causal_lm_rejects_an_adapted_lm_head(tiny_model):
     model = get_peft_model(copy.deepcopy(tiny_model), LoraConfig(r=2, target_modules=["lm_head"]))
     with pytest.raises(NotAvailableError, match="loss_chunk_size"):
         split_causal_lm(model)
+
+
+def test_no_grad_computes_the_loss_only():
+    h, w, labels = make_inputs(seed=5)
+    h.requires_grad_(True)
+    with torch.no_grad():
+        loss = fused_linear_cross_entropy(h, w.requires_grad_(True), labels, chunk_size=8)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, plain_loss_sum(h, w, labels).detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_split_causal_lm_rejects_a_wrapped_model(tiny_model):
+    wrapper = torch.nn.Sequential(tiny_model)  # stands in for DDP / DeepSpeed engines: not a transformers model
+    with pytest.raises(NotAvailableError, match="unwrapped transformers model"):
+        split_causal_lm(wrapper)

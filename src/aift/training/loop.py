@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from peft.helpers import disable_input_dtype_casting
 from tqdm.auto import tqdm
 
 from aift import __version__
@@ -167,7 +168,9 @@ def run_training(
     def forward_loss_sum(batch: dict) -> torch.Tensor:
         """Sum over trained tokens of the per-token cross-entropy, computed in fp32 from the logits."""
         inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        # Under autocast, peft's cast of bf16 activations to the adapters' fp32 is undone at once: skip it.
+        no_cast = disable_input_dtype_casting(model, active=is_peft and autocast_dtype is not None)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None), no_cast:
             if config.loss_chunk_size:  # fused linear cross-entropy: never the whole batch's logits
                 labels = batch["labels"].to(device)
                 return causal_lm_loss_sum(model, {**inputs, "labels": labels}, config.loss_chunk_size)

@@ -52,9 +52,10 @@ def fused_linear_cross_entropy(
         compute_dtype = torch.get_autocast_dtype(device_type)
     else:
         compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
-    return _FusedLinearCrossEntropy.apply(
-        hidden.index_select(0, kept), weight, targets.index_select(0, kept), chunk_size, compute_dtype
-    )
+    hidden, targets = hidden.index_select(0, kept), targets.index_select(0, kept)
+    if not torch.is_grad_enabled():  # needs_input_grad ignores no_grad: detach so no gradient is computed
+        hidden, weight = hidden.detach(), weight.detach()
+    return _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, compute_dtype)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -118,8 +119,15 @@ def split_causal_lm(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
     logit scaling, an adapter on lm_head), for which the fused loss would be wrong.
     """
     from peft import PeftModel
+    from transformers import PreTrainedModel
 
     base = model.get_base_model() if isinstance(model, PeftModel) else model
+    if not isinstance(base, PreTrainedModel):
+        # A DDP / DeepSpeed wrapper: calling the decoder inside it would skip its forward, and the gradient sync.
+        raise NotAvailableError(
+            f"loss_chunk_size needs an unwrapped transformers model, not {type(model).__name__} "
+            "(several processes are not supported yet; set loss_chunk_size=0)"
+        )
     head = base.get_output_embeddings()
     config = base.config
     if type(head) is not nn.Linear or head.bias is not None:

@@ -1,0 +1,54 @@
+"""What every benchmark process measures the same way: peak memory, the allocator, and the held-out loss."""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+import torch
+
+from aift.training.loss import fused_linear_cross_entropy, split_causal_lm
+from aift.utils.launch import tcmalloc_mapped
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far, in GB (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def allocator() -> str:
+    return "tcmalloc" if tcmalloc_mapped() else "system"
+
+
+def process_facts() -> dict:
+    return {"allocator": allocator(), "threads": torch.get_num_threads()}
+
+
+@torch.no_grad()
+def held_out_loss(model: torch.nn.Module, examples: list[list[int]]) -> float:
+    """Mean next-token cross-entropy over every token of the held-out examples (one example at a time).
+
+    Computed identically for both trainers' models, in bf16 autocast (how both trained), through the
+    chunked loss so that evaluation never raises the process's peak memory above training's.
+    """
+    was_training = model.training
+    model.eval()
+    decoder, head = split_causal_lm(model)
+    device = head.weight.device
+    total, count = 0.0, 0
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        for ids in examples:
+            input_ids = torch.tensor([ids], device=device)
+            hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
+            total += fused_linear_cross_entropy(hidden, head.weight, input_ids, chunk_size=256).item()
+            count += len(ids) - 1
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def read_json_lines(path: Path) -> list[dict]:
+    import json
+
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -1,0 +1,148 @@
+"""The benchmark's outputs: result.json, results.md (tables), chart.png, and the one-line summary."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+# name -> (how the figure is read, the target, whether higher is better)
+TARGETS = {
+    "speedup": ("aift tokens/s over TRL tokens/s", 5.0, True),
+    "mfu": ("aift model FLOPs utilisation of the bf16 matmul peak", 0.40, True),
+    "memory_ratio": ("aift peak memory over TRL peak memory", 0.6, False),
+    "eval_loss_gap": ("abs(aift eval loss / TRL eval loss - 1)", 0.03, False),
+}
+
+
+def target_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target with its value and whether it is met (targets without a value are left out)."""
+    rows = []
+    for key, (meaning, target, higher) in TARGETS.items():
+        value = result.get(key)
+        if value is None:
+            continue
+        met = value >= target if higher else value <= target
+        rows.append({"name": key, "meaning": meaning, "target": target, "value": value, "met": met})
+    return rows
+
+
+def summary_line(result: dict[str, Any]) -> str:
+    """The last line the benchmark prints."""
+    a = result["aift"]
+    parts = [f"aift {a['tokens_per_s']:.0f} tok/s, {a['peak_mem_gb']:.2f} GB, eval loss {a['eval_loss']:.4f}"]
+    if result.get("trl"):
+        t = result["trl"]
+        parts.append(f"TRL {t['tokens_per_s']:.0f} tok/s, {t['peak_mem_gb']:.2f} GB, eval loss {t['eval_loss']:.4f}")
+        parts.append(f"speedup {result['speedup']:.2f}x, memory ratio {result['memory_ratio']:.2f}")
+    parts.append(f"MFU {result['mfu']:.2f}")
+    return "bench: " + "; ".join(parts)
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "**no**"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return "-" if value is None else str(value)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    s, env = result["settings"], result["environment"]
+    lines = [
+        f"# aift bench: {s['method']} on {s['model_name']}",
+        "",
+        f"{s['examples']} training examples (one epoch), {s['eval_examples']} held-out, sequence {s['seq_len']}, "
+        f"batch {s['batch_size']}, learning rate {s['learning_rate']}; data: {s['data']}.",
+        f"Machine: {env['cpu']}, {env['cores']} cores; torch {env['torch']}, transformers {env['transformers']}, "
+        f"peft {env['peft']}, trl {env.get('trl', '-')}; load average {env['load_before']} before, "
+        f"{env['load_after']} after.",
+        "",
+        "| run | tokens/s | peak memory GB | eval loss | train time s | steps | allocator |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for name, run in _runs(result):
+        lines.append(
+            f"| {name} | {run['tokens_per_s']:.0f} | {run['peak_mem_gb']:.2f} | {run['eval_loss']:.4f} | "
+            f"{run['train_time_s']:.1f} | {run['steps']} | {run['allocator']} |"
+        )
+    lines += ["", "| target | meaning | value | target | met |", "| --- | --- | ---: | ---: | --- |"]
+    for row in target_rows(result):
+        op = ">=" if TARGETS[row["name"]][2] else "<="
+        lines.append(
+            f"| {row['name']} | {row['meaning']} | {row['value']:.3f} | {op} {row['target']} | {_fmt(row['met'])} |"
+        )
+    peak = result["matmul_peak_gflops"]
+    lines += [
+        "",
+        f"Matmul peak (2048x2048 torch.matmul): {peak['bf16']:.0f} GFLOP/s bf16, {peak['fp32']:.0f} GFLOP/s fp32.",
+        f"MFU = model FLOPs / train time / bf16 peak; model FLOPs = {result['flops_formula']}.",
+    ]
+    if result["aift"].get("compile_time_s"):
+        lines.append(f"torch.compile took {result['aift']['compile_time_s']:.1f} s, not counted in tokens/s.")
+    if result.get("ablation"):
+        lines += ["", "## Ablation: each lever switched off alone", "", *ablation_markdown(result)]
+    return "\n".join(lines) + "\n"
+
+
+def ablation_markdown(result: dict[str, Any]) -> list[str]:
+    base = result["aift"]
+    lines = [
+        "| run | tokens/s | vs all levers | peak memory GB | eval loss |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        f"| all levers | {base['tokens_per_s']:.0f} | 1.00x | {base['peak_mem_gb']:.2f} | {base['eval_loss']:.4f} |",
+    ]
+    for row in result["ablation"]:
+        ratio = row["tokens_per_s"] / base["tokens_per_s"]
+        lines.append(
+            f"| {row['name']} | {row['tokens_per_s']:.0f} | {ratio:.2f}x | {row['peak_mem_gb']:.2f} | "
+            f"{row['eval_loss']:.4f} |"
+        )
+    return lines
+
+
+def _runs(result: dict[str, Any]) -> list[tuple[str, dict]]:
+    runs = [("aift (all levers)", result["aift"])]
+    if result.get("trl"):
+        runs.append(("TRL SFTTrainer", result["trl"]))
+    runs += [(f"aift {row['name']}", row) for row in result.get("ablation") or []]
+    return runs
+
+
+def chart(result: dict[str, Any], path: Path) -> None:
+    """Three bar panels (tokens/s, peak memory, eval loss), one bar per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = _runs(result)
+    names = [name.replace("aift ", "aift\n", 1) if name != "aift (all levers)" else "aift" for name, _ in runs]
+    colors = ["#2a7ab0" if name.startswith("aift") else "#d9822b" for name, _ in runs]
+    fig, axes = plt.subplots(1, 3, figsize=(max(9, 1.6 * len(runs) * 3 / 2), 4.2))
+    panels = [("tokens_per_s", "tokens/s (higher is better)"), ("peak_mem_gb", "peak memory GB (lower is better)"),
+              ("eval_loss", "held-out loss (lower is better)")]  # fmt: skip
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        values = [run[key] for _, run in runs]
+        bars = ax.bar(range(len(runs)), values, color=colors)
+        ax.bar_label(bars, labels=[f"{v:.0f}" if key == "tokens_per_s" else f"{v:.2f}" for v in values], fontsize=7)
+        ax.set_xticks(range(len(runs)), names, fontsize=7, rotation=30, ha="right")
+        ax.set_title(title, fontsize=9)
+    s = result["settings"]
+    fig.suptitle(f"{s['method']} on {s['model_name']}, seq {s['seq_len']}, {s['examples']} examples", fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_all(result: dict[str, Any], output_dir: Path) -> None:
+    """result.json, results.md and chart.png in output_dir, each written whole or not at all."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in (("result.json", json.dumps(result, indent=2) + "\n"), ("results.md", markdown(result))):
+        tmp = output_dir / f".{name}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, output_dir / name)
+    chart(result, output_dir / "chart.png")

@@ -1,0 +1,216 @@
+"""One benchmark run in its own process: `python -m aift.bench.worker SPEC.json RESULT.json`.
+
+SPEC says which trainer (aift, trl), whether to measure the matmul peak first, the model, the data file
+(``{"train": [rows], "eval": [rows]}``) and the settings. Each run starts fresh, so no run inherits
+another's memory, threads or allocator state; the parent decides the allocator through LD_PRELOAD.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aift.bench import measure
+from aift.bench.data import to_messages, tokenize_conversation
+
+log = logging.getLogger("aift.bench")
+
+# LoRA as in the reference TRL script: r=16, alpha=32, every linear layer, no dropout (peft's default).
+LORA = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear", "lora_dropout": 0.0}
+
+
+def load_split(spec: dict, tokenizer) -> tuple[list[dict], list[list[int]], list[list[int]]]:
+    """(train rows, train token ids, eval token ids), tokenized the same way for every trainer."""
+    data = json.loads(Path(spec["data"]).read_text(encoding="utf-8"))
+    seq_len = spec["seq_len"]
+    train = [tokenize_conversation(tokenizer, to_messages(r), seq_len) for r in data["train"]]
+    evaluation = [tokenize_conversation(tokenizer, to_messages(r), seq_len) for r in data["eval"]]
+    return data["train"], train, evaluation
+
+
+def peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1e9
+    return measure.peak_rss_gb()
+
+
+def run_aift(spec: dict) -> dict[str, Any]:
+    """aift's own trainer (aift.training), with the levers of spec["levers"]."""
+    from aift.config import LoRAConfig, TrainingConfig
+    from aift.models.japanese import JapaneseModel
+    from aift.training.trainers import FullFinetuningTrainer, LoRAFinetuningTrainer
+
+    levers = spec["levers"]
+    holder = JapaneseModel(spec["model"], device="cuda" if torch.cuda.is_available() else "cpu")
+    _, train_ids, eval_ids = load_split(spec, holder.load_tokenizer())
+    rows_per_step = spec["batch_size"]
+    if levers["packing"]:
+        # The same number of examples per optimizer step on average as the padded batch: as many optimizer
+        # steps as TRL takes, so that the eval losses compare like with like.
+        mean_len = sum(map(len, train_ids)) / len(train_ids)
+        rows_per_step = max(1, round(spec["batch_size"] * mean_len / spec["seq_len"]))
+    output_dir = Path(tempfile.mkdtemp(prefix="aift-bench-"))
+    config = TrainingConfig(
+        model_name=spec["model"],
+        output_dir=str(output_dir),
+        learning_rate=spec["learning_rate"],
+        batch_size=rows_per_step,
+        gradient_accumulation_steps=1,
+        num_epochs=1,
+        warmup_steps=0,  # TRL's default
+        eval_steps=0,
+        save_steps=0,
+        save_total_limit=1,
+        logging_steps=1,  # per-step times give the compile time of the first step
+        bf16=levers["bf16"],
+        fp16=False,
+        gradient_checkpointing=False,
+        max_length=spec["seq_len"],
+        packing=levers["packing"],
+        seed=spec["seed"],
+        report_to=["none"],
+        loss_chunk_size=levers["loss_chunk_size"],
+        torch_compile=levers["torch_compile"],
+        frozen_base_bf16=levers["frozen_base_bf16"],
+    )
+    dataset = [{"input_ids": ids, "labels": ids} for ids in train_ids]
+    if spec["method"] == "full":
+        trainer = FullFinetuningTrainer(holder, config, train_dataset=dataset)
+    else:
+        lora = LoRAConfig(**LORA, use_qlora=spec["method"] == "qlora")
+        trainer = LoRAFinetuningTrainer(holder, lora, config, train_dataset=dataset)
+    model = trainer.train()
+    peak = peak_memory_gb()
+    summary = trainer.result.summary
+    steps = [r for r in measure.read_json_lines(output_dir / "metrics.jsonl") if r.get("type") == "train"]
+    compile_s = compile_time_s(steps) if levers["torch_compile"] else 0.0
+    train_time = summary["tokens"] / summary["train_tokens_per_s"] - compile_s
+    return {
+        "tokens": summary["tokens"],
+        "train_time_s": train_time,
+        "tokens_per_s": summary["tokens"] / train_time,
+        "compile_time_s": compile_s,
+        "steps": summary["steps"],
+        "rows_per_step": rows_per_step,
+        "final_train_loss": summary["final_train_loss"],
+        "peak_mem_gb": peak,
+        "eval_loss": measure.held_out_loss(model, eval_ids),
+        "levers": levers,
+    }
+
+
+def compile_time_s(steps: list[dict]) -> float:
+    """First step's time beyond a typical step's: what torch.compile cost (0 with too few steps to tell)."""
+    times = [b["time"] - a["time"] for a, b in zip(steps, steps[1:], strict=False)]
+    if len(steps) < 3:
+        return 0.0
+    first = steps[0]["tokens"] / steps[0]["tokens_per_s"]
+    typical = sorted(times)[len(times) // 2]
+    return max(0.0, first - typical)
+
+
+def run_trl(spec: dict) -> dict[str, Any]:
+    """TRL's SFTTrainer as a user configures it: its defaults, plus bf16, the same LoRA, batch and learning rate."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    rows, train_ids, eval_ids = load_split(spec, tokenizer)
+    dataset = Dataset.from_list([{"messages": to_messages(r)} for r in rows])
+    quantization = None
+    if spec["method"] == "qlora":
+        from aift.models.loading import bnb_config
+
+        quantization = bnb_config(load_in_8bit=False, load_in_4bit=True, compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32, quantization_config=quantization)
+    args = SFTConfig(
+        output_dir=tempfile.mkdtemp(prefix="trl-bench-"),
+        per_device_train_batch_size=spec["batch_size"],
+        num_train_epochs=1,
+        max_length=spec["seq_len"],
+        packing=False,
+        learning_rate=spec["learning_rate"],
+        bf16=True,
+        use_cpu=not torch.cuda.is_available(),
+        save_strategy="no",
+        report_to=[],
+        logging_steps=5,
+        dataloader_num_workers=0,
+        seed=spec["seed"],
+    )
+    lora = None if spec["method"] == "full" else LoraConfig(**LORA, task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+    tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
+    started = time.perf_counter()
+    output = trainer.train()
+    train_time = time.perf_counter() - started
+    peak = peak_memory_gb()
+    return {
+        "tokens": tokens,
+        "tokens_match_aift_tokenization": tokens == sum(map(len, train_ids)),
+        "train_time_s": train_time,
+        "tokens_per_s": tokens / train_time,
+        "steps": output.global_step,
+        "final_train_loss": output.training_loss,
+        "peak_mem_gb": peak,
+        "eval_loss": measure.held_out_loss(trainer.model, eval_ids),
+    }
+
+
+def measure_peak(spec: dict) -> dict[str, Any]:
+    """The matmul peak of this machine, and the model's matmul parameter counts for the FLOPs formula."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from aift.bench.peak import matmul_param_counts, matmul_peak_gflops
+
+    config = AutoConfig.from_pretrained(spec["model"])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    body, head = matmul_param_counts(model)
+    return {
+        "bf16_gflops": matmul_peak_gflops(torch.bfloat16),
+        "fp32_gflops": matmul_peak_gflops(torch.float32),
+        "body_params": body,
+        "head_params": head,
+    }
+
+
+RUNNERS = {"aift": run_aift, "trl": run_trl}
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    spec_path, result_path = argv
+    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
+    from aift.utils.launch import set_threads_to_physical_cores
+
+    set_threads_to_physical_cores()
+    torch.manual_seed(spec.get("seed", 0))
+    # Measured before training, in the process (threads, allocator) that trains.
+    peak = measure_peak(spec) if spec.get("measure_peak") else None
+    started = time.perf_counter()
+    result = RUNNERS[spec["trainer"]](spec)
+    if peak is not None:
+        result["peak"] = peak
+    result.update(measure.process_facts(), process_wall_time_s=time.perf_counter() - started)
+    bad = [k for k, v in result.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        log.warning("non-finite figures: %s", ", ".join(bad))
+    tmp = Path(result_path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2), encoding="utf-8")
+    tmp.replace(result_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

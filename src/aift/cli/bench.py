@@ -1,0 +1,50 @@
+"""`aift bench`: aift's trainer (and, with --compare trl, TRL's SFTTrainer) on the same data, measured alike."""
+
+from __future__ import annotations
+
+import argparse
+
+from aift.bench.core import BenchOptions, run_bench
+from aift.bench.report import summary_line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = BenchOptions()
+    parser.add_argument("--model", default=d.model, help="Model alias or folder (default: %(default)s).")
+    parser.add_argument("--method", choices=("lora", "qlora", "full"), default=d.method)
+    parser.add_argument("--seq-len", type=int, default=d.seq_len, help="Tokens per row (default: %(default)s).")
+    parser.add_argument("--examples", type=int, default=d.examples, help="Training examples, one epoch.")
+    parser.add_argument(
+        "--eval-examples", type=int, default=None, help="Held-out examples (default: examples/3, <=32)."
+    )
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="Examples per optimizer step.")
+    parser.add_argument("--learning-rate", type=float, default=d.learning_rate)
+    parser.add_argument("--compare", choices=("trl",), default=None, help="Also train with TRL's SFTTrainer.")
+    parser.add_argument("--output", default=d.output, help="Folder for result.json, results.md, chart.png, logs/.")
+    parser.add_argument("--data", default=None, help="JSON/JSONL rows (alpaca or messages) instead of synthetic data.")
+    parser.add_argument("--ablation", action="store_true", help="Also run aift with each lever switched off alone.")
+    parser.add_argument("--compile", action="store_true", help="torch.compile aift's model (compile time reported).")
+    parser.add_argument("--seed", type=int, default=d.seed)
+
+
+def run(args: argparse.Namespace) -> int:
+    options = BenchOptions(
+        model=args.model,
+        method=args.method,
+        seq_len=args.seq_len,
+        examples=args.examples,
+        eval_examples=args.eval_examples,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        compare=args.compare,
+        output=args.output,
+        data=args.data,
+        ablation=args.ablation,
+        compile=args.compile,
+        tcmalloc=not getattr(args, "no_tcmalloc", False),  # the flag exists when run through the CLI table
+        seed=args.seed,
+    )
+    result = run_bench(options)
+    print(f"wrote {options.output}/result.json, results.md, chart.png")
+    print(summary_line(result))
+    return 0

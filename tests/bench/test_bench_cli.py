@@ -1,0 +1,82 @@
+"""`aift bench` end to end on the tiny model: every run in its own process, a complete result written."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from aift.cli import main
+
+REQUIRED = [
+    "aift.tokens_per_s", "aift.peak_mem_gb", "aift.eval_loss", "trl.tokens_per_s", "trl.peak_mem_gb",
+    "trl.eval_loss", "speedup", "memory_ratio", "mfu", "matmul_peak_gflops", "environment",
+]  # fmt: skip
+
+
+def lookup(result: dict, dotted: str):
+    value = result
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def test_bench_against_trl_writes_a_complete_result(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["bench", "--model", str(tiny_model_dir), "--examples", "4", "--seq-len", "64", "--batch-size", "2",
+            "--compare", "trl", "--output", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads((out / "result.json").read_text())
+    for key in REQUIRED:
+        value = lookup(result, key)
+        if isinstance(value, float):
+            assert math.isfinite(value) and value > 0, key
+    assert result["aift"]["tokens"] == result["trl"]["tokens"]  # both trained on the same tokens
+    assert result["trl"]["tokens_match_aift_tokenization"]
+    assert result["eval_loss_gap"] < 0.05  # a random-init tiny model after two steps: both near ln(vocab)
+    assert result["speedup"] == pytest.approx(result["aift"]["tokens_per_s"] / result["trl"]["tokens_per_s"])
+    assert set(result["matmul_peak_gflops"]) == {"bf16", "fp32"}
+    assert result["trl"]["allocator"] == "system"  # TRL as a user runs it
+    assert result["environment"]["torch"] and result["settings"]["examples"] == 4
+    assert {t["name"] for t in result["targets"]} == {"speedup", "mfu", "memory_ratio", "eval_loss_gap"}
+    assert (out / "results.md").is_file() and (out / "chart.png").is_file()
+    assert (out / "logs" / "aift.log").is_file() and (out / "logs" / "trl.log").is_file()
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last_line.startswith("bench: aift ") and "speedup" in last_line
+
+
+def test_ablation_switches_each_lever_off_alone(tmp_path, monkeypatch):
+    """The orchestration of --ablation (the runs themselves are those of the test above): one run per lever,
+    each with only that lever off, tcmalloc taken away through the worker's environment."""
+    from aift.bench import core
+
+    calls = []
+
+    def fake_run(tag, spec, work, logs, tcmalloc):
+        calls.append((tag, spec, tcmalloc))
+        run = {"tokens": 100, "train_time_s": 1.0, "tokens_per_s": 100.0, "steps": 1, "peak_mem_gb": 1.0,
+               "eval_loss": 2.0, "allocator": "tcmalloc" if tcmalloc else "system", "threads": 2}  # fmt: skip
+        if spec.get("measure_peak"):
+            run["peak"] = {"bf16_gflops": 1.0, "fp32_gflops": 1.0, "body_params": 1, "head_params": 1}
+        return run
+
+    monkeypatch.setattr(core, "_run", fake_run)
+    monkeypatch.setattr("aift.models.loading.resolve_model_path", lambda name: "/m")
+    result = core.run_bench(core.BenchOptions(examples=4, ablation=True, output=str(tmp_path / "out")))
+    main_levers = calls[0][1]["levers"]
+    assert calls[0][0] == "aift" and all(main_levers[k] for k in ("bf16", "packing", "frozen_base_bf16"))
+    ablated = {tag: (spec["levers"], tcmalloc) for tag, spec, tcmalloc in calls[1:]}
+    assert len(ablated) == 5 == len(result["ablation"])
+    for levers, tcmalloc in ablated.values():
+        changed = {k for k in levers if levers[k] != main_levers[k]} | ({"tcmalloc"} if not tcmalloc else set())
+        assert changed in ({"packing"}, {"loss_chunk_size"}, {"frozen_base_bf16"}, {"bf16", "frozen_base_bf16"},
+                           {"tcmalloc"})  # fmt: skip
+    assert "## Ablation" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_bench_rejects_too_few_rows(tmp_path, capsys):
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"instruction": "Q?", "output": "A."}\n')
+    assert main(["bench", "--data", str(data), "--examples", "4", "--output", str(tmp_path / "x")]) == 2
+    assert "need 6" in capsys.readouterr().err

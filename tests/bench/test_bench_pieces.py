@@ -1,0 +1,112 @@
+"""The benchmark's parts: its data, the FLOPs formula, the matmul peak and the writers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from aift.bench.core import BenchOptions, assemble
+from aift.bench.data import BenchDataError, load_rows, synthetic_rows, to_messages, tokenize_conversation
+from aift.bench.peak import matmul_param_counts, matmul_peak_gflops, model_flops
+from aift.bench.report import summary_line, target_rows, write_all
+from aift.errors import AiftError
+
+
+def test_synthetic_rows_are_deterministic_and_shaped_like_the_baseline_set():
+    rows = synthetic_rows()
+    assert len(rows) == 2000 and rows == synthetic_rows()
+    assert rows[:5] != synthetic_rows(seed=1)[:5]
+    prompt_words = [len(r["instruction"].split()) for r in rows]
+    answer_words = [len(r["output"].split()) for r in rows]
+    assert min(prompt_words) >= 5 and max(prompt_words) <= 60
+    assert min(answer_words) >= 10 and max(answer_words) <= 400
+    assert sum(w > 80 for w in answer_words) > 500  # the long half of the mixture is there
+
+
+def test_load_rows_reads_json_and_jsonl_and_names_the_bad_line(tmp_path):
+    good = tmp_path / "rows.jsonl"
+    good.write_text('{"instruction": "Q?", "output": "A."}\n\n{"messages": [{"role": "user", "content": "x"}]}\n')
+    assert len(load_rows(good)) == 2
+    listed = tmp_path / "rows.json"
+    listed.write_text(json.dumps([{"instruction": "Q?", "input": "ctx", "output": "A."}]))
+    assert to_messages(load_rows(listed)[0])[0]["content"] == "Q?\n\nctx"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "Q?", "output": "A."}\n{oops\n')
+    with pytest.raises(BenchDataError, match=r"bad.jsonl line 2"):
+        load_rows(bad)
+    missing = tmp_path / "missing.json"
+    missing.write_text(json.dumps([{"instruction": "Q?", "output": "A."}, {"question": "Q?"}]))
+    with pytest.raises(BenchDataError, match=r"missing.json row 2: expected 'instruction'"):
+        load_rows(missing)
+
+
+def test_tokenize_conversation_renders_the_chat_template_and_truncates(tokenizer):
+    messages = to_messages({"instruction": "Why?", "output": "Because " * 50})
+    ids = tokenize_conversation(tokenizer, messages, max_length=1000)
+    text = tokenizer.decode(ids)
+    assert "<|im_start|>user\nWhy?<|im_end|>" in text and text.rstrip().endswith("<|im_end|>")
+    assert tokenize_conversation(tokenizer, messages, max_length=20) == ids[:20]
+
+
+def test_param_counts_and_flops_formula(tiny_model_dir):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    body, head = matmul_param_counts(model)
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * config.head_dim
+    assert body == layers * (2 * h * h + 2 * h * kv + 3 * h * i)  # q, o, k, v, gate, up, down
+    assert head == config.vocab_size * h
+    assert model_flops(body, head, tokens=10, scored_tokens=8, full=False) == 4 * (body * 10 + head * 8)
+    assert model_flops(body, head, tokens=10, scored_tokens=8, full=True) == 6 * (body * 10 + head * 8)
+
+
+def test_matmul_peak_is_a_positive_rate():
+    assert matmul_peak_gflops(torch.float32, size=128, seconds=0.05) > 0
+
+
+def fake_run(tokens_per_s, mem, loss):
+    return {"tokens": 1000, "train_time_s": 1000 / tokens_per_s, "tokens_per_s": tokens_per_s, "steps": 3,
+            "peak_mem_gb": mem, "eval_loss": loss, "allocator": "tcmalloc", "threads": 2}  # fmt: skip
+
+
+def fake_result(**kw):
+    options = BenchOptions(examples=10, compare="trl", ablation=True)
+    peak = {"bf16_gflops": 800.0, "fp32_gflops": 200.0, "body_params": 100_000_000, "head_params": 28_000_000}
+    ablation = [{"name": "without packing (length-grouped padding)", **fake_run(300, 3.0, 2.01)}]
+    return assemble(options, "/m", peak, fake_run(500, 2.0, 2.0), fake_run(80, 6.0, 2.02), ablation, [0.1, 0.2, 0.3])
+
+
+def test_assemble_computes_ratios_mfu_and_targets():
+    result = fake_result()
+    assert result["speedup"] == pytest.approx(500 / 80)
+    assert result["memory_ratio"] == pytest.approx(2 / 6)
+    assert result["eval_loss_gap"] == pytest.approx(abs(2.0 / 2.02 - 1))
+    flops = 4 * (100_000_000 * 1000 + 28_000_000 * 990)  # 10 examples: 10 first tokens without a target
+    assert result["mfu"] == pytest.approx(flops / 2.0 / 800e9)
+    met = {row["name"]: row["met"] for row in target_rows(result)}
+    assert met == {"speedup": True, "mfu": False, "memory_ratio": True, "eval_loss_gap": True}
+
+
+def test_writers_produce_json_markdown_and_png(tmp_path):
+    result = fake_result()
+    write_all(result, tmp_path)
+    loaded = json.loads((tmp_path / "result.json").read_text())
+    assert loaded["aift"]["tokens_per_s"] == 500 and loaded["trl"]["peak_mem_gb"] == 6.0
+    text = (tmp_path / "results.md").read_text()
+    assert "| TRL SFTTrainer | 80 |" in text and "## Ablation" in text and "0.60x" in text
+    assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob(".*tmp*"))  # temp files renamed into place
+    assert summary_line(result).startswith("bench: aift 500 tok/s") and "speedup 6.25x" in summary_line(result)
+
+
+def test_options_reject_bad_values():
+    with pytest.raises(AiftError, match="--method"):
+        BenchOptions(method="dpo")
+    with pytest.raises(AiftError, match="--examples"):
+        BenchOptions(examples=0)
+    assert BenchOptions(examples=96).eval_examples == 32 and BenchOptions(examples=4).eval_examples == 2
