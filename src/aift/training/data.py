@@ -56,6 +56,8 @@ def load_prepared(path: str | Path) -> tuple[Any, dict]:
         data = load_from_disk(str(path))
     except (FileNotFoundError, ValueError) as e:
         raise DatasetError(f"{path} is not a dataset folder written by `aift prepare`: {e}") from e
+    except IndexError as e:  # what datasets raises for a split saved with no rows
+        raise DatasetError(f"{path}: the dataset is empty (a split without rows)") from e
     meta_file = path / "prepare.json"
     meta = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.is_file() else {}
     return data, meta
