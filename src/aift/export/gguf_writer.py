@@ -176,8 +176,9 @@ def _add_tokenizer(writer, folder: Path, vocab_size: int) -> None:
     spec = json.loads(tokenizer_json.read_text(encoding="utf-8"))
     if spec["model"]["type"] != "BPE" or not _is_byte_level(spec):
         raise NotAvailableError(
-            f"{folder}: only byte-level BPE tokenizers (GPT-2 / Llama-3 / SmolLM style) are exported to GGUF "
-            "so far; this one is a SentencePiece-style tokenizer"
+            f"{folder}: only byte-level BPE tokenizers (GPT-2 / Llama-3 / SmolLM / ELYZA Llama-3 style) are exported "
+            "to GGUF by aift so far; this one is SentencePiece-style (Llama 2, Swallow, Mistral v0.1). Export the "
+            "merged folder with `aift export --format safetensors` and convert it with llama.cpp's convert_hf_to_gguf.py"
         )
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokens, types = _vocabulary(tokenizer, vocab_size)
