@@ -91,7 +91,7 @@ def export_gguf(model_dir: str | Path, output: str | Path, quant: str = "f16", *
     finally:
         writer.close()
         tmp.unlink(missing_ok=True)
-    log.info("wrote %s (%s, %.1f MB)", output, quant, output.stat().st_size / 1e6)
+    log.debug("wrote %s (%s, %.1f MB)", output, quant, output.stat().st_size / 1e6)
     return output
 
 
