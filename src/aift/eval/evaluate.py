@@ -254,7 +254,9 @@ def generate_answers(model, tokenizer, rows, max_new_tokens: int = 64, batch_siz
                 pad_token_id=tokenizer.pad_token_id,
             )
             new_tokens = out[:, input_ids.shape[1] :]
-            answers += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+            texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            # U+FFFD at the end: a multi-byte character cut by max_new_tokens, not part of the answer
+            answers += [t.strip().rstrip("\ufffd") for t in texts]
             bar.update(len(chunk))
     return answers
 
@@ -401,7 +403,9 @@ def _samples(rows, scores: dict[str, dict], num_shown: int) -> list[dict[str, st
     samples = []
     for i in range(min(num_shown, len(rows))):
         sample = {"prompt": rows[i]["prompt"], "reference": rows[i]["reference"]}
-        sample.update({label: s["answers"][i] for label, s in scores.items()})
+        sample.update(
+            {label: scores[label]["answers"][i] for label in ("base", "finetuned", "model") if label in scores}
+        )
         samples.append(sample)
     return samples
 
