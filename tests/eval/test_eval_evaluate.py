@@ -55,7 +55,8 @@ def test_greedy_generation_batched_equals_one_by_one_and_argmax(embedded_model, 
             if next_id.item() == tokenizer.eos_token_id:
                 break
     prompt_len = len(tokenizer(rows[0]["prompt"], add_special_tokens=False)["input_ids"])
-    assert batched[0] == tokenizer.decode(ids[0, prompt_len:], skip_special_tokens=True).strip()
+    expected = tokenizer.decode(ids[0, prompt_len:], skip_special_tokens=True).strip().rstrip("\ufffd")
+    assert batched[0] == expected
     assert any(batched), "the instruct model should answer something"
 
 
