@@ -1,0 +1,1 @@
+"""Training: the one loop (`loop.py`), the trainers around it, data plans, checkpoints and metrics."""
