@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.aift-installed
 # The CPU build of torch 2.13.0 lies on this machine's disk; an unpinned torch pulls a multi-GB CUDA build.
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast lint format bench clean
+.PHONY: setup demo test test-fast lint format bench bench-methods clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -39,8 +39,14 @@ format: setup
 	$(BIN)/ruff check --fix src tests scripts datasets bench
 	$(BIN)/ruff format src tests scripts datasets bench
 
+# LoRA against TRL plus the ablation (one run per lever): about 16 minutes on 2 quiet cores.
 bench: setup
-	$(BIN)/python -m aift bench --method lora --compare trl --output bench/results/lora-vs-trl
+	$(BIN)/python -m aift bench --method lora --compare trl --ablation --output bench/results/lora-vs-trl
+
+# QLoRA and full fine-tuning against TRL: about 8 minutes each.
+bench-methods: setup
+	$(BIN)/python -m aift bench --method qlora --compare trl --output bench/results/qlora-vs-trl
+	$(BIN)/python -m aift bench --method full --compare trl --output bench/results/full-vs-trl
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache

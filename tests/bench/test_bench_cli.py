@@ -8,6 +8,7 @@ import math
 import pytest
 
 from aift.cli import main
+from aift.utils.launch import find_tcmalloc
 
 REQUIRED = [
     "aift.tokens_per_s", "aift.peak_mem_gb", "aift.eval_loss", "trl.tokens_per_s", "trl.peak_mem_gb",
@@ -38,6 +39,7 @@ def test_bench_against_trl_writes_a_complete_result(tiny_model_dir, tmp_path, ca
     assert result["speedup"] == pytest.approx(result["aift"]["tokens_per_s"] / result["trl"]["tokens_per_s"])
     assert set(result["matmul_peak_gflops"]) == {"bf16", "fp32"}
     assert result["trl"]["allocator"] == "system"  # TRL as a user runs it
+    assert result["aift"]["allocator"] == ("tcmalloc" if find_tcmalloc() else "system")
     assert result["environment"]["torch"] and result["settings"]["examples"] == 4
     assert {t["name"] for t in result["targets"]} == {"speedup", "mfu", "memory_ratio", "eval_loss_gap"}
     assert (out / "results.md").is_file() and (out / "chart.png").is_file()

@@ -70,3 +70,11 @@ def test_no_tcmalloc_keeps_the_system_allocator():
     out = run_probe("off")
     assert out.stdout.strip() == "NOT-MAPPED"
     assert "--no-tcmalloc" in out.stderr
+
+
+def test_train_and_bench_take_no_tcmalloc_flag():
+    from aift.cli import LAUNCHED_COMMANDS, build_parser
+
+    assert set(LAUNCHED_COMMANDS) == {"train", "bench"}
+    assert build_parser("bench").parse_args(["--no-tcmalloc"]).no_tcmalloc is True
+    assert build_parser("bench").parse_args([]).no_tcmalloc is False

@@ -89,6 +89,8 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
         }
         logs = output / "logs"
         levers = {**ALL_LEVERS, "torch_compile": options.compile}
+        if options.method == "full":
+            levers["frozen_base_bf16"] = False  # a full fine-tune has no frozen base
         aift_spec = {**base_spec, "trainer": "aift", "levers": levers, "measure_peak": True}
         aift = _run("aift", aift_spec, work, logs, options.tcmalloc)
         peak = aift.pop("peak")

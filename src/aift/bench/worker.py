@@ -192,9 +192,10 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     spec_path, result_path = argv
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
-    from aift.utils.launch import set_threads_to_physical_cores
+    if spec["trainer"] == "aift":  # as aift's launcher does; TRL keeps torch's default, as its users have it
+        from aift.utils.launch import set_threads_to_physical_cores
 
-    set_threads_to_physical_cores()
+        set_threads_to_physical_cores()
     torch.manual_seed(spec.get("seed", 0))
     # Measured before training, in the process (threads, allocator) that trains.
     peak = measure_peak(spec) if spec.get("measure_peak") else None
