@@ -110,3 +110,19 @@ def test_frozen_base_in_bf16_with_fp32_adapters(fp32_config):
 def test_missing_logger_package_is_named(fp32_config):
     with pytest.raises(NotAvailableError, match="wandb"):
         _lora(fp32_config(report_to=["wandb"])).train(train_texts=TEXTS)
+
+
+@pytest.mark.parametrize("frozen_base_bf16", [False, True])
+def test_lora_with_gradient_checkpointing_under_bf16_autocast(fp32_config, frozen_base_bf16):
+    """The defaults (gradient checkpointing on, mixed precision) with LoRA: recompute must match the forward,
+    and the result must equal the run without checkpointing (checkpointing changes memory, not math)."""
+    losses = []
+    for gc in (True, False):
+        config = fp32_config(max_steps=2, bf16=True, gradient_checkpointing=gc, frozen_base_bf16=frozen_base_bf16,
+                             output_dir=str(fp32_config().output_dir) + f"-gc{gc}")
+        trainer = _lora(config)
+        trainer.train(train_texts=TEXTS)
+        lines = (trainer.result.output_dir / "metrics.jsonl").read_text().splitlines()
+        losses.append([json.loads(line)["loss"] for line in lines if json.loads(line)["type"] == "train"])
+    assert len(losses[0]) == 2
+    assert losses[0] == pytest.approx(losses[1], abs=2e-2)  # bf16 autocast: same math, rounding may differ

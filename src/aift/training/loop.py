@@ -169,7 +169,10 @@ def run_training(
         """Sum over trained tokens of the per-token cross-entropy, computed in fp32 from the logits."""
         inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
         # Under autocast, peft's cast of bf16 activations to the adapters' fp32 is undone at once: skip it.
-        no_cast = disable_input_dtype_casting(model, active=is_peft and autocast_dtype is not None)
+        # Not with gradient checkpointing: its recompute in backward runs outside this context, would cast,
+        # and torch.utils.checkpoint then refuses the recomputed fp32 tensors.
+        skip_cast = is_peft and autocast_dtype is not None and not config.gradient_checkpointing
+        no_cast = disable_input_dtype_casting(model, active=skip_cast)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None), no_cast:
             if config.loss_chunk_size:  # fused linear cross-entropy: never the whole batch's logits
                 labels = batch["labels"].to(device)
