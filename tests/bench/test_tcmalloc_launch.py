@@ -72,9 +72,10 @@ def test_no_tcmalloc_keeps_the_system_allocator():
     assert "--no-tcmalloc" in out.stderr
 
 
-def test_train_and_bench_take_no_tcmalloc_flag():
+def test_train_bench_and_demo_take_no_tcmalloc_flag():
     from aift.cli import LAUNCHED_COMMANDS, build_parser
 
-    assert set(LAUNCHED_COMMANDS) == {"train", "bench"}
-    assert build_parser("bench").parse_args(["--no-tcmalloc"]).no_tcmalloc is True
+    assert set(LAUNCHED_COMMANDS) == {"train", "bench", "demo"}
+    for name in LAUNCHED_COMMANDS:
+        assert build_parser(name).parse_args(["--no-tcmalloc"]).no_tcmalloc is True
     assert build_parser("bench").parse_args([]).no_tcmalloc is False

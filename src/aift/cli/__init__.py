@@ -34,7 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 # Commands that train start on tcmalloc when it is installed (aift.utils.launch), unless --no-tcmalloc.
-LAUNCHED_COMMANDS = ("train", "bench")
+LAUNCHED_COMMANDS = ("train", "bench", "demo")
 
 
 def _top_help() -> str:
