@@ -71,7 +71,9 @@ class TrainingConfig:
     ddp: bool = _f(False, "Distributed data parallel (set automatically under torchrun).")
     local_rank: int = _f(-1, "Local process rank (set by the launcher).")
     world_size: int = _f(1, "Number of processes (set by the launcher).")
-    trust_remote_code: bool = _f(False, "Run code from the model's hub repository (some models need it); off unless asked.")
+    trust_remote_code: bool = _f(
+        False, "Run code from the model's hub repository (some models need it); off unless asked."
+    )
 
     def __post_init__(self) -> None:
         _check_positive(self, "batch_size", "gradient_accumulation_steps", "max_length")

@@ -88,14 +88,19 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    _finish_checkpoint(tmp, final, scheduler, rng, state, total_limit)
+    return final
+
+
+def _finish_checkpoint(tmp: Path, final: Path, scheduler, rng: dict, state: TrainerState, total_limit) -> None:
+    """Writes what every checkpoint holds besides weights, renames the temp dir into place, rotates old ones."""
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng, tmp / "rng_state.pt")
     (tmp / STATE_FILE).write_text(state.to_json(), encoding="utf-8")
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _rotate(checkpoints_dir, total_limit, keep=final)
-    return final
+    _rotate(final.parent, total_limit, keep=final)
 
 
 def save_sharded_checkpoint(
@@ -110,13 +115,7 @@ def save_sharded_checkpoint(
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp / SHARDED_DIR))  # model and optimizer shards, collective
     if accelerator.is_main_process:
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng, tmp / "rng_state.pt")
-        (tmp / STATE_FILE).write_text(state.to_json(), encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _rotate(checkpoints_dir, total_limit, keep=final)
+        _finish_checkpoint(tmp, final, scheduler, rng, state, total_limit)
     accelerator.wait_for_everyone()
     return final
 
