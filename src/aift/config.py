@@ -125,7 +125,12 @@ class MultiGPUTrainingConfig(TrainingConfig):
 
     strategy: str = _f("ddp", "One of ddp, model_parallel, pipeline, fsdp, deepspeed.")
     max_memory_per_gpu: dict[Any, str] | None = _f(None, 'Per-device budget for model_parallel, e.g. {0: "22GB"}.')
-    pipeline_parallel_size: int = _f(1, "Pipeline stages (strategy=pipeline).")
+    pipeline_parallel_size: int = _f(
+        1,
+        "Pipeline stages (strategy=pipeline), one process each. The schedule's micro-batches are the "
+        "gradient_accumulation_steps micro-batches of batch_size rows of each optimizer step.",
+    )
+    pipeline_schedule: str = _f("1f1b", "strategy=pipeline: 1f1b (less activation memory) or gpipe.")
     tensor_parallel_size: int = _f(1, "Tensor-parallel degree.")
 
     def __post_init__(self) -> None:

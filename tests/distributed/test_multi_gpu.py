@@ -92,7 +92,6 @@ def test_unknown_strategy_is_a_config_error():
     [
         ("fsdp", "Accelerate enables FSDP only on GPU backends"),
         ("model_parallel", "no second device"),
-        ("pipeline", "torch.distributed.pipelining does run here"),
     ],
 )
 def test_strategies_that_cannot_run_on_this_cpu_say_why(strategy, reason, tiny_model_dir, tmp_path):

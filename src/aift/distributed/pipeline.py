@@ -2,11 +2,12 @@
 
 Stage 0 holds the embeddings and the first decoder layers; the last stage holds the remaining layers, the
 final norm and the output head, and returns the logits. Every stage recomputes the rotary embeddings
-from the positions (they are cheap), so only hidden states cross between processes. Rows are causal and
-right-padded (no packing mask): padding at the end of a row never influences the tokens before it.
+from the positions (they are cheap), so only hidden states cross between processes. Without a mask, rows
+are causal and right-padded: padding at the end of a row never influences the tokens before it. Packed
+rows pass their ``position_ids`` and 4-D block-causal ``attention_mask`` to every stage as keyword
+arguments: each process collates the same batch, so these never cross between processes.
 
-This is the building block; aift's trainer does not train with a pipeline schedule yet (see
-``AdvancedMultiGPUTrainer._pipeline``).
+:mod:`aift.training.pipeline_loop` trains with these stages (``strategy="pipeline"``).
 """
 
 from __future__ import annotations
@@ -33,12 +34,24 @@ class DecoderStage(nn.Module):
         self.norm = inner.norm if last else None
         self.lm_head = causal_lm.lm_head if last else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token ids (first stage) or hidden states -> hidden states, or logits (last stage).
+
+        ``attention_mask``, when given, is the 4-D mask ``[B, 1, T, T]`` the model's own forward would build
+        (packed rows: block-causal); None means plain causal attention.
+        """
         hidden = self.embed_tokens(x) if self.embed_tokens is not None else x
-        positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0).expand(hidden.shape[0], -1)
+        positions = position_ids
+        if positions is None:
+            positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0).expand(hidden.shape[0], -1)
         rotary = self.rotary_emb(hidden, positions)
         for layer in self.layers:
-            out = layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=rotary)
+            out = layer(hidden, attention_mask=attention_mask, position_ids=positions, position_embeddings=rotary)
             hidden = out[0] if isinstance(out, tuple) else out
         if self.lm_head is None:
             return hidden
@@ -80,14 +93,16 @@ def mark_tied_embeddings(causal_lm: nn.Module) -> bool:
     return tied
 
 
-def sum_tied_gradients(stage: DecoderStage, first_rank: int, last_rank: int) -> None:
+def sum_tied_gradients(stage: DecoderStage, first_rank: int, last_rank: int, group=None) -> None:
     """The first stage saw the embedding's gradient, the last the output head's: both need their sum.
 
-    Call on every rank after the schedule's backward (new_group is collective over all ranks).
+    Call on every rank after the schedule's backward. Without ``group`` a new one of the two ranks is made
+    (new_group is collective over all ranks): a training loop makes it once and passes it in.
     """
     import torch.distributed as dist
 
-    group = dist.new_group([first_rank, last_rank])
+    if group is None:
+        group = dist.new_group([first_rank, last_rank])
     weight = tied_embedding_weight(stage)
     if weight is not None and weight.grad is not None:
         dist.all_reduce(weight.grad, group=group)

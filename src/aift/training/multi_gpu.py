@@ -15,7 +15,8 @@ Strategies (aift has no distributed engine of its own; this file only configures
 - ``deepspeed``: ZeRO-1/2/3 (optionally offloaded) from ``configs/deepspeed`` presets or your JSON.
 - ``model_parallel``: one process, the layers spread over the GPUs with ``device_map="auto"`` and
   ``max_memory_per_gpu`` (``aift plan`` prints the same map without loading anything).
-- ``pipeline``: not available for training yet (stages in :mod:`aift.distributed.pipeline` are tested).
+- ``pipeline``: one process per stage (``pipeline_parallel_size``), 1F1B or GPipe through
+  ``torch.distributed.pipelining``, trained by :mod:`aift.training.pipeline_loop`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from aift.config import LoRAConfig, MultiGPUTrainingConfig, TrainingConfig
 from aift.distributed.launch import check_world_size, under_launcher
 from aift.errors import AiftError, NotAvailableError
 from aift.models.japanese import JapaneseModel
+from aift.training.pipeline_loop import check_pipeline_config, train_pipeline
 from aift.training.trainers import FullFinetuningTrainer, LoRAFinetuningTrainer, _Trainer
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,10 @@ class AdvancedMultiGPUTrainer:
         setup = STRATEGIES[self.config.strategy]
         accelerator_kwargs = setup(self)
         self.inner = self._inner_trainer()
+        if self.config.strategy == "pipeline":  # its own schedule-driven loop instead of Accelerate's
+            model = train_pipeline(self.inner, train_texts, eval_texts, resume_from_checkpoint)
+            self.result = self.inner.result
+            return model
         self.inner.accelerator_kwargs = accelerator_kwargs
         model = self.inner.train(train_texts, eval_texts, resume_from_checkpoint)
         self.result = self.inner.result
@@ -166,13 +172,19 @@ class AdvancedMultiGPUTrainer:
             log.warning("full fine-tuning with layers offloaded to CPU/disk is slow; consider lora or deepspeed zero3")
 
     def _pipeline(self) -> dict[str, Any]:
-        raise NotAvailableError(
-            "strategy pipeline is not available for training in this version: torch.distributed.pipelining "
-            "does run here (aift.distributed.pipeline cuts the model into stages; 2 stages over gloo give the "
-            "whole model's loss and gradients), but training with it needs a GPipe/1F1B schedule in place of "
-            "aift's one Accelerate loop, which is not written. Use ddp, fsdp or deepspeed (zero3 also fits "
-            "models larger than one GPU), or model_parallel for one process over several GPUs"
-        )
+        """One process per stage, trained by :mod:`aift.training.pipeline_loop` (not by Accelerate)."""
+        if not under_launcher():
+            raise AiftError(
+                "strategy pipeline runs one process per stage under a launcher: "
+                f"`aift train --nproc-per-node {max(self.config.pipeline_parallel_size, 2)} --strategy pipeline ...` "
+                "or torchrun"
+            )
+        check_pipeline_config(self.config, int(os.environ["WORLD_SIZE"]))
+        if self.lora_config is not None and self.lora_config.use_qlora:
+            raise NotAvailableError("QLoRA with strategy pipeline is not supported: use LoRA, or strategy ddp")
+        if self.model.device != "cpu":  # each process loads the model on the CPU and moves only its stage
+            self.model.device, self.model.model = "cpu", None
+        return {}
 
     def _no_split_modules(self) -> list[str]:
         """The decoder-layer class names (FSDP wraps each), read from a meta-device copy of the model."""

@@ -1,0 +1,461 @@
+"""Pipeline-parallel training (``strategy="pipeline"``), top to bottom: setup, loop, save, cleanup.
+
+One process per stage, started by a launcher::
+
+    aift train --strategy pipeline pipeline_parallel_size=2 --nproc-per-node 2 dataset_path=... [--use-lora]
+
+Each process loads the model, cuts it with :func:`aift.distributed.pipeline.split_stages` and keeps its
+own stage (on ``cuda:LOCAL_RANK`` when there is a GPU). ``torch.distributed.pipelining`` runs the schedule
+(1F1B or GPipe); only hidden states and their gradients cross between processes. The math is the one of
+:mod:`aift.training.loop`, so the same config trains the same model:
+
+- an optimizer step takes ``gradient_accumulation_steps`` micro-batches of ``batch_size`` rows from the same
+  per-epoch plan (:class:`aift.training.data.BatchPlanner`); they are the schedule's micro-batches;
+- the loss is the sum of per-token cross-entropy (fp32) over the trained tokens of the whole step divided by
+  their count (``scale_grads=False``: the schedule must not average micro-batch losses again);
+- each stage's AdamW updates its own trainable parameters (LoRA adapters or every weight), with the same
+  warmup/decay schedule; clipping uses the global norm (squared norms all-reduced over stages);
+- the last stage computes the loss; the step loss and eval loss reach rank 0, which alone writes; at the end
+  every stage sends its trained weights to rank 0, which saves ``final/`` as the one-process loop does.
+
+Every process collates the same batch, so packed rows' position ids and block-causal masks need not be
+sent. Stages exchange buffers of one shape, so every batch is padded to ``batch_size x max_length`` per
+micro-batch (missing rows at the end of an epoch are empty and train nothing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from aift.config import MultiGPUTrainingConfig, to_yaml
+from aift.data.packing import IGNORE_INDEX, PackedCollator, PaddedCollator
+from aift.distributed.pipeline import mark_tied_embeddings, split_stages, sum_tied_gradients, tied_embedding_weight
+from aift.errors import AiftError, NotAvailableError
+from aift.training.checkpoint import TrainerState
+from aift.training.data import BatchPlanner, Examples, check_trainable
+from aift.training.loop import (
+    RunInfo,
+    TrainResult,
+    linear_warmup_then_decay,
+    make_optimizer,
+    prepare_output_dir,
+    resolve_precision,
+    save_final,
+)
+from aift.training.reporting import MetricsLogger, check_loggers, peak_memory_gb
+
+log = logging.getLogger(__name__)
+
+SCHEDULES = ("1f1b", "gpipe")
+
+
+def train_pipeline(trainer, train_texts=None, eval_texts=None, resume_from_checkpoint=None) -> nn.Module:
+    """What ``_Trainer.train`` does (data, seed, model preparation), with the pipeline loop instead of Accelerate's.
+
+    Returns the trained model: complete on rank 0; on the other ranks only their own stage is trained.
+    """
+    from accelerate.utils import set_seed
+
+    config = trainer.config
+    if resume_from_checkpoint is not None:
+        config.resume_from_checkpoint = str(resume_from_checkpoint)
+    check_pipeline_config(config, int(os.environ.get("WORLD_SIZE", "1")))
+    tokenizer = trainer.model.load_tokenizer()
+    train_examples, eval_examples = trainer._examples(train_texts, eval_texts, tokenizer)
+    set_seed(config.seed)  # before adapters are initialised: every stage starts from the same weights
+    model = trainer._prepare_model()
+    info = RunInfo(
+        method=trainer.method,
+        model_name=trainer.model.model_name,
+        prompt_format=train_examples.prompt_format,
+        lora_config=getattr(trainer, "lora_config", None),
+    )
+    trainer.result = run_pipeline(model, tokenizer, config, train_examples, eval_examples, info)
+    return trainer.result.model
+
+
+def check_pipeline_config(config: MultiGPUTrainingConfig, world: int) -> None:
+    """Clear errors, before anything is loaded or written, for what the pipeline loop does not do."""
+    stages = config.pipeline_parallel_size
+    if world != stages:
+        raise AiftError(
+            f"strategy pipeline runs one process per stage: pipeline_parallel_size={stages} but {world} process(es) "
+            f"run; start them with `aift train --nproc-per-node {stages} ...` (or torchrun), or set "
+            f"pipeline_parallel_size={world} (data parallel x pipeline is not supported)"
+        )
+    if stages < 2:
+        raise AiftError("strategy pipeline needs pipeline_parallel_size >= 2 (one process per stage)")
+    if config.pipeline_schedule not in SCHEDULES:
+        raise AiftError(f"pipeline_schedule must be one of {', '.join(SCHEDULES)}; got {config.pipeline_schedule!r}")
+    if config.pipeline_schedule == "1f1b" and config.gradient_accumulation_steps < stages:
+        raise AiftError(
+            f"pipeline_schedule 1f1b needs at least one micro-batch per stage: gradient_accumulation_steps="
+            f"{config.gradient_accumulation_steps} < pipeline_parallel_size={stages} (raise it, or use gpipe)"
+        )
+    if config.resume_from_checkpoint:
+        raise NotAvailableError(
+            "resume_from_checkpoint is not available with strategy pipeline in this version: the pipeline loop "
+            "writes final/ but no resumable checkpoints (use ddp, fsdp or deepspeed to resume runs)"
+        )
+
+
+@dataclasses.dataclass
+class _Ranks:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.rank == self.world - 1
+
+
+def run_pipeline(
+    model: nn.Module,
+    tokenizer,
+    config: MultiGPUTrainingConfig,
+    train_examples: Examples,
+    eval_examples: Examples | None,
+    info: RunInfo,
+) -> TrainResult:
+    """Trains ``model`` (already LoRA-wrapped / checkpointed by the trainer) with one stage per process."""
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    # ------------------------------------------------------------------ setup
+    started = time.perf_counter()
+    output_dir = Path(config.output_dir)
+    check_trainable(train_examples)
+    if eval_examples is not None and not eval_examples.rows:
+        eval_examples = None
+    check_loggers(config.report_to)
+    owns_group = _init_process_group()
+    ranks = _Ranks(dist.get_rank(), dist.get_world_size(), _stage_device())
+    check_pipeline_config(config, ranks.world)
+    precision = resolve_precision(config, ranks.device.type)
+    if precision == "fp16":
+        raise NotAvailableError(
+            "strategy pipeline has no fp16 loss scaling: use GPUs with bf16 (Ampere or newer) or fp32 (--no-fp16)"
+        )
+    autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+    if config.frozen_base_bf16 and autocast_dtype is None:
+        raise AiftError("frozen_base_bf16 needs mixed precision: set bf16: true (or fp16: true)")
+    _log_unused_levers(config)
+    if ranks.is_first:
+        prepare_output_dir(output_dir, config, resuming=False)
+    dist.barrier()
+
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    tied = mark_tied_embeddings(causal_lm)
+    stage_module = split_stages(causal_lm, ranks.world)[ranks.rank].to(ranks.device)
+    stage_module.train()
+    tied_group = dist.new_group([0, ranks.world - 1]) if tied else None  # collective: every rank makes it
+
+    micro_batches = config.gradient_accumulation_steps
+    planner = BatchPlanner(
+        train_examples, config.batch_size, config.max_length, config.packing, tokenizer.pad_token_id, config.seed
+    )
+    batches = FixedShapeBatches(
+        train_examples, micro_batches * config.batch_size, config.max_length, config.packing, tokenizer.pad_token_id
+    )
+    steps_per_epoch = math.ceil(planner.num_micro_batches() / micro_batches)
+    total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_epochs * steps_per_epoch)
+    log.info(
+        "pipeline: stage %d/%d holds %d decoder layer(s) on %s; %d steps, %d micro-batches of %d rows each, %s",
+        ranks.rank,
+        ranks.world,
+        len(stage_module.layers),
+        ranks.device,
+        total_steps,
+        micro_batches,
+        config.batch_size,
+        config.pipeline_schedule,
+    )
+
+    optimizer = make_optimizer(stage_module, config, ranks.device.type)
+    scheduler = linear_warmup_then_decay(optimizer, config.warmup_steps, total_steps)
+    stage = PipelineStage(stage_module, ranks.rank, ranks.world, ranks.device)
+    schedule_class = Schedule1F1B if config.pipeline_schedule == "1f1b" else ScheduleGPipe
+    # scale_grads=False: loss_fn already divides by the trained tokens of the whole step.
+    schedule = schedule_class(stage, n_microbatches=micro_batches, loss_fn=token_loss, scale_grads=False)
+    # The tied embedding's gradient lives on the first and the last stage: count it once in the norm.
+    shared = tied_embedding_weight(stage_module) if not ranks.is_first else None
+    norm_params = [p for p in stage_module.parameters() if p.requires_grad and p is not shared]
+
+    state = TrainerState(seed=config.seed, total_steps=total_steps)
+    logger = MetricsLogger(output_dir, config.report_to, dataclasses.asdict(config), None) if ranks.is_first else None
+    if ranks.is_first:
+        _write_atomic(output_dir / "config.yaml", to_yaml(*[c for c in (config, info.lora_config) if c is not None]))
+
+    def run_schedule(batch: dict, normalizer: float, train: bool) -> float:
+        """One pass of the schedule over the batch's micro-batches; the loss sum on the last stage, else 0."""
+        kwargs = {}
+        if batch["attention_mask"].ndim == 4:  # packed rows; padded rows are right-padded and causal: no mask
+            kwargs = {k: batch[k].to(ranks.device) for k in ("position_ids", "attention_mask")}
+        if ranks.is_last:
+            kwargs.update(target=batch["labels"].to(ranks.device), loss_kwargs={"normalizer": normalizer})
+        args = (batch["input_ids"].to(ranks.device),) if ranks.is_first else ()
+        losses: list[torch.Tensor] = []
+        with torch.autocast(ranks.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            if train:
+                schedule.step(*args, losses=losses if ranks.is_last else None, **kwargs)
+            else:
+                schedule.eval(*args, losses=losses if ranks.is_last else None, **kwargs)
+        return sum(float(x.detach()) for x in losses)
+
+    def from_last_stage(value: float) -> float:
+        """The last stage's number, on every rank (the others add 0)."""
+        total = torch.tensor([value if ranks.is_last else 0.0], dtype=torch.float64, device=ranks.device)
+        dist.all_reduce(total)
+        return total.item()
+
+    @torch.no_grad()
+    def evaluate() -> float:
+        stage_module.eval()
+        loss_sum, tokens = 0.0, 0
+        for batch in batches.eval(eval_examples):
+            loss_sum += run_schedule(batch, normalizer=1.0, train=False)
+            tokens += int(batch["num_trained_tokens"])
+        stage_module.train()
+        return from_last_stage(loss_sum) / max(tokens, 1)
+
+    def log_eval(loss: float) -> None:
+        if logger is not None:
+            logger.log(
+                {
+                    "type": "eval",
+                    "step": state.step,
+                    "eval_loss": loss,
+                    "eval_ppl": math.exp(min(loss, 50.0)),
+                    "time": round(time.perf_counter() - started, 3),
+                }
+            )
+
+    progress = tqdm(total=total_steps, desc="train", disable=not ranks.is_first, dynamic_ncols=True)
+    final_eval = None
+    if eval_examples is not None:
+        state.initial_eval_loss = evaluate()
+        log_eval(state.initial_eval_loss)
+
+    # ------------------------------------------------------------------ loop
+    window_losses: list[float] = []
+    window_tokens, window_time = 0, 0.0
+    while state.step < total_steps:
+        plan = planner.epoch(state.epoch)
+        while state.micro_batch < len(plan) and state.step < total_steps:
+            step_started = time.perf_counter()
+            window = plan[state.micro_batch : state.micro_batch + micro_batches]
+            batch = batches.train(window)  # every rank collates the same rows
+            trained_tokens, real_tokens = int(batch["num_trained_tokens"]), int(batch["num_tokens"])
+
+            loss_sum = run_schedule(batch, normalizer=max(trained_tokens, 1), train=True)
+            if tied_group is not None:
+                sum_tied_gradients(stage_module, 0, ranks.world - 1, group=tied_group)
+            # One all-reduce gives the global gradient norm (squared norms add up) and the last stage's loss.
+            own_norm = torch.nn.utils.get_total_norm([p.grad for p in norm_params if p.grad is not None])
+            stats = torch.tensor(
+                [own_norm.item() ** 2, loss_sum if ranks.is_last else 0.0], dtype=torch.float64, device=ranks.device
+            )
+            dist.all_reduce(stats)
+            grad_norm = stats[0].sqrt().to(torch.float32)
+            torch.nn.utils.clip_grads_with_norm_(
+                [p for p in stage_module.parameters() if p.grad is not None],
+                config.max_grad_norm or math.inf,
+                grad_norm,
+            )
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            step_loss = stats[1].item()
+            state.step += 1
+            state.micro_batch += len(window)
+            state.tokens += real_tokens
+            state.last_loss = step_loss
+            elapsed = time.perf_counter() - step_started
+            state.train_time_s += elapsed
+            window_losses.append(step_loss)
+            window_tokens += real_tokens
+            window_time += elapsed
+            progress.update(1)
+
+            if config.logging_steps and state.step % config.logging_steps == 0 or state.step == total_steps:
+                record = {
+                    "type": "train",
+                    "step": state.step,
+                    "epoch": round(state.step / steps_per_epoch, 4),
+                    "loss": sum(window_losses) / len(window_losses),
+                    "lr": lr,
+                    "grad_norm": float(grad_norm),
+                    "tokens_per_s": window_tokens / max(window_time, 1e-9),
+                    "tokens": state.tokens,
+                    "peak_mem_gb": round(peak_memory_gb(ranks.device.type), 3),
+                    "time": round(time.perf_counter() - started, 3),
+                }
+                if logger is not None:
+                    logger.log(record)
+                progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+                window_losses, window_tokens, window_time = [], 0, 0.0
+            if eval_examples is not None and config.eval_steps and state.step % config.eval_steps == 0:
+                final_eval = evaluate()
+                log_eval(final_eval)
+        if state.micro_batch >= len(plan):
+            state.epoch, state.micro_batch = state.epoch + 1, 0
+    progress.close()
+
+    # ------------------------------------------------------------------ save
+    if eval_examples is not None and (final_eval is None or state.step % max(config.eval_steps, 1)):
+        final_eval = evaluate()
+        log_eval(final_eval)
+    gather_stages_to_rank0(causal_lm, ranks)
+    summary = {
+        "completed": True,
+        "model": info.model_name,
+        "method": info.method,
+        "steps": state.step,
+        "epochs": round(state.step / steps_per_epoch, 4),
+        "tokens": state.tokens,
+        "train_tokens_per_s": state.tokens / max(state.train_time_s, 1e-9),
+        "final_train_loss": state.last_loss,
+        "final_eval_loss": final_eval,
+        "initial_eval_loss": state.initial_eval_loss,
+        "peak_mem_gb": round(peak_memory_gb(ranks.device.type), 3),
+        "wall_time_s": round(time.perf_counter() - started, 3),
+        "output_dir": str(output_dir),
+        "prompt_format": info.prompt_format,
+    }
+    if ranks.is_first:
+        model.to("cpu")  # stage 0 may sit on a GPU, the stages received from the others are on the CPU
+        save_final(model, tokenizer, output_dir / "final", info, config.max_length)
+        _write_atomic(output_dir / "train_summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
+        log.info("done: %d steps, final train loss %.4f; output in %s", state.step, state.last_loss or 0, output_dir)
+
+    # ------------------------------------------------------------------ cleanup
+    if logger is not None:
+        logger.close()
+    dist.barrier()
+    if owns_group:
+        dist.destroy_process_group()
+    return TrainResult(model=model, summary=summary, output_dir=output_dir)
+
+
+# ---------------------------------------------------------------------- pieces
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor, normalizer: float) -> torch.Tensor:
+    """Sum over trained tokens of the cross-entropy (fp32), divided by the trained tokens of the whole step.
+
+    ``labels`` are not shifted (labels[i] is the target of position i; position i-1 predicts it), as in the
+    one-process loop, so micro-batch losses add up to the token mean of the whole batch.
+    """
+    loss_sum = F.cross_entropy(
+        logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss_sum / normalizer
+
+
+class FixedShapeBatches:
+    """Batches of ``rows x max_length`` tensors: pipeline stages exchange buffers of one fixed shape.
+
+    Rows missing at the end of an epoch are empty (padding, no trained token), so they add nothing to the
+    loss or the gradients; the training rows are the plan's micro-batches, in the plan's order.
+    """
+
+    def __init__(self, examples: Examples, rows: int, max_length: int, packing: bool, pad_token_id: int):
+        self.examples, self.rows, self.packing = examples, rows, packing
+        self._packed = PackedCollator(pad_token_id, max_length, pad_to_multiple_of=max_length)
+        self._padded = PaddedCollator(pad_token_id, pad_to_multiple_of=max_length)
+
+    def train(self, window: list[list]) -> dict:
+        """One optimizer step's micro-batches (lists of packed rows or of example indices) as one batch."""
+        items = [item for micro_batch in window for item in micro_batch]
+        if len(items) > self.rows:
+            raise AiftError(f"internal: {len(items)} rows for a pipeline batch of {self.rows}")
+        empty = self.rows - len(items)
+        ex = self.examples.rows
+        if self.packing:
+            return self._packed([[ex[i] for i in row] for row in items] + [[] for _ in range(empty)])
+        return self._padded([ex[i] for i in items] + [_EMPTY] * empty)
+
+    def eval(self, examples: Examples) -> Iterator[dict]:
+        """The eval split, longest first (as :func:`aift.training.data.eval_batches`), never packed."""
+        order = sorted(range(len(examples.rows)), key=lambda i: -len(examples.rows[i]["input_ids"]))
+        for start in range(0, len(order), self.rows):
+            chosen = [examples.rows[i] for i in order[start : start + self.rows]]
+            yield self._padded(chosen + [_EMPTY] * (self.rows - len(chosen)))
+
+
+_EMPTY = {"input_ids": [], "labels": []}
+
+
+def gather_stages_to_rank0(causal_lm: nn.Module, ranks: _Ranks) -> None:
+    """Every stage sends its trainable tensors to rank 0, which copies them into its own copy of the model.
+
+    All ranks cut the same model the same way, so rank 0 knows every stage's parameters, in order: no names
+    or shapes need to be sent. A parameter two stages share (tied embeddings) comes from the first stage.
+    """
+    stages = split_stages(causal_lm, ranks.world)  # views into this rank's model: which parameter is whose
+    seen: set[int] = set()
+    owned: list[list[nn.Parameter]] = []
+    for stage_module in stages:
+        params = [p for p in stage_module.parameters() if p.requires_grad and id(p) not in seen]
+        seen.update(id(p) for p in params)
+        owned.append(params)
+    for source in range(1, ranks.world):
+        for param in owned[source]:
+            if ranks.rank == source:
+                dist.send(param.detach().contiguous(), dst=0)
+            elif ranks.is_first:
+                buffer = torch.empty(param.shape, dtype=param.dtype, device=ranks.device)
+                dist.recv(buffer, src=source)
+                param.data.copy_(buffer.to(param.device))
+
+
+def _init_process_group() -> bool:
+    """Joins the launcher's process group (NCCL on GPUs, gloo on CPUs); True when this call created it."""
+    if dist.is_initialized():
+        return False
+    if "RANK" not in os.environ:
+        raise AiftError("strategy pipeline runs under a launcher: `aift train --nproc-per-node N ...` or torchrun")
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def _stage_device() -> torch.device:
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+    torch.cuda.set_device(device)
+    return device
+
+
+def _log_unused_levers(config: MultiGPUTrainingConfig) -> None:
+    if config.loss_chunk_size:
+        log.info("pipeline: loss_chunk_size is not used (the last stage computes the loss from full logits)")
+    if config.torch_compile:
+        log.info("pipeline: torch_compile is not used with pipeline stages")
+    if config.save_steps:
+        log.info("pipeline: intermediate checkpoints are not written (save_steps ignored); final/ is")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
