@@ -2,8 +2,9 @@
 
 One torchrun launch (tests/distributed/pipeline_training_worker.py) trains the tiny llama with LoRA (1F1B,
 gradient checkpointing) and then fully (GPipe; tied embeddings, clipping active): 5 optimizer steps of
-4 packed rows as 2 micro-batches of 2, crossing an epoch end (a step with one empty micro-batch). The
-reference is the one-process Accelerate loop with batch 4 in the test process.
+4 packed rows as 2 micro-batches of 2, crossing an epoch end (a step with one empty micro-batch); then each
+run again from its step-2 checkpoint. The reference is the one-process Accelerate loop with batch 4, run in
+the test process.
 """
 
 from __future__ import annotations
@@ -20,8 +21,15 @@ from aift.config import LoRAConfig, MultiGPUTrainingConfig, TrainingConfig
 from aift.data.packing import IGNORE_INDEX
 from aift.distributed.launch import find_free_port
 from aift.errors import AiftError, NotAvailableError
+from aift.training.checkpoint import CheckpointError
 from aift.training.data import Examples
-from aift.training.pipeline_loop import FixedShapeBatches, check_pipeline_config, token_loss
+from aift.training.pipeline_loop import (
+    FixedShapeBatches,
+    _Ranks,
+    check_pipeline_config,
+    load_stage_checkpoint,
+    token_loss,
+)
 
 TOLERANCE = 1e-4
 WORKER = Path(__file__).with_name("pipeline_training_worker.py")
@@ -52,7 +60,7 @@ def _reference_config(out: Path, data: Path, **overrides) -> TrainingConfig:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model_dir, tiny_prepared) -> dict[str, tuple[Path, Path]]:
-    """name -> (pipeline output dir, one-process output dir), for lora and full."""
+    """name -> (pipeline output dir, one-process output dir), for lora and full (NAME-resumed beside the first)."""
     from aift.training.trainers import FullFinetuningTrainer, LoRAFinetuningTrainer
 
     root = tmp_path_factory.mktemp("pipeline-training")
@@ -122,8 +130,27 @@ def test_pipeline_equals_one_process_step_by_step(runs, name, tiny_model_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["lora", "full"])
+def test_pipeline_checkpoint_resumes_exactly(runs, name):
+    pipe, _ = runs[name]
+    resumed, uninterrupted = train_losses(pipe.with_name(f"{name}-resumed")), train_losses(pipe)
+    assert sorted(resumed) == [1, 2, 3, 4, 5]  # steps 1-2 kept from the interrupted run's metrics
+    for step in (3, 4, 5):
+        assert abs(resumed[step] - uninterrupted[step]) < 1e-6, f"step {step}: {resumed[step]} vs {uninterrupted[step]}"
+    checkpoint = pipe / "checkpoints" / "checkpoint-2"
+    assert {"optimizer-stage0.pt", "optimizer-stage1.pt", "scheduler.pt", "trainer_state.json"} <= {
+        p.name for p in checkpoint.iterdir()
+    }
+
+
+@pytest.mark.slow
 def test_pipeline_run_dir_has_the_main_loops_layout(runs):
     for name, (pipe, one) in runs.items():
+        assert sorted(p.name for p in (pipe / "checkpoints").iterdir()) == [
+            "checkpoint-2",
+            "checkpoint-4",
+            "checkpoint-5",
+        ]
         assert sorted(p.name for p in (pipe / "final").iterdir()) == sorted(p.name for p in (one / "final").iterdir())
         summary = json.loads((pipe / "train_summary.json").read_text())
         assert summary["completed"] is True and summary["steps"] == 5 and summary["method"] == name
@@ -171,8 +198,12 @@ def test_pipeline_config_errors_say_what_to_change():
     check_pipeline_config(_pipeline_config(gradient_accumulation_steps=1, pipeline_schedule="gpipe"), 2)
     with pytest.raises(AiftError, match="pipeline_schedule must be one of"):
         check_pipeline_config(_pipeline_config(pipeline_schedule="zb"), 2)
-    with pytest.raises(NotAvailableError, match="resume_from_checkpoint is not available with strategy pipeline"):
-        check_pipeline_config(_pipeline_config(resume_from_checkpoint="latest"), 2)
+
+
+def test_a_one_process_checkpoint_does_not_resume_a_pipeline(tmp_path):
+    (tmp_path / "optimizer.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="cannot resume a pipeline of 2 stages .no optimizer-stageR.pt"):
+        load_stage_checkpoint(tmp_path, None, None, None, _Ranks(0, 2, torch.device("cpu")), is_peft=False)
 
 
 def test_pipeline_outside_a_launcher_is_refused_before_anything_is_written(monkeypatch, tiny_model_dir, tmp_path):

@@ -16,7 +16,9 @@ own stage (on ``cuda:LOCAL_RANK`` when there is a GPU). ``torch.distributed.pipe
 - each stage's AdamW updates its own trainable parameters (LoRA adapters or every weight), with the same
   warmup/decay schedule; clipping uses the global norm (squared norms all-reduced over stages);
 - the last stage computes the loss; the step loss and eval loss reach rank 0, which alone writes; at the end
-  every stage sends its trained weights to rank 0, which saves ``final/`` as the one-process loop does.
+  every stage sends its trained weights to rank 0, which saves ``final/`` as the one-process loop does;
+- checkpoints have the one-process layout (weights gathered on rank 0, scheduler, trainer state) plus each
+  stage's ``optimizer-stageR.pt`` and ``rng_state-stageR.pt``; they resume with the same number of stages.
 
 Every process collates the same batch, so packed rows' position ids and block-causal masks need not be
 sent. Stages exchange buffers of one shape, so every batch is padded to ``batch_size x max_length`` per
@@ -30,6 +32,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,7 +47,8 @@ from aift.config import MultiGPUTrainingConfig, to_yaml
 from aift.data.packing import IGNORE_INDEX, PackedCollator, PaddedCollator
 from aift.distributed.pipeline import mark_tied_embeddings, split_stages, sum_tied_gradients, tied_embedding_weight
 from aift.errors import AiftError, NotAvailableError
-from aift.training.checkpoint import TrainerState
+from aift.training import checkpoint as ckpt
+from aift.training.checkpoint import CheckpointError, TrainerState
 from aift.training.data import BatchPlanner, Examples, check_trainable
 from aift.training.loop import (
     RunInfo,
@@ -105,11 +109,6 @@ def check_pipeline_config(config: MultiGPUTrainingConfig, world: int) -> None:
             f"pipeline_schedule 1f1b needs at least one micro-batch per stage: gradient_accumulation_steps="
             f"{config.gradient_accumulation_steps} < pipeline_parallel_size={stages} (raise it, or use gpipe)"
         )
-    if config.resume_from_checkpoint:
-        raise NotAvailableError(
-            "resume_from_checkpoint is not available with strategy pipeline in this version: the pipeline loop "
-            "writes final/ but no resumable checkpoints (use ddp, fsdp or deepspeed to resume runs)"
-        )
 
 
 @dataclasses.dataclass
@@ -145,6 +144,9 @@ def run_pipeline(
     if eval_examples is not None and not eval_examples.rows:
         eval_examples = None
     check_loggers(config.report_to)
+    resume_from = (
+        ckpt.find_checkpoint(output_dir, config.resume_from_checkpoint) if config.resume_from_checkpoint else None
+    )
     owns_group = _init_process_group()
     ranks = _Ranks(dist.get_rank(), dist.get_world_size(), _stage_device())
     check_pipeline_config(config, ranks.world)
@@ -158,7 +160,7 @@ def run_pipeline(
         raise AiftError("frozen_base_bf16 needs mixed precision: set bf16: true (or fp16: true)")
     _log_unused_levers(config)
     if ranks.is_first:
-        prepare_output_dir(output_dir, config, resuming=False)
+        prepare_output_dir(output_dir, config, resuming=resume_from is not None)
     dist.barrier()
 
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -199,7 +201,15 @@ def run_pipeline(
     norm_params = [p for p in stage_module.parameters() if p.requires_grad and p is not shared]
 
     state = TrainerState(seed=config.seed, total_steps=total_steps)
-    logger = MetricsLogger(output_dir, config.report_to, dataclasses.asdict(config), None) if ranks.is_first else None
+    if resume_from is not None:
+        state = load_stage_checkpoint(resume_from, model, optimizer, scheduler, ranks, info.method != "full")
+        state.total_steps = total_steps
+        log.info("resumed from %s at step %d", resume_from, state.step)
+    logger = (
+        MetricsLogger(output_dir, config.report_to, dataclasses.asdict(config), state.step if resume_from else None)
+        if ranks.is_first
+        else None
+    )
     if ranks.is_first:
         _write_atomic(output_dir / "config.yaml", to_yaml(*[c for c in (config, info.lora_config) if c is not None]))
 
@@ -247,9 +257,15 @@ def run_pipeline(
                 }
             )
 
-    progress = tqdm(total=total_steps, desc="train", disable=not ranks.is_first, dynamic_ncols=True)
+    def save() -> None:
+        path = save_stage_checkpoint(
+            output_dir / "checkpoints", state, model, causal_lm, optimizer, scheduler, ranks, config.save_total_limit
+        )
+        log.info("saved %s", path)
+
+    progress = tqdm(total=total_steps, initial=state.step, desc="train", disable=not ranks.is_first, dynamic_ncols=True)
     final_eval = None
-    if eval_examples is not None:
+    if eval_examples is not None and resume_from is None:
         state.initial_eval_loss = evaluate()
         log_eval(state.initial_eval_loss)
 
@@ -316,6 +332,8 @@ def run_pipeline(
             if eval_examples is not None and config.eval_steps and state.step % config.eval_steps == 0:
                 final_eval = evaluate()
                 log_eval(final_eval)
+            if config.save_steps and state.step % config.save_steps == 0 and state.step < total_steps:
+                save()
         if state.micro_batch >= len(plan):
             state.epoch, state.micro_batch = state.epoch + 1, 0
     progress.close()
@@ -324,7 +342,7 @@ def run_pipeline(
     if eval_examples is not None and (final_eval is None or state.step % max(config.eval_steps, 1)):
         final_eval = evaluate()
         log_eval(final_eval)
-    gather_stages_to_rank0(causal_lm, ranks)
+    save()  # gathers every stage's weights on rank 0, which then holds the whole trained model
     summary = {
         "completed": True,
         "model": info.model_name,
@@ -428,6 +446,58 @@ def gather_stages_to_rank0(causal_lm: nn.Module, ranks: _Ranks) -> None:
                 param.data.copy_(buffer.to(param.device))
 
 
+def save_stage_checkpoint(
+    checkpoints_dir: Path,
+    state: TrainerState,
+    model: nn.Module,
+    causal_lm: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    ranks: _Ranks,
+    total_limit: int | None,
+) -> Path:
+    """checkpoint-STEP in the one-process layout (model or adapter, scheduler, RNG, trainer state) plus each
+    stage's ``optimizer-stageR.pt`` and ``rng_state-stageR.pt``; rank 0 renames it into place once all wrote.
+
+    Collective: every rank calls it. The folder must be shared between nodes (as for FSDP checkpoints).
+    """
+    final = checkpoints_dir / f"{ckpt.PREFIX}{state.step}"
+    tmp = checkpoints_dir / f".tmp-{ckpt.PREFIX}{state.step}"
+    rng = ckpt.capture_rng()
+    gather_stages_to_rank0(causal_lm, ranks)
+    if ranks.is_first:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+    dist.barrier()
+    torch.save(optimizer.state_dict(), tmp / f"optimizer-stage{ranks.rank}.pt")
+    torch.save(rng, tmp / f"rng_state-stage{ranks.rank}.pt")
+    dist.barrier()
+    if ranks.is_first:
+        ckpt._finish_checkpoint(tmp, final, scheduler, rng, state, total_limit)
+    dist.barrier()
+    return final
+
+
+def load_stage_checkpoint(
+    path: Path, model: nn.Module, optimizer, scheduler, ranks: _Ranks, is_peft: bool
+) -> TrainerState:
+    """Counterpart of save_stage_checkpoint, on every rank: weights, this stage's optimizer and RNG, the state."""
+    stage_files = sorted(path.glob("optimizer-stage*.pt"))
+    if len(stage_files) != ranks.world:
+        found = f"{len(stage_files)} stage(s)" if stage_files else "no optimizer-stageR.pt: not a pipeline run"
+        raise CheckpointError(f"{path} cannot resume a pipeline of {ranks.world} stages ({found})")
+    if is_peft:
+        ckpt._load_adapter(path, model)
+    else:
+        ckpt._load_full_weights(path, model)
+    own = path / f"optimizer-stage{ranks.rank}.pt"
+    optimizer.load_state_dict(torch.load(own, weights_only=True, map_location="cpu"))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    ckpt.restore_rng(torch.load(path / f"rng_state-stage{ranks.rank}.pt", weights_only=True))
+    return TrainerState.from_json((path / ckpt.STATE_FILE).read_text(encoding="utf-8"))
+
+
 def _init_process_group() -> bool:
     """Joins the launcher's process group (NCCL on GPUs, gloo on CPUs); True when this call created it."""
     if dist.is_initialized():
@@ -451,8 +521,6 @@ def _log_unused_levers(config: MultiGPUTrainingConfig) -> None:
         log.info("pipeline: loss_chunk_size is not used (the last stage computes the loss from full logits)")
     if config.torch_compile:
         log.info("pipeline: torch_compile is not used with pipeline stages")
-    if config.save_steps:
-        log.info("pipeline: intermediate checkpoints are not written (save_steps ignored); final/ is")
 
 
 def _write_atomic(path: Path, text: str) -> None:
