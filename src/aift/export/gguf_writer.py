@@ -6,6 +6,19 @@ layout llama.cpp expects (as its convert_hf_to_gguf.py does), optionally convert
 q8_0, and written to a temp file that is renamed into place only when complete.
 
     export_gguf("runs/merged", "model.q8_0.gguf", quant="q8_0")
+
+Tokenizers written (anything else raises NotAvailableError naming these):
+- byte-level BPE (SmolLM2, Llama 3, ELYZA Llama-3): tokenizer model "gpt2", merges and the llama.cpp
+  pre-tokenizer name transformers' reader knows (llama-bpe, qwen2, tekken, gpt-4o, gpt2);
+- SentencePiece BPE with byte fallback (Llama 2, Swallow, Mistral v0.1, ELYZA Llama-2): tokenizer model
+  "llama" with tokens, scores and token types (<0xNN> BYTE, special CONTROL, other added USER_DEFINED).
+  Scores come from tokenizer.model, or from the merge order of tokenizer.json when there is none.
+  Unigram SentencePiece models are refused: llama.cpp's "llama" tokenizer merges by score, not Viterbi.
+
+Rope scaling written: none, linear (rope.scaling.* keys) and llama3 (the rope_freqs tensor llama.cpp
+divides each frequency by, as convert_hf_to_gguf.py computes it). transformers' GGUF reader ignores
+both for llama files, so `verify.verify_gguf` checks them in the file and restores them on read-back.
+yarn, dynamic and longrope raise NotAvailableError with the reason.
 """
 
 from __future__ import annotations
@@ -13,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,11 +123,55 @@ def _read_config(folder: Path) -> dict:
             f"{folder} holds a bitsandbytes-quantized model; export the unquantized model "
             "(or the merged fp16/bf16 folder) and pass --quant q8_0 for a small file"
         )
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "linear"):
-        raise NotAvailableError(f"{folder}: rope scaling {rope_type!r} is not written by aift's GGUF exporter yet")
+    rope_type = rope_parameters(config)["rope_type"]
+    if rope_type not in ("default", "linear", "llama3"):
+        reason = _UNWRITTEN_ROPE.get(rope_type, "aift's GGUF exporter does not know it")
+        raise NotAvailableError(
+            f"{folder}: rope scaling {rope_type!r} cannot be exported to GGUF: {reason}. "
+            "Written: default, linear and llama3 (Llama 3.1/3.2, ELYZA Llama-3.1)"
+        )
     return config
+
+
+# Why the other rope scalings transformers knows are refused.
+_UNWRITTEN_ROPE = {
+    "dynamic": "llama.cpp has no dynamic NTK scaling, so no GGUF can describe it",
+    "yarn": "llama.cpp reads YaRN (rope.scaling.type yarn and its attention factor), but aift does not write it yet",
+    "longrope": "LongRoPE (Phi-3 style) is not part of llama.cpp's llama graph",
+}
+
+
+def rope_parameters(config: dict) -> dict:
+    """The model's rope settings in one dict (config.json has them under rope_parameters, older ones rope_scaling)."""
+    merged = {**(config.get("rope_scaling") or {}), **(config.get("rope_parameters") or {})}
+    merged.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+    merged["rope_type"] = merged.get("rope_type", merged.get("type")) or "default"
+    return merged
+
+
+def llama3_rope_factors(config: dict) -> np.ndarray:
+    """Per-frequency divisors for "llama3" rope scaling, as llama.cpp's rope_freqs tensor holds them.
+
+    llama.cpp rotates pair i by position * base**(-2i/d) / factor[i]; the factors are those of
+    convert_hf_to_gguf.py's LlamaModel.generate_extra_tensors: 1 for short wavelengths, `factor` for
+    long ones, and a smooth blend in between.
+    """
+    rope = rope_parameters(config)
+    dim = _head_dim(config)
+    inv_freq = 1.0 / (float(rope["rope_theta"]) ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    factor = float(rope.get("factor", 8.0))
+    low, high = float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
+    old_context = float(rope.get("original_max_position_embeddings", 8192))
+    if low == high:
+        raise GGUFExportError("llama3 rope scaling with low_freq_factor == high_freq_factor has no smooth range")
+    wavelength = 2 * np.pi / inv_freq
+    smooth = (old_context / wavelength - low) / (high - low)
+    factors = np.where(
+        wavelength < old_context / high,
+        1.0,
+        np.where(wavelength > old_context / low, factor, 1.0 / ((1.0 - smooth) / factor + smooth)),
+    )
+    return factors.astype(np.float32)
 
 
 def _model_name(config: dict, folder: Path) -> str:
@@ -154,48 +212,234 @@ def _add_hyperparameters(writer, config: dict, quant: str, name: str) -> None:
     if head_dim != config["hidden_size"] // config["num_attention_heads"]:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
-    rope = config.get("rope_parameters") or {}
-    writer.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
-    scaling = config.get("rope_scaling") or rope
-    if scaling.get("rope_type", scaling.get("type")) == "linear":
+    rope = rope_parameters(config)
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
+    if rope["rope_type"] == "linear":
         writer.add_rope_scaling_type(RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(scaling["factor"]))
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    # llama3 scaling has no metadata key: llama.cpp takes it from the rope_freqs tensor (see _extra_tensors).
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
 
 
 def _add_tokenizer(writer, folder: Path, vocab_size: int) -> None:
-    """Vocabulary, token types, merges, special ids, the pre-tokenizer name and the chat template."""
-    from gguf import SpecialVocab
+    """Vocabulary, token types, merges or scores, special ids, add-BOS/EOS flags and the chat template."""
     from transformers import AutoTokenizer
 
-    tokenizer_json = folder / "tokenizer.json"
-    if not tokenizer_json.is_file():
-        raise GGUFExportError(f"{folder} has no tokenizer.json (a fast tokenizer is needed for GGUF export)")
-    spec = json.loads(tokenizer_json.read_text(encoding="utf-8"))
-    if spec["model"]["type"] != "BPE" or not _is_byte_level(spec):
+    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer.model").is_file():
+        raise GGUFExportError(f"{folder} has no tokenizer.json or tokenizer.model; GGUF export needs the tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, ImportError) as e:
+        raise GGUFExportError(f"{folder}: its tokenizer cannot be loaded ({e})") from e
+    if not tokenizer.is_fast:
+        raise GGUFExportError(f"{folder}: the tokenizer has no fast (tokenizer.json) form; GGUF export needs one")
+    # The pipeline transformers actually runs (for a tokenizer.model-only folder: the one converted from it).
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    if spec["model"]["type"] == "BPE" and _is_byte_level(spec):
+        _add_byte_level_bpe(writer, folder, tokenizer, spec, vocab_size)
+    elif _is_sentencepiece_bpe(spec):
+        _add_sentencepiece(writer, folder, tokenizer, spec, vocab_size)
+    else:
         raise NotAvailableError(
-            f"{folder}: only byte-level BPE tokenizers (GPT-2 / Llama-3 / SmolLM / ELYZA Llama-3 style) are exported "
-            "to GGUF by aift so far; this one is SentencePiece-style (Llama 2, Swallow, Mistral v0.1). Export the "
-            "merged folder with `aift export --format safetensors` and convert it with llama.cpp's convert_hf_to_gguf.py"
+            f"{folder}: its tokenizer (model {spec['model']['type']}, pre-tokenizer "
+            f"{(spec.get('pre_tokenizer') or {}).get('type')}) is neither byte-level BPE (GPT-2 / Llama 3 / SmolLM / "
+            "ELYZA Llama-3 style) nor SentencePiece BPE with byte fallback (Llama 2 / Swallow / Mistral v0.1 / "
+            "ELYZA Llama-2 style), the two kinds aift writes to GGUF; export the folder with "
+            "`aift export --format safetensors` and convert it with llama.cpp's convert_hf_to_gguf.py"
         )
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def _add_special_tokens(writer, folder: Path, tokenizer, n_tokens: int) -> None:
+    """Special ids and add-BOS/EOS flags (as SpecialVocab reads them, the tokenizer's own values winning)."""
+    from gguf import SpecialVocab
+
+    special = SpecialVocab(folder, n_vocab=n_tokens)
+    special.chat_template = None  # written by the caller from the tokenizer, which also reads chat_template.jinja
+    for kind in ("bos", "eos", "unk", "pad"):
+        token_id = getattr(tokenizer, f"{kind}_token_id", None)
+        if token_id is not None and 0 <= token_id < n_tokens:
+            special.special_token_ids[kind] = token_id
+    # What the tokenizer does, not what a config file claims: readers rebuild its post-processor from these.
+    with_specials = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    added = len(with_specials) > len(without)
+    if "bos" in special.special_token_ids:
+        special.add_special_token["bos"] = added and with_specials[0] == special.special_token_ids["bos"]
+    if "eos" in special.special_token_ids:
+        special.add_special_token["eos"] = added and with_specials[-1] == special.special_token_ids["eos"]
+    special.add_to_gguf(writer, quiet=True)
+
+
+def _add_byte_level_bpe(writer, folder: Path, tokenizer, spec: dict, vocab_size: int) -> None:
+    """GPT-2-style vocabulary with merges and the llama.cpp pre-tokenizer name (convert_hf_to_gguf's _set_vocab_gpt2)."""
+    from gguf import SpecialVocab
+
     tokens, types = _vocabulary(tokenizer, vocab_size)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(_pre_tokenizer_name(spec, folder))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     special = SpecialVocab(folder, load_merges=True, n_vocab=len(tokens))
-    special.chat_template = None  # written below from the tokenizer, which also reads chat_template.jinja
+    special.chat_template = None  # written by the caller from the tokenizer, which also reads chat_template.jinja
     special.add_to_gguf(writer, quiet=True)
-    # SpecialVocab reads bos/eos/unk/pad from the config files; the tokenizer's own values win.
+    # SpecialVocab reads bos/eos/unk/pad from the config files; the tokenizer fills in what they leave out.
     for kind in ("bos", "eos", "unk", "pad"):
         token_id = getattr(tokenizer, f"{kind}_token_id", None)
         if token_id is not None and kind not in special.special_token_ids:
             getattr(writer, f"add_{kind}_token_id")(token_id)
-    if tokenizer.chat_template:
-        writer.add_chat_template(tokenizer.chat_template)
+
+
+def _add_sentencepiece(writer, folder: Path, tokenizer, spec: dict, vocab_size: int) -> None:
+    """A Llama-2-style vocabulary as llama.cpp's "llama" (SPM) tokenizer: tokens, scores and token types.
+
+    llama.cpp merges adjacent symbols best score first, and transformers' GGUF reader rebuilds the BPE merges
+    from the same scores, so the scores must rank merges as the source does. They come from tokenizer.model
+    when there is one (as convert_hf_to_gguf.py's _set_vocab_sentencepiece), else from the merge order in
+    tokenizer.json (convert_hf_to_gguf.py's LlamaHfVocab gives every token -1000 there, which loses the order).
+    """
+    _check_sentencepiece_prefix(spec, folder)
+    tokens, types = _sentencepiece_vocabulary(tokenizer, vocab_size)
+    proto = _sentencepiece_proto(folder)
+    if proto is not None:
+        scores = _scores_from_proto(proto, tokens, types, folder)
+    else:
+        scores = _scores_from_merges(spec["model"]["merges"], tokens, types)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    _add_special_tokens(writer, folder, tokenizer, len(tokens))
+
+
+def _is_sentencepiece_bpe(spec: dict) -> bool:
+    """BPE with byte fallback on ▁-spelled text: what transformers' LlamaTokenizer builds (and GGUF readers rebuild)."""
+    model = spec["model"]
+    if model["type"] != "BPE" or not model.get("byte_fallback"):
+        return False
+    pre = spec.get("pre_tokenizer")
+    if pre is not None:
+        return pre.get("type") == "Metaspace" and not pre.get("split", False) and spec.get("normalizer") is None
+    # The older (legacy) form: the normalizer prepends ▁ and replaces spaces, no pre-tokenizer.
+    return _legacy_normalizer_prepends(spec) is not None
+
+
+def _legacy_normalizer_prepends(spec: dict) -> bool | None:
+    """For a Prepend/Replace normalizer: whether it prepends ▁; None for any other normalizer."""
+    normalizer = spec.get("normalizer") or {}
+    steps = normalizer.get("normalizers", [normalizer]) if normalizer.get("type") == "Sequence" else [normalizer]
+    kinds = [step.get("type") for step in steps]
+    replaces_spaces = any(
+        step.get("type") == "Replace" and step.get("pattern", {}).get("String") == " " and step.get("content") == "▁"
+        for step in steps
+    )
+    if not replaces_spaces or set(kinds) - {"Prepend", "Replace"}:
+        return None
+    return "Prepend" in kinds
+
+
+def _check_sentencepiece_prefix(spec: dict, folder: Path) -> None:
+    """transformers' GGUF reader always starts text with ▁ and adds none after special tokens; say where that differs."""
+    pre = spec.get("pre_tokenizer")
+    scheme = pre.get("prepend_scheme", "always") if pre is not None else None
+    if pre is None:
+        scheme = "always" if _legacy_normalizer_prepends(spec) else "never"
+    if scheme == "never":
+        raise NotAvailableError(
+            f"{folder}: the tokenizer adds no leading ▁ (add_prefix_space=False); transformers' GGUF reader always "
+            "adds one, so the exported file would tokenize differently"
+        )
+    if scheme == "always":
+        log.warning(
+            "%s: the tokenizer puts ▁ before text that follows a special token (legacy=True). llama.cpp does the "
+            "same, but transformers' GGUF reader does not (legacy=False): text right after a special token "
+            "tokenizes differently there",
+            folder,
+        )
+
+
+def _sentencepiece_vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
+    """Tokens by id with llama.cpp's token types: <0xNN> are BYTE, special added tokens CONTROL."""
+    from gguf import TokenType
+
+    by_id = {i: token for token, i in tokenizer.get_vocab().items()}
+    added = tokenizer.added_tokens_decoder
+    if max(by_id) >= vocab_size:
+        log.warning(
+            "the tokenizer has %d tokens, the model %d: the extra ones are left out", max(by_id) + 1, vocab_size
+        )
+    tokens, types = [], []
+    for i in range(vocab_size):
+        token = by_id.get(i)
+        if token is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(TokenType.UNUSED)
+        elif i in added:
+            tokens.append(token)
+            types.append(TokenType.CONTROL if added[i].special else TokenType.USER_DEFINED)
+        else:
+            tokens.append(token)
+            types.append(TokenType.BYTE if _BYTE_TOKEN.fullmatch(token) else TokenType.NORMAL)
+    return tokens, types
+
+
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def _sentencepiece_proto(folder: Path):
+    """The parsed tokenizer.model when it is a SentencePiece BPE model; None when there is none or it is another kind."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    path = folder / "tokenizer.model"
+    if not path.is_file():
+        return None
+    proto = sentencepiece_model_pb2.ModelProto()
+    try:
+        proto.ParseFromString(path.read_bytes())
+    except Exception as e:  # protobuf's DecodeError has no stable import path
+        raise GGUFExportError(f"{path} is not a SentencePiece model ({e})") from e
+    if proto.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.BPE:
+        log.warning("%s is not a BPE SentencePiece model: scores are taken from tokenizer.json's merges", path)
+        return None
+    return proto
+
+
+def _scores_from_proto(proto, tokens: list[str], types: list[int], folder: Path) -> list[float]:
+    """SentencePiece's own scores (-merge rank); added tokens -1000 and padding -10000, as convert_hf_to_gguf.py."""
+    from gguf import TokenType
+
+    scores = [-10000.0 if t == TokenType.UNUSED else -1000.0 for t in types]
+    for i, piece in enumerate(proto.pieces[: len(tokens)]):
+        if types[i] in (TokenType.NORMAL, TokenType.BYTE) and piece.piece != tokens[i]:
+            raise GGUFExportError(
+                f"{folder}: tokenizer.model and the tokenizer disagree at id {i} ({piece.piece!r} vs "
+                f"{tokens[i]!r}); remove the stale one"
+            )
+        scores[i] = piece.score
+    return scores
+
+
+def _scores_from_merges(merges: list, tokens: list[str], types: list[int]) -> list[float]:
+    """Scores a SentencePiece BPE model would have: -rank of the merge that makes a token, chars below all merges."""
+    from gguf import TokenType
+
+    rank: dict[str, int] = {}
+    for r, merge in enumerate(merges):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        rank.setdefault(left + right, r)
+    scores = []
+    for token, token_type in zip(tokens, types, strict=True):
+        if token_type != TokenType.NORMAL:
+            scores.append(-10000.0 if token_type == TokenType.UNUSED else 0.0)
+        elif token in rank:
+            scores.append(-float(rank[token]))
+        else:  # a single character: never the result of a merge
+            scores.append(-float(len(merges) + len(scores)))
+    return scores
 
 
 def _is_byte_level(spec: dict) -> bool:
@@ -335,16 +579,30 @@ def _convert(item: _Plan, tensor, config: dict) -> np.ndarray:
     return quants.quantize(np.ascontiguousarray(data), item.qtype)
 
 
+def _extra_tensors(config: dict) -> dict[str, np.ndarray]:
+    """Tensors llama.cpp needs that the HF folder does not hold: rope_freqs for llama3 rope scaling (kept f32)."""
+    from gguf import MODEL_TENSOR, TENSOR_NAMES
+
+    if rope_parameters(config)["rope_type"] != "llama3":
+        return {}
+    return {f"{TENSOR_NAMES[MODEL_TENSOR.ROPE_FREQS]}.weight": llama3_rope_factors(config)}
+
+
 def _write_tensors(writer, folder: Path, config: dict, wanted) -> None:
     """Declares every tensor, writes the header, then streams the data in the declared order."""
     from tqdm.auto import tqdm
 
     plan = _plan(folder, config, wanted)
+    extras = _extra_tensors(config)
+    for gguf_name, data in extras.items():
+        writer.add_tensor_info(gguf_name, data.shape, data.dtype, data.nbytes)
     for item in plan:
         writer.add_tensor_info(item.gguf_name, item.shape, np.float32, _stored_nbytes(item), raw_dtype=item.qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
+    for data in extras.values():
+        writer.write_tensor_data(data)
     by_name = {item.hf_name: item for item in plan}
     pending = {}
     order = iter(plan)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -26,14 +27,63 @@ def default_prompt(tokenizer) -> str:
     return "The capital of France is"
 
 
-def load_gguf(path: str | Path, dtype=torch.float32):
-    """A GGUF file -> (transformers model, tokenizer), both read from the file alone."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_gguf(path: str | Path, dtype=torch.float32, rope_parameters: dict | None = None):
+    """A GGUF file -> (transformers model, tokenizer), both read from the file alone.
+
+    transformers' GGUF reader drops a llama file's rope scaling (linear metadata, llama3 rope_freqs) and
+    builds default rope; `rope_parameters` (the source's, once `rope_scaling_in_file` has checked the file
+    holds them) puts them back so the rest of the file can be compared.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path).resolve()
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    config = None
+    if rope_parameters is not None:
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        config.rope_parameters = dict(rope_parameters)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, config=config)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return model.eval(), tokenizer
+
+
+def rope_scaling_in_file(source_config, gguf_path: str | Path) -> bool | None:
+    """Whether the file holds the source's rope scaling as llama.cpp reads it; None when there is none.
+
+    llama3: the rope_freqs tensor must equal default inv_freq / llama3 inv_freq, both computed by
+    transformers' own rope functions. linear: rope.scaling.type and rope.scaling.factor.
+    """
+    import gguf
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = dict(getattr(source_config, "rope_parameters", None) or {})
+    rope_type = rope.get("rope_type", "default")
+    if rope_type == "default":
+        return None
+    reader = gguf.GGUFReader(gguf_path)
+    if rope_type == "llama3":
+        stored = {t.name: t for t in reader.tensors}.get("rope_freqs.weight")
+        if stored is None:
+            return False
+        scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](source_config, "cpu")
+        expected = (_default_inv_freq(source_config) / scaled).numpy()
+        return bool(np.allclose(np.asarray(stored.data), expected, rtol=1e-5, atol=0))
+    if rope_type == "linear":
+        field = reader.get_field("llama.rope.scaling.factor")
+        kind = reader.get_field("llama.rope.scaling.type")
+        return (
+            field is not None
+            and kind is not None
+            and kind.contents() == "linear"
+            and abs(float(field.contents()) - float(rope["factor"])) < 1e-6
+        )
+    return False
+
+
+def _default_inv_freq(config) -> torch.Tensor:
+    """Unscaled rope frequencies (transformers has no "default" entry in ROPE_INIT_FUNCTIONS)."""
+    rope = config.rope_parameters
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
 
 
 @torch.inference_mode()
@@ -89,11 +139,14 @@ def verify_gguf(source_dir: str | Path, gguf_path: str | Path, quant: str, promp
 
     source = load_causal_lm(str(source_dir), dtype=torch.float32).eval()
     source_tokenizer = load_tokenizer(str(source_dir))
-    exported, exported_tokenizer = load_gguf(gguf_path)
+    rope_ok = rope_scaling_in_file(source.config, gguf_path)
+    rope = source.config.rope_parameters if rope_ok else None
+    exported, exported_tokenizer = load_gguf(gguf_path, rope_parameters=rope)
     report = compare_models(
         source, source_tokenizer, exported, exported_tokenizer, prompt or default_prompt(source_tokenizer)
     )
     logits_ok = quant not in LOGIT_TOLERANCE or report["max_abs_logit_diff"] <= LOGIT_TOLERANCE[quant]
-    report["passed"] = bool(report["tokens_match"] and report["greedy_match"] and logits_ok)
+    report["rope_scaling_in_file"] = rope_ok
+    report["passed"] = bool(report["tokens_match"] and report["greedy_match"] and logits_ok and rope_ok is not False)
     report["quant"] = quant
     return report
