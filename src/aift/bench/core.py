@@ -1,4 +1,8 @@
-"""`aift bench`: the same data trained by aift and by TRL, each in a fresh process, measured the same way."""
+"""`aift bench`: the same data trained by aift and by TRL, each in a fresh process, measured the same way.
+
+`--nproc N` runs aift's training in N processes (torchrun, DDP over gloo on CPU); `--nproc 1,2` runs each count
+on the same data and adds a scaling table (tokens/s, speedup, efficiency).
+"""
 
 from __future__ import annotations
 
@@ -55,6 +59,7 @@ class BenchOptions:
     compile: bool = False
     tcmalloc: bool = True
     seed: int = 0
+    nproc: list[int] | int | str = 1  # processes of aift's run; a list (e.g. "1,2") runs each and a scaling table
 
     def __post_init__(self) -> None:
         if self.method not in ("lora", "qlora", "full"):
@@ -66,6 +71,21 @@ class BenchOptions:
                 raise AiftError(f"--{name.replace('_', '-')} must be positive")
         if self.eval_examples is None:
             self.eval_examples = max(2, min(32, self.examples // 3))
+        self.nproc = parse_nproc(self.nproc)
+        if self.compare and self.nproc[0] != 1:
+            raise AiftError("--compare trl trains TRL in one process: start --nproc with 1 (e.g. --nproc 1,2)")
+
+
+def parse_nproc(value: list[int] | int | str) -> list[int]:
+    """--nproc 2 or --nproc 1,2 -> [2] or [1, 2]: positive, distinct, in the order given."""
+    items = value.split(",") if isinstance(value, str) else [value] if isinstance(value, int) else list(value)
+    try:
+        counts = [int(str(item).strip()) for item in items]
+    except ValueError:
+        raise AiftError(f"--nproc takes a number or a comma-separated list like 1,2; got {value!r}") from None
+    if not counts or min(counts) < 1 or len(set(counts)) != len(counts):
+        raise AiftError(f"--nproc needs distinct process counts >= 1; got {value!r}")
+    return counts
 
 
 def run_bench(options: BenchOptions) -> dict[str, Any]:
@@ -91,14 +111,91 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
         levers = {**ALL_LEVERS, "torch_compile": options.compile}
         if options.method == "full":
             levers["frozen_base_bf16"] = False  # a full fine-tune has no frozen base
-        aift_spec = {**base_spec, "trainer": "aift", "levers": levers, "measure_peak": True}
-        aift = _run("aift", aift_spec, work, logs, options.tcmalloc)
-        peak = aift.pop("peak")
+        if max(options.nproc) > 1:
+            # aift's fused loss does not run under DDP yet (aift.training.loss); every count runs without it,
+            # so that the scaling table compares like with like.
+            levers["loss_chunk_size"] = 0
+        aift_spec = {**base_spec, "trainer": "aift", "levers": levers}
+        runs = [_run_aift(n, aift_spec, work, logs, options.tcmalloc) for n in options.nproc]
+        peak = next((run.pop("peak") for run in runs if "peak" in run), None)
+        if peak is None:  # no 1-process run measured it: the machine's peak, in a process with every core
+            peak = _run("peak", {**base_spec, "trainer": "none", "measure_peak": True}, work, logs, options.tcmalloc)
+            peak = peak["peak"]
+        aift = runs[0]
         trl = _run("trl", {**base_spec, "trainer": "trl"}, work, logs, tcmalloc=False) if options.compare else None
         ablation = _ablation(options, base_spec, levers, work, logs) if options.ablation else []
     result = assemble(options, model_dir, peak, aift, trl, ablation, load_before)
+    result["scaling"] = scaling_rows(runs)
     report.write_all(result, output)
     return result
+
+
+def _run_aift(nproc: int, spec: dict, work: Path, logs: Path, tcmalloc: bool) -> dict[str, Any]:
+    """aift's run in `nproc` processes, the ranks' figures combined; a 1-process run also measures the peak."""
+    tag = "aift" if nproc == 1 else f"aift-nproc{nproc}"
+    spec = {**spec, "nproc": nproc, "output_dir": str(work / f"run-{tag}"), "measure_peak": nproc == 1}
+    return combine_ranks(_run_ranks(tag, spec, work, logs, tcmalloc, nproc))
+
+
+def _run_ranks(tag: str, spec: dict, work: Path, logs: Path, tcmalloc: bool, nproc: int) -> list[dict[str, Any]]:
+    """Each rank's result: through _run for one process, under torchrun for several."""
+    if nproc == 1:
+        return [_run(tag, spec, work, logs, tcmalloc)]
+    return _run_processes(tag, spec, work, logs, tcmalloc, nproc)
+
+
+# Per-rank figures kept in result.json (the rest is the same on every rank or only meaningful on rank 0).
+RANK_FIELDS = ("rank", "train_time_s", "peak_mem_gb", "process_wall_time_s", "threads", "allocator")
+
+
+def combine_ranks(ranks: list[dict[str, Any]]) -> dict[str, Any]:
+    """One run's figures from its ranks' results.
+
+    tokens: real (non-padding) tokens of all ranks, which aift's loop sums over ranks every step, so each rank
+    reports the same total; train time: the slowest rank's; peak memory: the largest rank's (peak_mem_gb) and
+    the sum over ranks (what the machine held at most, if all peaked together).
+    """
+    ranks = sorted(ranks, key=lambda r: r.get("rank", 0))
+    first = ranks[0]
+    totals = {r["tokens"] for r in ranks}
+    if len(totals) != 1:
+        raise BenchError(f"the ranks disagree on the tokens trained ({sorted(totals)}): the run is not DDP")
+    slowest = max(r["train_time_s"] for r in ranks)
+    combined = {
+        **first,
+        "nproc": len(ranks),
+        "train_time_s": slowest,
+        "tokens_per_s": first["tokens"] / slowest,
+        "peak_mem_gb": max(r["peak_mem_gb"] for r in ranks),
+        "peak_mem_gb_sum": sum(r["peak_mem_gb"] for r in ranks),
+        "ranks": [{k: r.get(k) for k in RANK_FIELDS} for r in ranks],
+    }
+    combined.pop("rank", None)
+    combined.pop("world_size", None)
+    return combined
+
+
+def scaling_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """tokens/s per process count, speedup over the fewest processes, and efficiency (speedup per process)."""
+    base = min(runs, key=lambda r: r["nproc"])
+    rows = []
+    for run in runs:
+        speedup = run["tokens_per_s"] / base["tokens_per_s"]
+        rows.append({
+            "nproc": run["nproc"],
+            "tokens": run["tokens"],
+            "tokens_per_s": run["tokens_per_s"],
+            "speedup": speedup,
+            "speedup_vs_nproc": base["nproc"],
+            "efficiency": speedup * base["nproc"] / run["nproc"],
+            "train_time_s": run["train_time_s"],
+            "steps": run["steps"],
+            "peak_mem_gb_max": run["peak_mem_gb"],
+            "peak_mem_gb_sum": run["peak_mem_gb_sum"],
+            "eval_loss": run["eval_loss"],
+            "ranks": run["ranks"],
+        })  # fmt: skip
+    return rows
 
 
 def _ablation(options: BenchOptions, base_spec: dict, levers: dict, work: Path, logs: Path) -> list[dict]:
@@ -107,9 +204,13 @@ def _ablation(options: BenchOptions, base_spec: dict, levers: dict, work: Path, 
         if options.method == "full" and "frozen_base_bf16" in change:
             continue  # a full fine-tune has no frozen base
         changed = {k: v for k, v in change.items() if k != "tcmalloc"}
-        spec = {**base_spec, "trainer": "aift", "levers": {**levers, **changed}}
+        if changed and all(levers[k] == v for k, v in changed.items()):
+            continue  # the lever is already off in the main run (e.g. the fused loss with --nproc > 1)
+        spec = {**base_spec, "trainer": "aift", "levers": {**levers, **changed}, "nproc": options.nproc[0]}
         tag = "ablation-" + "-".join(change)
-        run = _run(tag, spec, work, logs, tcmalloc=options.tcmalloc and change.get("tcmalloc", True))
+        spec["output_dir"] = str(work / f"run-{tag}")
+        tcmalloc = options.tcmalloc and change.get("tcmalloc", True)
+        run = combine_ranks(_run_ranks(tag, spec, work, logs, tcmalloc, spec["nproc"]))
         rows.append({"name": name, **run})
     return rows
 
@@ -129,12 +230,21 @@ def _write_data(options: BenchOptions, path: Path) -> Path:
 
 def _run(tag: str, spec: dict, work: Path, logs: Path, tcmalloc: bool) -> dict[str, Any]:
     """Runs one worker process, its output shown and kept in logs/TAG.log; returns its result."""
+    return _run_processes(tag, spec, work, logs, tcmalloc, 1)[0]
+
+
+def _run_processes(tag: str, spec: dict, work: Path, logs: Path, tcmalloc: bool, nproc: int) -> list[dict[str, Any]]:
+    """Runs the worker in `nproc` processes (torchrun when more than one), output kept in logs/TAG.log."""
+    from aift.bench.worker import result_path_of
+
     spec_file, result_file = work / f"{tag}.spec.json", work / f"{tag}.result.json"
     spec_file.write_text(json.dumps(spec), encoding="utf-8")
     logs.mkdir(parents=True, exist_ok=True)
     env = _worker_env(tcmalloc)
-    log.info("bench: running %s (%s)", tag, "tcmalloc" if "libtcmalloc" in env.get("LD_PRELOAD", "") else "malloc")
-    command = [sys.executable, "-m", "aift.bench.worker", str(spec_file), str(result_file)]
+    allocator = "tcmalloc" if "libtcmalloc" in env.get("LD_PRELOAD", "") else "malloc"
+    log.info("bench: running %s (%s, %d process%s)", tag, allocator, nproc, "" if nproc == 1 else "es")
+    command = worker_command(nproc, spec_file, result_file)
+    result_files = [result_path_of(result_file, r, nproc) for r in range(nproc)]
     with open(logs / f"{tag}.log", "wb") as log_file:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         for chunk in iter(lambda: process.stdout.read1(4096), b""):
@@ -142,9 +252,29 @@ def _run(tag: str, spec: dict, work: Path, logs: Path, tcmalloc: bool) -> dict[s
             sys.stderr.flush()
             log_file.write(chunk)
         code = process.wait()
-    if code != 0 or not result_file.is_file():
+    if code != 0 or not all(f.is_file() for f in result_files):
         raise BenchError(f"the {tag} run failed (exit code {code}); see {logs / f'{tag}.log'}")
-    return json.loads(result_file.read_text(encoding="utf-8"))
+    return [json.loads(f.read_text(encoding="utf-8")) for f in result_files]
+
+
+def worker_command(nproc: int, spec_file: Path, result_file: Path) -> list[str]:
+    """The worker as one plain process, or under torchrun with `nproc` processes on a free local port."""
+    worker = ["-m", "aift.bench.worker", str(spec_file), str(result_file)]
+    if nproc == 1:
+        return [sys.executable, *worker]
+    from aift.distributed.launch import find_free_port
+
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        "--nnodes=1",
+        "--master-addr=127.0.0.1",
+        f"--master-port={find_free_port()}",
+        "--max-restarts=0",
+        *worker,
+    ]
 
 
 def _worker_env(tcmalloc: bool) -> dict[str, str]:

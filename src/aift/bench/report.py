@@ -1,4 +1,5 @@
-"""The benchmark's outputs: result.json, results.md (tables), chart.png, and the one-line summary."""
+"""The benchmark's outputs: result.json, results.md (tables), chart.png (scaling.png with several process
+counts), and the one-line summary."""
 
 from __future__ import annotations
 
@@ -31,12 +32,16 @@ def target_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
 def summary_line(result: dict[str, Any]) -> str:
     """The last line the benchmark prints."""
     a = result["aift"]
-    parts = [f"aift {a['tokens_per_s']:.0f} tok/s, {a['peak_mem_gb']:.2f} GB, eval loss {a['eval_loss']:.4f}"]
+    procs = f" ({a['nproc']} processes)" if a.get("nproc", 1) > 1 else ""
+    parts = [f"aift{procs} {a['tokens_per_s']:.0f} tok/s, {a['peak_mem_gb']:.2f} GB, eval loss {a['eval_loss']:.4f}"]
     if result.get("trl"):
         t = result["trl"]
         parts.append(f"TRL {t['tokens_per_s']:.0f} tok/s, {t['peak_mem_gb']:.2f} GB, eval loss {t['eval_loss']:.4f}")
         parts.append(f"speedup {result['speedup']:.2f}x, memory ratio {result['memory_ratio']:.2f}")
     parts.append(f"MFU {result['mfu']:.2f}")
+    for row in result.get("scaling") or []:
+        if row["nproc"] != row["speedup_vs_nproc"]:
+            parts.append(f"{row['nproc']} processes {row['tokens_per_s']:.0f} tok/s ({row['speedup']:.2f}x)")
     return "bench: " + "; ".join(parts)
 
 
@@ -83,7 +88,64 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"torch.compile took {result['aift']['compile_time_s']:.1f} s, not counted in tokens/s.")
     if result.get("ablation"):
         lines += ["", "## Ablation: each lever switched off alone", "", *ablation_markdown(result)]
+    if _has_scaling(result):
+        lines += ["", "## Scaling over processes", "", *scaling_markdown(result)]
     return "\n".join(lines) + "\n"
+
+
+def _has_scaling(result: dict[str, Any]) -> bool:
+    rows = result.get("scaling") or []
+    return len(rows) > 1 or any(row["nproc"] > 1 for row in rows)
+
+
+def scaling_markdown(result: dict[str, Any]) -> list[str]:
+    """The scaling table: tokens/s summed over ranks, speedup and efficiency, memory per rank."""
+    rows = result["scaling"]
+    base = rows[0]["speedup_vs_nproc"]
+    env = result["environment"]
+    device = f"{env['gpu']} GPUs" if env.get("gpu") else f"{env['cores']} CPU cores shared by the processes"
+    lines = [
+        f"tokens/s = real (non-padding) tokens of all ranks / train time of the slowest rank; {device}. "
+        "Efficiency = speedup / (processes / base processes).",
+        "",
+        f"| processes | tokens | tokens/s | speedup vs {base} | efficiency | train time s | steps | "
+        "peak memory GB (max rank) | peak memory GB (sum) | eval loss |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['nproc']} | {r['tokens']} | {r['tokens_per_s']:.0f} | {r['speedup']:.2f}x | {r['efficiency']:.2f} | "
+            f"{r['train_time_s']:.1f} | {r['steps']} | {r['peak_mem_gb_max']:.2f} | {r['peak_mem_gb_sum']:.2f} | "
+            f"{_fmt(r['eval_loss'], 4)} |"
+        )
+    if not env.get("gpu"):
+        lines += [
+            "",
+            "On a CPU the processes share the same cores that one process uses with all its threads, so more "
+            "processes cannot add compute: the ratio measures DDP's cost (gradient all-reduce over gloo, more "
+            "Python processes) against what single-threaded processes gain, not a multi-GPU speed-up.",
+        ]
+    return lines
+
+
+def scaling_chart(result: dict[str, Any], path: Path) -> None:
+    """One bar per process count: tokens/s, labelled with the speedup."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["scaling"]
+    fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(rows) + 2), 3.8))
+    bars = ax.bar(range(len(rows)), [r["tokens_per_s"] for r in rows], color="#2a7ab0")
+    ax.set_xticks(range(len(rows)), [str(r["nproc"]) for r in rows])
+    ax.bar_label(bars, labels=[f"{r['tokens_per_s']:.0f} ({r['speedup']:.2f}x)" for r in rows], fontsize=8)
+    ax.set_xlabel("processes")
+    ax.set_ylabel("tokens/s (all ranks)")
+    s = result["settings"]
+    ax.set_title(f"aift {s['method']} on {Path(str(s['model_name'])).name}, seq {s['seq_len']}", fontsize=9)
+    fig.tight_layout()
+    _save_figure(fig, path)
 
 
 def ablation_markdown(result: dict[str, Any]) -> list[str]:
@@ -132,6 +194,12 @@ def chart(result: dict[str, Any], path: Path) -> None:
     s = result["settings"]
     fig.suptitle(f"{s['method']} on {s['model_name']}, seq {s['seq_len']}, {s['examples']} examples", fontsize=10)
     fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def _save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
@@ -146,3 +214,5 @@ def write_all(result: dict[str, Any], output_dir: Path) -> None:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, output_dir / name)
     chart(result, output_dir / "chart.png")
+    if _has_scaling(result):
+        scaling_chart(result, output_dir / "scaling.png")

@@ -1,8 +1,11 @@
 """One benchmark run in its own process: `python -m aift.bench.worker SPEC.json RESULT.json`.
 
-SPEC says which trainer (aift, trl), whether to measure the matmul peak first, the model, the data file
-(``{"train": [rows], "eval": [rows]}``) and the settings. Each run starts fresh, so no run inherits
-another's memory, threads or allocator state; the parent decides the allocator through LD_PRELOAD.
+SPEC says which trainer (aift, trl, or none: only the matmul peak), whether to measure the matmul peak first,
+the model, the data file (``{"train": [rows], "eval": [rows]}``) and the settings. Each run starts fresh, so no
+run inherits another's memory, threads or allocator state; the parent decides the allocator through LD_PRELOAD.
+
+Under torchrun (``aift bench --nproc N``) every rank runs this module: aift's loop trains DDP over gloo/NCCL,
+each rank takes its share of the cores and writes RESULT.rankR.json with its own time and memory.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import tempfile
 import time
@@ -57,7 +61,8 @@ def run_aift(spec: dict) -> dict[str, Any]:
         # steps as TRL takes, so that the eval losses compare like with like.
         mean_len = sum(map(len, train_ids)) / len(train_ids)
         rows_per_step = max(1, round(spec["batch_size"] * mean_len / spec["seq_len"]))
-    output_dir = Path(tempfile.mkdtemp(prefix="aift-bench-"))
+    # Every rank of a multi-process run must write into the same run folder: the parent names it.
+    output_dir = Path(spec.get("output_dir") or tempfile.mkdtemp(prefix="aift-bench-"))
     config = TrainingConfig(
         model_name=spec["model"],
         output_dir=str(output_dir),
@@ -102,9 +107,33 @@ def run_aift(spec: dict) -> dict[str, Any]:
         "rows_per_step": rows_per_step,
         "final_train_loss": summary["final_train_loss"],
         "peak_mem_gb": peak,
-        "eval_loss": measure.held_out_loss(model, eval_ids),
+        # DDP keeps the ranks' models identical: rank 0 alone evaluates, the others would only repeat it.
+        "eval_loss": measure.held_out_loss(model, eval_ids) if rank() == 0 else None,
         "levers": levers,
     }
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def set_threads(local_processes: int) -> int:
+    """The physical cores split between this node's processes, so that ranks do not oversubscribe them."""
+    from aift.utils.launch import physical_cores
+
+    threads = max(1, physical_cores() // local_processes)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def result_path_of(result_path: str | Path, rank_: int, world: int) -> Path:
+    """RESULT itself for one process; RESULT.rankR.json for each rank of several."""
+    path = Path(result_path)
+    return path if world == 1 else path.with_name(f"{path.stem}.rank{rank_}.json")
 
 
 def compile_time_s(steps: list[dict]) -> float:
@@ -185,17 +214,15 @@ def measure_peak(spec: dict) -> dict[str, Any]:
     }
 
 
-RUNNERS = {"aift": run_aift, "trl": run_trl}
+RUNNERS = {"aift": run_aift, "trl": run_trl, "none": lambda spec: {}}
 
 
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     spec_path, result_path = argv
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
-    if spec["trainer"] == "aift":  # as aift's launcher does; TRL keeps torch's default, as its users have it
-        from aift.utils.launch import set_threads_to_physical_cores
-
-        set_threads_to_physical_cores()
+    if spec["trainer"] != "trl":  # as aift's launcher does; TRL keeps torch's default, as its users have it
+        set_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.manual_seed(spec.get("seed", 0))
     # Measured before training, in the process (threads, allocator) that trains.
     peak = measure_peak(spec) if spec.get("measure_peak") else None
@@ -204,12 +231,14 @@ def main(argv: list[str]) -> int:
     if peak is not None:
         result["peak"] = peak
     result.update(measure.process_facts(), process_wall_time_s=time.perf_counter() - started)
+    result.update(rank=rank(), world_size=world_size())
     bad = [k for k, v in result.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:
         log.warning("non-finite figures: %s", ", ".join(bad))
-    tmp = Path(result_path).with_suffix(".tmp")
+    target = result_path_of(result_path, rank(), world_size())
+    tmp = target.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2), encoding="utf-8")
-    tmp.replace(result_path)
+    tmp.replace(target)
     return 0
 
 

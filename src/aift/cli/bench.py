@@ -25,6 +25,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ablation", action="store_true", help="Also run aift with each lever switched off alone.")
     parser.add_argument("--compile", action="store_true", help="torch.compile aift's model (compile time reported).")
     parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument(
+        "--nproc",
+        default="1",
+        metavar="N[,N...]",
+        help="Train aift's run in N processes (torchrun; DDP over gloo on CPU). A list such as 1,2 runs each count "
+        "and adds a scaling table (tokens/s, speedup, efficiency) and scaling.png (default: %(default)s).",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,8 +50,10 @@ def run(args: argparse.Namespace) -> int:
         compile=args.compile,
         tcmalloc=not getattr(args, "no_tcmalloc", False),  # the flag exists when run through the CLI table
         seed=args.seed,
+        nproc=args.nproc,
     )
     result = run_bench(options)
-    print(f"wrote {options.output}/result.json, results.md, chart.png")
+    charts = "chart.png, scaling.png" if len(result["scaling"]) > 1 or options.nproc[0] > 1 else "chart.png"
+    print(f"wrote {options.output}/result.json, results.md, {charts}")
     print(summary_line(result))
     return 0
