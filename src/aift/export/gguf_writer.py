@@ -14,6 +14,8 @@ Tokenizers written (anything else raises NotAvailableError naming these):
   "llama" with tokens, scores and token types (<0xNN> BYTE, special CONTROL, other added USER_DEFINED).
   Scores come from tokenizer.model, or from the merge order of tokenizer.json when there is none.
   Unigram SentencePiece models are refused: llama.cpp's "llama" tokenizer merges by score, not Viterbi.
+  One difference no metadata can carry: llama.cpp puts ▁ before text that follows a special token
+  (legacy=True), transformers' GGUF reader does not (legacy=False); a legacy=True source gets a warning.
 
 Rope scaling written: none, linear (rope.scaling.* keys) and llama3 (the rope_freqs tensor llama.cpp
 divides each frequency by, as convert_hf_to_gguf.py computes it). transformers' GGUF reader ignores
