@@ -147,8 +147,9 @@ def run_pipeline(
     resume_from = (
         ckpt.find_checkpoint(output_dir, config.resume_from_checkpoint) if config.resume_from_checkpoint else None
     )
+    device = _stage_device()  # before the process group: NCCL binds to the current device
     owns_group = _init_process_group()
-    ranks = _Ranks(dist.get_rank(), dist.get_world_size(), _stage_device())
+    ranks = _Ranks(dist.get_rank(), dist.get_world_size(), device)
     check_pipeline_config(config, ranks.world)
     precision = resolve_precision(config, ranks.device.type)
     if precision == "fp16":
