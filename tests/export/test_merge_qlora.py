@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 from post_helpers import LORA_TARGETS, PROBE
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from aift.cli import main
@@ -115,3 +116,32 @@ def test_settings_come_from_the_run_config_when_meta_has_none(tmp_path, tiny_ada
         merge_adapter(tiny_adapter, tmp_path / "out", base_weights="dequantized")  # a plain LoRA adapter
     with pytest.raises(AiftError, match="base_weights must be one of"):
         merge_adapter(tiny_adapter, tmp_path / "out", base_weights="4bit")
+
+
+def test_a_real_aift_qlora_run_merges_to_its_trained_model(tmp_path, tiny_model_dir, probe_ids):
+    """aift's own QLoRA training (settings read back from the run's config.yaml), fp32 compute."""
+    from peft import PeftModel
+
+    from aift.models.japanese import JapaneseModel
+    from aift.models.loading import load_causal_lm
+    from aift.training.trainers import LoRAFinetuningTrainer
+
+    texts = ["<|im_start|>user\nこんにちは<|im_end|>\n<|im_start|>assistant\nはい、こんにちは。<|im_end|>\n"] * 4
+    config = TrainingConfig(
+        model_name=str(tiny_model_dir), output_dir=str(tmp_path / "run"), max_steps=2, learning_rate=5e-2,
+        batch_size=2, gradient_accumulation_steps=1, warmup_steps=0, eval_steps=0, save_steps=0, logging_steps=1,
+        report_to=["none"], max_length=64, gradient_checkpointing=False, bf16=False, fp16=False,
+    )  # fmt: skip
+    holder = JapaneseModel(str(tiny_model_dir), device="cpu", torch_dtype=torch.float32)  # 4-bit with fp32 compute
+    LoRAFinetuningTrainer(holder, LoRAConfig(r=4, use_qlora=True, lora_dropout=0.0), config).train(train_texts=texts)
+    final = tmp_path / "run" / "final"
+    assert quant_settings(final).source.endswith("config.yaml")
+    adapter = load_file(final / "adapter_model.safetensors")
+    assert any(t.abs().max() > 0 for name, t in adapter.items() if "lora_B" in name), "training must move B"
+    trained = PeftModel.from_pretrained(
+        load_causal_lm(str(tiny_model_dir), load_in_4bit=True, dtype=torch.float32), final
+    )
+    with torch.no_grad():
+        reference = trained.train()(probe_ids).logits
+    merged = merge_adapter(final, tmp_path / "merged", dtype="fp32", base_weights="dequantized")
+    assert _relative(_logits(merged, probe_ids), reference) < TOLERANCE
