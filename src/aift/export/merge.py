@@ -196,7 +196,8 @@ def merge_adapter(
         adapter_dir: Folder with adapter_config.json and adapter weights (e.g. a training run's final/).
         output_dir: Folder to write (atomically: a temp folder renamed into place).
         base: The base model; default: the one the adapter names (aift_meta.json, adapter_config.json).
-        dtype: bf16, fp16 or fp32: the dtype of the base the adapter is merged into, and of the saved weights.
+        dtype: bf16, fp16 or fp32: the saved weights' dtype; with "original" also the dtype the merge happens in
+            ("dequantized" merges in fp32, then casts).
         overwrite: Replace a non-empty output_dir.
         base_weights: "original" (the base's own weights in `dtype`: W + BA) or "dequantized" (for a QLoRA
             adapter: the base quantized as in training, then dequantized: dequant(quant(W)) + BA, the trained model).
