@@ -279,3 +279,28 @@ def test_linear_rope_scaling_is_in_the_metadata(tmp_path, sp_tokenizer_dir):
     assert reader.get_field("llama.rope.scaling.factor").contents() == 2.0
     assert "rope_freqs.weight" not in {t.name for t in reader.tensors}
     assert rope_scaling_in_file(model.config, path) is True
+
+
+def test_added_tokens_and_padded_vocabulary_read_back(tmp_path, sp_tokenizer_dir):
+    """Swallow / ELYZA-style: tokens added after tokenizer.model's, and a model vocabulary padded beyond them."""
+    tokenizer = AutoTokenizer.from_pretrained(sp_tokenizer_dir)
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    tokenizer.add_tokens(["<|user|>", "東京都"])
+    folder = tmp_path / "extended"
+    tokenizer.save_pretrained(folder)
+    (folder / "tokenizer.model").write_bytes((sp_tokenizer_dir / "tokenizer.model").read_bytes())
+    sizes = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer) + 5, **sizes)).save_pretrained(folder)
+    source = AutoTokenizer.from_pretrained(folder)
+    path = export_gguf(folder, folder / "extended.gguf", quant="f32")
+    reader = gguf.GGUFReader(path)
+    tokens = reader.get_field("tokenizer.ggml.tokens").contents()
+    types = reader.get_field("tokenizer.ggml.token_type").contents()
+    assert len(tokens) == len(tokenizer) + 5 and tokens[-1] == f"[PAD{len(tokens) - 1}]"
+    assert types[-1] == gguf.TokenType.UNUSED
+    assert types[source.convert_tokens_to_ids("<pad>")] == gguf.TokenType.CONTROL
+    assert types[source.convert_tokens_to_ids("<|user|>")] == gguf.TokenType.USER_DEFINED
+    gguf_tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=path.name)
+    for text in [*TEXTS, "<|user|>東京都に住んでいます<pad>", "a <|user|> b 東京都庁"]:
+        assert gguf_tokenizer(text)["input_ids"] == source(text)["input_ids"], text
+    assert gguf_tokenizer.pad_token == "<pad>"
