@@ -133,7 +133,8 @@ def verify_gguf(source_dir: str | Path, gguf_path: str | Path, quant: str, promp
     """Loads the source folder and the GGUF file, compares them, and says whether the export passes.
 
     Passing means: the file's tokenizer gives the same ids, the greedy 20-token continuation is identical,
-    and for f32/f16/bf16 the logits agree within LOGIT_TOLERANCE.
+    and for f32/f16/bf16 the logits agree within LOGIT_TOLERANCE. A source with rope scaling also needs
+    `rope_scaling_in_file` (the scaling is then put back on the read-back model, whose reader drops it).
     """
     from aift.models.loading import load_causal_lm, load_tokenizer
 
