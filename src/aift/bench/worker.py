@@ -223,6 +223,8 @@ def main(argv: list[str]) -> int:
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
     if spec["trainer"] != "trl":  # as aift's launcher does; TRL keeps torch's default, as its users have it
         set_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if torch.cuda.is_available() and world_size() > 1:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" and the memory figures mean this rank's GPU
     torch.manual_seed(spec.get("seed", 0))
     # Measured before training, in the process (threads, allocator) that trains.
     peak = measure_peak(spec) if spec.get("measure_peak") else None
