@@ -65,6 +65,16 @@ class TrainingConfig:
     )
     torch_compile: bool = _f(False, "torch.compile the model (pays ~100 s of compile on 2 CPU cores; long runs only).")
     frozen_base_bf16: bool = _f(False, "LoRA: hold the frozen base weights in bf16 while adapters stay fp32.")
+    fused_lora: bool = _f(
+        True,
+        "LoRA (not QLoRA): add the adapter's product inside the base layer's matmul, forward and backward "
+        "(same result as peft's layer, fewer passes over memory; the saved adapter is peft's).",
+    )
+    segment_attention: bool = _f(
+        True,
+        "Packing on a CPU with SDPA: attend within each packed example only (aift_segment attention), "
+        "instead of SDPA over a block-diagonal mask that computes every pair it then masks.",
+    )
     collect_metrics: bool = _f(False, "Sample CPU/GPU utilisation and memory every second into system_metrics.jsonl.")
     use_flash_attention: bool = _f(True, "Use flash-attention 2 on CUDA when installed, else SDPA.")
     deepspeed: str | None = _f(None, "DeepSpeed JSON config (or a preset name zero1/zero2/zero3).")

@@ -40,8 +40,12 @@ def test_8_micro_batches_of_1_equal_1_batch_of_8(fp32_config, tmp_path, lora):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_packed_rows_train_like_padded_batches(fp32_config, tmp_path):
-    packed, _ = _losses(fp32_config(batch_size=8, packing=True, max_length=128, output_dir=str(tmp_path / "p")))
+@pytest.mark.parametrize("segment_attention", [True, False], ids=["segment-attention", "sdpa-4d-mask"])
+def test_packed_rows_train_like_padded_batches(fp32_config, tmp_path, segment_attention):
+    packed_config = fp32_config(
+        batch_size=8, packing=True, max_length=128, segment_attention=segment_attention, output_dir=str(tmp_path / "p")
+    )
+    packed, _ = _losses(packed_config)
     padded, _ = _losses(fp32_config(batch_size=8, packing=False, max_length=128, output_dir=str(tmp_path / "u")))
     # All examples fit in one micro-batch either way, so each step sees the same tokens.
     assert packed == pytest.approx(padded, abs=1e-4)

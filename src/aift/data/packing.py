@@ -93,7 +93,7 @@ class PackedCollator:
 
     pad_token_id: int
     max_length: int
-    mask: str = "4d"  # "4d" for SDPA/eager, "position_ids" for flash-attention 2
+    mask: str = "4d"  # "4d" for SDPA/eager; "position_ids" for flash-attention 2 and aift_segment attention
     pad_to_multiple_of: int = 8
 
     def __call__(self, rows: list[list[dict]]) -> dict[str, torch.Tensor]:
@@ -115,6 +115,10 @@ class PackedCollator:
                 labels[b, start] = IGNORE_INDEX
                 position_ids[b, start : start + n] = torch.arange(n)
                 start += n
+            if self.mask == "position_ids" and start < total:
+                # Padding continues the last example's positions: one segment, not one per pad token, and
+                # causal attention never lets the example see it.
+                position_ids[b, start:] = torch.arange(n, n + total - start)
         batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
         if self.mask == "4d":
             batch["attention_mask"] = block_causal_mask(seq_lens, total)

@@ -114,8 +114,15 @@ def run_training(
     accelerator.wait_for_everyone()
     set_seed(config.seed)
 
+    attention = PackedAttention(model, config, device.type)
     planner = BatchPlanner(
-        train_examples, config.batch_size, config.max_length, config.packing, tokenizer.pad_token_id, config.seed
+        train_examples,
+        config.batch_size,
+        config.max_length,
+        config.packing,
+        tokenizer.pad_token_id,
+        config.seed,
+        mask=attention.mask,
     )
     micro_per_step = config.gradient_accumulation_steps * world
     steps_per_epoch = math.ceil(planner.num_micro_batches() / micro_per_step)
@@ -127,13 +134,14 @@ def run_training(
             total_steps,
         )
     log.info(
-        "training %d steps (%d per epoch), %d examples, %s, precision %s, packing efficiency %.1f%%",
+        "training %d steps (%d per epoch), %d examples, %s, precision %s, packing efficiency %.1f%%, attention %s",
         total_steps,
         steps_per_epoch,
         len(train_examples.rows),
         info.method,
         precision,
         100 * planner.efficiency,
+        attention.implementation,
     )
 
     if config.torch_compile and config.loss_chunk_size:
@@ -233,14 +241,14 @@ def run_training(
     )
     sampler = _system_metrics(output_dir, config.collect_metrics and accelerator.is_main_process)
     final_eval = None
-    if eval_examples is not None and resume_from is None:
-        state.initial_eval_loss = evaluate()
-        log_eval(state.initial_eval_loss)
 
     # ------------------------------------------------------------------ loop
     window_losses: list[float] = []
     window_tokens, window_time = 0, 0.0
-    with stop, sampler:
+    with stop, sampler, attention:
+        if eval_examples is not None and resume_from is None:
+            state.initial_eval_loss = evaluate()
+            log_eval(state.initial_eval_loss)
         while state.step < total_steps:
             plan = planner.epoch(state.epoch)
             real = len(plan)
@@ -485,6 +493,38 @@ def _system_metrics(output_dir: Path, enabled: bool):
         log.warning("collect_metrics: aift.eval.system_metrics is not available in this version; not sampling")
         return contextlib.nullcontext()
     return SystemMetricsSampler(output_dir / "system_metrics.jsonl", interval=1.0)
+
+
+class PackedAttention:
+    """How packed rows keep their examples apart, chosen from the model's attention implementation.
+
+    flash-attention reads the examples from ``position_ids`` (no mask); SDPA on a CPU switches, for the run,
+    to aift's segment attention (``config.segment_attention``), which does the same; anything else gets
+    the 4-D block-causal mask. Used as a context around training and eval: the model's own implementation
+    is back on exit, before the final model is saved (its config.json must not name aift's).
+    """
+
+    def __init__(self, model: torch.nn.Module, config: TrainingConfig, device_type: str) -> None:
+        self.model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.original = getattr(self.model.config, "_attn_implementation", None) or "eager"
+        self.implementation, self.mask = self.original, "4d"
+        if not config.packing:
+            return
+        if self.original.startswith("flash_attention"):
+            self.mask = "position_ids"
+        elif config.segment_attention and device_type == "cpu" and self.original == "sdpa":
+            from aift.training import segment_attention
+
+            self.implementation, self.mask = segment_attention.register(), "position_ids"
+
+    def __enter__(self) -> PackedAttention:
+        if self.implementation != self.original:
+            self.model.set_attn_implementation(self.implementation)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.implementation != self.original:
+            self.model.set_attn_implementation(self.original)
 
 
 class _StopOnInterrupt:

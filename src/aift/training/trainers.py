@@ -189,7 +189,7 @@ class LoRAFinetuningTrainer(_Trainer):
         elif config.gradient_checkpointing:
             _enable_checkpointing(model)
             model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
-        model = get_peft_model(model, peft_config(lc))
+        model = get_peft_model(model, peft_config(lc, fused=config.fused_lora and not lc.use_qlora))
         if config.frozen_base_bf16:
             hold_frozen_in_bf16(model)
         model.print_trainable_parameters()
@@ -239,11 +239,15 @@ class LoRAFinetuningTrainer(_Trainer):
         return model.eval(), tokenizer
 
 
-def peft_config(lc: LoRAConfig):
-    """peft's LoraConfig from ours; no target modules means every linear layer except the output head."""
+def peft_config(lc: LoRAConfig, fused: bool = False):
+    """peft's LoraConfig from ours; no target modules means every linear layer except the output head.
+
+    With ``fused``, plain ``nn.Linear`` targets get :class:`aift.training.fast_lora.FusedLoraLinear`
+    (unquantized bases only: bitsandbytes' layers subclass ``nn.Linear`` too).
+    """
     from peft import LoraConfig
 
-    return LoraConfig(
+    config = LoraConfig(
         r=lc.r,
         lora_alpha=lc.lora_alpha,
         lora_dropout=lc.lora_dropout,
@@ -253,6 +257,11 @@ def peft_config(lc: LoRAConfig):
         use_dora=lc.use_dora,
         use_rslora=lc.use_rslora,
     )
+    if fused:
+        from aift.training.fast_lora import register_fused_lora
+
+        register_fused_lora(config)
+    return config
 
 
 def hold_frozen_in_bf16(model: torch.nn.Module) -> None:
