@@ -67,13 +67,14 @@ def test_ablation_switches_each_lever_off_alone(tmp_path, monkeypatch):
     monkeypatch.setattr("aift.models.loading.resolve_model_path", lambda name: "/m")
     result = core.run_bench(core.BenchOptions(examples=4, ablation=True, output=str(tmp_path / "out")))
     main_levers = calls[0][1]["levers"]
-    assert calls[0][0] == "aift" and all(main_levers[k] for k in ("bf16", "packing", "frozen_base_bf16"))
+    levers_on = ("bf16", "packing", "frozen_base_bf16", "fused_lora", "segment_attention")
+    assert calls[0][0] == "aift" and all(main_levers[k] for k in levers_on)
     ablated = {tag: (spec["levers"], tcmalloc) for tag, spec, tcmalloc in calls[1:]}
-    assert len(ablated) == 5 == len(result["ablation"])
+    assert len(ablated) == 7 == len(result["ablation"])
     for levers, tcmalloc in ablated.values():
         changed = {k for k in levers if levers[k] != main_levers[k]} | ({"tcmalloc"} if not tcmalloc else set())
         assert changed in ({"packing"}, {"loss_chunk_size"}, {"frozen_base_bf16"}, {"bf16", "frozen_base_bf16"},
-                           {"tcmalloc"})  # fmt: skip
+                           {"tcmalloc"}, {"fused_lora"}, {"segment_attention"})  # fmt: skip
     assert "## Ablation" in (tmp_path / "out" / "results.md").read_text()
 
 

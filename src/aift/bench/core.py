@@ -26,7 +26,15 @@ from aift.errors import AiftError
 log = logging.getLogger(__name__)
 
 # Every lever on: what aift does by default in the benchmark.
-ALL_LEVERS = {"bf16": True, "packing": True, "frozen_base_bf16": True, "loss_chunk_size": 1024, "torch_compile": False}
+ALL_LEVERS = {
+    "bf16": True,
+    "packing": True,
+    "frozen_base_bf16": True,
+    "loss_chunk_size": 1024,
+    "fused_lora": True,
+    "segment_attention": True,
+    "torch_compile": False,
+}
 # Ablation runs: name -> the levers that differ from ALL_LEVERS (tcmalloc is the process's allocator).
 ABLATION = {
     "without packing (length-grouped padding)": {"packing": False},
@@ -34,6 +42,8 @@ ABLATION = {
     "without frozen base in bf16": {"frozen_base_bf16": False},
     "without bf16 autocast (fp32)": {"bf16": False, "frozen_base_bf16": False},
     "without tcmalloc": {"tcmalloc": False},
+    "without fused LoRA layers (peft's)": {"fused_lora": False},
+    "without segment attention (SDPA, 4-D mask)": {"segment_attention": False},
 }
 
 
@@ -203,6 +213,8 @@ def _ablation(options: BenchOptions, base_spec: dict, levers: dict, work: Path, 
     for name, change in ABLATION.items():
         if options.method == "full" and "frozen_base_bf16" in change:
             continue  # a full fine-tune has no frozen base
+        if options.method != "lora" and "fused_lora" in change:
+            continue  # the fused layer is for unquantized LoRA only
         changed = {k: v for k, v in change.items() if k != "tcmalloc"}
         if changed and all(levers[k] == v for k, v in changed.items()):
             continue  # the lever is already off in the main run (e.g. the fused loss with --nproc > 1)

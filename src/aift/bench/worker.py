@@ -85,6 +85,8 @@ def run_aift(spec: dict) -> dict[str, Any]:
         loss_chunk_size=levers["loss_chunk_size"],
         torch_compile=levers["torch_compile"],
         frozen_base_bf16=levers["frozen_base_bf16"],
+        fused_lora=levers.get("fused_lora", False),
+        segment_attention=levers.get("segment_attention", False),
     )
     dataset = [{"input_ids": ids, "labels": ids} for ids in train_ids]
     if spec["method"] == "full":
