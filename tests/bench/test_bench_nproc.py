@@ -40,7 +40,7 @@ def test_two_processes_train_the_same_tokens_as_one(scaling_run):
 @pytest.mark.slow
 def test_scaling_report_is_written(scaling_run):
     out, result = scaling_run
-    assert result["aift"]["levers"]["loss_chunk_size"] == 0  # the fused loss does not run under DDP yet
+    assert result["aift"]["levers"]["loss_chunk_size"] > 0  # the fused loss runs under DDP too
     text = (out / "results.md").read_text()
     assert "## Scaling over processes" in text and "| 2 | " in text
     assert (out / "scaling.png").stat().st_size > 0 and (out / "chart.png").is_file()

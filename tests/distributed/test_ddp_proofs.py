@@ -33,9 +33,13 @@ def _assert_same_losses(a: dict[int, float], b: dict[int, float], steps) -> None
 
 @pytest.fixture(scope="module")
 def full_runs(tmp_path_factory, tiny_model_dir, tiny_prepared):
-    """Full fine-tuning: 2 processes x batch 2, and 1 process x batch 2 x 2 accumulation steps."""
+    """Full fine-tuning: 2 processes x batch 2, and 1 process x batch 2 x 2 accumulation steps.
+
+    The 2-process run uses the fused cross-entropy (through DDP's forward, tied lm_head trained), the
+    1-process run the model's plain loss: equal losses prove both.
+    """
     root = tmp_path_factory.mktemp("ddp-full")
-    two = _train(tiny_model_dir, tiny_prepared, root / "two", "--nproc-per-node=2")
+    two = _train(tiny_model_dir, tiny_prepared, root / "two", "--nproc-per-node=2", "loss_chunk_size=16")
     one = _train(tiny_model_dir, tiny_prepared, root / "one", **{"gradient-accumulation-steps": 2})
     return two, one
 

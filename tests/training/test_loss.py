@@ -159,7 +159,29 @@ def test_no_grad_computes_the_loss_only():
     torch.testing.assert_close(loss, plain_loss_sum(h, w, labels).detach(), rtol=1e-5, atol=1e-5)
 
 
-def test_split_causal_lm_rejects_a_wrapped_model(tiny_model):
-    wrapper = torch.nn.Sequential(tiny_model)  # stands in for DDP / DeepSpeed engines: not a transformers model
-    with pytest.raises(NotAvailableError, match="unwrapped transformers model"):
+def test_split_causal_lm_rejects_what_is_not_a_causal_lm(tiny_model):
+    wrapper = torch.nn.Sequential(tiny_model)  # neither a transformers model nor a DDP-style `.module` wrapper
+    with pytest.raises(NotAvailableError, match="needs a transformers causal LM"):
         split_causal_lm(wrapper)
+
+
+def test_fused_loss_runs_through_a_ddp_style_wrapper_forward(tiny_model):
+    """DDP syncs gradients in its own forward, so the fused loss must call the wrapper, not the decoder."""
+
+    class Wrapper(torch.nn.Module):  # the shape of DistributedDataParallel: .module, forward passes through
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.calls = module, 0
+
+        def forward(self, *args, **kwargs):
+            self.calls += 1
+            return self.module(*args, **kwargs)
+
+    ids = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids}
+    wrapper = Wrapper(tiny_model)
+    fused = causal_lm_loss_sum(wrapper, batch, chunk_size=7)
+    assert wrapper.calls == 1
+    torch.testing.assert_close(fused, causal_lm_loss_sum(tiny_model, batch, chunk_size=7))
+    plain = tiny_model(input_ids=ids, labels=ids).loss * (ids.shape[1] - 1) * ids.shape[0]
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-4)

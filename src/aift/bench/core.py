@@ -121,10 +121,6 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
         levers = {**ALL_LEVERS, "torch_compile": options.compile}
         if options.method == "full":
             levers["frozen_base_bf16"] = False  # a full fine-tune has no frozen base
-        if max(options.nproc) > 1:
-            # aift's fused loss does not run under DDP yet (aift.training.loss); every count runs without it,
-            # so that the scaling table compares like with like.
-            levers["loss_chunk_size"] = 0
         aift_spec = {**base_spec, "trainer": "aift", "levers": levers}
         runs = [_run_aift(n, aift_spec, work, logs, options.tcmalloc) for n in options.nproc]
         peak = next((run.pop("peak") for run in runs if "peak" in run), None)
@@ -217,7 +213,7 @@ def _ablation(options: BenchOptions, base_spec: dict, levers: dict, work: Path, 
             continue  # the fused layer is for unquantized LoRA only
         changed = {k: v for k, v in change.items() if k != "tcmalloc"}
         if changed and all(levers[k] == v for k, v in changed.items()):
-            continue  # the lever is already off in the main run (e.g. the fused loss with --nproc > 1)
+            continue  # the lever is already off in the main run
         spec = {**base_spec, "trainer": "aift", "levers": {**levers, **changed}, "nproc": options.nproc[0]}
         tag = "ablation-" + "-".join(change)
         spec["output_dir"] = str(work / f"run-{tag}")

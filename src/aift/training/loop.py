@@ -145,7 +145,7 @@ def run_training(
     )
 
     if config.torch_compile and config.loss_chunk_size:
-        split_causal_lm(model)[0].compile()  # the fused loss calls the decoder itself: compile it, in place
+        split_causal_lm(model)[0].compile()  # compiled in place: the fused loss reads the model's hidden states
     elif config.torch_compile:
         model = torch.compile(model)
     optimizer = make_optimizer(model, config, device.type)

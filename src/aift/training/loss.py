@@ -115,18 +115,18 @@ _LOGIT_TRANSFORMS = (
 def split_causal_lm(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
     """The decoder stack (returns hidden states) and the output projection of a causal LM, peft-wrapped or not.
 
-    Raises NotAvailableError for models whose logits are more than ``hidden @ lm_head.weight.T`` (soft-capping,
-    logit scaling, an adapter on lm_head), for which the fused loss would be wrong.
+    DDP / DeepSpeed wrappers (``.module``) are looked through. Raises NotAvailableError for models whose
+    logits are more than ``hidden @ lm_head.weight.T`` (soft-capping, logit scaling, an adapter on lm_head),
+    for which the fused loss would be wrong, and for weights that are sharded outside forward (FSDP, ZeRO-3).
     """
     from peft import PeftModel
     from transformers import PreTrainedModel
 
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    inner = getattr(model, "module", model)  # DistributedDataParallel, DeepSpeedEngine
+    base = inner.get_base_model() if isinstance(inner, PeftModel) else inner
     if not isinstance(base, PreTrainedModel):
-        # A DDP / DeepSpeed wrapper: calling the decoder inside it would skip its forward, and the gradient sync.
         raise NotAvailableError(
-            f"loss_chunk_size needs an unwrapped transformers model, not {type(model).__name__} "
-            "(several processes are not supported yet; set loss_chunk_size=0)"
+            f"loss_chunk_size needs a transformers causal LM, not {type(base).__name__} (set loss_chunk_size=0)"
         )
     head = base.get_output_embeddings()
     config = base.config
@@ -135,6 +135,11 @@ def split_causal_lm(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
             f"loss_chunk_size needs a plain bias-free nn.Linear lm_head; this model has {type(head).__name__} "
             "(set loss_chunk_size=0)"
         )
+    if hasattr(head.weight, "ds_id") or type(head.weight).__name__ == "DTensor":
+        raise NotAvailableError(
+            "loss_chunk_size does not support an lm_head sharded outside forward (FSDP, DeepSpeed ZeRO-3): "
+            "set loss_chunk_size=0"
+        )
     for name in _LOGIT_TRANSFORMS:
         if getattr(config, name, None) not in (None, 1.0):  # only some architectures define these
             raise NotAvailableError(f"loss_chunk_size does not support models with {name} (set loss_chunk_size=0)")
@@ -142,12 +147,15 @@ def split_causal_lm(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
 
 
 def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
-    """Runs the decoder on a batch and returns the summed next-token loss through the fused cross-entropy.
+    """Runs the model on a batch and returns the summed next-token loss through the fused cross-entropy.
 
-    ``batch`` holds ``input_ids`` and ``labels`` and optionally ``attention_mask`` and ``position_ids``
-    (the packed collator's 4-D mask included); other keys are ignored.
+    The model runs through its own forward (and so through a DDP wrapper's, which syncs gradients), asked
+    for its final hidden states and the logits of one position only; the loss then comes from the hidden
+    states chunk by chunk. ``batch`` holds ``input_ids`` and ``labels`` and optionally ``attention_mask``
+    and ``position_ids`` (the packed collator's 4-D mask included); other keys are ignored.
     """
-    decoder, head = split_causal_lm(model)
+    _, head = split_causal_lm(model)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    hidden = decoder(**inputs, use_cache=False).last_hidden_state
+    out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    hidden = out.hidden_states[-1]  # the final norm's output (transformers ties it to last_hidden_state)
     return fused_linear_cross_entropy(hidden, head.weight, batch["labels"], chunk_size=chunk_size)
