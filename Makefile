@@ -28,7 +28,7 @@ demo: setup
 	$(BIN)/python -m aift demo
 
 test: setup
-	$(BIN)/python -m pytest -x -q
+	$(BIN)/python -m pytest -x -q --durations=15
 
 test-fast: setup
 	$(BIN)/python -m pytest -x -q -m "not slow"

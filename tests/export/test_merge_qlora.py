@@ -119,7 +119,7 @@ def test_settings_come_from_the_run_config_when_meta_has_none(tmp_path, tiny_ada
 
 
 def test_a_real_aift_qlora_run_merges_to_its_trained_model(tmp_path, tiny_model_dir, probe_ids):
-    """aift's own QLoRA training (settings read back from the run's config.yaml), fp32 compute."""
+    """aift's own QLoRA training (settings read back from the aift_meta.json it writes), fp32 compute."""
     from peft import PeftModel
 
     from aift.models.japanese import JapaneseModel
@@ -135,7 +135,14 @@ def test_a_real_aift_qlora_run_merges_to_its_trained_model(tmp_path, tiny_model_
     holder = JapaneseModel(str(tiny_model_dir), device="cpu", torch_dtype=torch.float32)  # 4-bit with fp32 compute
     LoRAFinetuningTrainer(holder, LoRAConfig(r=4, use_qlora=True, lora_dropout=0.0), config).train(train_texts=texts)
     final = tmp_path / "run" / "final"
-    assert quant_settings(final).source.endswith("config.yaml")
+    settings = quant_settings(final)
+    assert settings.source.endswith("aift_meta.json")
+    assert (settings.bits, settings.quant_type, settings.double_quant, settings.compute_dtype) == (
+        4,
+        "nf4",
+        True,
+        "fp32",
+    )
     adapter = load_file(final / "adapter_model.safetensors")
     assert any(t.abs().max() > 0 for name, t in adapter.items() if "lora_B" in name), "training must move B"
     trained = PeftModel.from_pretrained(

@@ -461,9 +461,33 @@ def save_final(
         "max_length": max_length,
         "aift_version": __version__,
     }
+    quantization = quantization_meta(model)
+    if quantization is not None:  # QLoRA: what `aift merge --base-weights dequantized` must reproduce
+        meta["quantization"] = quantization
     (tmp / "aift_meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
     shutil.rmtree(final_dir, ignore_errors=True)
     tmp.rename(final_dir)
+
+
+def quantization_meta(model: torch.nn.Module) -> dict | None:
+    """How bitsandbytes quantized the (frozen) base, as aift_meta.json records it; None for a plain base."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(getattr(base, "config", None), "quantization_config", None)
+    if config is None:
+        return None
+    config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    if config.get("load_in_8bit"):
+        return {"bits": 8}
+    if not config.get("load_in_4bit"):
+        return None
+    dtype_names = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+    compute = str(config.get("bnb_4bit_compute_dtype", "bfloat16")).removeprefix("torch.")
+    return {
+        "bits": 4,
+        "quant_type": config.get("bnb_4bit_quant_type", "nf4"),
+        "double_quant": bool(config.get("bnb_4bit_use_double_quant", False)),
+        "compute_dtype": dtype_names.get(compute, compute),
+    }
 
 
 def unwrap(accelerator, model: torch.nn.Module) -> torch.nn.Module:
