@@ -71,23 +71,11 @@ def train_pipeline(trainer, train_texts=None, eval_texts=None, resume_from_check
 
     Returns the trained model: complete on rank 0; on the other ranks only their own stage is trained.
     """
-    from accelerate.utils import set_seed
-
-    config = trainer.config
-    if resume_from_checkpoint is not None:
-        config.resume_from_checkpoint = str(resume_from_checkpoint)
-    check_pipeline_config(config, int(os.environ.get("WORLD_SIZE", "1")))
-    tokenizer = trainer.model.load_tokenizer()
-    train_examples, eval_examples = trainer._examples(train_texts, eval_texts, tokenizer)
-    set_seed(config.seed)  # before adapters are initialised: every stage starts from the same weights
-    model = trainer._prepare_model()
-    info = RunInfo(
-        method=trainer.method,
-        model_name=trainer.model.model_name,
-        prompt_format=train_examples.prompt_format,
-        lora_config=getattr(trainer, "lora_config", None),
+    check_pipeline_config(trainer.config, int(os.environ.get("WORLD_SIZE", "1")))
+    model, tokenizer, train_examples, eval_examples, info = trainer.prepare(
+        train_texts, eval_texts, resume_from_checkpoint
     )
-    trainer.result = run_pipeline(model, tokenizer, config, train_examples, eval_examples, info)
+    trainer.result = run_pipeline(model, tokenizer, trainer.config, train_examples, eval_examples, info)
     return trainer.result.model
 
 

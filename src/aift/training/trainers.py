@@ -44,14 +44,33 @@ class _Trainer:
         self, train_texts: list[str] | None = None, eval_texts: list[str] | None = None, resume_from_checkpoint=None
     ) -> torch.nn.Module:
         """Trains on train_texts (or the trainer's train_dataset, or config.dataset_path); returns the model."""
+        model, tokenizer, train_examples, eval_examples, info = self.prepare(
+            train_texts, eval_texts, resume_from_checkpoint
+        )
+        self.result = run_training(
+            model,
+            tokenizer,
+            self.config,
+            train_examples,
+            eval_examples,
+            info,
+            accelerator_kwargs=self.accelerator_kwargs,
+        )
+        return self.result.model
+
+    def prepare(self, train_texts=None, eval_texts=None, resume_from_checkpoint=None) -> tuple:
+        """What every loop starts from: (model, tokenizer, train examples, eval examples, RunInfo).
+
+        The seed is set before the model is prepared, so that adapters start from the same weights in every
+        process (data-parallel ranks, pipeline stages).
+        """
         from accelerate.utils import set_seed
 
-        config = self.config
         if resume_from_checkpoint is not None:
-            config.resume_from_checkpoint = str(resume_from_checkpoint)
+            self.config.resume_from_checkpoint = str(resume_from_checkpoint)
         tokenizer = self.model.load_tokenizer()
         train_examples, eval_examples = self._examples(train_texts, eval_texts, tokenizer)
-        set_seed(config.seed)  # before adapters are initialised
+        set_seed(self.config.seed)
         model = self._prepare_model()
         info = RunInfo(
             method=self.method,
@@ -59,10 +78,7 @@ class _Trainer:
             prompt_format=train_examples.prompt_format,
             lora_config=getattr(self, "lora_config", None),
         )
-        self.result = run_training(
-            model, tokenizer, config, train_examples, eval_examples, info, accelerator_kwargs=self.accelerator_kwargs
-        )
-        return self.result.model
+        return model, tokenizer, train_examples, eval_examples, info
 
     def _examples(self, train_texts, eval_texts, tokenizer) -> tuple[Examples, Examples | None]:
         config = self.config
