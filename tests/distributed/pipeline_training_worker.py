@@ -67,7 +67,8 @@ def main(model_dir: str, data: str, root: str) -> None:
         resume_copy(out, out.with_name(f"{name}-resumed"))
         resumed = config(out.with_name(f"{name}-resumed"), data, **overrides)
         AdvancedMultiGPUTrainer(model_dir, resumed, lora_config=lora_config).train(resume_from_checkpoint="latest")
-        print(json.dumps({"rank": dist.get_rank(), "run": name}))
+        sys.stdout.write(json.dumps({"rank": dist.get_rank(), "run": name}) + "\n")  # one write: ranks share stdout
+        sys.stdout.flush()
     dist.destroy_process_group()
 
 

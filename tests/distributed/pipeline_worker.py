@@ -47,11 +47,10 @@ def main(model_dir: str) -> None:
         if any(p is q for q in stage_module.parameters())
     )
     pipe_loss = sum(x.item() for x in losses) / len(losses) if losses else None
-    print(
-        json.dumps(
-            {"rank": rank, "tied": tied, "ref_loss": ref_loss.item(), "pipe_loss": pipe_loss, "max_grad_diff": worst}
-        )
-    )
+    report = {"rank": rank, "tied": tied, "ref_loss": ref_loss.item(), "pipe_loss": pipe_loss, "max_grad_diff": worst}
+    # One write of the line and its newline: both ranks share the pipe, and print's two writes can interleave.
+    sys.stdout.write(json.dumps(report) + "\n")
+    sys.stdout.flush()
     dist.destroy_process_group()
 
 
