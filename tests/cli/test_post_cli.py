@@ -62,7 +62,8 @@ def test_generate_streams_the_answer(capsys):
 
 
 def test_chat_in_a_terminal():
-    pexpect = pytest.importorskip("pexpect")
+    import pexpect  # a dev dependency: `make setup` installs it, so its absence is a failure
+
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "aift", "chat", "--greedy", "--max-new-tokens", "16"]
     child = pexpect.spawn(cmd[0], cmd[1:], env=env, encoding="utf-8", timeout=300)
@@ -90,7 +91,6 @@ def test_chat_in_a_terminal():
 @pytest.mark.slow
 def test_trained_adapter_through_merge_gguf_and_generation(tmp_path, embedded_dir, capsys):
     """A LoRA fine-tune by `aift train`, merged, exported to GGUF and read back: the same greedy answer."""
-    pytest.importorskip("aift.training.trainers", reason="the trainer (aift.training.trainers) is not available")
     from aift.data.prepare import prepare_dataset
     from aift.export.verify import compare_models, load_gguf
     from aift.inference.runner import GenerationSettings, LoadedModel, load_for_inference, stream_answer

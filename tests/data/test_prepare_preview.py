@@ -15,6 +15,7 @@ from aift.data import DataError
 from aift.data.packing import IGNORE_INDEX
 from aift.data.prepare import prepare_dataset
 from aift.data.preview import preview_dataset
+from aift.training.data import load_prepared, to_examples
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).resolve().parents[2]
@@ -163,9 +164,7 @@ def test_wrapper_script_has_the_same_flags(capsys, monkeypatch):
 
 @pytest.mark.slow
 def test_bundled_japanese_qa_end_to_end(tmp_path, tokenizer, capsys):
-    data = REPO / "data" / "ja_qa.json"
-    if not data.is_file():
-        pytest.skip("data/ja_qa.json (bundled sample data) is not there yet")
+    data = REPO / "data" / "ja_qa.json"  # tracked in git: a missing file is a failure, not a skip
     out = tmp_path / "ja_qa"
     args = ["prepare", "--model", MODEL, "--source", "json", "--source-path", str(data), "--format", "template"]
     assert main([*args, "--output-dir", str(out), "--max-length", "1024"]) == 0
@@ -193,6 +192,9 @@ def test_train_on_prompt_and_system(tmp_path, tokenizer):
     assert row["text"].startswith("<|im_start|>system\nAnswer in one word.<|im_end|>\n")
     info = json.loads((out / "prepare.json").read_text())
     assert info["train_on_prompt"] is True and info["system"] == "Answer in one word."
+    # Every label is trained here, position 0 included: prepare.json counts what the trainer trains on.
+    train = to_examples(load_prepared(out)[0]["train"], tokenizer, 512, "train")
+    assert info["tokens"]["trained"] == train.trained_tokens == sum(len(r["labels"]) - 1 for r in train.rows)
 
 
 def test_preview_colours_on_a_terminal(prepared, capsys, monkeypatch):

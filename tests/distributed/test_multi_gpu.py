@@ -174,3 +174,22 @@ def test_deepspeed_outside_a_launcher_is_refused(monkeypatch, tiny_model_dir, tm
     config = MultiGPUTrainingConfig(strategy="deepspeed", output_dir=str(tmp_path), max_steps=1)
     with pytest.raises(AiftError, match="runs under a launcher"):
         AdvancedMultiGPUTrainer(str(tiny_model_dir), config).train(train_texts=["a"])
+
+
+def test_multi_gpu_front_door_passes_trust_remote_code(monkeypatch):
+    """train_multi_gpu_from_config used to drop trust_remote_code; the model holder must receive it."""
+    import aift.training.multi_gpu as multi_gpu
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def holder(name, **kwargs):
+        seen.update(kwargs, name=name)
+        raise Stop
+
+    monkeypatch.setattr(multi_gpu, "JapaneseModel", holder)
+    with pytest.raises(Stop):
+        multi_gpu.train_multi_gpu_from_config(TrainingConfig(model_name="some/model", trust_remote_code=True))
+    assert seen["trust_remote_code"] is True and seen["name"] == "some/model"

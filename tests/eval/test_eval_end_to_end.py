@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,13 +10,8 @@ import pytest
 from aift.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
-PRODUCERS = ("aift.data.prepare", "aift.training.loop", "aift.cli.train")
-MISSING = [name for name in PRODUCERS if importlib.util.find_spec(name) is None]
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(bool(MISSING), reason=f"needs the data and training parts ({', '.join(MISSING)} missing)"),
-]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

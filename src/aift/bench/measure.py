@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import resource
 from pathlib import Path
 
 import torch
 
 from aift.training.loss import fused_linear_cross_entropy, split_causal_lm
 from aift.utils.launch import tcmalloc_mapped
-
-
-def peak_rss_gb() -> float:
-    """Peak resident memory of this process so far, in GB (ru_maxrss is in KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
 def allocator() -> str:

@@ -24,6 +24,7 @@ import torch
 
 from aift.bench import measure
 from aift.bench.data import to_messages, tokenize_conversation
+from aift.utils.gpu import peak_memory_gb
 
 log = logging.getLogger("aift.bench")
 
@@ -38,12 +39,6 @@ def load_split(spec: dict, tokenizer) -> tuple[list[dict], list[list[int]], list
     train = [tokenize_conversation(tokenizer, to_messages(r), seq_len) for r in data["train"]]
     evaluation = [tokenize_conversation(tokenizer, to_messages(r), seq_len) for r in data["eval"]]
     return data["train"], train, evaluation
-
-
-def peak_memory_gb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 1e9
-    return measure.peak_rss_gb()
 
 
 def run_aift(spec: dict) -> dict[str, Any]:
@@ -95,7 +90,7 @@ def run_aift(spec: dict) -> dict[str, Any]:
         lora = LoRAConfig(**LORA, use_qlora=spec["method"] == "qlora")
         trainer = LoRAFinetuningTrainer(holder, lora, config, train_dataset=dataset)
     model = trainer.train()
-    peak = peak_memory_gb()
+    peak = peak_memory_gb("cuda" if torch.cuda.is_available() else "cpu")
     summary = trainer.result.summary
     steps = [r for r in measure.read_json_lines(output_dir / "metrics.jsonl") if r.get("type") == "train"]
     compile_s = compile_time_s(steps) if levers["torch_compile"] else 0.0
@@ -185,7 +180,7 @@ def run_trl(spec: dict) -> dict[str, Any]:
     started = time.perf_counter()
     output = trainer.train()
     train_time = time.perf_counter() - started
-    peak = peak_memory_gb()
+    peak = peak_memory_gb("cuda" if torch.cuda.is_available() else "cpu")
     return {
         "tokens": tokens,
         "tokens_match_aift_tokenization": tokens == sum(map(len, train_ids)),

@@ -16,7 +16,16 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # the label of a position that is not trained (PyTorch's cross-entropy default)
+
+
+def count_trained_tokens(labels: Sequence[int]) -> int:
+    """Trained tokens of one example: labels other than IGNORE_INDEX after position 0.
+
+    Position 0 is never a target (nothing before it predicts it); prepare.json, the trainer and eval count
+    the same way.
+    """
+    return sum(1 for label in labels[1:] if label != IGNORE_INDEX)
 
 
 def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:

@@ -22,7 +22,7 @@ from typing import Any
 from aift.data import DataError
 from aift.data.formats import PromptFormat, default_system, resolve_format
 from aift.data.masking import Encoded, encode
-from aift.data.packing import best_fit_decreasing, packing_efficiency
+from aift.data.packing import best_fit_decreasing, count_trained_tokens, packing_efficiency
 from aift.data.sources import SOURCES, Loaded, load_conversations, source_for_path
 from aift.models.registry import EMBEDDED_MODEL
 
@@ -242,7 +242,7 @@ def prepare_dataset(
         "tokens": {
             "length": _length_stats(lengths),
             "total": sum(lengths),
-            "trained": sum(sum(label != -100 for label in e["labels"]) for e in examples),
+            "trained": sum(count_trained_tokens(e["labels"]) for e in examples),
             "packing_efficiency": round(
                 packing_efficiency(lengths, best_fit_decreasing(lengths, max_length), max_length), 4
             ),

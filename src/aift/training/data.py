@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from aift.data.packing import (
-    IGNORE_INDEX,
     PackedCollator,
     PaddedCollator,
     best_fit_decreasing,
+    count_trained_tokens,
     length_grouped_batches,
     packing_efficiency,
 )
@@ -41,8 +41,7 @@ class Examples:
 
     @property
     def trained_tokens(self) -> int:
-        # Position 0 of an example is never a target (nothing before it predicts it).
-        return sum(sum(1 for t in ex["labels"][1:] if t != IGNORE_INDEX) for ex in self.rows)
+        return sum(count_trained_tokens(ex["labels"]) for ex in self.rows)
 
 
 def load_prepared(path: str | Path) -> tuple[Any, dict]:

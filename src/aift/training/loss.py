@@ -14,9 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from aift.data.packing import IGNORE_INDEX
 from aift.errors import NotAvailableError
-
-IGNORE_INDEX = -100
 
 
 def fused_linear_cross_entropy(

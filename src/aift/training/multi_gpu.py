@@ -289,7 +289,9 @@ def deepspeed_plugin(ds_config: dict[str, Any]):
 
 def train_multi_gpu_from_config(config: TrainingConfig, lora_config: LoRAConfig | None = None, merge: bool = False):
     """What `aift train` runs for a multi-GPU config (a strategy, a deepspeed file, or a launcher's world size)."""
-    holder = JapaneseModel(config.model_name, use_flash_attention=config.use_flash_attention)
+    holder = JapaneseModel(
+        config.model_name, use_flash_attention=config.use_flash_attention, trust_remote_code=config.trust_remote_code
+    )
     trainer = AdvancedMultiGPUTrainer(holder, config, lora_config=lora_config)
     trainer.train()
     if merge and lora_config is not None and int(os.environ.get("RANK", "0")) == 0:

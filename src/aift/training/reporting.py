@@ -5,13 +5,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import resource
-import sys
 from pathlib import Path
 
-import torch
-
 from aift.errors import NotAvailableError
+from aift.utils.gpu import peak_memory_gb  # noqa: F401  (re-exported: the loops log it)
 
 _PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
@@ -25,14 +22,6 @@ def check_loggers(report_to: list[str]) -> None:
                 f"report_to names {name!r} but the {package} package is not installed: "
                 f"`pip install {package}`, or drop it from report_to"
             )
-
-
-def peak_memory_gb(device: str) -> float:
-    """Peak max-allocated GPU memory on CUDA, else the process's peak resident set size."""
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 1e9
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak_kb * (1 if sys.platform == "darwin" else 1024) / 1e9
 
 
 class MetricsLogger:

@@ -85,9 +85,14 @@ def set_memory_fraction(fraction: float = 0.9) -> None:
 
 
 def peak_memory_gb(device: str = "cpu") -> float:
-    """Peak memory of this process: max allocated on CUDA, peak RSS on CPU (Linux ru_maxrss is in KB)."""
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 1024**3
-    import resource
+    """Peak memory of this process in GB (1e9 bytes): max allocated on CUDA, else peak resident set size.
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    The one definition of the figure logged as ``peak_mem_gb`` (training logs, summaries, benchmarks).
+    """
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1e9
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak * (1 if sys.platform == "darwin" else 1024) / 1e9
