@@ -8,7 +8,7 @@ import math
 import pytest
 
 from aift.cli import main
-from aift.utils.launch import find_tcmalloc
+from aift.utils.allocator import find_tcmalloc
 
 REQUIRED = [
     "aift.tokens_per_s", "aift.peak_mem_gb", "aift.eval_loss", "trl.tokens_per_s", "trl.peak_mem_gb",

@@ -287,7 +287,7 @@ def worker_command(nproc: int, spec_file: Path, result_file: Path) -> list[str]:
 
 def _worker_env(tcmalloc: bool) -> dict[str, str]:
     """This process's environment, with tcmalloc preloaded or removed as asked."""
-    from aift.utils.launch import find_tcmalloc
+    from aift.utils.allocator import find_tcmalloc
 
     env = dict(os.environ)
     preload = [p for p in env.get("LD_PRELOAD", "").split(":") if p and "libtcmalloc" not in p]

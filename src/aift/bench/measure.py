@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from aift.training.loss import fused_linear_cross_entropy, split_causal_lm
-from aift.utils.launch import tcmalloc_mapped
+from aift.utils.allocator import tcmalloc_mapped
 
 
 def allocator() -> str:

@@ -120,7 +120,7 @@ def world_size() -> int:
 
 def set_threads(local_processes: int) -> int:
     """The physical cores split between this node's processes, so that ranks do not oversubscribe them."""
-    from aift.utils.launch import physical_cores
+    from aift.utils.allocator import physical_cores
 
     threads = max(1, physical_cores() // local_processes)
     torch.set_num_threads(threads)

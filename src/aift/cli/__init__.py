@@ -33,7 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "login": ("aift.cli.login", "Store a Hugging Face token (mode 0600, never echoed)."),
 }
 
-# Commands that train start on tcmalloc when it is installed (aift.utils.launch), unless --no-tcmalloc.
+# Commands that train start on tcmalloc when it is installed (aift.utils.allocator), unless --no-tcmalloc.
 LAUNCHED_COMMANDS = ("train", "bench", "demo")
 
 
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = parser.parse_args(argv[1:])
     if name in LAUNCHED_COMMANDS and from_command_line:
-        from aift.utils.launch import maybe_reexec_with_tcmalloc
+        from aift.utils.allocator import maybe_reexec_with_tcmalloc
 
         maybe_reexec_with_tcmalloc(disabled=args.no_tcmalloc)
     try:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from aift.utils.launch import describe_allocator, find_tcmalloc, physical_cores, should_reexec, tcmalloc_mapped
+from aift.utils.allocator import describe_allocator, find_tcmalloc, physical_cores, should_reexec, tcmalloc_mapped
 
 LIB = "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4"
 
@@ -45,7 +45,7 @@ def test_physical_cores_is_within_the_usable_cpus():
 
 PROBE = (
     "import logging, sys; logging.basicConfig(level=logging.INFO, format='%(message)s');"
-    "from aift.utils.launch import maybe_reexec_with_tcmalloc;"
+    "from aift.utils.allocator import maybe_reexec_with_tcmalloc;"
     "maybe_reexec_with_tcmalloc(disabled=(sys.argv[1] == 'off'));"
     "print('MAPPED' if 'libtcmalloc' in open('/proc/self/maps').read() else 'NOT-MAPPED')"
 )
