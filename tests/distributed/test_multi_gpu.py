@@ -4,6 +4,7 @@ FSDP2 plugin, clear errors where a strategy cannot run here, and GPU runs (skipp
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -193,3 +194,16 @@ def test_multi_gpu_front_door_passes_trust_remote_code(monkeypatch):
     with pytest.raises(Stop):
         multi_gpu.train_multi_gpu_from_config(TrainingConfig(model_name="some/model", trust_remote_code=True))
     assert seen["trust_remote_code"] is True and seen["name"] == "some/model"
+
+
+def test_presets_ship_inside_the_package():
+    """Preset paths resolve from an installed wheel: the JSONs are package data, not files of the checkout."""
+    import tomllib
+
+    import aift
+
+    package = Path(aift.__file__).resolve().parent
+    assert PRESET_DIR.resolve().is_relative_to(package)
+    patterns = tomllib.loads((package.parents[1] / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    shipped = {p.relative_to(package).as_posix() for pattern in patterns["aift"] for p in package.glob(pattern)}
+    assert {f"distributed/deepspeed_presets/{name}.json" for name in DEEPSPEED_PRESETS} <= shipped

@@ -12,7 +12,7 @@ Strategies (aift has no distributed engine of its own; this file only configures
   every optimizer step's micro-batches and normalises the loss by the trained tokens of all processes, so
   N processes x batch B equal 1 process x batch B x N accumulation steps. Only rank 0 writes.
 - ``fsdp``: FSDP2 (``fully_shard``) through Accelerate's FullyShardedDataParallelPlugin(fsdp_version=2).
-- ``deepspeed``: ZeRO-1/2/3 (optionally offloaded) from ``configs/deepspeed`` presets or your JSON.
+- ``deepspeed``: ZeRO-1/2/3 (optionally offloaded) from the presets in ``aift/distributed/deepspeed_presets/`` or your JSON.
 - ``model_parallel``: one process, the layers spread over the GPUs with ``device_map="auto"`` and
   ``max_memory_per_gpu`` (``aift plan`` prints the same map without loading anything).
 - ``pipeline``: one process per stage (``pipeline_parallel_size``), 1F1B or GPipe through
@@ -39,7 +39,8 @@ from aift.training.trainers import FullFinetuningTrainer, LoRAFinetuningTrainer,
 log = logging.getLogger(__name__)
 
 DEEPSPEED_PRESETS = ("zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
-PRESET_DIR = Path(__file__).resolve().parents[3] / "configs" / "deepspeed"
+# Shipped inside the package (package-data), so presets resolve from an installed wheel too.
+PRESET_DIR = Path(__file__).resolve().parent.parent / "distributed" / "deepspeed_presets"
 
 
 class AdvancedMultiGPUTrainer:
