@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from aift.errors import AiftError
+from aift.export.folders import base_model_of, load_folder_tokenizer, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -67,16 +68,10 @@ def _read_json(path: Path) -> dict:
 
 
 def _base_of(folder: Path) -> str:
-    """The base model a fine-tuned folder came from: aift_meta.json first, then adapter_config.json."""
-    if (folder / "aift_meta.json").is_file():
-        base = _read_json(folder / "aift_meta.json").get("base_model")
-        if base:
-            return str(base)
-    if (folder / "adapter_config.json").is_file():
-        base = _read_json(folder / "adapter_config.json").get("base_model_name_or_path")
-        if base:
-            return str(base)
-    raise EvalError(f"{folder} does not say which base model it came from (no base_model in aift_meta.json)")
+    base = base_model_of(folder)
+    if not base:
+        raise EvalError(f"{folder} does not say which base model it came from (no base_model in aift_meta.json)")
+    return base
 
 
 def resolve_target(model: str, adapter: str | None = None) -> EvalTarget:
@@ -100,17 +95,10 @@ def resolve_target(model: str, adapter: str | None = None) -> EvalTarget:
 
 def load_eval_tokenizer(target: EvalTarget):
     """The fine-tune's own tokenizer when it saved one (it may have added tokens), else the base model's."""
-    from transformers import AutoTokenizer
-
     from aift.models.loading import load_tokenizer
 
     own = target.adapter or target.finetuned
-    if own and (Path(own) / "tokenizer_config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(own)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-        return tokenizer
-    return load_tokenizer(target.base)
+    return load_folder_tokenizer(own, target.base) if own else load_tokenizer(target.base)
 
 
 def load_model(name: str, device: str, dtype=None, adapter: str | None = None, **quant: bool):
@@ -127,8 +115,7 @@ def load_model(name: str, device: str, dtype=None, adapter: str | None = None, *
 
 def _meta(target: EvalTarget) -> dict:
     folder = target.adapter or target.finetuned
-    path = Path(folder) / "aift_meta.json" if folder else None
-    return _read_json(path) if path and path.is_file() else {}
+    return read_meta(folder) if folder else {}
 
 
 def warn_on_mismatch(target: EvalTarget, dataset_path: str | Path, load_in_4bit: bool) -> None:

@@ -47,30 +47,37 @@ def read_meta(folder: str | Path) -> dict:
     return read_json(path) if path.is_file() else {}
 
 
+def base_model_of(folder: str | Path) -> str | None:
+    """The base model a fine-tuned folder came from: aift_meta.json first, then adapter_config.json; else None."""
+    folder = Path(folder)
+    base = read_meta(folder).get("base_model")
+    if not base and (folder / "adapter_config.json").is_file():
+        base = read_json(folder / "adapter_config.json").get("base_model_name_or_path")
+    return str(base) if base else None
+
+
 def adapter_base(adapter_dir: Path) -> str:
     """The base model an adapter was trained on (aift_meta.json first, then adapter_config.json)."""
-    config_path = adapter_dir / "adapter_config.json"
+    config_path = Path(adapter_dir) / "adapter_config.json"
     if not config_path.is_file():
         raise AiftError(f"{adapter_dir} is not a LoRA adapter folder (no adapter_config.json in it)")
-    base = read_meta(adapter_dir).get("base_model") or read_json(config_path).get("base_model_name_or_path")
+    base = base_model_of(adapter_dir)
     if not base:
         raise AiftError(f"{config_path} names no base model; pass --base")
-    return str(base)
+    return base
 
 
-def load_folder_tokenizer(adapter_dir: str | Path, fallback: str):
-    """The tokenizer saved beside an adapter (training saves it there), else the base model's; pad token set."""
-    from aift.models.loading import load_tokenizer
+def load_folder_tokenizer(folder: str | Path, fallback: str):
+    """The tokenizer saved in a fine-tuned folder (training saves it there; it may have added tokens), else the
+    base model's; pad token set either way."""
+    from aift.models.loading import ensure_pad_token, load_tokenizer
 
-    folder = Path(adapter_dir)
+    folder = Path(folder)
     if not (folder / "tokenizer_config.json").is_file():
         return load_tokenizer(fallback)
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    return tokenizer
+    return ensure_pad_token(AutoTokenizer.from_pretrained(folder))
 
 
 def write_meta(folder: Path, meta: dict) -> None:

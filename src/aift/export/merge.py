@@ -206,6 +206,14 @@ def merge_adapter(
         The output folder. Its aift_meta.json keeps the adapter's prompt_format for generate/chat/export.
     """
     model, tokenizer, meta = load_merged(adapter_dir, base, dtype, base_weights=base_weights)
+    save_merged(model, tokenizer, meta, adapter_dir, output_dir, dtype, overwrite, base_weights)
+    return Path(output_dir)
+
+
+def save_merged(
+    model, tokenizer, meta: dict, adapter_dir, output_dir, dtype: str, overwrite: bool = False, base_weights="original"
+) -> None:
+    """Writes a merged model folder (weights, tokenizer, aift_meta.json naming the adapter) atomically."""
     with atomic_dir(output_dir, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -227,7 +235,6 @@ def merge_adapter(
     log.info(
         "merged %s into %s (%s weights) -> %s (%s)", adapter_dir, meta["base_model"], base_weights, output_dir, dtype
     )
-    return Path(output_dir)
 
 
 def save_plain_folder(

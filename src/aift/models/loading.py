@@ -112,6 +112,11 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, **kwargs: Any):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     except _LOAD_ERRORS as e:
         raise explain_load_failure(name, e) from e
+    return ensure_pad_token(tokenizer)
+
+
+def ensure_pad_token(tokenizer):
+    """Batches need a pad token; a tokenizer without one pads with EOS (or UNK). Returns the tokenizer."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer

@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from peft.helpers import disable_input_dtype_casting
 from tqdm.auto import tqdm
 
-from aift import __version__
 from aift.config import LoRAConfig, TrainingConfig, to_yaml
 from aift.data.packing import IGNORE_INDEX
 from aift.errors import AiftError
+from aift.export.folders import write_meta
 from aift.training import checkpoint as ckpt
 from aift.training.data import BatchPlanner, Examples, check_trainable, eval_batches
 from aift.training.loss import causal_lm_loss_sum, split_causal_lm
@@ -459,12 +459,11 @@ def save_final(
         "method": info.method,
         "prompt_format": info.prompt_format,
         "max_length": max_length,
-        "aift_version": __version__,
     }
     quantization = quantization_meta(model)
     if quantization is not None:  # QLoRA: what `aift merge --base-weights dequantized` must reproduce
         meta["quantization"] = quantization
-    (tmp / "aift_meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
+    write_meta(tmp, meta)
     shutil.rmtree(final_dir, ignore_errors=True)
     tmp.rename(final_dir)
 

@@ -9,7 +9,6 @@ model = trainer.train(train_texts=texts, eval_texts=eval_texts)
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -18,9 +17,12 @@ import torch
 
 from aift.config import LoRAConfig, TrainingConfig
 from aift.errors import AiftError
+from aift.export.folders import load_folder_tokenizer
 from aift.models.japanese import JapaneseModel
+from aift.models.loading import default_dtype
 from aift.training.data import DatasetError, Examples, load_prepared, to_examples
 from aift.training.loop import RunInfo, TrainResult, run_training
+from aift.utils.gpu import get_available_device
 
 log = logging.getLogger(__name__)
 
@@ -221,18 +223,17 @@ class LoRAFinetuningTrainer(_Trainer):
         return holder.load_model()
 
     def _save_merged(self) -> torch.nn.Module:
-        """Merges the saved adapter into a freshly loaded, unquantized base and saves it under OUTPUT/merged."""
+        """Merges the saved adapter into a freshly loaded, unquantized base and saves it under OUTPUT/merged.
+
+        The same merge as `aift merge` (tokens added in training resize the base's embeddings first).
+        """
+        from aift.export.merge import load_merged, save_merged
+
         final = self.result.output_dir / "final"
-        model, tokenizer = self.load_lora_model(self.model.model_name, final, device=self.model.device)
-        merged = model.merge_and_unload()
-        target = self.result.output_dir / "merged"
-        merged.save_pretrained(target, safe_serialization=True)
-        tokenizer.save_pretrained(target)
-        meta = json.loads((final / "aift_meta.json").read_text(encoding="utf-8"))
-        (target / "aift_meta.json").write_text(
-            json.dumps({**meta, "merged_from": str(final)}, indent=2), encoding="utf-8"
-        )
-        log.info("merged model saved to %s", target)
+        device = self.model.device or get_available_device()
+        dtype = "fp32" if default_dtype(device) == torch.float32 else "bf16"
+        merged, tokenizer, meta = load_merged(final, self.model.model_name, dtype, device)
+        save_merged(merged, tokenizer, meta, final, self.result.output_dir / "merged", dtype, overwrite=True)
         return merged
 
     @staticmethod
@@ -245,12 +246,7 @@ class LoRAFinetuningTrainer(_Trainer):
             raise AiftError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json in it)")
         holder = JapaneseModel(base_model_name, device=device)
         base = holder.load_model()
-        tokenizer = holder.load_tokenizer()
-        if (adapter / "tokenizer_config.json").is_file():  # the tokenizer saved with the adapter wins
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(str(adapter))
-            tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+        tokenizer = load_folder_tokenizer(adapter, base_model_name)  # the tokenizer saved with the adapter wins
         model = PeftModel.from_pretrained(base, str(adapter))
         return model.eval(), tokenizer
 
