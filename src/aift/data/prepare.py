@@ -23,12 +23,11 @@ from aift.data import DataError
 from aift.data.formats import PromptFormat, default_system, resolve_format
 from aift.data.masking import Encoded, encode
 from aift.data.packing import best_fit_decreasing, count_trained_tokens, packing_efficiency
+from aift.data.prepared import PREPARE_JSON
 from aift.data.sources import SOURCES, Loaded, load_conversations, source_for_path
 from aift.models.registry import EMBEDDED_MODEL
 
 log = logging.getLogger(__name__)
-
-PREPARE_JSON = "prepare.json"
 
 
 def default_output_dir(source: str, model: str, num_samples: int | None) -> Path:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from aift.data import DataError
 from aift.data.packing import IGNORE_INDEX
-from aift.data.prepare import PREPARE_JSON
+from aift.data.prepared import PREPARE_JSON, read_split
 
 
 @dataclass
@@ -39,16 +38,10 @@ class DatasetPreview:
 
 def load_prepared(path: str | Path, split: str = "train"):
     """A prepared split and its prepare.json; DataError when the folder is not a prepared dataset."""
-    from datasets import load_from_disk
-
     path = Path(path)
-    if not (path / PREPARE_JSON).is_file():
+    if not (path / PREPARE_JSON).is_file():  # preview needs to know the model and format it was made with
         raise DataError(f"{path} is not a prepared dataset (no {PREPARE_JSON}); make one with `aift prepare`")
-    info = json.loads((path / PREPARE_JSON).read_text(encoding="utf-8"))
-    dataset_dict = load_from_disk(str(path))
-    if split not in dataset_dict:
-        raise DataError(f"{path} has no split {split!r}; it has {', '.join(dataset_dict)}")
-    return dataset_dict[split], info
+    return read_split(path, split)
 
 
 def _runs(tokenizer, input_ids: list[int], labels: list[int]) -> list[tuple[str, bool]]:

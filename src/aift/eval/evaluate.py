@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from aift.data import DataError
+from aift.data.prepared import read_prepare_json, read_split
 from aift.errors import AiftError
 from aift.export.folders import base_model_of, load_folder_tokenizer, read_meta
 
@@ -121,8 +123,7 @@ def _meta(target: EvalTarget) -> dict:
 def warn_on_mismatch(target: EvalTarget, dataset_path: str | Path, load_in_4bit: bool) -> None:
     """Warns when the data's prompt format is not the one the fine-tune learned, or QLoRA runs on full weights."""
     meta = _meta(target)
-    prepare_json = Path(dataset_path).expanduser() / "prepare.json"
-    data_format = _read_json(prepare_json).get("prompt_format") if prepare_json.is_file() else None
+    data_format = read_prepare_json(dataset_path).get("prompt_format")
     if meta.get("prompt_format") and data_format and meta["prompt_format"] != data_format:
         log.warning(
             "the fine-tune was trained with prompt format %r but %s was prepared with %r: scores will suffer; "
@@ -141,15 +142,11 @@ def warn_on_mismatch(target: EvalTarget, dataset_path: str | Path, load_in_4bit:
 
 def load_split(dataset_path: str | Path, split: str = "test", max_samples: int | None = None, generate: bool = False):
     """One split of a prepared dataset (`aift prepare` output), its first `max_samples` rows."""
-    from datasets import DatasetDict, load_from_disk
-
     path = Path(dataset_path).expanduser()
-    if not (path / "dataset_dict.json").is_file():
-        raise EvalError(f"{path} is not a prepared dataset (no dataset_dict.json in it); run `aift prepare` first")
-    data = load_from_disk(str(path))
-    if not isinstance(data, DatasetDict) or split not in data:
-        raise EvalError(f"{path} has no split {split!r} (splits: {', '.join(data.keys())})")
-    rows = data[split]
+    try:
+        rows, _ = read_split(path, split)
+    except DataError as e:
+        raise EvalError(str(e)) from None
     wanted = LOSS_COLUMNS + (GENERATION_COLUMNS if generate else ())
     missing = [c for c in wanted if c not in rows.column_names]
     if missing:

@@ -6,13 +6,13 @@ plan and skips the micro-batches already trained on, which is what makes resumin
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aift.data import DataError
 from aift.data.packing import (
     PackedCollator,
     PaddedCollator,
@@ -21,6 +21,7 @@ from aift.data.packing import (
     length_grouped_batches,
     packing_efficiency,
 )
+from aift.data.prepared import read_prepared
 from aift.errors import AiftError
 
 
@@ -46,20 +47,10 @@ class Examples:
 
 def load_prepared(path: str | Path) -> tuple[Any, dict]:
     """A folder written by `aift prepare`: (DatasetDict, prepare.json contents or {})."""
-    from datasets import load_from_disk
-
-    path = Path(path)
-    if not path.is_dir():
-        raise DatasetError(f"dataset folder {path} does not exist (write one with `aift prepare`)")
     try:
-        data = load_from_disk(str(path))
-    except (FileNotFoundError, ValueError) as e:
-        raise DatasetError(f"{path} is not a dataset folder written by `aift prepare`: {e}") from e
-    except IndexError as e:  # what datasets raises for a split saved with no rows
-        raise DatasetError(f"{path}: the dataset is empty (a split without rows)") from e
-    meta_file = path / "prepare.json"
-    meta = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.is_file() else {}
-    return data, meta
+        return read_prepared(path)
+    except DataError as e:
+        raise DatasetError(str(e)) from None
 
 
 def to_examples(source: Any, tokenizer, max_length: int, name: str, split: str = "train") -> Examples:

@@ -1,0 +1,54 @@
+"""Reading a folder written by `aift prepare`: the one reader that training, eval, preview and the demo use.
+
+A prepared folder is a ``datasets`` DatasetDict saved with ``save_to_disk`` (``dataset_dict.json`` plus one
+folder per split) and ``prepare.json``, which records how it was made (model, prompt format, counts).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from aift.data import DataError
+
+PREPARE_JSON = "prepare.json"
+
+
+def read_prepared(path: str | Path) -> tuple[Any, dict]:
+    """(DatasetDict, prepare.json contents or {}) of a prepared folder; DataError naming the folder otherwise."""
+    from datasets import DatasetDict, load_from_disk
+
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise DataError(f"dataset folder {path} does not exist (write one with `aift prepare`)")
+    if not (path / "dataset_dict.json").is_file():
+        raise DataError(f"{path} is not a prepared dataset (no dataset_dict.json in it); run `aift prepare` first")
+    try:
+        data = load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as e:
+        raise DataError(f"{path} is not a prepared dataset written by `aift prepare`: {e}") from e
+    except IndexError as e:  # what datasets raises for a split saved with no rows
+        raise DataError(f"{path}: the dataset is empty (a split without rows)") from e
+    if not isinstance(data, DatasetDict):
+        raise DataError(f"{path} holds a single split, not the train/test DatasetDict `aift prepare` writes")
+    return data, read_prepare_json(path)
+
+
+def read_prepare_json(path: str | Path) -> dict:
+    """prepare.json of a prepared folder, or {} when it has none."""
+    meta_file = Path(path).expanduser() / PREPARE_JSON
+    if not meta_file.is_file():
+        return {}
+    try:
+        return json.loads(meta_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{meta_file} is not valid JSON (line {e.lineno}: {e.msg})") from e
+
+
+def read_split(path: str | Path, split: str) -> tuple[Any, dict]:
+    """One split of a prepared folder and its prepare.json; DataError listing the splits when it is missing."""
+    data, meta = read_prepared(path)
+    if split not in data:
+        raise DataError(f"{Path(path).expanduser()} has no split {split!r} (splits: {', '.join(data.keys())})")
+    return data[split], meta
