@@ -7,7 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from aift.errors import NotAvailableError
-from aift.training.loss import IGNORE_INDEX, causal_lm_loss_sum, fused_linear_cross_entropy, split_causal_lm
+from aift.training.loss import (
+    IGNORE_INDEX,
+    causal_lm_loss_sum,
+    fused_linear_cross_entropy,
+    shifted_cross_entropy_sum,
+    split_causal_lm,
+)
 
 
 def plain_loss_sum(hidden, weight, labels):
@@ -185,3 +191,19 @@ def test_fused_loss_runs_through_a_ddp_style_wrapper_forward(tiny_model):
     torch.testing.assert_close(fused, causal_lm_loss_sum(tiny_model, batch, chunk_size=7))
     plain = tiny_model(input_ids=ids, labels=ids).loss * (ids.shape[1] - 1) * ids.shape[0]
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-4)
+
+
+def test_shifted_sum_is_the_token_sum_of_transformers_mean_loss(tiny_model_dir):
+    """The loops' and eval's loss sum, divided by the trained tokens, is the mean loss transformers computes."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids = torch.randint(0, 1000, (2, 19), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[0, :6] = IGNORE_INDEX
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=labels)
+    trained = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    torch.testing.assert_close(shifted_cross_entropy_sum(out.logits, labels) / trained, out.loss, atol=1e-5, rtol=1e-5)
+    h, w, lab = make_inputs()
+    torch.testing.assert_close(shifted_cross_entropy_sum(h @ w.T, lab), plain_loss_sum(h, w, lab))

@@ -172,6 +172,7 @@ def _progress(total: int, desc: str):
 def compute_loss(model, rows, pad_token_id: int, batch_size: int = 4, desc: str = "loss") -> dict[str, float]:
     """Token-weighted mean cross-entropy over the trained tokens of `rows`, and its perplexity."""
     from aift.data.packing import PaddedCollator
+    from aift.training.loss import shifted_cross_entropy_sum
 
     collate = PaddedCollator(pad_token_id)
     device = next(model.parameters()).device
@@ -182,11 +183,8 @@ def compute_loss(model, rows, pad_token_id: int, batch_size: int = 4, desc: str 
             logits = model(
                 input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
             ).logits
-            labels = batch["labels"][:, 1:].to(device)
-            total_loss += torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-            ).item()
-            total_tokens += int((labels != IGNORE_INDEX).sum())
+            total_loss += shifted_cross_entropy_sum(logits, batch["labels"]).item()
+            total_tokens += int(batch["num_trained_tokens"])
             bar.update(batch["input_ids"].shape[0])
     if total_tokens == 0:
         raise EvalError("the split has no trained tokens (every label is -100)")

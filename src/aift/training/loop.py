@@ -29,17 +29,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from peft.helpers import disable_input_dtype_casting
 from tqdm.auto import tqdm
 
 from aift.config import LoRAConfig, TrainingConfig, to_yaml
-from aift.data.packing import IGNORE_INDEX
 from aift.errors import AiftError
 from aift.export.folders import write_meta
 from aift.training import checkpoint as ckpt
 from aift.training.data import BatchPlanner, Examples, check_trainable, eval_batches
-from aift.training.loss import causal_lm_loss_sum, split_causal_lm
+from aift.training.loss import causal_lm_loss_sum, shifted_cross_entropy_sum, split_causal_lm
 from aift.training.reporting import MetricsLogger, check_loggers, peak_memory_gb
 
 log = logging.getLogger(__name__)
@@ -186,11 +184,7 @@ def run_training(
                 labels = batch["labels"].to(device)
                 return causal_lm_loss_sum(model, {**inputs, "labels": labels}, config.loss_chunk_size)
             logits = model(**inputs, use_cache=False).logits
-        # labels[i] is the target of position i: position i-1 predicts it.
-        targets = batch["labels"][:, 1:].to(device)
-        return F.cross_entropy(
-            logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
+        return shifted_cross_entropy_sum(logits, batch["labels"])
 
     @torch.no_grad()
     def evaluate() -> float:

@@ -18,6 +18,19 @@ from aift.data.packing import IGNORE_INDEX
 from aift.errors import NotAvailableError
 
 
+def shifted_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum over trained tokens of the next-token cross-entropy, in fp32, from full logits.
+
+    ``labels`` are not shifted: labels[:, i] is the target of position i, which position i-1 predicts; labels
+    equal to IGNORE_INDEX (prompt, padding) add nothing. The one definition of the language-model loss sum that
+    the training loops and eval use (the fused path below computes the same sum without the full logits).
+    """
+    targets = labels[:, 1:].to(logits.device)
+    return nn.functional.cross_entropy(
+        logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
 def fused_linear_cross_entropy(
     hidden_states: torch.Tensor,
     weight: torch.Tensor,

@@ -39,12 +39,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from aift.config import MultiGPUTrainingConfig, to_yaml
-from aift.data.packing import IGNORE_INDEX, PackedCollator, PaddedCollator
+from aift.data.packing import PackedCollator, PaddedCollator
 from aift.distributed.pipeline import mark_tied_embeddings, split_stages, sum_tied_gradients, tied_embedding_weight
 from aift.errors import AiftError, NotAvailableError
 from aift.training import checkpoint as ckpt
@@ -59,6 +58,7 @@ from aift.training.loop import (
     resolve_precision,
     save_final,
 )
+from aift.training.loss import shifted_cross_entropy_sum
 from aift.training.reporting import MetricsLogger, check_loggers, peak_memory_gb
 
 log = logging.getLogger(__name__)
@@ -372,10 +372,7 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor, normalizer: float) ->
     ``labels`` are not shifted (labels[i] is the target of position i; position i-1 predicts it), as in the
     one-process loop, so micro-batch losses add up to the token mean of the whole batch.
     """
-    loss_sum = F.cross_entropy(
-        logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return loss_sum / normalizer
+    return shifted_cross_entropy_sum(logits, labels) / normalizer
 
 
 class FixedShapeBatches:
