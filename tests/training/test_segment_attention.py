@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from aift.data.packing import PackedCollator
 from aift.errors import AiftError
 from aift.training import segment_attention
-from aift.training.loop import PackedAttention
+from aift.training.segment_attention import PackedAttention
 
 LENGTHS = [[37, 100, 20], [150, 5]]  # two packed rows; the second is padded at the end
 TOTAL = 160

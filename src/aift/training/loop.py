@@ -39,6 +39,7 @@ from aift.training import checkpoint as ckpt
 from aift.training.data import BatchPlanner, Examples, check_trainable, eval_batches
 from aift.training.loss import causal_lm_loss_sum, shifted_cross_entropy_sum, split_causal_lm
 from aift.training.reporting import MetricsLogger, check_loggers, peak_memory_gb
+from aift.training.segment_attention import PackedAttention
 
 log = logging.getLogger(__name__)
 
@@ -510,38 +511,6 @@ def _system_metrics(output_dir: Path, enabled: bool):
         log.warning("collect_metrics: aift.eval.system_metrics is not available in this version; not sampling")
         return contextlib.nullcontext()
     return SystemMetricsSampler(output_dir / "system_metrics.jsonl", interval=1.0)
-
-
-class PackedAttention:
-    """How packed rows keep their examples apart, chosen from the model's attention implementation.
-
-    flash-attention reads the examples from ``position_ids`` (no mask); SDPA on a CPU switches, for the run,
-    to aift's segment attention (``config.segment_attention``), which does the same; anything else gets
-    the 4-D block-causal mask. Used as a context around training and eval: the model's own implementation
-    is back on exit, before the final model is saved (its config.json must not name aift's).
-    """
-
-    def __init__(self, model: torch.nn.Module, config: TrainingConfig, device_type: str) -> None:
-        self.model = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self.original = getattr(self.model.config, "_attn_implementation", None) or "eager"
-        self.implementation, self.mask = self.original, "4d"
-        if not config.packing:
-            return
-        if self.original.startswith("flash_attention"):
-            self.mask = "position_ids"
-        elif config.segment_attention and device_type == "cpu" and self.original == "sdpa":
-            from aift.training import segment_attention
-
-            self.implementation, self.mask = segment_attention.register(), "position_ids"
-
-    def __enter__(self) -> PackedAttention:
-        if self.implementation != self.original:
-            self.model.set_attn_implementation(self.implementation)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.implementation != self.original:
-            self.model.set_attn_implementation(self.original)
 
 
 class _StopOnInterrupt:

@@ -132,3 +132,33 @@ def register() -> str:
     # As for flash-attention: no mask when nothing is padded, else the 2-D padding mask (checked above).
     AttentionMaskInterface.register(IMPLEMENTATION, flash_attention_mask)
     return IMPLEMENTATION
+
+
+class PackedAttention:
+    """How packed rows keep their examples apart, chosen from the model's attention implementation.
+
+    flash-attention reads the examples from ``position_ids`` (no mask); SDPA on a CPU switches, for the run,
+    to aift's segment attention (``config.segment_attention``), which does the same; anything else gets
+    the 4-D block-causal mask. Used as a context around training and eval: the model's own implementation
+    is back on exit, before the final model is saved (its config.json must not name aift's).
+    """
+
+    def __init__(self, model: torch.nn.Module, config, device_type: str) -> None:
+        self.model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.original = getattr(self.model.config, "_attn_implementation", None) or "eager"
+        self.implementation, self.mask = self.original, "4d"
+        if not config.packing:
+            return
+        if self.original.startswith("flash_attention"):
+            self.mask = "position_ids"
+        elif config.segment_attention and device_type == "cpu" and self.original == "sdpa":
+            self.implementation, self.mask = register(), "position_ids"
+
+    def __enter__(self) -> PackedAttention:
+        if self.implementation != self.original:
+            self.model.set_attn_implementation(self.implementation)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.implementation != self.original:
+            self.model.set_attn_implementation(self.original)
