@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+REPO = Path(__file__).resolve().parents[1]
+
 # Tests never reach the hub: fail fast instead of retrying for minutes.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -64,3 +66,30 @@ def tiny_model_dir(tmp_path_factory, embedded_dir, tokenizer) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def trained_lora_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(prepared dataset, run dir): 40 rows of the bundled Japanese Q&A and a 6-step LoRA run of the embedded
+    model through `aift train` (bf16, eval every 3 steps, system metrics). One real run shared by the
+    end-to-end tests (eval, report, merge, export, serving): tests may add files to the run dir, never change final/."""
+    from aift.cli import main
+    from aift.data.prepare import prepare_dataset
+
+    work = tmp_path_factory.mktemp("e2e")
+    dataset = prepare_dataset(
+        source="jsonl",
+        source_path=REPO / "data" / "ja_qa.jsonl",
+        num_samples=40,
+        max_length=96,
+        val_ratio=0.2,
+        output_dir=work / "prepared",
+    )
+    run = work / "results" / "lora"
+    argv = ["train", "--model-name", "smollm2-135m-instruct", "--dataset-path", str(dataset), "--output-dir", str(run)]
+    argv += ["--use-lora", "--lora-r", "8", "--batch-size", "4", "--max-steps", "6", "--learning-rate", "1e-3"]
+    argv += ["--warmup-steps", "0", "--eval-steps", "3", "--logging-steps", "1", "--save-steps", "0"]
+    argv += ["--max-length", "96", "--bf16", "--no-gradient-checkpointing", "--report-to", "none"]
+    argv += ["--collect-metrics", "--no-tcmalloc"]
+    assert main(argv) == 0
+    return dataset, run

@@ -89,23 +89,12 @@ def test_chat_in_a_terminal():
 
 
 @pytest.mark.slow
-def test_trained_adapter_through_merge_gguf_and_generation(tmp_path, embedded_dir, capsys):
+def test_trained_adapter_through_merge_gguf_and_generation(tmp_path, trained_lora_run, capsys):
     """A LoRA fine-tune by `aift train`, merged, exported to GGUF and read back: the same greedy answer."""
-    from aift.data.prepare import prepare_dataset
     from aift.export.verify import compare_models, load_gguf
     from aift.inference.runner import GenerationSettings, LoadedModel, load_for_inference, stream_answer
 
-    data = prepare_dataset(
-        model=str(embedded_dir), source="json", source_path=REPO / "data" / "ja_qa.json", num_samples=8,
-        output_dir=tmp_path / "data", max_length=64, val_ratio=0.25,
-    )  # fmt: skip
-    run = tmp_path / "run"
-    train = [
-        "train", "--use-lora", f"model_name={embedded_dir}", f"dataset_path={data}", f"output_dir={run}",
-        "batch_size=2", "max_steps=2", "max_length=64", "learning_rate=1e-3", "eval_steps=0", "save_steps=0",
-        "logging_steps=1", "bf16=false", "fp16=false", "gradient_checkpointing=false", "report_to=none",
-    ]  # fmt: skip
-    assert main(train) == 0
+    _, run = trained_lora_run
     final = run / "final"
     assert (final / "adapter_config.json").is_file()
     merged, gguf = tmp_path / "merged", tmp_path / "tuned.f16.gguf"

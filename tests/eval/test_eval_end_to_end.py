@@ -14,32 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory) -> tuple[Path, Path]:
-    """A prepared slice of the bundled Japanese Q&A and a short LoRA run on the embedded model."""
-    from aift.data.prepare import prepare_dataset
-
-    work = tmp_path_factory.mktemp("e2e")
-    dataset = prepare_dataset(
-        source="jsonl",
-        source_path=ROOT / "data" / "ja_qa.jsonl",
-        num_samples=40,
-        max_length=96,
-        val_ratio=0.2,
-        output_dir=work / "prepared",
-    )
-    run = work / "results" / "lora"
-    argv = ["train", "--model-name", "smollm2-135m-instruct", "--dataset-path", str(dataset), "--output-dir", str(run)]
-    argv += ["--use-lora", "--lora-r", "8", "--batch-size", "4", "--max-steps", "6", "--learning-rate", "1e-3"]
-    argv += ["--warmup-steps", "0", "--eval-steps", "3", "--logging-steps", "1", "--save-steps", "0"]
-    argv += ["--max-length", "96", "--bf16", "--no-gradient-checkpointing", "--report-to", "none"]
-    argv += ["--collect-metrics", "--no-tcmalloc"]
-    assert main(argv) == 0
-    return dataset, run
-
-
-def test_eval_compare_base_and_report_on_a_real_run(trained_run, tmp_path):
-    dataset, run = trained_run
+def test_eval_compare_base_and_report_on_a_real_run(trained_lora_run, tmp_path):
+    dataset, run = trained_lora_run
     eval_json = run / "eval.json"
     argv = ["eval", "--model", str(run), "--dataset-path", str(dataset), "--compare-base", "--generate"]
     assert main([*argv, "--max-samples", "4", "--max-new-tokens", "16", "--output", str(eval_json)]) == 0
