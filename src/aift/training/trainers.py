@@ -19,6 +19,7 @@ import torch
 from aift.config import LoRAConfig, TrainingConfig
 from aift.errors import AiftError
 from aift.models.japanese import JapaneseModel
+from aift.models.loading import enable_activation_checkpointing
 from aift.training.data import DatasetError, Examples, load_prepared, to_examples
 from aift.training.loop import RunInfo, TrainResult, run_training
 
@@ -108,8 +109,7 @@ def _has_test_split(source: Any) -> bool:
 
 
 def _enable_checkpointing(model: torch.nn.Module) -> None:
-    # Non-reentrant checkpointing: works with frozen inputs and is what torch recommends.
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     model.config.use_cache = False
 
 
