@@ -506,9 +506,8 @@ def micro_batch_rng(seed: int, epoch: int, index: int, device: torch.device):
     The RNG streams outside are left as they were (fork_rng), so resuming a run stays exact.
     """
     digest = hashlib.sha256(f"aift-dropout:{seed}:{epoch}:{index}".encode()).digest()
-    accelerated = device.type != "cpu"
-    devices = [device.index or 0] if accelerated else []
-    with torch.random.fork_rng(devices=devices, device_type=device.type if accelerated else "cuda"):
+    devices = [device.index or 0] if device.type == "cuda" else []  # fork_rng always forks the CPU's
+    with torch.random.fork_rng(devices=devices):
         torch.manual_seed(int.from_bytes(digest[:8], "little") >> 1)
         yield
 
