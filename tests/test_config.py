@@ -82,6 +82,25 @@ def test_cli_overrides_are_typed():
         parse_overrides(["batch_size"])
 
 
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("all-linear", "all-linear"),
+        ("all", "all-linear"),
+        (["all-linear"], "all-linear"),
+        ("q_proj, v_proj", ["q_proj", "v_proj"]),
+        (["q_proj"], ["q_proj"]),
+    ],
+)
+def test_target_modules_all_linear_or_a_list(given, expected):
+    assert from_dict(LoRAConfig, {"target_modules": given}).target_modules == expected
+
+
+def test_target_modules_cannot_mix_all_linear_with_names():
+    with pytest.raises(ConfigError, match="mixes all-linear with module names"):
+        LoRAConfig(target_modules="all-linear,q_proj")
+
+
 def test_yaml_loading_errors_name_the_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("a: [1, 2\n")

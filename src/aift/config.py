@@ -106,7 +106,9 @@ class LoRAConfig:
     r: int = _f(16, "Adapter rank.")
     lora_alpha: int = _f(32, "Scaling numerator: the update is scaled by lora_alpha / r (or / sqrt(r) with rsLoRA).")
     target_modules: list[str] | str | None = _f(
-        None, "Modules to adapt; None means the model's attention and MLP projections; 'all-linear' for every linear."
+        None,
+        "Modules to adapt: a comma list of names (q_proj,v_proj), or all-linear (also 'all', as LLaMA-Factory "
+        "writes it) for every linear layer but the output head; None means all-linear.",
     )
     lora_dropout: float = _f(0.05, "Dropout on the adapter input.")
     bias: str = _f("none", "Which biases to train: none, all or lora_only.")
@@ -122,8 +124,25 @@ class LoRAConfig:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"bias must be one of none, all, lora_only; got {self.bias!r}")
-        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
-            self.target_modules = [m.strip() for m in self.target_modules.split(",") if m.strip()]
+        if self.target_modules is not None:
+            self.target_modules = _target_modules(self.target_modules)
+
+
+# Names that mean "every linear layer but the output head" (peft's "all-linear"); "all" is LLaMA-Factory's.
+ALL_LINEAR = ("all-linear", "all")
+
+
+def _target_modules(value: str | list[str]) -> str | list[str]:
+    """'all-linear' / 'all' (alone, or as a one-item list from a flag or YAML) -> peft's 'all-linear'; else names."""
+    names = value.split(",") if isinstance(value, str) else list(value)
+    if not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"target_modules must be module names or all-linear, got {value!r}")
+    names = [n.strip() for n in names if n.strip()]
+    if not any(n.lower() in ALL_LINEAR for n in names):
+        return names
+    if len(names) > 1:
+        raise ConfigError(f"target_modules: {value!r} mixes all-linear with module names; give one or the other")
+    return "all-linear"
 
 
 STRATEGIES = ("ddp", "model_parallel", "pipeline", "fsdp", "deepspeed")

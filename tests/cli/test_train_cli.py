@@ -80,6 +80,53 @@ def test_resume_latest_continues_the_step_count(embedded_dir, tiny_prepared, tmp
     assert json.loads((out / "train_summary.json").read_text())["steps"] == 3
 
 
+ALL_LINEAR_LAYERS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry", ["flag", "key=value", "yaml"])
+def test_all_linear_target_modules_from_each_entry_point(entry, embedded_dir, tiny_prepared, tmp_path):
+    """`all-linear` (README, --help) and `all` (LLaMA-Factory's word) adapt every linear layer but lm_head."""
+    out = tmp_path / entry
+    args = [*_common(embedded_dir, tiny_prepared, out), "--max-steps", "1", "--no-gradient-checkpointing"]
+    if entry == "flag":
+        args += ["--use-lora", "--lora-r", "2", "--lora-target-modules", "all-linear"]
+    elif entry == "key=value":
+        args += ["--use-lora", "--lora-r", "2", "lora.target_modules=all"]
+    else:
+        config = tmp_path / "lora.yaml"
+        config.write_text("lora:\n  r: 2\n  target_modules: all-linear\n")
+        args.insert(1, str(config))
+    assert main(args) == 0
+    adapter = json.loads((out / "final" / "adapter_config.json").read_text())
+    assert set(adapter["target_modules"]) == ALL_LINEAR_LAYERS
+    assert yaml.safe_load((out / "config.yaml").read_text())["LoRAConfig"]["target_modules"] == "all-linear"
+
+
+# Library messages that mean nothing to a user (aift.cli.library_noise): none may reach a train run's screen.
+LIBRARY_NOISE = (
+    "Failed to load CPU gemm_4bit_forward",
+    "`is_gradient_checkpointing` is deprecated",
+    "`gradient_checkpointing_enable` is deprecated",
+    "Setting accelerator to CPU",
+)
+
+
+@pytest.mark.slow
+def test_train_first_screen_has_no_library_noise(tiny_model_dir, tiny_prepared, tmp_path):
+    """`aift train --help` and a LoRA run with gradient checkpointing, as a user starts them (a new process)."""
+    help_run = subprocess.run([sys.executable, "-m", "aift", "train", "--help"], capture_output=True, text=True)
+    assert help_run.returncode == 0 and help_run.stderr == ""
+    args = [*_common(tiny_model_dir, tiny_prepared, tmp_path / "out"), "--use-lora", "--lora-r", "2"]
+    args += ["--gradient-checkpointing", "--warmup-steps", "5"]
+    run = subprocess.run([sys.executable, "-m", "aift", *args], capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    screen = run.stdout + run.stderr
+    assert not [line for line in screen.splitlines() if line.startswith(LIBRARY_NOISE) or "Warning: `" in line]
+    assert "training 2 steps" in run.stderr and "on cpu" in run.stderr  # aift's own lines stay
+    assert "warmup_steps=5 >= total steps 2" in run.stderr  # and so do its warnings
+
+
 def _make_prepared(path: Path, rows: list[dict]) -> Path:
     from datasets import Dataset, DatasetDict, Features, List, Value
 

@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"aift: unknown command {name!r}{hint}\n\n{_top_help()}", file=sys.stderr, end="")
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from aift.cli.library_noise import install_filters
+
+    install_filters()  # before the command's module imports the libraries that log at import
     try:
         parser = build_parser(name)
     except ModuleNotFoundError as e:

@@ -98,7 +98,7 @@ class JapaneseModel(BaseModel):
                 trust_remote_code=self.trust_remote_code,
             )
             if self.gradient_checkpointing:
-                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                loading.enable_activation_checkpointing(self.model)
         return self.model
 
     def load(self) -> JapaneseModel:

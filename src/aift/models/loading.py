@@ -202,3 +202,16 @@ def load_causal_lm(
     if "device_map" not in kwargs:
         model.to(device)
     return model
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing (works with frozen inputs; what torch recommends).
+
+    transformers 5 renamed ``gradient_checkpointing_enable`` (the old name now warns on every call) to
+    ``activation_checkpointing_enable``; the releases before the rename only have the old name.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

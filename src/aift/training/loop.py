@@ -7,8 +7,10 @@ the device, DDP wrapping, ``no_sync`` and the all-reduces; everything else is he
 - micro-batches from :mod:`aift.training.data` (packed rows or length-grouped padding), a fixed plan per
   (seed, epoch), split over processes micro-batch by micro-batch;
 - the loss is the sum of per-token cross-entropy (fp32) over the trained tokens of the whole accumulated
-  batch, on every process, divided by their count: 8 micro-batches of 1 equal 1 batch of 8, and
-  2 processes x batch 2 equal 1 process x batch 2 x 2 accumulation steps;
+  batch, on every process, divided by their count: 8 micro-batches of 1 equal 1 batch of 8 (without
+  dropout), and 2 processes x batch 2 equal 1 process x batch 2 x 2 accumulation steps;
+- each micro-batch draws its dropout masks from a seed of (seed, epoch, its index in the plan), so the
+  last equality holds with dropout on too;
 - AdamW (fused where supported), linear warmup then linear decay to 0, clipping, bf16 autocast
   (fp16 with loss scaling on GPUs without bf16);
 - eval, logging, checkpoints (exactly resumable), Ctrl-C saves a checkpoint first.
@@ -17,6 +19,7 @@ the device, DDP wrapping, ``no_sync`` and the all-reduces; everything else is he
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -133,11 +136,13 @@ def run_training(
             total_steps,
         )
     log.info(
-        "training %d steps (%d per epoch), %d examples, %s, precision %s, packing efficiency %.1f%%, attention %s",
+        "training %d steps (%d per epoch), %d examples, %s on %s, precision %s, packing efficiency %.1f%%, "
+        "attention %s",
         total_steps,
         steps_per_epoch,
         len(train_examples.rows),
         info.method,
+        f"{world} x {device.type}" if world > 1 else device.type,
         precision,
         100 * planner.efficiency,
         attention.implementation,
@@ -269,9 +274,10 @@ def run_training(
                 scale = world / max(trained_tokens, 1)
 
                 loss_sum = torch.zeros((), device=device)
-                for i, (batch, weight) in enumerate(zip(batches, weights, strict=True)):
+                for i, (j, batch, weight) in enumerate(zip(mine, batches, weights, strict=True)):
                     sync = i == len(batches) - 1
-                    with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                    no_sync = contextlib.nullcontext() if sync else accelerator.no_sync(model)
+                    with no_sync, micro_batch_rng(config.seed, state.epoch, j, device):
                         loss = forward_loss_sum(batch) * (scale * weight)
                         if deepspeed:  # the loop, not DeepSpeed's counter, says where a step ends and scales the loss
                             model.set_gradient_accumulation_boundary(sync)
@@ -482,6 +488,22 @@ def quantization_meta(model: torch.nn.Module) -> dict | None:
         "double_quant": bool(config.get("bnb_4bit_use_double_quant", False)),
         "compute_dtype": dtype_names.get(compute, compute),
     }
+
+
+@contextlib.contextmanager
+def micro_batch_rng(seed: int, epoch: int, index: int, device: torch.device):
+    """Runs a micro-batch's forward and backward on an RNG seeded from (seed, epoch, its index in the plan).
+
+    Its dropout masks (LoRA, attention, hidden) are then those of that micro-batch, whichever process runs it
+    and whatever ran before: N processes x batch B draw what 1 process x batch B x N accumulation draws.
+    Gradient checkpointing replays the same masks (torch.utils.checkpoint restores the RNG state it saw).
+    The RNG streams outside are left as they were (fork_rng), so resuming a run stays exact.
+    """
+    digest = hashlib.sha256(f"aift-dropout:{seed}:{epoch}:{index}".encode()).digest()
+    devices = [device.index or 0] if device.type == "cuda" else []  # fork_rng always forks the CPU's
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        yield
 
 
 def unwrap(accelerator, model: torch.nn.Module) -> torch.nn.Module:

@@ -19,7 +19,7 @@ from aift.config import LoRAConfig, TrainingConfig
 from aift.errors import AiftError
 from aift.export.folders import load_folder_tokenizer
 from aift.models.japanese import JapaneseModel
-from aift.models.loading import default_dtype
+from aift.models.loading import default_dtype, enable_activation_checkpointing
 from aift.training.data import DatasetError, Examples, load_prepared, to_examples
 from aift.training.loop import RunInfo, TrainResult, run_training
 from aift.utils.gpu import get_available_device
@@ -110,8 +110,7 @@ def _has_test_split(source: Any) -> bool:
 
 
 def _enable_checkpointing(model: torch.nn.Module) -> None:
-    # Non-reentrant checkpointing: works with frozen inputs and is what torch recommends.
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     model.config.use_cache = False
 
 

@@ -61,7 +61,9 @@ def optimize_model_for_gpu(
         torch.backends.cudnn.allow_tf32 = True
     model = model.to(device)
     if gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from aift.models.loading import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model)
         if getattr(model.config, "use_cache", False):
             model.config.use_cache = False
     return model
