@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("aift.cli.merge", "Merge a LoRA adapter into its base model."),
     "quantize": ("aift.cli.quantize", "Quantize a model to 8 or 4 bits with bitsandbytes."),
     "export": ("aift.cli.export", "Export a model to GGUF or safetensors."),
+    "serve": ("aift.cli.serve", "OpenAI-compatible HTTP server (base + several LoRA adapters, batched)."),
     "bench": ("aift.cli.bench", "Benchmark aift's trainer (optionally against TRL)."),
     "plan": ("aift.cli.plan", "Plan device placement and memory for multi-GPU training."),
     "demo": ("aift.cli.demo", "Fine-tune the embedded model on the bundled Japanese data, before/after."),
