@@ -1,0 +1,156 @@
+"""The errors `aift prepare` gives for bad data name the file, the row or column, and what was expected.
+
+Each case below was a traceback, a silent mistake or an error without its row before: most are the falsifying
+examples the fuzzer (test_loader_fuzz.py) found, kept here as explicit regressions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from aift.cli import main
+from aift.data import DataError
+from aift.data.prepare import prepare_dataset
+from aift.data.sources import load_conversations
+
+MODEL = "smollm2-135m-instruct"
+
+
+def _write(tmp_path: Path, name: str, content: str | bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    return path
+
+
+def test_unknown_columns_list_every_accepted_shape(tmp_path):
+    """`question,answer_text` has a question column but no known answer column: show all the shapes."""
+    path = _write(tmp_path, "qa.csv", "question,answer_text\nWhat is 2+2?,4\n")
+    with pytest.raises(DataError) as error:
+        load_conversations("csv", path)
+    message = str(error.value)
+    assert "qa.csv" in message and "has 'question' but no answer column 'answer'" in message
+    for shape in ("instruction/input/output", "prompt/completion", "question/answer", "messages", "conversations"):
+        assert shape in message
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        # RecursionError from json before: nesting deeper than Python's parser goes.
+        (
+            "deep.json",
+            '[{"instruction": ' + "[" * 100_000 + "]" * 100_000 + "}]",
+            r"deep.json: JSON .*nested too deeply",
+        ),
+        (
+            "deep.jsonl",
+            '{"a": 1}\n{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}\n",
+            r"deep.jsonl: JSON on line 2 is nested",
+        ),
+        # ValueError (not JSONDecodeError) from int(): more digits than Python converts.
+        (
+            "digits.json",
+            '[{"prompt": "a",\n "completion": ' + "9" * 5000 + "}]",
+            r"digits.json: malformed JSON on line 2: Exceeds",
+        ),
+        (
+            "digits.jsonl",
+            '{"prompt": "a", "completion": "b"}\n{"x": ' + "9" * 5000 + "}\n",
+            r"digits.jsonl: malformed JSON on line 2",
+        ),
+        # csv.Error from the header row was not caught: a header cell over csv's field limit.
+        (
+            "header.csv",
+            "instruction," + "x" * 200_000 + "\na,b\n",
+            r"header.csv: malformed CSV header \(line 1\): field larger",
+        ),
+        (
+            "utf16.json",
+            '[{"prompt": "a", "completion": "b"}]'.encode("utf-16"),
+            r"utf16.json is not UTF-8 \(it looks like UTF-16\)",
+        ),
+    ],
+)
+def test_file_level_failures_name_file_and_line(tmp_path, name, content, message):
+    path = _write(tmp_path, name, content)
+    with pytest.raises(DataError, match=message):
+        load_conversations(name.rsplit(".", 1)[1], path)
+
+
+def test_jsonl_records_end_only_at_newline(tmp_path):
+    """U+2028 is allowed raw inside a JSON string; str.splitlines() cut the record there."""
+    path = _write(tmp_path, "sep.jsonl", '{"prompt": "one\u2028two", "completion": "three\u0085four"}\n')
+    loaded = load_conversations("jsonl", path)
+    assert loaded.conversations[0][0]["content"] == "one\u2028two"
+    assert loaded.conversations[0][1]["content"] == "three\u0085four"
+
+
+@pytest.mark.parametrize(
+    ("content", "reason", "detail"),
+    [
+        # A list was silently stringified to "['a', 'b']" and trained on as the answer.
+        (
+            '{"instruction": "q", "output": ["a", "b"]}',
+            "'output' is not text",
+            "'output' holds a list; expected a string",
+        ),
+        ('{"instruction": {"k": 1}, "output": "a"}', "'instruction' is not text", "holds an object"),
+        ('{"prompt": true, "completion": "a"}', "'prompt' is not text", "holds a boolean"),
+        ('{"question": "q", "answer": "a", "system": [1]}', "'system' is not text", "holds a list"),
+        # A lone surrogate (JSON escape) crashed the tokenizer with a TypeError in prepare.
+        ('{"prompt": "a\\ud800b", "completion": "c"}', "'prompt' is not valid Unicode", "lone surrogate U+D800"),
+        (
+            '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "\\udfff"}]}',
+            "'messages' turn 2 is not valid Unicode",
+            "U+DFFF",
+        ),
+        (
+            '{"instruction": "q", "output": ""}',
+            "missing answer",
+            "'output' is empty or absent; expected the answer text",
+        ),
+        (
+            '{"conversations": {"from": "human"}}',
+            "empty or missing 'conversations'",
+            "is an object; expected a non-empty list",
+        ),
+    ],
+)
+def test_row_errors_name_row_field_and_expectation(tmp_path, content, reason, detail):
+    path = _write(tmp_path, "rows.jsonl", content + "\n")
+    loaded = load_conversations("jsonl", path)
+    assert dict(loaded.dropped) == {reason: 1}
+    with pytest.raises(DataError) as error:
+        load_conversations("jsonl", path, strict=True)
+    assert f"rows.jsonl line 1: {reason}" in str(error.value) and detail in str(error.value)
+
+
+def test_numbers_are_text_as_written(tmp_path):
+    path = _write(tmp_path, "n.json", '[{"question": "6 x 7?", "answer": 42}]')
+    assert load_conversations("json", path).conversations[0][1]["content"] == "42"
+
+
+def test_too_many_dropped_names_the_file_and_first_rows(tmp_path):
+    path = _write(
+        tmp_path,
+        "bad.jsonl",
+        '{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n{"prompt": ["d"], "completion": "e"}\n',
+    )
+    with pytest.raises(DataError) as error:
+        prepare_dataset(MODEL, "jsonl", path, output_dir=tmp_path / "out")
+    message = str(error.value)
+    assert message.startswith(f"{path}: 2 of 3 rows were dropped")
+    assert "line 2: missing answer: 'completion' is empty or absent" in message
+    assert "line 3: 'prompt' is not text: 'prompt' holds a list; expected a string" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+
+
+def test_cli_prints_the_row_level_error_in_one_line(tmp_path, capsys):
+    path = _write(tmp_path, "qa.jsonl", '{"質問": "a", "回答": "b"}\n{"質問": "c", "回答": null}\n')
+    assert main(["prepare", "--source-path", str(path), "--strict", "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "qa.jsonl line 2: missing answer: '回答' is empty or absent; expected the answer text" in err
+    assert not (tmp_path / "o").exists()
