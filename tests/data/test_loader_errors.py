@@ -154,3 +154,18 @@ def test_cli_prints_the_row_level_error_in_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "Traceback" not in err
     assert "qa.jsonl line 2: missing answer: '回答' is empty or absent; expected the answer text" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_hub_schema_from_a_local_copy_names_the_file(tmp_path):
+    path = _write(tmp_path, "copy.csv", "prompt,completion\na,b\n")
+    with pytest.raises(DataError, match=r"copy.csv \(--source dolly\): expected the columns instruction/response"):
+        load_conversations("dolly", path)
+
+
+def test_unwritable_output_dir_is_a_clear_error(tmp_path):
+    """A PermissionError / NotADirectoryError from mkdir was a traceback."""
+    data = _write(tmp_path, "qa.jsonl", '{"prompt": "a", "completion": "b"}\n')
+    blocker = _write(tmp_path, "file.txt", "not a folder")
+    with pytest.raises(DataError, match=r"cannot write the dataset to .*file.txt/out: .*choose another --output-dir"):
+        prepare_dataset(MODEL, "jsonl", data, output_dir=blocker / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "qa.jsonl"]

@@ -134,9 +134,9 @@ DEEP = st.sampled_from((50, 1_000, 100_000))
 
 
 @st.composite
-def files(draw, fmt: str, huge: bool = True, max_rows: int = 4) -> tuple[str, bytes]:
+def files(draw, fmt: str, huge: bool = True, max_rows: int = 4, shapes=tuple(SHAPES)) -> tuple[str, bytes]:
     """(shape, file bytes): a file of rows in one shape, then perhaps re-encoded, mutated or replaced."""
-    shape = draw(st.sampled_from(sorted(SHAPES)))
+    shape = draw(st.sampled_from(sorted(shapes)))
     data = draw(st.lists(rows(shape, huge), min_size=1, max_size=max_rows))
     ensure_ascii = draw(st.booleans())
     if fmt == "json":
@@ -207,6 +207,33 @@ def test_loaders_end_in_rows_or_a_clear_error(fmt, data):
         path = Path(tmp) / f"data.{fmt}"
         path.write_bytes(content)
         _load_or_clear_error(fmt, path, strict)
+
+
+HUB_FILE_SHAPES = {"alpaca": ("alpaca",), "dolly": ("dolly",), "wizardlm": ("alpaca", "sharegpt")}
+
+
+@pytest.fixture(scope="module")
+def _datasets_cache(tmp_path_factory):
+    """datasets.load_dataset caches every file it reads: keep the fuzzed ones out of the user's cache."""
+    import datasets
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("hf-datasets"))
+        yield
+
+
+@settings(FUZZ, max_examples=int(30 * SCALE), deadline=timedelta(seconds=20))
+@given(data=st.data())
+def test_hub_schemas_from_a_local_copy_end_in_rows_or_a_clear_error(_datasets_cache, data):
+    """--source alpaca|dolly|wizardlm --source-path FILE goes through datasets.load_dataset, not aift's readers."""
+    source = data.draw(st.sampled_from(sorted(HUB_FILE_SHAPES)))
+    fmt = data.draw(st.sampled_from(FORMATS))
+    shape = data.draw(st.sampled_from(HUB_FILE_SHAPES[source]))
+    _, content = data.draw(files(fmt, huge=False, max_rows=3, shapes=(shape,)))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"data.{fmt}"
+        path.write_bytes(content)
+        _load_or_clear_error(source, path, strict=data.draw(st.booleans()))
 
 
 @pytest.fixture(scope="module")

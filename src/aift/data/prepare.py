@@ -157,8 +157,13 @@ def _to_dataset_dict(splits: dict[str, list[dict]]):
 def _write_atomically(output_dir: Path, splits: dict[str, list[dict]], info: dict[str, Any]) -> None:
     if output_dir.exists() and not (output_dir / PREPARE_JSON).is_file() and any(output_dir.iterdir()):
         raise DataError(f"{output_dir} exists and is not a prepared dataset; choose another --output-dir")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    except OSError as e:
+        raise DataError(
+            f"cannot write the dataset to {output_dir}: {e.strerror or e}; choose another --output-dir"
+        ) from e
     try:
         # An empty split saved with the default (zero) shards cannot be loaded back: give it one.
         shards = {name: 1 if not rows else None for name, rows in splits.items()}
@@ -169,6 +174,8 @@ def _write_atomically(output_dir: Path, splits: dict[str, list[dict]], info: dic
             os.replace(output_dir, old)
         os.replace(tmp, output_dir)
         shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:  # disk full, quota, a file system that refuses the rename
+        raise DataError(f"cannot write the dataset to {output_dir}: {e.strerror or e}; it was not written") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

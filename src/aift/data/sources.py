@@ -247,7 +247,10 @@ def _check_path(path: str | Path | None, source: str) -> Path:
 
 
 def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:  # permission denied, a broken network share, ...
+        raise DataError(f"{path}: cannot be read: {e.strerror or e}") from e
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -377,9 +380,10 @@ def load_hub_dataset(source: str, source_path: str | Path | None = None):
         raise DataError(f"{advice}. ({type(e).__name__}: {e})") from e
 
 
-def hub_rows(source: str, dataset) -> tuple[list[Row], str]:
+def hub_rows(source: str, dataset, origin: str | None = None) -> tuple[list[Row], str]:
     """Rows and shape of a hub-schema ``datasets.Dataset``; DataError when its columns are not that schema."""
-    shape = detect_shape(list(dataset.column_names), f"--source {source}", HUB_SHAPES[source])
+    origin = f"{origin} (--source {source})" if origin else f"--source {source}"
+    shape = detect_shape(list(dataset.column_names), origin, HUB_SHAPES[source])
     return [Row(r, f"row {i}") for i, r in enumerate(dataset, 1)], shape
 
 
@@ -432,8 +436,8 @@ def load_conversations(
         total = len(dataset)
         if num_samples is not None and num_samples < total:
             dataset = dataset.select(range(num_samples))
-        rows, shape = hub_rows(source, dataset)
         origin = str(source_path or HUB_DATASETS[source])
+        rows, shape = hub_rows(source, dataset, origin)
     else:
         rows = read_file(source_path, source)
         total = len(rows)
