@@ -169,3 +169,15 @@ def test_unwritable_output_dir_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match=r"cannot write the dataset to .*file.txt/out: .*choose another --output-dir"):
         prepare_dataset(MODEL, "jsonl", data, output_dir=blocker / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "qa.jsonl"]
+
+
+def test_chat_turn_of_the_wrong_type_says_so(tmp_path):
+    path = _write(
+        tmp_path,
+        "chat.jsonl",
+        '{"messages": [{"role": "user", "content": ["a"]}, {"role": "assistant", "content": "b"}]}\n',
+    )
+    with pytest.raises(
+        DataError, match=r"chat.jsonl line 1: invalid conversation: message 1 \(user\): content is a list"
+    ):
+        load_conversations("jsonl", path, strict=True)

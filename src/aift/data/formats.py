@@ -93,7 +93,10 @@ def normalize(messages: list[dict[str, Any]], *, last_role: str = "assistant") -
         content = message.get("content")
         if role is None:
             raise DataError(f"message {i + 1}: unknown role {message.get('role')!r} (expected system, user, assistant)")
-        if not isinstance(content, str) or not content.strip():
+        if content is not None and not isinstance(content, str):
+            kind = type(content).__name__
+            raise DataError(f"message {i + 1} ({role}): content is a {kind}, expected a string")
+        if not content or not content.strip():
             raise DataError(f"message {i + 1} ({role}) has no content")
         clean = {"role": role, "content": content.strip()}
         if role == "user" and isinstance(message.get("input"), str) and message["input"].strip():
