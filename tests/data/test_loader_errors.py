@@ -181,3 +181,12 @@ def test_chat_turn_of_the_wrong_type_says_so(tmp_path):
         DataError, match=r"chat.jsonl line 1: invalid conversation: message 1 \(user\): content is a list"
     ):
         load_conversations("jsonl", path, strict=True)
+
+
+@pytest.mark.parametrize("name", ["deep.json", "deep.jsonl"])
+def test_deep_nesting_in_a_hub_schema_copy_is_an_error_not_a_crash(tmp_path, name):
+    """Arrow's JSON reader (datasets.load_dataset) died with a segmentation fault on this file."""
+    row = '{"instruction": ' + "[" * 100_000 + "]" * 100_000 + ', "output": "x"}'
+    path = _write(tmp_path, name, f"[{row}]" if name.endswith(".json") else row + "\n")
+    with pytest.raises(DataError, match=rf"{name}: JSON .*nested too deeply"):
+        load_conversations("alpaca", path)

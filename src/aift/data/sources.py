@@ -358,6 +358,7 @@ def load_hub_dataset(source: str, source_path: str | Path | None = None):
 
     if source_path is not None:
         path = _check_path(source_path, source)
+        _check_json_syntax(path, source_for_path(path))
         builder = source_for_path(path).replace("jsonl", "json")
         try:
             return datasets.load_dataset(builder, data_files=str(path), split="train")
@@ -378,6 +379,20 @@ def load_hub_dataset(source: str, source_path: str | Path | None = None):
         return datasets.load_dataset(repo, split="train")
     except Exception as e:  # noqa: BLE001 - offline, not cached, or a hub error: one message for all
         raise DataError(f"{advice}. ({type(e).__name__}: {e})") from e
+
+
+def _check_json_syntax(path: Path, file_source: str) -> None:
+    """Parses a JSON/JSONL file once with Python's json before Arrow reads it.
+
+    Arrow's JSON reader crashes the process (segmentation fault) on nesting tens of thousands deep, where
+    Python's parser stops with an error that names the line.
+    """
+    if file_source == "json":
+        _parse_json(_read_text(path), path)
+    elif file_source == "jsonl":
+        for number, line in enumerate(_read_text(path).split("\n"), 1):
+            if line.strip():
+                _parse_json(line, path, line=number)
 
 
 def hub_rows(source: str, dataset, origin: str | None = None) -> tuple[list[Row], str]:
