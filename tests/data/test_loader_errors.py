@@ -190,3 +190,25 @@ def test_deep_nesting_in_a_hub_schema_copy_is_an_error_not_a_crash(tmp_path, nam
     path = _write(tmp_path, name, f"[{row}]" if name.endswith(".json") else row + "\n")
     with pytest.raises(DataError, match=rf"{name}: JSON .*nested too deeply"):
         load_conversations("alpaca", path)
+
+
+def test_a_chat_template_that_refuses_a_row_drops_it_with_the_reason(tmp_path, tokenizer):
+    """Templates such as Gemma's raise_exception('System role not supported'): a jinja2 traceback before."""
+    import copy
+
+    from aift.data.formats import get_format
+
+    strict = copy.deepcopy(tokenizer)
+    strict.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    system = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a"},
+    ]
+    with pytest.raises(DataError, match=r"chat template refuses this conversation \(system, user, assistant\): System"):
+        get_format("template").render(system, strict)
+    assert get_format("template").render(system[1:], strict).trained_text == "a<|im_end|>"
