@@ -272,9 +272,8 @@ def _parse_json(text: str, path: Path, line: int | None = None) -> Any:
         at = where.format(lineno=e.lineno)
         raise DataError(f"{path}: malformed JSON {at}, column {e.colno}: {e.msg}{hint}") from e
     except RecursionError as e:
-        raise DataError(
-            f"{path}: JSON {where.format(lineno='?')} is nested too deeply to read; expected rows of text fields"
-        ) from e
+        at = f" on line {line}" if line else ""
+        raise DataError(f"{path}: JSON{at} is nested too deeply to read; expected rows of text fields") from e
     except ValueError as e:  # an integer with more digits than Python converts (sys.get_int_max_str_digits)
         match = re.search(rf"\d{{{sys.get_int_max_str_digits() + 1},}}", text)
         lineno = line or (text.count("\n", 0, match.start()) + 1 if match else "?")
