@@ -93,7 +93,10 @@ def normalize(messages: list[dict[str, Any]], *, last_role: str = "assistant") -
         content = message.get("content")
         if role is None:
             raise DataError(f"message {i + 1}: unknown role {message.get('role')!r} (expected system, user, assistant)")
-        if not isinstance(content, str) or not content.strip():
+        if content is not None and not isinstance(content, str):
+            kind = type(content).__name__
+            raise DataError(f"message {i + 1} ({role}): content is a {kind}, expected a string")
+        if not content or not content.strip():
             raise DataError(f"message {i + 1} ({role}) has no content")
         clean = {"role": role, "content": content.strip()}
         if role == "user" and isinstance(message.get("input"), str) and message["input"].strip():
@@ -413,12 +416,12 @@ class TemplateFormat(PromptFormat):
     def render(self, messages, tokenizer=None) -> Rendered:
         tok = self._check(tokenizer)
         msgs = self._chat(normalize(messages))
-        text = tok.apply_chat_template(msgs, tokenize=False)
+        text = _apply_template(tok, msgs)
         spans, prompt_end = [], 0
         for k, message in enumerate(msgs):
             if message["role"] != "assistant":
                 continue
-            prefix = tok.apply_chat_template(msgs[:k], tokenize=False, add_generation_prompt=True)
+            prefix = _apply_template(tok, msgs[:k], add_generation_prompt=True)
             start = text.find(message["content"], len(prefix)) if text.startswith(prefix) else -1
             if start < 0:
                 raise DataError(
@@ -444,7 +447,7 @@ class TemplateFormat(PromptFormat):
     def generation_prompt(self, messages, tokenizer=None) -> str:
         tok = self._check(tokenizer)
         msgs = self._chat(normalize(messages, last_role="user"))
-        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return _apply_template(tok, msgs, add_generation_prompt=True)
 
     def end_of_turn(self, tokenizer=None, last=True):
         """The special token the template puts after an answer (found by rendering a probe), or ''."""
@@ -453,6 +456,17 @@ class TemplateFormat(PromptFormat):
 
     def stop_strings(self, tokenizer=None):
         return [_eos(tokenizer), *_special_tokens(tokenizer)]
+
+
+def _apply_template(tokenizer, messages: list[Message], add_generation_prompt: bool = False) -> str:
+    """apply_chat_template; a template that refuses the conversation (raise_exception) is a DataError."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as e:
+        roles = ", ".join(m["role"] for m in messages)
+        raise DataError(f"the tokenizer's chat template refuses this conversation ({roles}): {e}") from e
 
 
 def _special_tokens(tokenizer) -> list[str]:

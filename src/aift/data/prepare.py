@@ -67,10 +67,12 @@ def _encode_all(
         except DataError as e:
             log.warning("%s dropped: %s", where, e)
             dropped[f"cannot render: {e}"] += 1
+            _note_dropped(loaded, where, f"cannot render: {e}")
             continue
         encoded: Encoded = encode(rendered, tokenizer, max_length, train_on_prompt)
         if encoded.num_trained == 0:
             dropped["no trained token"] += 1
+            _note_dropped(loaded, where, "no trained token")
             continue
         if encoded.truncated:
             truncated[encoded.truncated] += 1
@@ -85,6 +87,23 @@ def _encode_all(
             }
         )
     return examples, dropped, truncated
+
+
+def _note_dropped(loaded: Loaded, where: str, reason: str) -> None:
+    if len(loaded.first_dropped) < 3:
+        loaded.first_dropped.append(f"{where}: {reason}")
+
+
+def _check_enough_kept(loaded: Loaded, kept: int, dropped: Counter, origin: str) -> None:
+    """Fails, naming the file and its first dropped rows, when nothing or less than half the rows is usable."""
+    n_dropped = sum(dropped.values())
+    if kept and n_dropped <= loaded.read / 2:
+        return
+    reasons = ", ".join(f"{n} {why}" for why, n in dropped.most_common())
+    first = f" First dropped: {'; '.join(loaded.first_dropped)}." if loaded.first_dropped else ""
+    raise DataError(
+        f"{origin}: {n_dropped} of {loaded.read} rows were dropped ({reasons}); nothing was written.{first}"
+    )
 
 
 def _split(examples: list[dict], val_ratio: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -137,8 +156,13 @@ def _to_dataset_dict(splits: dict[str, list[dict]]):
 def _write_atomically(output_dir: Path, splits: dict[str, list[dict]], info: dict[str, Any]) -> None:
     if output_dir.exists() and not (output_dir / PREPARE_JSON).is_file() and any(output_dir.iterdir()):
         raise DataError(f"{output_dir} exists and is not a prepared dataset; choose another --output-dir")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    except OSError as e:
+        raise DataError(
+            f"cannot write the dataset to {output_dir}: {e.strerror or e}; choose another --output-dir"
+        ) from e
     try:
         # An empty split saved with the default (zero) shards cannot be loaded back: give it one.
         shards = {name: 1 if not rows else None for name, rows in splits.items()}
@@ -149,6 +173,8 @@ def _write_atomically(output_dir: Path, splits: dict[str, list[dict]], info: dic
             os.replace(output_dir, old)
         os.replace(tmp, output_dir)
         shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:  # disk full, quota, a file system that refuses the rename
+        raise DataError(f"cannot write the dataset to {output_dir}: {e.strerror or e}; it was not written") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -201,9 +227,7 @@ def prepare_dataset(
     examples, dropped, truncated = _encode_all(loaded, fmt, tokenizer, max_length, train_on_prompt, system)
     dropped.update(loaded.dropped)
     n_dropped = sum(dropped.values())
-    if not examples or n_dropped > loaded.read / 2:
-        reasons = ", ".join(f"{n} {why}" for why, n in dropped.most_common())
-        raise DataError(f"{n_dropped} of {loaded.read} rows were dropped ({reasons}); nothing was written")
+    _check_enough_kept(loaded, len(examples), dropped, str(source_path or source))
     end_markers = sorted({fmt.end_of_turn(tokenizer, last=True), fmt.end_of_turn(tokenizer, last=False)})
     if not any(m.strip() for m in end_markers):
         log.warning(

@@ -13,6 +13,8 @@ import io
 import json
 import logging
 import os
+import re
+import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,7 +43,18 @@ SHAPE_HELP = (
 
 
 class Drop(Exception):
-    """A row that cannot become a conversation; the message is the reason counted in prepare.json."""
+    """A row that cannot become a conversation.
+
+    The message is the reason counted in prepare.json; ``detail`` names the field and what was expected,
+    for the row-level messages (``--strict``, and the first rows of a file that drops too many).
+    """
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.detail = detail
+
+    def describe(self) -> str:
+        return f"{self}: {self.detail}" if self.detail and self.detail != str(self) else str(self)
 
 
 @dataclass
@@ -60,6 +73,7 @@ class Loaded:
     read: int
     dropped: Counter = field(default_factory=Counter)
     total_available: int = 0
+    first_dropped: list[str] = field(default_factory=list)  # "line 3: missing answer: ..." for the first few
 
 
 def _text(value: Any) -> str:
@@ -69,11 +83,33 @@ def _text(value: Any) -> str:
     return str(value).strip()
 
 
-def _pair(question: str, answer: str, context: str = "", system: str = "") -> list[Message]:
+def check_encodable(text: str, what: str) -> str:
+    """The text, unless it holds a lone surrogate (JSON's "\\ud800"), which no tokenizer or Arrow can take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        char = f"U+{ord(text[e.start]):04X}"
+        raise Drop(
+            f"{what} is not valid Unicode", f"{what} holds a lone surrogate {char} at character {e.start}"
+        ) from e
+    return text
+
+
+def _field_text(data: dict, key: str) -> str:
+    """A field as stripped text: '' when absent or null; numbers as written; Drop for lists, objects, booleans."""
+    value = data.get(key)
+    if isinstance(value, bool) or not (value is None or isinstance(value, (str, int, float))):
+        raise Drop(f"'{key}' is not text", f"'{key}' holds {_kind(value)}; expected a string")
+    return check_encodable(_text(value), f"'{key}'")
+
+
+def _pair(
+    question: str, answer: str, context: str = "", system: str = "", keys: tuple[str, str] = ("", "")
+) -> list[Message]:
     if not question:
-        raise Drop("missing instruction")
+        raise Drop("missing instruction", f"'{keys[0]}' is empty or absent; expected the question text")
     if not answer:
-        raise Drop("missing answer")
+        raise Drop("missing answer", f"'{keys[1]}' is empty or absent; expected the answer text")
     user: Message = {"role": "user", "content": question}
     if context:
         user["input"] = context
@@ -83,8 +119,9 @@ def _pair(question: str, answer: str, context: str = "", system: str = "") -> li
 
 def _keyed(question: str, answer: str, context: str | None = None) -> Callable[[dict], list[Message]]:
     def convert(data: dict) -> list[Message]:
-        ctx = _text(data.get(context)) if context else ""
-        return _pair(_text(data.get(question)), _text(data.get(answer)), ctx, _text(data.get("system")))
+        ctx = _field_text(data, context) if context else ""
+        texts = _field_text(data, question), _field_text(data, answer)
+        return _pair(*texts, ctx, _field_text(data, "system"), keys=(question, answer))
 
     return convert
 
@@ -95,32 +132,48 @@ def _chat(key: str, role_key: str, content_key: str) -> Callable[[dict], list[Me
         if isinstance(turns, str):  # CSV cells hold JSON text
             try:
                 turns = json.loads(turns)
-            except ValueError as e:
-                raise Drop(f"'{key}' is not valid JSON") from e
+            except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than json can parse
+                raise Drop(f"'{key}' is not valid JSON", f"'{key}' must be a JSON list of turns: {e}") from e
         if not isinstance(turns, list) or not turns:
-            raise Drop(f"empty or missing '{key}'")
+            expected = f"expected a non-empty list of {{{role_key}, {content_key}}} objects"
+            raise Drop(f"empty or missing '{key}'", f"'{key}' is {_kind(turns)}; {expected}")
         try:
             messages = [{"role": t.get(role_key), "content": t.get(content_key)} for t in turns]
         except AttributeError as e:
-            raise Drop(f"'{key}' items must be objects with {role_key}/{content_key}") from e
+            bad = next(i for i, t in enumerate(turns, 1) if not isinstance(t, dict))
+            reason = f"'{key}' items must be objects with {role_key}/{content_key}"
+            raise Drop(reason, f"'{key}' turn {bad} is {_kind(turns[bad - 1])}; expected an object") from e
         while messages and messages[-1]["role"] not in ("assistant", "gpt", "bot", "model", "chatgpt"):
             messages.pop()  # a trailing question without an answer teaches nothing
         if not messages:
-            raise Drop("missing answer")
+            raise Drop("missing answer", f"'{key}' has no turn from the assistant")
         try:
-            return normalize(messages)
+            conversation = normalize(messages)
         except DataError as e:
-            raise Drop(f"invalid conversation: {e}") from e
+            raise Drop(f"invalid conversation: {e}", f"'{key}': {e}") from e
+        for i, message in enumerate(conversation, 1):
+            check_encodable(message["content"], f"'{key}' turn {i}")
+        return conversation
 
     return convert
+
+
+def _kind(value: Any) -> str:
+    """'absent or null', 'an empty list', 'an object', ... for messages about a field's value."""
+    if value is None:
+        return "absent or null"
+    if isinstance(value, list) and not value:
+        return "an empty list"
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}
+    return names.get(type(value), f"a {type(value).__name__}")
 
 
 def _user_assistant_text(data: dict) -> list[Message]:
     from aift.data.formats import UserAssistantFormat
 
-    text = _text(data.get("text"))
+    text = _field_text(data, "text")
     if not text:
-        raise Drop("missing text")
+        raise Drop("missing text", "'text' is empty or absent; expected a <|user|>...<|assistant|>... dialogue")
     try:
         return UserAssistantFormat().parse_conversation(text)
     except DataError as e:
@@ -161,7 +214,8 @@ def detect_shape(columns: list[str], origin: str, allowed: tuple[str, ...] | Non
     for question, answer in _ANSWER_FOR.items():
         if question in present:
             raise DataError(
-                f"{origin}: has '{question}' but no answer column {answer}; found columns {sorted(present)}"
+                f"{origin}: has '{question}' but no answer column {answer}; found columns {sorted(present)}. "
+                f"Accepted shapes (columns): {SHAPE_HELP}"
             )
     raise DataError(
         f"{origin}: cannot tell the data shape from columns {sorted(present)}; expected one of: {SHAPE_HELP}"
@@ -193,23 +247,41 @@ def _check_path(path: str | Path | None, source: str) -> Path:
 
 
 def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:  # permission denied, a broken network share, ...
+        raise DataError(f"{path}: cannot be read: {e.strerror or e}") from e
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"{path} is not UTF-8 (line {line}, byte {e.start}); save it as UTF-8") from e
+        utf16 = " (it looks like UTF-16)" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise DataError(f"{path} is not UTF-8{utf16} (line {line}, byte {e.start}); save it as UTF-8") from e
     if not text.strip():
         raise DataError(f"{path} is empty")
     return text
 
 
-def _read_json(path: Path) -> list[Row]:
+def _parse_json(text: str, path: Path, line: int | None = None) -> Any:
+    """json.loads, with every way it fails (syntax, nesting, huge numbers) as a DataError naming file and line."""
+    where = f"on line {line}" if line else "at line {lineno}"
     try:
-        data = json.loads(_read_text(path))
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        hint = " (one object per line? use --source jsonl)" if "Extra data" in e.msg else ""
-        raise DataError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}{hint}") from e
+        hint = " (one object per line? use --source jsonl)" if "Extra data" in e.msg and not line else ""
+        at = where.format(lineno=e.lineno)
+        raise DataError(f"{path}: malformed JSON {at}, column {e.colno}: {e.msg}{hint}") from e
+    except RecursionError as e:
+        at = f" on line {line}" if line else ""
+        raise DataError(f"{path}: JSON{at} is nested too deeply to read; expected rows of text fields") from e
+    except ValueError as e:  # an integer with more digits than Python converts (sys.get_int_max_str_digits)
+        match = re.search(rf"\d{{{sys.get_int_max_str_digits() + 1},}}", text)
+        lineno = line or (text.count("\n", 0, match.start()) + 1 if match else "?")
+        raise DataError(f"{path}: malformed JSON on line {lineno}: {e.args[0].split(';')[0]}") from e
+
+
+def _read_json(path: Path) -> list[Row]:
+    data = _parse_json(_read_text(path), path)
     if not isinstance(data, list):
         hint = " (one object per line? use --source jsonl)" if isinstance(data, dict) else ""
         raise DataError(f"{path}: expected a JSON array of objects, found a {type(data).__name__}{hint}")
@@ -223,13 +295,12 @@ def _read_json(path: Path) -> list[Row]:
 
 def _read_jsonl(path: Path) -> list[Row]:
     rows = []
-    for number, line in enumerate(_read_text(path).splitlines(), 1):
+    # Only \n ends a JSON Lines record: str.splitlines() would also cut at U+2028 and other characters
+    # that JSON allows inside strings.
+    for number, line in enumerate(_read_text(path).split("\n"), 1):
         if not line.strip():
             continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: malformed JSON on line {number}, column {e.colno}: {e.msg}") from e
+        item = _parse_json(line, path, line=number)
         if not isinstance(item, dict):
             raise DataError(f"{path}: line {number} is a {type(item).__name__}, expected an object")
         rows.append(Row(item, f"line {number}"))
@@ -238,7 +309,10 @@ def _read_jsonl(path: Path) -> list[Row]:
 
 def _read_csv(path: Path) -> list[Row]:
     reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
-    columns = [c.strip() for c in reader.fieldnames or []]
+    try:
+        columns = [c.strip() for c in reader.fieldnames or []]
+    except csv.Error as e:
+        raise DataError(f"{path}: malformed CSV header (line 1): {e}") from e
     if not any(columns):
         raise DataError(f"{path}: no header row")
     try:
@@ -283,6 +357,7 @@ def load_hub_dataset(source: str, source_path: str | Path | None = None):
 
     if source_path is not None:
         path = _check_path(source_path, source)
+        _check_json_syntax(path, source_for_path(path))
         builder = source_for_path(path).replace("jsonl", "json")
         try:
             return datasets.load_dataset(builder, data_files=str(path), split="train")
@@ -305,9 +380,24 @@ def load_hub_dataset(source: str, source_path: str | Path | None = None):
         raise DataError(f"{advice}. ({type(e).__name__}: {e})") from e
 
 
-def hub_rows(source: str, dataset) -> tuple[list[Row], str]:
+def _check_json_syntax(path: Path, file_source: str) -> None:
+    """Parses a JSON/JSONL file once with Python's json before Arrow reads it.
+
+    Arrow's JSON reader crashes the process (segmentation fault) on nesting tens of thousands deep, where
+    Python's parser stops with an error that names the line.
+    """
+    if file_source == "json":
+        _parse_json(_read_text(path), path)
+    elif file_source == "jsonl":
+        for number, line in enumerate(_read_text(path).split("\n"), 1):
+            if line.strip():
+                _parse_json(line, path, line=number)
+
+
+def hub_rows(source: str, dataset, origin: str | None = None) -> tuple[list[Row], str]:
     """Rows and shape of a hub-schema ``datasets.Dataset``; DataError when its columns are not that schema."""
-    shape = detect_shape(list(dataset.column_names), f"--source {source}", HUB_SHAPES[source])
+    origin = f"{origin} (--source {source})" if origin else f"--source {source}"
+    shape = detect_shape(list(dataset.column_names), origin, HUB_SHAPES[source])
     return [Row(r, f"row {i}") for i, r in enumerate(dataset, 1)], shape
 
 
@@ -324,10 +414,12 @@ def to_conversations(rows: list[Row], shape: str, origin: str, strict: bool = Fa
         except Drop as e:
             if strict:
                 raise DataError(
-                    f"{origin} {row.where}: {e} (without --strict such rows are dropped and counted)"
+                    f"{origin} {row.where}: {e.describe()} (without --strict such rows are dropped and counted)"
                 ) from e
             if loaded.dropped[str(e)] < 3:
-                log.warning("%s %s dropped: %s", origin, row.where, e)
+                log.warning("%s %s dropped: %s", origin, row.where, e.describe())
+            if len(loaded.first_dropped) < 3:
+                loaded.first_dropped.append(f"{row.where}: {e.describe()}")
             loaded.dropped[str(e)] += 1
             continue
         loaded.conversations.append(conversation)
@@ -358,8 +450,8 @@ def load_conversations(
         total = len(dataset)
         if num_samples is not None and num_samples < total:
             dataset = dataset.select(range(num_samples))
-        rows, shape = hub_rows(source, dataset)
         origin = str(source_path or HUB_DATASETS[source])
+        rows, shape = hub_rows(source, dataset, origin)
     else:
         rows = read_file(source_path, source)
         total = len(rows)

@@ -164,8 +164,29 @@ def check_world_size(expected: int | None) -> None:
             f"{nodes} node(s) x {local} process(es) per node != WORLD_SIZE {world}: start every node with the same "
             "--nnodes and --nproc-per-node"
         )
+    check_local_rank_has_a_gpu()
     if world > 1 and "MASTER_ADDR" in os.environ and "RANK" in os.environ:
         _compare_with_rank0(world, int(os.environ["RANK"]), os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+
+
+def check_local_rank_has_a_gpu() -> None:
+    """Fails when this process's LOCAL_RANK has no GPU: more processes per node were started than it has GPUs.
+
+    The usual cause is a per-node count given as a total (``deepspeed --num_gpus 64`` on 8-GPU nodes); each
+    surplus rank would otherwise die in CUDA with "invalid device ordinal".
+    """
+    import torch
+
+    local = os.environ.get("LOCAL_RANK")
+    if local is None or not torch.cuda.is_available():
+        return
+    count = torch.cuda.device_count()
+    if int(local) >= count:
+        raise WorldSizeMismatchError(
+            f"LOCAL_RANK={local} but this node has {count} GPU(s): the launcher started more processes per node "
+            f"than there are GPUs. deepspeed's --num_gpus and torchrun's --nproc-per-node count GPUs per node "
+            f"(8 nodes x 8 GPUs: deepspeed --num_nodes 8 --num_gpus 8, or just --hostfile with slots=8)"
+        )
 
 
 def _compare_with_rank0(world: int, rank: int, addr: str, port: int, timeout_s: float = 120) -> None:
