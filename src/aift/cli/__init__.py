@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("aift.cli.export", "Export a model to GGUF or safetensors."),
     "bench": ("aift.cli.bench", "Benchmark aift's trainer (optionally against TRL)."),
     "plan": ("aift.cli.plan", "Plan device placement and memory for multi-GPU training."),
+    "webui": ("aift.cli.webui", "Browser studio: data, training runs, live loss, chat, merge/export."),
     "demo": ("aift.cli.demo", "Fine-tune the embedded model on the bundled Japanese data, before/after."),
     "login": ("aift.cli.login", "Store a Hugging Face token (mode 0600, never echoed)."),
 }
