@@ -26,14 +26,16 @@ def launch(playwright):
     return playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
 
 
-def prepare_from_page(page, url: str, source: str, name: str, shots: Path | None) -> None:
+def prepare_from_page(
+    page, url: str, source: str, name: str, shots: Path | None, num_samples: str = "8", max_length: str = "48"
+) -> None:
     """Data view: prepare a raw file, then see its preview with the trained tokens highlighted."""
     page.goto(url + "/#data")
     page.wait_for_selector("body[data-ready='1']")
     page.fill("#prep-source", source)
     page.fill("#prep-name", name)
-    page.fill("#prep-num-samples", "8")
-    page.fill("#prep-max-length", "48")
+    page.fill("#prep-num-samples", num_samples)
+    page.fill("#prep-max-length", max_length)
     page.fill("#prep-val-ratio", "0.25")
     page.click("#prep-button")
     page.wait_for_selector("#preview .example .t", timeout=120_000)
@@ -69,11 +71,11 @@ def wait_for_status(page, status: str, timeout_s: float) -> None:
     page.wait_for_selector(f"#run-status.{status}", timeout=timeout_s * 1000)
 
 
-def chat_from_page(page, message: str, shots: Path | None, timeout_s: float = 120) -> str:
+def chat_from_page(page, message: str, shots: Path | None, timeout_s: float = 120, max_new_tokens: str = "24") -> str:
     """From the run's detail: Chat, send one message, wait for the streamed answer."""
     page.click("#run-detail button:has-text('Chat')")
     page.wait_for_selector("#view-chat.active")
-    page.fill("#chat-max", "24")
+    page.fill("#chat-max", max_new_tokens)
     page.fill("#chat-input", message)
     page.click("#chat-send")
     page.wait_for_function(

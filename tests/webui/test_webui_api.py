@@ -36,6 +36,13 @@ def test_status_is_read_from_the_run_folder(tmp_path):
     (reused / runs.PID_FILE).write_text(f"{os.getpid()} 12345.0")  # same pid, another process's start time
     assert runs.run_status(reused) == "failed"
 
+    from_cli = tmp_path / "from-cli"  # `aift train` into the runs dir, no summary: crashed or running elsewhere
+    from_cli.mkdir()
+    (from_cli / "metrics.jsonl").write_text("")
+    assert runs.run_status(from_cli) == "incomplete"
+    (from_cli / runs.LOG_FILE).write_text("saved checkpoint-3\naift train: interrupted\n")
+    assert runs.run_status(from_cli) == "stopped"
+
     exited = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
     dead = tmp_path / "dead"
     _write_pid(dead, exited.pid)
@@ -149,3 +156,43 @@ def test_api_refuses_foreign_hosts_non_json_posts_and_escapes(server):
     status, body = server.request("/api/runs", {"name": "x", "method": "lora", "training": {"dataset_path": "nope"}})
     assert status == 400 and "nope" in body["error"]
     assert not (server.runs_dir / "x").exists()
+
+
+def test_aift_webui_command_serves_the_page_and_the_runs_on_disk(tmp_path):
+    import socket
+    import urllib.request
+
+    from webui_server import wait_for
+
+    old = tmp_path / "runs" / "old-run"
+    old.mkdir(parents=True)
+    (old / "train_summary.json").write_text(json.dumps({"completed": True, "method": "full", "steps": 2}))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "aift", "webui", "--runs-dir", str(tmp_path / "runs"), "--port", str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def page() -> str | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+                return response.read().decode()
+        except OSError:
+            assert process.poll() is None, process.stdout.read()
+            return None
+
+    try:
+        assert "<title>aift studio</title>" in wait_for(page, 60, "aift webui to answer")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/runs", timeout=5) as response:
+            listed = json.loads(response.read())["runs"]
+        assert [(r["name"], r["status"], r["method"]) for r in listed] == [("old-run", "done", "full")]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_the_prepared_marker_is_the_one_prepare_writes():
+    from aift.data.prepare import PREPARE_JSON
+    from aift.webui import data
+
+    assert data.PREPARE_JSON == PREPARE_JSON

@@ -10,11 +10,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from aift.data.prepare import PREPARE_JSON
-from aift.data.sources import FILE_SOURCES
 from aift.webui.runs import DATASETS_DIR, WebUIError, check_name
 
-RAW_SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".parquet")
+RAW_SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".parquet")  # the file sources of aift prepare
+# aift.data.prepare.PREPARE_JSON, named here so that listing folders does not import torch (a fast UI start).
+PREPARE_JSON = "prepare.json"
 _SEARCH_DEPTH = 3  # data/<group>/<dataset>/
 
 
@@ -120,7 +120,7 @@ def prepare(roots: DataRoots, source_path: str, name: str, options: dict[str, An
 
     source = roots.resolve(source_path)
     if not source.is_file() or source.suffix.lower() not in RAW_SUFFIXES:
-        raise WebUIError(f"{source_path} is not a data file ({', '.join(FILE_SOURCES)})")
+        raise WebUIError(f"{source_path} is not a data file ({', '.join(RAW_SUFFIXES)})")
     output = roots.prepared_path(name)
     if output.exists():
         raise WebUIError(f"a dataset named {name!r} exists already in {roots.prepared_dir}; choose another name")

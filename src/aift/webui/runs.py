@@ -33,6 +33,7 @@ STOP_FILE = "webui.stop"  # the user pressed stop
 DATASETS_DIR = "datasets"  # RUNS/datasets/: data prepared from the UI (never a run)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
 _TOTAL_STEPS = re.compile(r"training (\d+) steps")
+_INTERRUPTED = "aift train: interrupted"  # what the CLI prints when Ctrl-C ended a run
 # Fields the UI sets itself (output_dir) or that only a launcher sets.
 HIDDEN_FIELDS = {"output_dir", "ddp", "local_rank", "world_size"}
 METHODS = ("lora", "qlora", "full")
@@ -106,14 +107,17 @@ def _exit_code(path: Path) -> int | None:
 
 
 def run_status(path: Path) -> str:
-    """done | running | stopped | failed, from the run folder alone."""
+    """done | running | stopped | failed | incomplete, from the run folder alone.
+
+    incomplete: no summary and not started by this UI (a run of `aift train` that crashed or runs elsewhere).
+    """
     if (_read_json(path / "train_summary.json") or {}).get("completed"):
         return "done"
     if _live_pid(path) is not None:
         return "running"
-    if (path / STOP_FILE).exists() or _exit_code(path) == 130:
+    if (path / STOP_FILE).exists() or _exit_code(path) == 130 or _INTERRUPTED in log_tail(path, 5):
         return "stopped"
-    return "failed"
+    return "failed" if (path / PID_FILE).exists() else "incomplete"
 
 
 def _request(path: Path) -> dict:
@@ -205,7 +209,7 @@ def run_detail(path: Path) -> dict[str, Any]:
 
 def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
     """Every run folder directly under runs_dir (started here or by `aift train`), newest first."""
-    from aift.training.loop import RUN_MARKERS
+    from aift.eval.report import is_run_dir  # what `aift report` takes for a run
 
     if not runs_dir.is_dir():
         return []
@@ -215,7 +219,7 @@ def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
         if p.is_dir()
         and p.name != DATASETS_DIR
         and _NAME.match(p.name)
-        and any((p / m).exists() for m in (*RUN_MARKERS, REQUEST_FILE))
+        and (is_run_dir(p) or any((p / m).exists() for m in (REQUEST_FILE, "config.yaml")))
     ]
     return sorted(rows, key=lambda r: r["modified"], reverse=True)
 
