@@ -1,8 +1,8 @@
 """Screenshots of `aift webui` for docs/ (webui-data/train/runs/chat.png), on the embedded model.
 
-    python scripts/webui_screenshots.py [--steps 12] [--output docs]
+    python scripts/webui_screenshots.py [--steps 8] [--output docs]
 
-Drives the same page flow as tests/webui/test_webui_browser.py in headless Chromium: prepare 64 rows of
+Drives the same page flow as tests/webui/test_webui_browser.py in headless Chromium: prepare 32 rows of
 data/ja_qa.json, LoRA-train the embedded SmolLM2-135M-Instruct from the page, wait for the loss curve,
 then chat with the run. Takes a few minutes on 2 CPU cores.
 """
@@ -23,7 +23,7 @@ from webui_server import Server  # noqa: E402
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", default="12", help="optimizer steps of the run (default 12)")
+    parser.add_argument("--steps", default="8", help="optimizer steps of the run (default 8)")
     parser.add_argument("--output", default=str(REPO / "docs"), help="folder for the PNGs (default docs/)")
     args = parser.parse_args()
     shots = Path(args.output)
@@ -33,8 +33,8 @@ def main() -> int:
     from aift.models.registry import EMBEDDED_MODEL
 
     options = {
-        "max_steps": args.steps, "batch_size": "4", "gradient_accumulation_steps": "1", "max_length": "256",
-        "learning_rate": "3e-4", "warmup_steps": "0", "logging_steps": "1", "eval_steps": "3", "save_steps": "0",
+        "max_steps": args.steps, "batch_size": "2", "gradient_accumulation_steps": "1", "max_length": "160",
+        "learning_rate": "5e-4", "warmup_steps": "0", "logging_steps": "1", "eval_steps": "4", "save_steps": "0",
         "report_to": "none", "lora.r": "8",
     }  # fmt: skip
     with (
@@ -44,8 +44,8 @@ def main() -> int:
     ):
         browser = launch(playwright)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
-        prepare_from_page(page, server.url, "ja_qa.json", "ja_qa64", shots, num_samples="64", max_length="256")
-        dataset = str(server.runs_dir / "datasets" / "ja_qa64")
+        prepare_from_page(page, server.url, "ja_qa.json", "ja_qa32", shots, num_samples="32", max_length="160")
+        dataset = str(server.runs_dir / "datasets" / "ja_qa32")
         start_run_from_page(page, server.url, "ja-lora", EMBEDDED_MODEL, dataset, options, "lora", shots)
         wait_for_status(page, "done", timeout_s=3600)
         page.screenshot(path=str(shots / "webui-runs.png"), full_page=True)
