@@ -2,7 +2,8 @@
 # Installs the system packages aift wants when they are missing and apt is usable;
 # otherwise prints one line and carries on (they speed things up or serve tests, nothing needs them).
 #   libgoogle-perftools4  tcmalloc, ~1.6x faster CPU training
-#   chromium              headless rendering of `aift report` in the tests (skipped without it)
+#   chromium              headless rendering of `aift report` and the `aift webui` browser test (skipped without it)
+#   fonts-ipafont-gothic  Japanese glyphs in those headless pages and their screenshots (else empty boxes)
 set -u
 apt_usable() { command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; }
 apt_install() {  # package, why
@@ -23,6 +24,13 @@ if ! command -v chromium >/dev/null 2>&1; then
     apt_install chromium "headless report rendering test"
   else
     echo "setup: note: apt not usable here; install chromium to run the report rendering test (optional)"
+  fi
+fi
+if ! fc-list 2>/dev/null | grep -qi 'IPAGothic'; then
+  if apt_usable; then
+    apt_install fonts-ipafont-gothic "Japanese text in headless Chromium screenshots"
+  else
+    echo "setup: note: apt not usable here; install fonts-ipafont-gothic for Japanese text in screenshots (optional)"
   fi
 fi
 exit 0

@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("aift.cli.serve", "OpenAI-compatible HTTP server (base + several LoRA adapters, batched)."),
     "bench": ("aift.cli.bench", "Benchmark aift's trainer (optionally against TRL)."),
     "plan": ("aift.cli.plan", "Plan device placement and memory for multi-GPU training."),
+    "webui": ("aift.cli.webui", "Browser studio: data, training runs, live loss, chat, merge/export."),
     "demo": ("aift.cli.demo", "Fine-tune the embedded model on the bundled Japanese data, before/after."),
     "login": ("aift.cli.login", "Store a Hugging Face token (mode 0600, never echoed)."),
 }

@@ -1,0 +1,139 @@
+"""Datasets as the web UI sees them: raw files and prepared folders below the data roots it was given.
+
+Nothing outside those roots is read: every path from the browser is resolved and checked to lie below one.
+Data prepared from the UI goes to ``RUNS/datasets/NAME`` (always a root).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from aift.webui.runs import DATASETS_DIR, WebUIError, check_name
+
+RAW_SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".parquet")  # the file sources of aift prepare
+# aift.data.prepare.PREPARE_JSON, named here so that listing folders does not import torch (a fast UI start).
+PREPARE_JSON = "prepare.json"
+_SEARCH_DEPTH = 3  # data/<group>/<dataset>/
+
+
+class DataRoots:
+    """The folders the UI may read datasets from; paths are shown relative to the one holding them."""
+
+    def __init__(self, runs_dir: Path, data_dirs: list[Path]):
+        self.prepared_dir = (runs_dir / DATASETS_DIR).resolve()
+        self.roots = [self.prepared_dir, *(Path(d).expanduser().resolve() for d in data_dirs)]
+
+    def resolve(self, path: str) -> Path:
+        """An absolute path below a root, or WebUIError (no '..' escapes, no symlink tricks)."""
+        if not isinstance(path, str) or not path.strip():
+            raise WebUIError("no path given")
+        given = Path(path).expanduser()
+        candidates = [given.resolve()] if given.is_absolute() else [(root / given).resolve() for root in self.roots]
+        for candidate in candidates:
+            if any(candidate.is_relative_to(root) for root in self.roots) and candidate.exists():
+                return candidate
+        roots = ", ".join(str(r) for r in self.roots)
+        raise WebUIError(f"{path} is not a file or folder below the data folders ({roots}); start with --data-dir")
+
+    def listing(self) -> dict[str, list[dict[str, Any]]]:
+        """Prepared dataset folders and raw data files below the roots."""
+        prepared, raw = [], []
+        for root in self.roots:
+            if not root.is_dir():
+                continue
+            for path in _walk(root, _SEARCH_DEPTH):
+                if path.is_dir() and (path / PREPARE_JSON).is_file():
+                    prepared.append(_prepared_row(path))
+                elif path.is_file() and path.suffix.lower() in RAW_SUFFIXES:
+                    raw.append({"path": str(path), "name": path.name, "size": path.stat().st_size})
+        return {"prepared": prepared, "raw": raw, "roots": [str(r) for r in self.roots]}
+
+    def prepared_path(self, name: str) -> Path:
+        return self.prepared_dir / check_name(name)
+
+
+def _walk(root: Path, depth: int, top: Path | None = None):
+    try:
+        children = sorted(root.iterdir())
+    except OSError:
+        return
+    for child in children:
+        # Hidden files, and links leading out of the data folder (resolve() would refuse them anyway).
+        if child.name.startswith(".") or (child.is_symlink() and not child.resolve().is_relative_to(top or root)):
+            continue
+        yield child
+        if child.is_dir() and depth > 1 and not (child / PREPARE_JSON).is_file():
+            yield from _walk(child, depth - 1, top or root)
+
+
+def _prepared_row(path: Path) -> dict[str, Any]:
+    try:
+        info = json.loads((path / PREPARE_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        info = {}
+    counts = info.get("counts") or {}
+    return {
+        "path": str(path),
+        "name": path.name,
+        "model": info.get("model"),
+        "format": info.get("format"),
+        "max_length": info.get("max_length"),
+        "train": counts.get("train"),
+        "test": counts.get("test"),
+    }
+
+
+def preview(path: Path, n: int, split: str) -> dict[str, Any]:
+    """aift preview's view as JSON: each example as runs of (text, trained); the page escapes and highlights."""
+    from aift.data.preview import preview_dataset
+
+    if split not in ("train", "test"):
+        raise WebUIError(f"split must be train or test, got {split!r}")
+    result = preview_dataset(path, n=max(1, min(int(n), 20)), split=split)
+    total = result.trained + result.masked
+    return {
+        "path": str(path),
+        "split": split,
+        "info": {k: result.info.get(k) for k in ("format", "model", "max_length", "train_on_prompt", "counts")},
+        "examples": [
+            {
+                "index": e.index,
+                "runs": [[text, trained] for text, trained in e.runs],
+                "trained": e.trained,
+                "masked": e.masked,
+                "warnings": e.warnings,
+            }
+            for e in result.examples
+        ],
+        "trained": result.trained,
+        "masked": result.masked,
+        "trained_share": result.trained / total if total else 0.0,
+        "warnings": result.warnings,
+    }
+
+
+def prepare(roots: DataRoots, source_path: str, name: str, options: dict[str, Any]) -> Path:
+    """`aift prepare` on a raw file below the roots, into RUNS/datasets/NAME."""
+    from aift.data.prepare import prepare_dataset
+
+    source = roots.resolve(source_path)
+    if not source.is_file() or source.suffix.lower() not in RAW_SUFFIXES:
+        raise WebUIError(f"{source_path} is not a data file ({', '.join(RAW_SUFFIXES)})")
+    output = roots.prepared_path(name)
+    if output.exists():
+        raise WebUIError(f"a dataset named {name!r} exists already in {roots.prepared_dir}; choose another name")
+    allowed = {"model", "format", "max_length", "val_ratio", "num_samples", "train_on_prompt", "system", "seed"}
+    unknown = set(options) - allowed
+    if unknown:
+        raise WebUIError(f"unknown prepare option(s) {sorted(unknown)}; known: {', '.join(sorted(allowed))}")
+    kwargs = {k: v for k, v in options.items() if v not in ("", None)}
+    for key, kind in (("max_length", int), ("num_samples", int), ("seed", int), ("val_ratio", float)):
+        if key in kwargs:
+            try:
+                kwargs[key] = kind(kwargs[key])
+            except (TypeError, ValueError) as e:
+                raise WebUIError(f"{key}: expected a number, got {kwargs[key]!r}") from e
+    roots.prepared_dir.mkdir(parents=True, exist_ok=True)
+    return prepare_dataset(source=None, source_path=source, output_dir=output, **kwargs)

@@ -1,0 +1,313 @@
+"""Training runs as the web UI sees them: folders under runs-dir, their state read from disk only.
+
+A run started from the UI is ``python -m aift train RUN/webui_request.yaml output_dir=RUN`` in its own
+process group, stdout and stderr in ``RUN/webui.log``, its pid in ``RUN/webui.pid``. What it is doing
+comes from the files the training loop writes (``metrics.jsonl``, ``train_summary.json``, ``checkpoints/``),
+so a restarted UI, or one opened on runs started with ``aift train``, shows the same runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+
+from aift.config import LoRAConfig, TrainingConfig, from_dict
+from aift.errors import AiftError
+
+REQUEST_FILE = "webui_request.yaml"  # what the user asked for (TrainingConfig keys + lora:)
+LOG_FILE = "webui.log"
+PID_FILE = "webui.pid"  # "pid create_time" of the training process
+EXIT_FILE = "webui.exit"  # its exit code, written by the UI that started it
+STOP_FILE = "webui.stop"  # the user pressed stop
+DATASETS_DIR = "datasets"  # RUNS/datasets/: data prepared from the UI (never a run)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
+_TOTAL_STEPS = re.compile(r"training (\d+) steps")
+_INTERRUPTED = "aift train: interrupted"  # what the CLI prints when Ctrl-C ended a run
+# Fields the UI sets itself (output_dir) or that only a launcher sets.
+HIDDEN_FIELDS = {"output_dir", "ddp", "local_rank", "world_size"}
+METHODS = ("lora", "qlora", "full")
+
+
+class WebUIError(AiftError, ValueError):
+    """A request the UI cannot carry out; the message says why (shown to the user)."""
+
+
+def check_name(name: str) -> str:
+    """A run or dataset name: one path component of letters, digits, '.', '_' and '-'."""
+    if not isinstance(name, str) or not _NAME.match(name) or name in (".", "..") or name == DATASETS_DIR:
+        raise WebUIError(
+            f"invalid name {name!r}: use letters, digits, '.', '_' and '-' (at most 80, not starting with "
+            f"'.' or '-', not {DATASETS_DIR!r})"
+        )
+    return name
+
+
+def run_dir(runs_dir: Path, name: str, must_exist: bool = True) -> Path:
+    path = runs_dir / check_name(name)
+    if must_exist and not path.is_dir():
+        raise WebUIError(f"no run named {name!r} in {runs_dir}")
+    return path
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
+    """(train records, eval records) of RUN/metrics.jsonl; a half-written last line is skipped."""
+    train, evals = [], []
+    try:
+        lines = (path / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return train, evals
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("type") == "train":
+            train.append(record)
+        elif isinstance(record, dict) and record.get("type") == "eval":
+            evals.append(record)
+    return train, evals
+
+
+def _live_pid(path: Path) -> int | None:
+    """The pid in RUN/webui.pid when that process still runs (same start time, so not a reused pid)."""
+    try:
+        pid_text, created = (path / PID_FILE).read_text().split()
+        process = psutil.Process(int(pid_text))
+        if abs(process.create_time() - float(created)) > 1 or process.status() == psutil.STATUS_ZOMBIE:
+            return None
+    except (OSError, ValueError, psutil.Error):
+        return None
+    return process.pid
+
+
+def _exit_code(path: Path) -> int | None:
+    try:
+        return int((path / EXIT_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def run_status(path: Path) -> str:
+    """done | running | stopped | failed | incomplete, from the run folder alone.
+
+    incomplete: no summary and not started by this UI (a run of `aift train` that crashed or runs elsewhere).
+    """
+    if (_read_json(path / "train_summary.json") or {}).get("completed"):
+        return "done"
+    if _live_pid(path) is not None:
+        return "running"
+    if (path / STOP_FILE).exists() or _exit_code(path) == 130 or _INTERRUPTED in log_tail(path, 5):
+        return "stopped"
+    return "failed" if (path / PID_FILE).exists() else "incomplete"
+
+
+def _request(path: Path) -> dict:
+    try:
+        data = yaml.safe_load((path / REQUEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _resolved_config(path: Path) -> dict:
+    """config.yaml as the loop wrote it: {"TrainingConfig": {...}, "LoRAConfig": {...}}."""
+    try:
+        data = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def total_steps(path: Path) -> int | None:
+    """The loop's own count ("training N steps" in the log), else max_steps of the config."""
+    try:
+        with (path / LOG_FILE).open(encoding="utf-8", errors="replace") as f:
+            for line in f:
+                match = _TOTAL_STEPS.search(line)
+                if match:
+                    return int(match.group(1))
+    except OSError:
+        pass
+    training = _resolved_config(path).get("TrainingConfig") or _request(path)
+    max_steps = training.get("max_steps") if isinstance(training, dict) else None
+    return int(max_steps) if isinstance(max_steps, int) and max_steps > 0 else None
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = (path / LOG_FILE).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    # tqdm redraws with carriage returns: keep the last state of each line.
+    return "\n".join(line.rsplit("\r", 1)[-1] for line in text.splitlines()[-lines:])
+
+
+def method_of(path: Path) -> str | None:
+    summary = _read_json(path / "train_summary.json") or {}
+    if summary.get("method"):
+        return summary["method"]
+    lora = _resolved_config(path).get("LoRAConfig") or _request(path).get("lora")
+    if not isinstance(lora, dict):
+        return "full" if _resolved_config(path) or _request(path) else None
+    return "qlora" if lora.get("use_qlora") else "lora"
+
+
+def run_summary(path: Path) -> dict[str, Any]:
+    """One row of the runs list."""
+    train, evals = read_metrics(path)
+    summary = _read_json(path / "train_summary.json") or {}
+    training = _resolved_config(path).get("TrainingConfig") or _request(path)
+    return {
+        "name": path.name,
+        "status": run_status(path),
+        "method": method_of(path),
+        "model": summary.get("model") or (training or {}).get("model_name"),
+        "dataset": (training or {}).get("dataset_path"),
+        "step": train[-1]["step"] if train else 0,
+        "total_steps": total_steps(path),
+        "loss": train[-1].get("loss") if train else None,
+        "eval_loss": evals[-1].get("eval_loss") if evals else None,
+        "has_final": (path / "final").is_dir(),
+        "is_adapter": (path / "final" / "adapter_config.json").is_file(),
+        "modified": max((p.stat().st_mtime for p in path.iterdir()), default=path.stat().st_mtime),
+    }
+
+
+def run_detail(path: Path) -> dict[str, Any]:
+    train, evals = read_metrics(path)
+    return {
+        **run_summary(path),
+        "train": [{k: r.get(k) for k in ("step", "loss", "lr", "tokens_per_s", "epoch")} for r in train],
+        "eval": [{k: r.get(k) for k in ("step", "eval_loss", "eval_ppl")} for r in evals],
+        "summary": _read_json(path / "train_summary.json"),
+        "config": _resolved_config(path) or _request(path),
+        "exit_code": _exit_code(path),
+        "log": log_tail(path),
+        "exports": sorted(p.name for p in (path / "exports").iterdir()) if (path / "exports").is_dir() else [],
+        "merged": (path / "merged").is_dir(),
+    }
+
+
+def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
+    """Every run folder directly under runs_dir (started here or by `aift train`), newest first."""
+    from aift.eval.report import is_run_dir  # what `aift report` takes for a run
+
+    if not runs_dir.is_dir():
+        return []
+    rows = [
+        run_summary(p)
+        for p in runs_dir.iterdir()
+        if p.is_dir()
+        and p.name != DATASETS_DIR
+        and _NAME.match(p.name)
+        and (is_run_dir(p) or any((p / m).exists() for m in (REQUEST_FILE, "config.yaml")))
+    ]
+    return sorted(rows, key=lambda r: r["modified"], reverse=True)
+
+
+# ---------------------------------------------------------------- starting and stopping
+
+
+def config_fields() -> dict[str, list[dict[str, Any]]]:
+    """The TrainingConfig and LoRAConfig fields the form shows: name, type, default and the field's own help."""
+
+    def describe(cls: type, hidden: set[str]) -> list[dict[str, Any]]:
+        rows = []
+        for f in dataclasses.fields(cls):
+            if f.name in hidden:
+                continue
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            rows.append({"name": f.name, "type": str(f.type), "default": default, "help": f.metadata.get("help", "")})
+        return rows
+
+    return {
+        "training": describe(TrainingConfig, HIDDEN_FIELDS),
+        # use_qlora and qlora_4bit follow from the method picked (lora / qlora).
+        "lora": describe(LoRAConfig, {"use_qlora", "task_type"}),
+    }
+
+
+def build_request(method: str, training: dict[str, Any], lora: dict[str, Any] | None) -> dict[str, Any]:
+    """The YAML mapping `aift train` reads, checked by the same from_dict the CLI uses (unknown keys are errors)."""
+    if method not in METHODS:
+        raise WebUIError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    training = {k: v for k, v in (training or {}).items() if v not in ("", None)}
+    hidden = HIDDEN_FIELDS & training.keys()
+    if hidden:
+        raise WebUIError(f"{', '.join(sorted(hidden))} cannot be set here (the UI sets output_dir to the run folder)")
+    if not training.get("dataset_path"):
+        raise WebUIError("pick a prepared dataset (dataset_path) first")
+    checked = from_dict(TrainingConfig, training)  # ConfigError names the field
+    request: dict[str, Any] = {k.replace("-", "_"): getattr(checked, k.replace("-", "_")) for k in training}
+    if method != "full":
+        values = {k: v for k, v in (lora or {}).items() if v not in ("", None)}
+        if method == "qlora":
+            values["use_qlora"] = True
+        checked_lora = from_dict(LoRAConfig, values)
+        request["lora"] = {k.replace("-", "_"): getattr(checked_lora, k.replace("-", "_")) for k in values}
+    return request
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def start_run(runs_dir: Path, name: str, request: dict[str, Any]) -> subprocess.Popen:
+    """Starts `python -m aift train` for a new run folder in its own process group; returns the process."""
+    path = run_dir(runs_dir, name, must_exist=False)
+    if path.exists() and any(path.iterdir()):
+        raise WebUIError(f"a run named {name!r} exists already in {runs_dir}; choose another name")
+    path.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path / REQUEST_FILE, yaml.safe_dump(request, sort_keys=False, allow_unicode=True))
+    command = [sys.executable, "-m", "aift", "train", str(path / REQUEST_FILE), f"output_dir={path}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with (path / LOG_FILE).open("ab") as log:
+        log.write(("$ " + " ".join(command) + "\n").encode())
+        log.flush()
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env
+        )
+    created = psutil.Process(process.pid).create_time()
+    _write_atomic(path / PID_FILE, f"{process.pid} {created}")
+    threading.Thread(target=_record_exit, args=(process, path), daemon=True).start()
+    return process
+
+
+def _record_exit(process: subprocess.Popen, path: Path) -> None:
+    """Reaps the process (no zombie) and writes its exit code next to its pid."""
+    code = process.wait()
+    _write_atomic(path / EXIT_FILE, str(130 if code == -signal.SIGINT else code))
+
+
+def stop_run(path: Path) -> bool:
+    """SIGINT to the run's process group: the loop finishes its step and saves a checkpoint. False if not running."""
+    pid = _live_pid(path)
+    if pid is None:
+        return False
+    (path / STOP_FILE).write_text("stop requested from the web UI\n")
+    try:
+        os.killpg(os.getpgid(pid), signal.SIGINT)
+    except ProcessLookupError:
+        return False
+    return True

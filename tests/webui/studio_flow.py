@@ -1,0 +1,97 @@
+"""What a user does in `aift webui`, driven in headless Chromium (Playwright): shared by the browser test and
+scripts/webui_screenshots.py (which runs it on the embedded model for the screenshots in docs/)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+def chromium_path() -> str | None:
+    return CHROMIUM if Path(CHROMIUM).is_file() else shutil.which("chromium")
+
+
+def launch(playwright):
+    return playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+
+
+def prepare_from_page(
+    page, url: str, source: str, name: str, shots: Path | None, num_samples: str = "8", max_length: str = "48"
+) -> None:
+    """Data view: prepare a raw file, then see its preview with the trained tokens highlighted."""
+    page.goto(url + "/#data")
+    page.wait_for_selector("body[data-ready='1']")
+    page.fill("#prep-source", source)
+    page.fill("#prep-name", name)
+    page.fill("#prep-num-samples", num_samples)
+    page.fill("#prep-max-length", max_length)
+    page.fill("#prep-val-ratio", "0.25")
+    page.click("#prep-button")
+    page.wait_for_selector("#preview .example .t", timeout=120_000)
+    if shots:
+        page.screenshot(path=str(shots / "webui-data.png"), full_page=True)
+
+
+def start_run_from_page(
+    page, url: str, run: str, model: str, dataset: str, options: dict[str, str], method: str, shots: Path | None
+) -> None:
+    """Train view: pick model, data and method, set options, look at the preview, start."""
+    page.goto(url + "/#train")
+    page.wait_for_selector("body[data-ready='1']")
+    page.fill("#run-name", run)
+    page.fill("#model-name", model)
+    page.select_option("#dataset-path", label=None, value=dataset)
+    page.select_option("#method", method)
+    page.click("#train-preview-button")
+    page.wait_for_selector("#train-preview .example .t", timeout=60_000)
+    if not page.locator("#view-train details").evaluate("d => d.open"):
+        page.click("summary:has-text('All training options')")
+    for key, value in options.items():
+        group, name = key.split(".", 1) if "." in key else ("training", key)
+        page.fill(f"#{group}-{name}", value)
+    if shots:
+        page.screenshot(path=str(shots / "webui-train.png"), full_page=True)
+    page.click("#start-button")
+    page.wait_for_selector("#view-runs.active")
+    page.wait_for_selector(f"#runs-table tr[data-run='{run}']")
+
+
+def wait_for_status(page, status: str, timeout_s: float) -> None:
+    page.wait_for_selector(f"#run-status.{status}", timeout=timeout_s * 1000)
+
+
+def chat_from_page(page, message: str, shots: Path | None, timeout_s: float = 120, max_new_tokens: str = "24") -> str:
+    """From the run's detail: Chat, send one message, wait for the streamed answer."""
+    page.click("#run-detail button:has-text('Chat')")
+    page.wait_for_selector("#view-chat.active")
+    page.fill("#chat-max", max_new_tokens)
+    page.fill("#chat-input", message)
+    page.click("#chat-send")
+    page.wait_for_function(
+        "document.querySelector('#chat-send') && !document.querySelector('#chat-send').disabled"
+        " && document.querySelectorAll('#chat-log .msg.assistant').length > 0",
+        timeout=timeout_s * 1000,
+    )
+    if shots:
+        page.screenshot(path=str(shots / "webui-chat.png"), full_page=True)
+    return page.inner_text("#chat-log .msg.assistant")
+
+
+def chart_points(page) -> int:
+    return page.locator("#loss-chart circle.train-point").count()
+
+
+def metrics_steps(run_dir: Path) -> list[int]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r["step"] for r in map(json.loads, lines) if r["type"] == "train"]

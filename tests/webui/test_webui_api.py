@@ -1,0 +1,198 @@
+"""The web UI's run folders, request checks, path checks and JSON API (no browser, no training)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import psutil
+import pytest
+import yaml
+
+from aift.config import ConfigError, LoRAConfig, TrainingConfig, field_help
+from aift.webui import runs
+from aift.webui.data import DataRoots
+
+
+def _write_pid(path, pid: int) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / runs.PID_FILE).write_text(f"{pid} {psutil.Process(pid).create_time()}")
+
+
+def test_status_is_read_from_the_run_folder(tmp_path):
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "train_summary.json").write_text(json.dumps({"completed": True, "method": "lora", "steps": 3}))
+    assert runs.run_status(done) == "done"
+
+    running = tmp_path / "running"
+    _write_pid(running, os.getpid())  # a live process with the recorded start time
+    assert runs.run_status(running) == "running"
+
+    reused = tmp_path / "reused"
+    reused.mkdir()
+    (reused / runs.PID_FILE).write_text(f"{os.getpid()} 12345.0")  # same pid, another process's start time
+    assert runs.run_status(reused) == "failed"
+
+    from_cli = tmp_path / "from-cli"  # `aift train` into the runs dir, no summary: crashed or running elsewhere
+    from_cli.mkdir()
+    (from_cli / "metrics.jsonl").write_text("")
+    assert runs.run_status(from_cli) == "incomplete"
+    (from_cli / runs.LOG_FILE).write_text("saved checkpoint-3\naift train: interrupted\n")
+    assert runs.run_status(from_cli) == "stopped"
+
+    exited = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    dead = tmp_path / "dead"
+    _write_pid(dead, exited.pid)
+    exited.wait()
+    assert runs.run_status(dead) == "failed"
+    (dead / runs.STOP_FILE).write_text("stop")
+    assert runs.run_status(dead) == "stopped"
+
+    interrupted = tmp_path / "interrupted"
+    interrupted.mkdir()
+    (interrupted / runs.EXIT_FILE).write_text("130")
+    assert runs.run_status(interrupted) == "stopped"
+
+
+def test_progress_comes_from_metrics_and_the_log(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    records = [
+        {"type": "eval", "step": 0, "eval_loss": 3.0},
+        {"type": "train", "step": 1, "loss": 2.5},
+        {"type": "train", "step": 2, "loss": 2.0},
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"type": "tra')
+    (run / runs.LOG_FILE).write_text("loading\ntraining 12 steps (6 per epoch), 12 examples, lora\ntrain: 17%\r 2/12\n")
+    (run / "config.yaml").write_text(yaml.safe_dump({"TrainingConfig": {"max_steps": -1}, "LoRAConfig": {"r": 4}}))
+    row = runs.run_summary(run)
+    assert (row["step"], row["total_steps"], row["loss"], row["eval_loss"]) == (2, 12, 2.0, 3.0)
+    assert row["method"] == "lora"
+    detail = runs.run_detail(run)
+    assert [r["loss"] for r in detail["train"]] == [2.5, 2.0]  # the half-written last line is skipped
+    assert detail["log"].splitlines()[-1] == " 2/12"  # tqdm's carriage returns: the last state only
+
+
+def test_runs_list_has_runs_from_the_cli_and_skips_other_folders(tmp_path):
+    (tmp_path / "cli-run").mkdir()
+    (tmp_path / "cli-run" / "metrics.jsonl").write_text("")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / runs.DATASETS_DIR / "ja").mkdir(parents=True)
+    assert [r["name"] for r in runs.list_runs(tmp_path)] == ["cli-run"]
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "", ".hidden", "-flag", runs.DATASETS_DIR, "x" * 81])
+def test_bad_names_are_refused(name):
+    with pytest.raises(runs.WebUIError, match="invalid name"):
+        runs.check_name(name)
+
+
+def test_requests_are_checked_like_the_cli_and_typed():
+    request = runs.build_request(
+        "qlora", {"dataset_path": "d", "max_steps": "4", "learning_rate": "1e-3", "packing": "false"}, {"r": "8"}
+    )
+    assert request == {
+        "dataset_path": "d",
+        "max_steps": 4,
+        "learning_rate": 1e-3,
+        "packing": False,
+        "lora": {"r": 8, "use_qlora": True},
+    }
+    assert "lora" not in runs.build_request("full", {"dataset_path": "d"}, {"r": "8"})
+    with pytest.raises(ConfigError, match="did you mean 'max_steps'"):
+        runs.build_request("lora", {"dataset_path": "d", "max_step": "4"}, None)
+    with pytest.raises(ConfigError, match="lora_dropout"):
+        runs.build_request("lora", {"dataset_path": "d"}, {"lora_dropout": "1.5"})
+    with pytest.raises(runs.WebUIError, match="output_dir"):
+        runs.build_request("lora", {"dataset_path": "d", "output_dir": "/tmp/elsewhere"}, None)
+    with pytest.raises(runs.WebUIError, match="dataset"):
+        runs.build_request("lora", {}, None)
+
+
+def test_form_fields_carry_the_config_help():
+    fields = runs.config_fields()
+    help_of = {f["name"]: f["help"] for f in fields["training"]}
+    assert help_of["learning_rate"] == field_help(TrainingConfig)["learning_rate"]
+    assert "output_dir" not in help_of and "local_rank" not in help_of
+    lora_help = {f["name"]: f["help"] for f in fields["lora"]}
+    assert lora_help["r"] == field_help(LoRAConfig)["r"] and "use_qlora" not in lora_help
+
+
+def test_data_paths_stay_below_the_data_folders(tmp_path):
+    data, outside = tmp_path / "data", tmp_path / "secret"
+    data.mkdir()
+    outside.mkdir()
+    (data / "qa.json").write_text("[]")
+    (outside / "key.json").write_text("{}")
+    (data / "link").symlink_to(outside)
+    roots = DataRoots(tmp_path / "runs", [data])
+    assert roots.resolve("qa.json") == (data / "qa.json").resolve()
+    assert roots.resolve(str(data / "qa.json")) == (data / "qa.json").resolve()
+    for escape in ("../secret/key.json", str(outside / "key.json"), "link/key.json", "/etc/passwd"):
+        with pytest.raises(runs.WebUIError, match="below the data folders"):
+            roots.resolve(escape)
+    assert [r["name"] for r in roots.listing()["raw"]] == ["qa.json"]
+
+
+def test_api_refuses_foreign_hosts_non_json_posts_and_escapes(server):
+    status, body = server.request("/api/options")
+    assert status == 200 and body["fields"]["training"][0]["help"]
+    assert server.request("/api/runs", headers={"Host": "evil.example:80"})[0] == 403
+    status, _ = server.request("/api/runs", headers={"Host": f"localhost:{server.port}"})
+    assert status == 200
+    import urllib.request
+
+    form = urllib.request.Request(server.url + "/api/runs", data=b"name=x", headers={"Content-Type": "text/plain"})
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(form)
+    assert error.value.code == 415
+    status, body = server.request("/api/preview?path=../../../etc/passwd")
+    assert status == 400 and "below the data folders" in body["error"]
+    status, body = server.request("/api/runs/..%2Fetc")
+    assert status in (400, 404)
+    status, body = server.request("/api/runs", {"name": "x", "method": "lora", "training": {"dataset_path": "nope"}})
+    assert status == 400 and "nope" in body["error"]
+    assert not (server.runs_dir / "x").exists()
+
+
+def test_aift_webui_command_serves_the_page_and_the_runs_on_disk(tmp_path):
+    import socket
+    import urllib.request
+
+    from webui_server import wait_for
+
+    old = tmp_path / "runs" / "old-run"
+    old.mkdir(parents=True)
+    (old / "train_summary.json").write_text(json.dumps({"completed": True, "method": "full", "steps": 2}))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "aift", "webui", "--runs-dir", str(tmp_path / "runs"), "--port", str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def page() -> str | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+                return response.read().decode()
+        except OSError:
+            assert process.poll() is None, process.stdout.read()
+            return None
+
+    try:
+        assert "<title>aift studio</title>" in wait_for(page, 60, "aift webui to answer")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/runs", timeout=5) as response:
+            listed = json.loads(response.read())["runs"]
+        assert [(r["name"], r["status"], r["method"]) for r in listed] == [("old-run", "done", "full")]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_the_prepared_marker_is_the_one_prepare_writes():
+    from aift.data.prepare import PREPARE_JSON
+    from aift.webui import data
+
+    assert data.PREPARE_JSON == PREPARE_JSON
