@@ -164,7 +164,7 @@ def files(draw, fmt: str, huge: bool = True, max_rows: int = 4, shapes=tuple(SHA
     if kind == "big-int":  # more digits than Python's int() accepts by default
         digits = "9" * 5000
         if fmt == "csv":
-            return shape, text.encode() + (digits + "\n").encode()
+            return shape, _encode(text, "utf-8") + (digits + "\n").encode()
         return shape, text.replace("null", digits, 1).replace("[", f"[{digits},", 1).encode("utf-8", "surrogatepass")
     if kind == "top":
         value = draw(json_values)
