@@ -215,3 +215,22 @@ def enable_activation_checkpointing(model) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def eval_mode(model):
+    """model.eval(), except that bitsandbytes' 4-bit linear layers stay in train mode; returns the model.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight for inference on the first eval-mode forward
+    without gradients, for good, and the repacked path (gemv_4bit) has no backward: a QLoRA run that evaluates
+    before or during training would then train with no gradient through the frozen base layers. A 4-bit linear
+    layer has no dropout or running statistics, so its train mode changes nothing else in eval.
+    """
+    model.eval()
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:  # no bitsandbytes: no 4-bit layers
+        return model
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.train()
+    return model

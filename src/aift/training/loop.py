@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from aift.config import LoRAConfig, TrainingConfig, to_yaml
 from aift.errors import AiftError
 from aift.export.folders import write_meta
+from aift.models.loading import eval_mode
 from aift.training import checkpoint as ckpt
 from aift.training.data import BatchPlanner, Examples, check_trainable, eval_batches
 from aift.training.loss import causal_lm_loss_sum, shifted_cross_entropy_sum, split_causal_lm
@@ -194,7 +195,7 @@ def run_training(
 
     @torch.no_grad()
     def evaluate() -> float:
-        model.eval()
+        eval_mode(model)  # not model.eval(): see eval_mode (QLoRA on a CPU)
         totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, trained tokens
         for batch in eval_batches(eval_examples, config.batch_size, tokenizer.pad_token_id, rank, world):
             totals[0] += forward_loss_sum(batch).double()
