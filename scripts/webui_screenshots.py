@@ -17,7 +17,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "webui"))
 
-from studio_flow import chat_from_page, launch, prepare_from_page, start_run_from_page, wait_for_status  # noqa: E402
+from studio_flow import (  # noqa: E402
+    chat_from_page,
+    launch,
+    prepare_from_page,
+    send_chat,
+    start_run_from_page,
+    wait_for_status,
+)
 from webui_server import Server  # noqa: E402
 
 
@@ -49,9 +56,10 @@ def main() -> int:
         start_run_from_page(page, server.url, "ja-lora", EMBEDDED_MODEL, dataset, options, "lora", shots)
         wait_for_status(page, "done", timeout_s=3600)
         page.screenshot(path=str(shots / "webui-runs.png"), full_page=True)
-        print(
-            "answer:", chat_from_page(page, "日本で一番高い山は何ですか？", shots, timeout_s=600, max_new_tokens="64")
-        )
+        question = "日本で一番高い山は何ですか？"
+        print("answer:", chat_from_page(page, question, None, timeout_s=600, max_new_tokens="64"))
+        print("answer:", send_chat(page, "What is the capital of France?", timeout_s=600))
+        page.screenshot(path=str(shots / "webui-chat.png"), full_page=True)
         browser.close()
     print(f"wrote {', '.join(sorted(p.name for p in shots.glob('webui-*.png')))} in {shots}")
     return 0

@@ -76,16 +76,24 @@ def chat_from_page(page, message: str, shots: Path | None, timeout_s: float = 12
     page.click("#run-detail button:has-text('Chat')")
     page.wait_for_selector("#view-chat.active")
     page.fill("#chat-max", max_new_tokens)
+    answer = send_chat(page, message, timeout_s)
+    if shots:
+        page.screenshot(path=str(shots / "webui-chat.png"), full_page=True)
+    return answer
+
+
+def send_chat(page, message: str, timeout_s: float = 120) -> str:
+    """One more message in the open conversation; returns the answer shown."""
+    answers = page.locator("#chat-log .msg.assistant").count()
     page.fill("#chat-input", message)
     page.click("#chat-send")
     page.wait_for_function(
-        "document.querySelector('#chat-send') && !document.querySelector('#chat-send').disabled"
-        " && document.querySelectorAll('#chat-log .msg.assistant').length > 0",
+        "n => !document.querySelector('#chat-send').disabled"
+        " && document.querySelectorAll('#chat-log .msg.assistant').length > n",
+        arg=answers,
         timeout=timeout_s * 1000,
     )
-    if shots:
-        page.screenshot(path=str(shots / "webui-chat.png"), full_page=True)
-    return page.inner_text("#chat-log .msg.assistant")
+    return page.locator("#chat-log .msg.assistant").last.inner_text()
 
 
 def chart_points(page) -> int:
