@@ -57,7 +57,9 @@ def serve_subprocess(args: list, env: dict, log: Path) -> Iterator[Subprocess]:
             [sys.executable, "-m", "aift", "serve", *map(str, args), "--port", str(port)],
             stdout=out,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **env},
+            # one intra-op thread, as the distributed tests do: on a machine running other work, 2 OpenMP threads
+            # spin at every barrier and decode ~15x slower (measured); the answers do not depend on it.
+            env={**os.environ, "OMP_NUM_THREADS": "1", **env},
         )
     server = Subprocess(f"http://127.0.0.1:{port}", proc, log)
     try:

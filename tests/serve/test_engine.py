@@ -46,6 +46,7 @@ def _run(served, prompts, sampling, max_batch=8):
         engine.close()
 
 
+@pytest.mark.slow
 def test_batched_greedy_equals_one_at_a_time_and_generate(served):
     alone, alone_stats = _run(served, PROMPTS, GREEDY, max_batch=1)
     batched, batched_stats = _run(served, PROMPTS, GREEDY, max_batch=3)

@@ -89,14 +89,13 @@ def test_each_adapter_answers_in_its_own_format(client, adapters, tokenizer):
         assert reply.model == name
         assert reply.usage.prompt_tokens == _prompt_tokens(tokenizer, fmt, FRANCE)  # its aift_meta.json format
         answers[name] = reply.choices[0].message.content
-        # the adapter on the shared base answers as the adapter merged and served alone
-        alone = Engine(load_served_models(str(adapters[name]), name=name, device="cpu")).start()
-        try:
-            assert (
-                answers[name] == alone.submit_chat(name, FRANCE, Sampling(max_tokens=8, temperature=0)).result().answer
-            )
-        finally:
-            alone.close()
+    # the adapter loaded second (so set_adapter must switch to it) answers as it does merged and served alone
+    alone = Engine(load_served_models(str(adapters["chatml-lora"]), name="alone", device="cpu")).start()
+    try:
+        expected = alone.submit_chat("alone", FRANCE, Sampling(max_tokens=8, temperature=0)).result().answer
+    finally:
+        alone.close()
+    assert answers["chatml-lora"] == expected
     base = client.chat.completions.create(model="smol", messages=FRANCE, temperature=0, max_tokens=8)
     assert len({*answers.values(), base.choices[0].message.content}) == 3
 

@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--api-key",
         default=os.environ.get("AIFT_API_KEY"),
-        help="require 'Authorization: Bearer KEY' (default: $AIFT_API_KEY; none: no key needed)",
+        help="require 'Authorization: Bearer KEY' (default: $AIFT_API_KEY, better: ps shows the command line)",
     )
     parser.add_argument("--max-batch", type=int, default=8, help="requests of one model decoded together")
     parser.add_argument("--max-pending", type=int, default=256, help="requests waiting or running before 429")

@@ -81,11 +81,12 @@ def load_served_models(
         raise AiftError(f"adapter name {base_name!r} is also the base model's name; choose another")
     from peft import PeftModel
 
+    folders = {adapter_name: _adapter_dir(adapter_name, path) for adapter_name, path in adapters.items()}
     base = load_for_inference(model, None, device, prompt_format, trust_remote_code)
-    (first, first_path), *rest = adapters.items()
-    peft_model = PeftModel.from_pretrained(base.model, _adapter_dir(first, first_path), adapter_name=first)
-    for adapter_name, path in rest:
-        peft_model.load_adapter(str(_adapter_dir(adapter_name, path)), adapter_name=adapter_name)
+    (first, first_dir), *rest = folders.items()
+    peft_model = PeftModel.from_pretrained(base.model, first_dir, adapter_name=first)
+    for adapter_name, folder in rest:
+        peft_model.load_adapter(str(folder), adapter_name=adapter_name)
     peft_model.eval()
     served = [
         ServedModel(base_name, LoadedModel(peft_model, base.tokenizer, base.prompt_format, base_name, base.system))
