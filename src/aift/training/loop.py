@@ -11,7 +11,8 @@ the device, DDP wrapping, ``no_sync`` and the all-reduces; everything else is he
   2 processes x batch 2 equal 1 process x batch 2 x 2 accumulation steps;
 - AdamW (fused where supported), linear warmup then linear decay to 0, clipping, bf16 autocast
   (fp16 with loss scaling on GPUs without bf16);
-- eval, logging, checkpoints (exactly resumable), Ctrl-C saves a checkpoint first.
+- eval, logging, checkpoints (exactly resumable, verified on resume), Ctrl-C and SIGTERM save a checkpoint
+  first, a NaN/inf loss or gradient stops the run (or is skipped, counted) and NaN weights are never saved.
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ import json
 import logging
 import math
 import shutil
-import signal
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from aift.config import LoRAConfig, TrainingConfig, to_yaml
 from aift.data.packing import IGNORE_INDEX
 from aift.errors import AiftError
 from aift.training import checkpoint as ckpt
+from aift.training import run_guard
 from aift.training.data import BatchPlanner, Examples, check_trainable, eval_batches
 from aift.training.loss import causal_lm_loss_sum, split_causal_lm
 from aift.training.reporting import MetricsLogger, check_loggers, peak_memory_gb
@@ -104,6 +104,9 @@ def run_training(
         mixed_precision="no", **{"cpu": not torch.cuda.is_available(), **(accelerator_kwargs or {})}
     )
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    identity = ckpt.run_identity(config, info, world, train_examples.rows)
+    if resume_from is not None:
+        ckpt.check_same_run(resume_from, identity, config.resume_force)
     precision = resolve_precision(config, device.type)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
@@ -156,13 +159,13 @@ def run_training(
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
 
-    state = ckpt.TrainerState(seed=config.seed, total_steps=total_steps)
+    state = ckpt.TrainerState(seed=config.seed, total_steps=total_steps, run=identity)
     if resume_from is not None and sharded:
         state, rng = ckpt.load_sharded_checkpoint(resume_from, accelerator, scheduler)
     elif resume_from is not None:
         state, rng = ckpt.load_checkpoint(resume_from, unwrap(accelerator, model), optimizer, scheduler, is_peft)
     if resume_from is not None:
-        state.total_steps = total_steps
+        state.total_steps, state.run = total_steps, identity
         ckpt.restore_rng(rng)
         log.info("resumed from %s at step %d", resume_from, state.step)
     logger = (
@@ -217,6 +220,7 @@ def run_training(
             )
 
     def save(rng: dict) -> None:
+        run_guard.check_finite_weights(model, accelerator, state.step, output_dir / "checkpoints")
         if sharded:
             path = ckpt.save_sharded_checkpoint(
                 accelerator, output_dir / "checkpoints", state, scheduler, rng, config.save_total_limit
@@ -235,7 +239,7 @@ def run_training(
             log.info("saved %s", path)
         accelerator.wait_for_everyone()
 
-    stop = _StopOnInterrupt()
+    stop = run_guard.StopOnSignal()
     progress = tqdm(
         total=total_steps, initial=state.step, desc="train", disable=not accelerator.is_main_process, dynamic_ncols=True
     )
@@ -245,7 +249,7 @@ def run_training(
     # ------------------------------------------------------------------ loop
     window_losses: list[float] = []
     window_tokens, window_time = 0, 0.0
-    with stop, sampler, attention:
+    with stop, sampler, attention, progress:  # the bar closes on an error too: its message starts a line
         if eval_examples is not None and resume_from is None:
             state.initial_eval_loss = evaluate()
             log_eval(state.initial_eval_loss)
@@ -291,6 +295,19 @@ def run_training(
                     scaler.unscale_(optimizer)
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or math.inf)
                 lr = scheduler.get_last_lr()[0]
+                step_loss = accelerator.reduce(loss_sum, "sum").item() / world
+                if not run_guard.is_finite_step(step_loss, grad_norm, check_grads=scaler is None):
+                    skipped = run_guard.skip_nonfinite_step(
+                        state, config.skip_nonfinite_steps, step_loss, grad_norm, window, output_dir / "checkpoints",
+                        can_skip=not deepspeed,  # DeepSpeed has stepped already, inside model.step()
+                    )  # fmt: skip
+                    if logger is not None:
+                        logger.log(skipped)
+                    if scaler is not None:
+                        scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                    state.micro_batch += len(window)  # the batch is skipped; the step is not counted
+                    continue
                 if scaler is not None:
                     scaler.step(optimizer)
                     scaler.update()
@@ -299,7 +316,6 @@ def run_training(
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
 
-                step_loss = accelerator.reduce(loss_sum, "sum").item() / world
                 state.step += 1
                 state.micro_batch += len(window)
                 state.tokens += int(real_tokens)
@@ -323,6 +339,7 @@ def run_training(
                         "tokens": state.tokens,
                         "peak_mem_gb": round(peak_memory_gb(device.type), 3),
                         "time": round(time.perf_counter() - started, 3),
+                        "skipped_nonfinite_steps": state.skipped_nonfinite_steps,
                     }
                     if logger is not None:
                         logger.log(record)
@@ -335,9 +352,9 @@ def run_training(
                     log_eval(final_eval)
                 if config.save_steps and state.step % config.save_steps == 0 and state.step < total_steps:
                     save(ckpt.capture_rng())
-                if stop.requested:
+                if stop.should_stop(accelerator):
                     save(ckpt.capture_rng())
-                    raise KeyboardInterrupt
+                    raise stop.interrupted()
             if state.micro_batch >= len(plan):
                 state.epoch, state.micro_batch = state.epoch + 1, 0
 
@@ -346,7 +363,6 @@ def run_training(
             final_eval = evaluate()
             log_eval(final_eval)
         save(ckpt.capture_rng())
-    progress.close()
 
     full_state = accelerator.get_state_dict(model) if sharded else None  # gathers the shards (collective)
     model = accelerator.unwrap_model(model, keep_fp32_wrapper=False, keep_torch_compile=False)
@@ -359,6 +375,7 @@ def run_training(
         "tokens": state.tokens,
         "train_tokens_per_s": state.tokens / max(state.train_time_s, 1e-9),
         "final_train_loss": state.last_loss,
+        "skipped_nonfinite_steps": state.skipped_nonfinite_steps,
         "final_eval_loss": final_eval,
         "initial_eval_loss": state.initial_eval_loss,
         "peak_mem_gb": round(peak_memory_gb(device.type), 3),
@@ -451,7 +468,11 @@ def save_final(
 ) -> None:
     """final/: the adapter (LoRA) or the full model, the tokenizer and aift_meta.json, written atomically."""
     tmp = final_dir.with_name(".tmp-final")
-    shutil.rmtree(tmp, ignore_errors=True)
+    with ckpt.writing_folder(tmp, final_dir):
+        _write_final(model, tokenizer, tmp, final_dir, info, max_length, state_dict)
+
+
+def _write_final(model, tokenizer, tmp: Path, final_dir: Path, info: RunInfo, max_length: int, state_dict) -> None:
     model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
     tokenizer.save_pretrained(tmp)
     meta = {
@@ -549,26 +570,3 @@ class PackedAttention:
     def __exit__(self, *exc) -> None:
         if self.implementation != self.original:
             self.model.set_attn_implementation(self.original)
-
-
-class _StopOnInterrupt:
-    """The first Ctrl-C asks the loop to finish its step and save a checkpoint; a second one stops at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
-
-    def _handler(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again to stop at once)")
-
-    def __enter__(self) -> _StopOnInterrupt:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)

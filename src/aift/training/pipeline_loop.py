@@ -60,6 +60,7 @@ from aift.training.loop import (
     save_final,
 )
 from aift.training.reporting import MetricsLogger, check_loggers, peak_memory_gb
+from aift.training.run_guard import output_dir_lock
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +73,11 @@ def train_pipeline(trainer, train_texts=None, eval_texts=None, resume_from_check
     Returns the trained model: complete on rank 0; on the other ranks only their own stage is trained.
     """
     check_pipeline_config(trainer.config, int(os.environ.get("WORLD_SIZE", "1")))
-    model, tokenizer, train_examples, eval_examples, info = trainer.prepare(
-        train_texts, eval_texts, resume_from_checkpoint
-    )
-    trainer.result = run_pipeline(model, tokenizer, trainer.config, train_examples, eval_examples, info)
+    with output_dir_lock(trainer.config):
+        model, tokenizer, train_examples, eval_examples, info = trainer.prepare(
+            train_texts, eval_texts, resume_from_checkpoint
+        )
+        trainer.result = run_pipeline(model, tokenizer, trainer.config, train_examples, eval_examples, info)
     return trainer.result.model
 
 
