@@ -130,9 +130,9 @@ def test_resuming_a_different_run_lists_the_differences(run_copy, tiny_model_dir
         "gradient_accumulation_steps=1", "--resume-force",
     )  # fmt: skip
     assert code == 0, out
-    assert "resume_force" in out and "gradient_accumulation_steps: 2 -> 1" in out
+    assert "resume_force" in out and "gradient_accumulation_steps x world_size: 2 -> 1" in out
     state = json.loads((_checkpoint(run_copy, 7) / "trainer_state.json").read_text())
-    assert state["run"]["gradient_accumulation_steps"] == 1  # the new settings are what the next resume checks
+    assert state["run"]["gradient_accumulation_steps x world_size"] == 1  # what the next resume checks
 
 
 # ---------------------------------------------------------------------- NaN / inf
@@ -230,10 +230,11 @@ def test_a_stale_lock_is_taken_over_with_a_note(tiny_model_dir, prepared_small, 
     out_dir = tmp_path / "stale"
     out_dir.mkdir()
     (out_dir / LOCK_FILE).write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname()}))
+    (out_dir / ".tmp-final").mkdir()  # the dead run was killed while saving its final model
     code, out = train(tiny_model_dir, prepared_small, out_dir, "max_steps=1")
     assert code == 0, out
-    assert f"taking over the stale lock of {out_dir}" in out
-    assert not (out_dir / LOCK_FILE).exists()
+    assert f"taking over the stale lock of {out_dir}" in out and "removing" in out
+    assert not (out_dir / LOCK_FILE).exists() and (out_dir / "final").is_dir()
 
 
 def test_a_lock_from_another_host_holds_unless_forced(tmp_path, train):
@@ -277,7 +278,7 @@ def test_a_live_run_locks_its_dir_and_sigterm_saves_a_checkpoint(tiny_model_dir,
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 143, output[-2000:]
-    assert "SIGTERM" in output and "Traceback" not in output
+    assert "aift train: stopped by SIGTERM after saving a checkpoint" in output and "Traceback" not in output
     (checkpoint,) = (out_dir / "checkpoints").glob("checkpoint-*")
     assert verify_checkpoint(checkpoint) is None
     assert not (out_dir / "train_summary.json").exists() and not (out_dir / LOCK_FILE).exists()

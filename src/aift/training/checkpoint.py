@@ -294,8 +294,8 @@ def run_identity(config, info, world_size: int, rows: list[dict]) -> dict[str, A
             "use_rslora": lora.use_rslora,
         },
         "batch_size": config.batch_size,
-        "gradient_accumulation_steps": config.gradient_accumulation_steps,
-        "world_size": world_size,
+        # Micro-batches are split over processes one by one: 2 processes x 1 equal 1 process x 2 exactly.
+        "gradient_accumulation_steps x world_size": config.gradient_accumulation_steps * world_size,
         "max_length": config.max_length,
         "packing": config.packing,
     }

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -92,6 +93,7 @@ class OutputDirLock:
         for _ in range(3):  # a takeover can race with another process's: try again, then give up
             if self._create():
                 self._held = True
+                _remove_leftovers(self.path.parent)
                 return
             other = self._read()
             if other is not None and self._alive(other):
@@ -164,14 +166,22 @@ def output_dir_lock(config) -> OutputDirLock:
     return OutputDirLock(config.output_dir, force=config.force_unlock, enabled=os.environ.get("RANK", "0") == "0")
 
 
+def _remove_leftovers(output_dir: Path) -> None:
+    """Temp folders of a run killed while saving: no other run writes here now, so they can only be stale."""
+    for tmp in [*output_dir.glob("checkpoints/.tmp-*"), *output_dir.glob(".tmp-final")]:
+        log.warning("note: removing %s, left half-written by a run that was killed while saving", tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 # ---------------------------------------------------------------------- SIGINT / SIGTERM
 
 
 class Interrupted(KeyboardInterrupt):
     """Training stopped on a signal after saving a checkpoint; the CLI exits with 128 + ``signum``."""
 
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"stopped by {signal.Signals(signum).name}")
+    def __init__(self, signum: int, saved: bool) -> None:
+        what = "after saving a checkpoint" if saved else "at once (a second signal: no checkpoint)"
+        super().__init__(f"stopped by {signal.Signals(signum).name} {what}")
         self.signum = signum
 
 
@@ -189,7 +199,7 @@ class StopOnSignal:
 
     def _handler(self, signum, frame) -> None:
         if self.requested:
-            raise Interrupted(signum)
+            raise Interrupted(signum, saved=False)
         self.requested, self.signum = True, signum
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         log.warning("%s: finishing this step and saving a checkpoint (again to stop at once)", name)
@@ -202,7 +212,8 @@ class StopOnSignal:
         return bool(accelerator.reduce(flag, "sum").item())
 
     def interrupted(self) -> Interrupted:
-        return Interrupted(self.signum)
+        """What the loop raises once it saved the checkpoint the signal asked for."""
+        return Interrupted(self.signum, saved=True)
 
     def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():
@@ -229,7 +240,7 @@ def example_ids(window: list) -> list[int]:
 
 def is_finite_step(loss: float, grad_norm, check_grads: bool) -> bool:
     """The step's loss, and its gradient norm unless a loss scaler (fp16) handles inf gradients itself."""
-    return math.isfinite(loss) and (not check_grads or math.isfinite(float(grad_norm)))
+    return math.isfinite(loss) and (not check_grads or grad_norm is None or math.isfinite(float(grad_norm)))
 
 
 def skip_nonfinite_step(
@@ -239,7 +250,7 @@ def skip_nonfinite_step(
     ``budget`` skips are spent (or skipping is impossible), naming the step, the examples and the checkpoint.
     """
     step, ids = state.step + 1, example_ids(window)
-    what = f"loss {loss}, grad norm {float(grad_norm)}"
+    what = f"loss {loss}, grad norm {grad_norm if grad_norm is None else float(grad_norm)}"
     if not can_skip or state.skipped_nonfinite_steps >= budget:
         raise NonFiniteError(
             f"step {step}: non-finite {what} on train examples {_shorten(ids)} (row indices of the train split); "
@@ -260,7 +271,7 @@ def skip_nonfinite_step(
         "type": "skipped_step",
         "step": step,
         "loss": str(loss),  # a string: JSON has no NaN
-        "grad_norm": str(float(grad_norm)),
+        "grad_norm": str(grad_norm if grad_norm is None else float(grad_norm)),
         "examples": ids,
         "skipped_nonfinite_steps": state.skipped_nonfinite_steps,
     }
