@@ -139,15 +139,22 @@ def test_resuming_a_different_run_lists_the_differences(run_copy, tiny_model_dir
 
 
 @pytest.fixture(scope="module")
-def poisoned(tmp_path_factory, tiny_model_dir, prepared_small) -> tuple[Path, int]:
+def poisoned(tmp_path_factory, tiny_model_dir, prepared_small, tokenizer) -> tuple[Path, int]:
     """The tiny model with an inf in the embedding of a token that only one train example holds (early on),
-    and that example's index: a model a user could have, whose loss is NaN on that one example."""
+    and that example's index: a model a user could have, whose loss is NaN on that one example. The example
+    is one of step 3's (batch plan of seed 3), so that the runs stop or skip early."""
     from datasets import load_from_disk
     from transformers import AutoModelForCausalLM
 
+    from aift.training.data import BatchPlanner, to_examples
+    from aift.training.run_guard import example_ids
+
     data = load_from_disk(str(prepared_small))
+    examples = to_examples(str(prepared_small), tokenizer, 64, "training")
+    plan = BatchPlanner(examples, 1, 64, True, tokenizer.pad_token_id, seed=3).epoch(0)
+    step_3 = example_ids(plan[4:6])  # 2 micro-batches of 1 packed row per step
     seen_in_test = {t for row in data["test"]["input_ids"] for t in row}
-    train_rows = data["train"]["input_ids"]
+    train_rows = [row["input_ids"] for row in examples.rows]
     holders: dict[int, set[int]] = {}
     for index, row in enumerate(train_rows):
         for token in row:
@@ -156,7 +163,7 @@ def poisoned(tmp_path_factory, tiny_model_dir, prepared_small) -> tuple[Path, in
         (t, i)
         for t, ids in holders.items()
         for i in ids
-        if len(ids) == 1 and t not in seen_in_test and train_rows[i].index(t) < 20
+        if len(ids) == 1 and i in step_3 and t not in seen_in_test and train_rows[i].index(t) < 20
     )
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -178,14 +185,11 @@ def test_a_nan_loss_stops_the_run_naming_step_examples_and_checkpoint(poisoned, 
     code, out = train(model_dir, prepared_small, out_dir, "max_steps=-1", "num_epochs=1")
     assert code == 2, out
     error = _error_line(out)
-    step = int(re.search(r"error: step (\d+): non-finite loss nan", error).group(1))
+    assert "error: step 3: non-finite loss nan" in error
     examples = json.loads(re.search(r"on train examples (\[[\d, ]+\])", error).group(1))
     assert bad in examples
-    saved = sorted(int(p.name.split("-")[1]) for p in (out_dir / "checkpoints").glob("checkpoint-*"))
-    if saved:
-        assert max(saved) < step and f"the last good checkpoint is {_checkpoint(out_dir, max(saved))}" in error
-    else:
-        assert "no checkpoint was saved before it" in error
+    assert f"the last good checkpoint is {_checkpoint(out_dir, 2)}" in error
+    assert [p.name for p in (out_dir / "checkpoints").iterdir()] == ["checkpoint-2"]
     assert not (out_dir / "final").exists() and not (out_dir / ".tmp-final").exists()
     assert not (out_dir / "train_summary.json").exists()
     assert not (out_dir / LOCK_FILE).exists()  # released on the error too
@@ -195,13 +199,13 @@ def test_a_nan_loss_stops_the_run_naming_step_examples_and_checkpoint(poisoned, 
 def test_skip_nonfinite_steps_skips_and_counts_them(poisoned, prepared_small, tmp_path, train, read_metrics):
     model_dir, bad = poisoned
     out_dir = tmp_path / "skip"
-    code, out = train(model_dir, prepared_small, out_dir, "max_steps=-1", "num_epochs=1", "skip_nonfinite_steps=3")
+    code, out = train(model_dir, prepared_small, out_dir, "max_steps=4", "skip_nonfinite_steps=2")
     assert code == 0, out
-    skipped = read_metrics(out_dir, "skipped_step")
-    assert skipped and all(r["loss"] == "nan" for r in skipped) and any(bad in r["examples"] for r in skipped)
+    (skipped,) = read_metrics(out_dir, "skipped_step")
+    assert skipped["step"] == 3 and skipped["loss"] == "nan" and bad in skipped["examples"]
     summary = json.loads((out_dir / "train_summary.json").read_text())
-    assert summary["skipped_nonfinite_steps"] == len(skipped)
-    assert read_metrics(out_dir)[-1]["skipped_nonfinite_steps"] == len(skipped)
+    assert summary["skipped_nonfinite_steps"] == 1 and summary["steps"] == 4
+    assert read_metrics(out_dir)[-1]["skipped_nonfinite_steps"] == 1
     assert all(r["loss"] == r["loss"] for r in read_metrics(out_dir))  # no NaN in the train records
     from safetensors.torch import load_file
 
