@@ -101,6 +101,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         # Training stopped by SIGTERM (Slurm, Kubernetes) after its checkpoint exits 143, like the shell would.
         signum = getattr(e, "signum", signal.SIGINT)
-        print(f"aift {name}: {e or 'interrupted'}", file=sys.stderr)
+        print(f"aift {name}: {str(e) or 'interrupted'}", file=sys.stderr)
         return 128 + signum
     return int(code or 0)

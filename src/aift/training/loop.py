@@ -297,9 +297,10 @@ def run_training(
                 lr = scheduler.get_last_lr()[0]
                 step_loss = accelerator.reduce(loss_sum, "sum").item() / world
                 if not run_guard.is_finite_step(step_loss, grad_norm, check_grads=scaler is None):
+                    # Raises unless a skip is left; DeepSpeed cannot skip: it stepped already, inside model.step().
                     skipped = run_guard.skip_nonfinite_step(
                         state, config.skip_nonfinite_steps, step_loss, grad_norm, window, output_dir / "checkpoints",
-                        can_skip=not deepspeed,  # DeepSpeed has stepped already, inside model.step()
+                        can_skip=not deepspeed,
                     )  # fmt: skip
                     if logger is not None:
                         logger.log(skipped)
