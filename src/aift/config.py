@@ -56,8 +56,29 @@ class TrainingConfig:
     packing: bool = _f(True, "Pack examples into full rows with per-example position ids (no cross-attention).")
     seed: int = _f(42, "Seed for model init, data order and dropout.")
     report_to: list[str] = _f(["tensorboard"], "Loggers besides metrics.jsonl: tensorboard, wandb, mlflow, none.")
-    resume_from_checkpoint: str | None = _f(None, "Checkpoint folder, or 'latest', to continue from.")
-    overwrite_output_dir: bool = _f(False, "Allow writing into an output dir that holds another run.")
+    resume_from_checkpoint: str | None = _f(
+        None,
+        "Checkpoint folder, or 'latest', to continue from; verified against its manifest ('latest' falls back "
+        "past a damaged checkpoint to the newest intact one).",
+    )
+    resume_force: bool = _f(
+        False,
+        "Resume although the checkpoint was written with another model, dataset, method, LoRA shape or batch "
+        "geometry (the differences are listed; without this they are an error).",
+    )
+    overwrite_output_dir: bool = _f(
+        False, "Allow writing into an output dir that holds another (finished or dead) run; never a running one."
+    )
+    force_unlock: bool = _f(
+        False,
+        "Take over the output dir's lock (.aift.lock) when it names a run on another host, which cannot be "
+        "checked from here: only when that run is known to be dead. A dead run on this host is taken over anyway.",
+    )
+    skip_nonfinite_steps: int = _f(
+        0,
+        "Skip up to this many steps whose loss or gradient is NaN/inf (no update; counted in metrics and the "
+        "summary; they do not count toward max_steps); 0 stops the run at the first one.",
+    )
     loss_chunk_size: int = _f(
         0,
         "Fused linear cross-entropy over this many tokens at a time, never holding the full-vocabulary "
@@ -88,6 +109,7 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         _check_positive(self, "batch_size", "gradient_accumulation_steps", "max_length")
         _check_non_negative(self, "warmup_steps", "max_grad_norm", "eval_steps", "save_steps", "logging_steps")
+        _check_non_negative(self, "skip_nonfinite_steps")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.num_epochs <= 0 and self.max_steps <= 0:

@@ -16,10 +16,14 @@ from aift.training.data import DatasetError
 from aift.training.loop import OutputDirError
 
 TEXTS = [f"質問: {i}月の次は?\n回答: {i + 1}月です。" for i in range(1, 7)]
-TRAIN_KEYS = {"type", "step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "tokens", "peak_mem_gb", "time"}
+TRAIN_KEYS = {
+    "type", "step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "tokens", "peak_mem_gb", "time",
+    "skipped_nonfinite_steps",
+}  # fmt: skip
 SUMMARY_KEYS = {
     "completed", "model", "method", "steps", "epochs", "tokens", "train_tokens_per_s", "final_train_loss",
     "final_eval_loss", "initial_eval_loss", "peak_mem_gb", "wall_time_s", "output_dir", "prompt_format",
+    "skipped_nonfinite_steps",
 }  # fmt: skip
 
 

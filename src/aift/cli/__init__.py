@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 
 from aift import __version__
@@ -102,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     except AiftError as e:
         print(f"aift {name}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"aift {name}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        # Training stopped by SIGTERM (Slurm, Kubernetes) after its checkpoint exits 143, like the shell would.
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"aift {name}: {str(e) or 'interrupted'}", file=sys.stderr)
+        return 128 + signum
     return int(code or 0)

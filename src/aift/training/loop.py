@@ -13,7 +13,8 @@ the device, DDP wrapping, ``no_sync`` and the all-reduces; everything else is he
   last equality holds with dropout on too;
 - AdamW (fused where supported), linear warmup then linear decay to 0, clipping, bf16 autocast
   (fp16 with loss scaling on GPUs without bf16);
-- eval, logging, checkpoints (exactly resumable), Ctrl-C saves a checkpoint first.
+- eval, logging, checkpoints (exactly resumable, verified on resume), Ctrl-C and SIGTERM save a checkpoint
+  first, a NaN/inf loss or gradient stops the run (or is skipped, counted) and NaN weights are never saved.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ import json
 import logging
 import math
 import shutil
-import signal
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from aift.errors import AiftError
 from aift.export.folders import write_meta
 from aift.models.loading import eval_mode
 from aift.training import checkpoint as ckpt
+from aift.training import run_guard
 from aift.training.data import BatchPlanner, Examples, check_trainable, eval_batches
 from aift.training.loss import causal_lm_loss_sum, shifted_cross_entropy_sum, split_causal_lm
 from aift.training.reporting import MetricsLogger, check_loggers, peak_memory_gb
@@ -107,6 +107,9 @@ def run_training(
         mixed_precision="no", **{"cpu": not torch.cuda.is_available(), **(accelerator_kwargs or {})}
     )
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    identity = ckpt.run_identity(config, info, world, train_examples.rows)
+    if resume_from is not None:
+        ckpt.check_same_run(resume_from, identity, config.resume_force)
     precision = resolve_precision(config, device.type)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
@@ -161,13 +164,13 @@ def run_training(
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
 
-    state = ckpt.TrainerState(seed=config.seed, total_steps=total_steps)
+    state = ckpt.TrainerState(seed=config.seed, total_steps=total_steps, run=identity)
     if resume_from is not None and sharded:
         state, rng = ckpt.load_sharded_checkpoint(resume_from, accelerator, scheduler)
     elif resume_from is not None:
         state, rng = ckpt.load_checkpoint(resume_from, unwrap(accelerator, model), optimizer, scheduler, is_peft)
     if resume_from is not None:
-        state.total_steps = total_steps
+        state.total_steps, state.run = total_steps, identity
         ckpt.restore_rng(rng)
         log.info("resumed from %s at step %d", resume_from, state.step)
     logger = (
@@ -218,6 +221,7 @@ def run_training(
             )
 
     def save(rng: dict) -> None:
+        run_guard.check_finite_weights(model, accelerator, state.step, output_dir / "checkpoints")
         if sharded:
             path = ckpt.save_sharded_checkpoint(
                 accelerator, output_dir / "checkpoints", state, scheduler, rng, config.save_total_limit
@@ -236,7 +240,7 @@ def run_training(
             log.info("saved %s", path)
         accelerator.wait_for_everyone()
 
-    stop = _StopOnInterrupt()
+    stop = run_guard.StopOnSignal()
     progress = tqdm(
         total=total_steps, initial=state.step, desc="train", disable=not accelerator.is_main_process, dynamic_ncols=True
     )
@@ -246,7 +250,7 @@ def run_training(
     # ------------------------------------------------------------------ loop
     window_losses: list[float] = []
     window_tokens, window_time = 0, 0.0
-    with stop, sampler, attention:
+    with stop, sampler, attention, progress:  # the bar closes on an error too: its message starts a line
         if eval_examples is not None and resume_from is None:
             state.initial_eval_loss = evaluate()
             log_eval(state.initial_eval_loss)
@@ -293,6 +297,20 @@ def run_training(
                     scaler.unscale_(optimizer)
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or math.inf)
                 lr = scheduler.get_last_lr()[0]
+                step_loss = accelerator.reduce(loss_sum, "sum").item() / world
+                if not run_guard.is_finite_step(step_loss, grad_norm, check_grads=scaler is None):
+                    # Raises unless a skip is left; DeepSpeed cannot skip: it stepped already, inside model.step().
+                    skipped = run_guard.skip_nonfinite_step(
+                        state, config.skip_nonfinite_steps, step_loss, grad_norm, window, output_dir / "checkpoints",
+                        can_skip=not deepspeed,
+                    )  # fmt: skip
+                    if logger is not None:
+                        logger.log(skipped)
+                    if scaler is not None:
+                        scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                    state.micro_batch += len(window)  # the batch is skipped; the step is not counted
+                    continue
                 if scaler is not None:
                     scaler.step(optimizer)
                     scaler.update()
@@ -301,7 +319,6 @@ def run_training(
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
 
-                step_loss = accelerator.reduce(loss_sum, "sum").item() / world
                 state.step += 1
                 state.micro_batch += len(window)
                 state.tokens += int(real_tokens)
@@ -325,6 +342,7 @@ def run_training(
                         "tokens": state.tokens,
                         "peak_mem_gb": round(peak_memory_gb(device.type), 3),
                         "time": round(time.perf_counter() - started, 3),
+                        "skipped_nonfinite_steps": state.skipped_nonfinite_steps,
                     }
                     if logger is not None:
                         logger.log(record)
@@ -337,9 +355,9 @@ def run_training(
                     log_eval(final_eval)
                 if config.save_steps and state.step % config.save_steps == 0 and state.step < total_steps:
                     save(ckpt.capture_rng())
-                if stop.requested:
+                if stop.should_stop(accelerator):
                     save(ckpt.capture_rng())
-                    raise KeyboardInterrupt
+                    raise stop.interrupted()
             if state.micro_batch >= len(plan):
                 state.epoch, state.micro_batch = state.epoch + 1, 0
 
@@ -348,7 +366,6 @@ def run_training(
             final_eval = evaluate()
             log_eval(final_eval)
         save(ckpt.capture_rng())
-    progress.close()
 
     full_state = accelerator.get_state_dict(model) if sharded else None  # gathers the shards (collective)
     model = accelerator.unwrap_model(model, keep_fp32_wrapper=False, keep_torch_compile=False)
@@ -361,6 +378,7 @@ def run_training(
         "tokens": state.tokens,
         "train_tokens_per_s": state.tokens / max(state.train_time_s, 1e-9),
         "final_train_loss": state.last_loss,
+        "skipped_nonfinite_steps": state.skipped_nonfinite_steps,
         "final_eval_loss": final_eval,
         "initial_eval_loss": state.initial_eval_loss,
         "peak_mem_gb": round(peak_memory_gb(device.type), 3),
@@ -453,7 +471,11 @@ def save_final(
 ) -> None:
     """final/: the adapter (LoRA) or the full model, the tokenizer and aift_meta.json, written atomically."""
     tmp = final_dir.with_name(".tmp-final")
-    shutil.rmtree(tmp, ignore_errors=True)
+    with ckpt.writing_folder(tmp, final_dir):
+        _write_final(model, tokenizer, tmp, final_dir, info, max_length, state_dict)
+
+
+def _write_final(model, tokenizer, tmp: Path, final_dir: Path, info: RunInfo, max_length: int, state_dict) -> None:
     model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
     tokenizer.save_pretrained(tmp)
     meta = {
@@ -534,26 +556,3 @@ def _system_metrics(output_dir: Path, enabled: bool):
         log.warning("collect_metrics: aift.eval.system_metrics is not available in this version; not sampling")
         return contextlib.nullcontext()
     return SystemMetricsSampler(output_dir / "system_metrics.jsonl", interval=1.0)
-
-
-class _StopOnInterrupt:
-    """The first Ctrl-C asks the loop to finish its step and save a checkpoint; a second one stops at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
-
-    def _handler(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again to stop at once)")
-
-    def __enter__(self) -> _StopOnInterrupt:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)

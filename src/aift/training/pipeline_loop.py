@@ -60,6 +60,7 @@ from aift.training.loop import (
 )
 from aift.training.loss import shifted_cross_entropy_sum
 from aift.training.reporting import MetricsLogger, check_loggers, peak_memory_gb
+from aift.training.run_guard import output_dir_lock
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +73,11 @@ def train_pipeline(trainer, train_texts=None, eval_texts=None, resume_from_check
     Returns the trained model: complete on rank 0; on the other ranks only their own stage is trained.
     """
     check_pipeline_config(trainer.config, int(os.environ.get("WORLD_SIZE", "1")))
-    model, tokenizer, train_examples, eval_examples, info = trainer.prepare(
-        train_texts, eval_texts, resume_from_checkpoint
-    )
-    trainer.result = run_pipeline(model, tokenizer, trainer.config, train_examples, eval_examples, info)
+    with output_dir_lock(trainer.config):
+        model, tokenizer, train_examples, eval_examples, info = trainer.prepare(
+            train_texts, eval_texts, resume_from_checkpoint
+        )
+        trainer.result = run_pipeline(model, tokenizer, trainer.config, train_examples, eval_examples, info)
     return trainer.result.model
 
 
@@ -139,6 +141,9 @@ def run_pipeline(
     owns_group = _init_process_group()
     ranks = _Ranks(dist.get_rank(), dist.get_world_size(), device)
     check_pipeline_config(config, ranks.world)
+    identity = ckpt.run_identity(config, info, 1, train_examples.rows)  # stages split layers, not data
+    if resume_from is not None:
+        ckpt.check_same_run(resume_from, identity, config.resume_force)
     precision = resolve_precision(config, ranks.device.type)
     if precision == "fp16":
         raise NotAvailableError(
@@ -189,10 +194,10 @@ def run_pipeline(
     shared = tied_embedding_weight(stage_module) if not ranks.is_first else None
     norm_params = [p for p in stage_module.parameters() if p.requires_grad and p is not shared]
 
-    state = TrainerState(seed=config.seed, total_steps=total_steps)
+    state = TrainerState(seed=config.seed, total_steps=total_steps, run=identity)
     if resume_from is not None:
         state = load_stage_checkpoint(resume_from, model, optimizer, scheduler, ranks, info.method != "full")
-        state.total_steps = total_steps
+        state.total_steps, state.run = total_steps, identity
         log.info("resumed from %s at step %d", resume_from, state.step)
     logger = (
         MetricsLogger(output_dir, config.report_to, dataclasses.asdict(config), state.step if resume_from else None)
@@ -460,7 +465,8 @@ def save_stage_checkpoint(
     torch.save(rng, tmp / f"rng_state-stage{ranks.rank}.pt")
     dist.barrier()
     if ranks.is_first:
-        ckpt._finish_checkpoint(tmp, final, scheduler, rng, state, total_limit)
+        with ckpt.writing_folder(tmp, final, fresh=False):
+            ckpt._finish_checkpoint(tmp, final, scheduler, rng, state, total_limit)
     dist.barrier()
     return final
 

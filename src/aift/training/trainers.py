@@ -22,6 +22,7 @@ from aift.models.japanese import JapaneseModel
 from aift.models.loading import default_dtype, enable_activation_checkpointing
 from aift.training.data import DatasetError, Examples, load_prepared, to_examples
 from aift.training.loop import RunInfo, TrainResult, run_training
+from aift.training.run_guard import output_dir_lock
 from aift.utils.gpu import get_available_device
 
 log = logging.getLogger(__name__)
@@ -46,18 +47,19 @@ class _Trainer:
         self, train_texts: list[str] | None = None, eval_texts: list[str] | None = None, resume_from_checkpoint=None
     ) -> torch.nn.Module:
         """Trains on train_texts (or the trainer's train_dataset, or config.dataset_path); returns the model."""
-        model, tokenizer, train_examples, eval_examples, info = self.prepare(
-            train_texts, eval_texts, resume_from_checkpoint
-        )
-        self.result = run_training(
-            model,
-            tokenizer,
-            self.config,
-            train_examples,
-            eval_examples,
-            info,
-            accelerator_kwargs=self.accelerator_kwargs,
-        )
+        with output_dir_lock(self.config):
+            model, tokenizer, train_examples, eval_examples, info = self.prepare(
+                train_texts, eval_texts, resume_from_checkpoint
+            )
+            self.result = run_training(
+                model,
+                tokenizer,
+                self.config,
+                train_examples,
+                eval_examples,
+                info,
+                accelerator_kwargs=self.accelerator_kwargs,
+            )
         return self.result.model
 
     def prepare(self, train_texts=None, eval_texts=None, resume_from_checkpoint=None) -> tuple:
