@@ -33,24 +33,27 @@ fi
 imports() { "$PYTHON" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$VERSION')" >/dev/null 2>&1; }
 imports && exit 0
 
-tag=$("$PYTHON" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")') || note "no python at $PYTHON"
-key=$(printf '%s' "$cmake_args" | sha256sum | cut -c1-8)
+"$PYTHON" -c pass >/dev/null 2>&1 || note "no python at $PYTHON"
+# The wheel is py3-none-<platform> (llama_cpp loads its compiled library with ctypes): one per build flags and
+# machine, whatever the Python.
+key=$(printf '%s %s' "$(uname -m)" "$cmake_args" | sha256sum | cut -c1-8)
 dir="$CACHE/llama-cpp-python-$VERSION-$key"
-wheel=$(ls "$dir"/llama_cpp_python-"$VERSION"-"$tag"-*.whl 2>/dev/null | head -1)
+wheel=$(ls "$dir"/llama_cpp_python-"$VERSION"-*.whl 2>/dev/null | head -1)
 if [ -z "$wheel" ]; then
   mkdir -p "$CACHE" || note "cannot create $CACHE"
   log="$CACHE/llama-cpp-python-$VERSION-$key.log"
   echo "setup: building llama-cpp-python $VERSION from source (~15 min on 2 cores; log: $log; cached in $dir)"
   tmp=$(mktemp -d "$CACHE/.build-XXXXXX") || note "cannot write to $CACHE"
+  # --no-cache-dir: pip's own wheel cache ignores CMAKE_ARGS and could hand back a build with other flags.
   if ! CMAKE_ARGS="$cmake_args" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
-    "$PYTHON" -m pip wheel --no-deps -w "$tmp" "llama-cpp-python==$VERSION" >"$log" 2>&1; then
+    "$PYTHON" -m pip wheel --no-deps --no-cache-dir -w "$tmp" "llama-cpp-python==$VERSION" >"$log" 2>&1; then
     rm -rf "$tmp"
     note "the build failed; see $log"
   fi
   # The finished wheel appears in the cache in one rename, so an interrupted build leaves nothing to reuse.
   rm -rf "$dir" && mv "$tmp" "$dir" || note "cannot move the wheel into $dir"
-  wheel=$(ls "$dir"/llama_cpp_python-"$VERSION"-"$tag"-*.whl 2>/dev/null | head -1)
-  [ -n "$wheel" ] || note "the build produced no wheel for $tag; see $log"
+  wheel=$(ls "$dir"/llama_cpp_python-"$VERSION"-*.whl 2>/dev/null | head -1)
+  [ -n "$wheel" ] || note "the build produced no wheel; see $log"
 fi
 echo "setup: installing $(basename "$wheel")"
 "$PYTHON" -m pip install -q "$wheel" || note "pip could not install $wheel"
