@@ -59,8 +59,8 @@ def _check_llama_cpp(path, reference, tokenizer, quant: str) -> dict:
         assert (logits - source).abs().max() < 0.15 and kl < 1e-3
     else:
         # llama.cpp multiplies q8_0 weights by activations it also rounds to 8 bits, so near-ties can flip (the
-        # embedded model's first token: "The" 25.62 vs "L" 25.49); measured: every transformers token first or
-        # second in llama.cpp, argmax equal at 7 of 8 (embedded) and 18 of 20 (adapter) positions, KL 1-4e-2.
+        # embedded model's first token: "The" 25.62 vs "L" 25.49); measured: every transformers token in
+        # llama.cpp's top 3, argmax equal at 7 of 8 (embedded) and 19 of 20 (adapter) positions, KL 7e-3 to 4e-2.
         assert max(run["forced_ranks"]) <= 2 and agreement >= 0.75
         assert kl < 0.1
     return run
