@@ -20,6 +20,8 @@ $(STAMP): $(BIN)/python pyproject.toml
 	@# DeepSpeed builds against the installed torch (no build isolation, or pip fetches a second torch).
 	$(BIN)/pip install -q --no-build-isolation "deepspeed>=0.15" || echo "setup: note: DeepSpeed not installed; its tests skip"
 	@bash setup/install_system_libs.sh
+	@# llama.cpp's own GGUF reader for the export tests: compiled once, the wheel kept in ~/.cache/aift/wheels (AIFT_WHEEL_CACHE).
+	@bash setup/build_llama_cpp.sh $(BIN)/python
 	@touch $(STAMP)
 
 setup: $(STAMP)

@@ -12,25 +12,18 @@ from transformers import AutoModelForCausalLM
 
 from aift.errors import AiftError
 from aift.export.gguf_writer import GGUFExportError, _permute_for_rope, export_gguf
-from aift.export.verify import compare_models, compare_to_reference, default_prompt, load_gguf, reference_run
+from aift.export.verify import compare_models, compare_to_reference, load_gguf
+
+
+# The files are exported once per session (conftest.py): test_gguf_llama_cpp.py reads the same ones.
+@pytest.fixture(scope="module")
+def embedded_f16(embedded_gguf):
+    return embedded_gguf["f16"], *load_gguf(embedded_gguf["f16"])
 
 
 @pytest.fixture(scope="module")
-def embedded_f16(tmp_path_factory, embedded_dir):
-    path = export_gguf(embedded_dir, tmp_path_factory.mktemp("gguf") / "smollm2.f16.gguf", quant="f16")
-    return path, *load_gguf(path)
-
-
-@pytest.fixture(scope="module")
-def embedded_q8(tmp_path_factory, embedded_dir):
-    path = export_gguf(embedded_dir, tmp_path_factory.mktemp("gguf") / "smollm2.q8_0.gguf", quant="q8_0")
-    return path, *load_gguf(path)
-
-
-@pytest.fixture(scope="module")
-def embedded_reference(embedded_model, tokenizer):
-    """The embedded model's ids, logits and greedy 20 tokens on the chat-template question, computed once."""
-    return reference_run(embedded_model, tokenizer, default_prompt(tokenizer))
+def embedded_q8(embedded_gguf):
+    return embedded_gguf["q8_0"], *load_gguf(embedded_gguf["q8_0"])
 
 
 def _rounded_to_f16(model):

@@ -9,7 +9,7 @@ q8_0, and written to a temp file that is renamed into place only when complete.
 
 Tokenizers written (anything else raises NotAvailableError naming these):
 - byte-level BPE (SmolLM2, Llama 3, ELYZA Llama-3): tokenizer model "gpt2", merges and the llama.cpp
-  pre-tokenizer name transformers' reader knows (llama-bpe, qwen2, tekken, gpt-4o, gpt2);
+  pre-tokenizer name both llama.cpp and transformers' reader know (llama-bpe, qwen2, tekken, gpt-4o, gpt-2);
 - SentencePiece BPE with byte fallback (Llama 2, Swallow, Mistral v0.1, ELYZA Llama-2): tokenizer model
   "llama" with tokens, scores and token types (<0xNN> BYTE, special CONTROL, other added USER_DEFINED).
   Scores come from tokenizer.model, or from the merge order of tokenizer.json when there is none.
@@ -255,11 +255,15 @@ def _add_tokenizer(writer, folder: Path, vocab_size: int) -> None:
         writer.add_chat_template(tokenizer.chat_template)
 
 
-def _add_special_tokens(writer, folder: Path, tokenizer, n_tokens: int) -> None:
-    """Special ids and add-BOS/EOS flags (as SpecialVocab reads them, the tokenizer's own values winning)."""
+def _add_special_tokens(writer, folder: Path, tokenizer, n_tokens: int, load_merges: bool = False) -> None:
+    """Special ids and add-BOS/EOS flags (as SpecialVocab reads them, the tokenizer's own values winning).
+
+    The flags are always written: without them llama.cpp falls back to a default per tokenizer kind and
+    pre-tokenizer (a BOS for "llama" and "llama-bpe"), whatever the source tokenizer does.
+    """
     from gguf import SpecialVocab
 
-    special = SpecialVocab(folder, n_vocab=n_tokens)
+    special = SpecialVocab(folder, load_merges=load_merges, n_vocab=n_tokens)
     special.chat_template = None  # written by the caller from the tokenizer, which also reads chat_template.jinja
     for kind in ("bos", "eos", "unk", "pad"):
         token_id = getattr(tokenizer, f"{kind}_token_id", None)
@@ -269,30 +273,20 @@ def _add_special_tokens(writer, folder: Path, tokenizer, n_tokens: int) -> None:
     with_specials = tokenizer("a", add_special_tokens=True)["input_ids"]
     without = tokenizer("a", add_special_tokens=False)["input_ids"]
     added = len(with_specials) > len(without)
-    if "bos" in special.special_token_ids:
-        special.add_special_token["bos"] = added and with_specials[0] == special.special_token_ids["bos"]
-    if "eos" in special.special_token_ids:
-        special.add_special_token["eos"] = added and with_specials[-1] == special.special_token_ids["eos"]
+    ids = special.special_token_ids
+    special.add_special_token["bos"] = added and "bos" in ids and with_specials[0] == ids["bos"]
+    special.add_special_token["eos"] = added and "eos" in ids and with_specials[-1] == ids["eos"]
     special.add_to_gguf(writer, quiet=True)
 
 
 def _add_byte_level_bpe(writer, folder: Path, tokenizer, spec: dict, vocab_size: int) -> None:
     """GPT-2-style vocabulary with merges and the llama.cpp pre-tokenizer name (convert_hf_to_gguf's _set_vocab_gpt2)."""
-    from gguf import SpecialVocab
-
     tokens, types = _vocabulary(tokenizer, vocab_size)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(_pre_tokenizer_name(spec, folder))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    special = SpecialVocab(folder, load_merges=True, n_vocab=len(tokens))
-    special.chat_template = None  # written by the caller from the tokenizer, which also reads chat_template.jinja
-    special.add_to_gguf(writer, quiet=True)
-    # SpecialVocab reads bos/eos/unk/pad from the config files; the tokenizer fills in what they leave out.
-    for kind in ("bos", "eos", "unk", "pad"):
-        token_id = getattr(tokenizer, f"{kind}_token_id", None)
-        if token_id is not None and kind not in special.special_token_ids:
-            getattr(writer, f"add_{kind}_token_id")(token_id)
+    _add_special_tokens(writer, folder, tokenizer, len(tokens), load_merges=True)
 
 
 def _add_sentencepiece(writer, folder: Path, tokenizer, spec: dict, vocab_size: int) -> None:
@@ -455,7 +449,9 @@ def _pre_tokenizer_name(spec: dict, folder: Path) -> str:
 
     pre = spec.get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt2"
+        # llama.cpp's name for GPT-2's split is "gpt-2" ("gpt2" fails to load there); transformers' reader
+        # names no split for it and keeps its ByteLevel regex, the same split.
+        return "gpt-2"
     parts = pre.get("pretokenizers", [])
     splits = [p["pattern"].get("Regex") for p in parts if p.get("type") == "Split"]
     if len(splits) == 1:

@@ -6,6 +6,7 @@ Every `aift export` ends with this check, so a file that would behave differentl
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +128,70 @@ def compare_models(
     """Runs the source and the export on one prompt and compares them (see compare_to_reference)."""
     reference = reference_run(source, source_tokenizer, prompt, max_new_tokens)
     return compare_to_reference(reference, exported, exported_tokenizer)
+
+
+def llama_cpp_run(
+    gguf_path: str | Path,
+    prompt: str,
+    max_new_tokens: int = 20,
+    tokenize_also: Sequence[str] = (),
+    forced: Sequence[int] = (),
+    n_threads: int = 2,
+) -> dict:
+    """What llama.cpp itself (llama-cpp-python) does with the file on `prompt`: token ids and greedy tokens.
+
+    The prompt is tokenized as llama.cpp's own tools do (special tokens parsed, a BOS only when the file's
+    tokenizer.ggml.add_bos_token asks for one); the continuation is the argmax of llama.cpp's logits, one token
+    at a time, stopping after the file's EOS, so it is comparable with transformers' greedy `generate`.
+
+    Returns:
+        ids (the prompt's token ids), logits (llama.cpp's last-position logits for the prompt, float32),
+        continuation (the greedy token ids), also_ids (the ids of each of `tokenize_also`, tokenized the
+        same way), forced_ranks (for each token of `forced` fed after the prompt, how many tokens llama.cpp's
+        logits rank above it: 0 where llama.cpp's greedy choice is that token) and metadata (the GGUF key/values).
+    """
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=512, n_threads=n_threads, verbose=False, logits_all=False)
+    try:
+        ids, *also_ids = (
+            llm.tokenize(text.encode("utf-8"), add_bos=True, special=True) for text in (prompt, *tokenize_also)
+        )
+        llm.eval(ids)
+        logits = step = _last_logits(llm)
+        continuation: list[int] = []
+        for _ in range(max_new_tokens):
+            continuation.append(int(np.argmax(step)))
+            if continuation[-1] == llm.token_eos() or len(continuation) == max_new_tokens:
+                break
+            llm.eval(continuation[-1:])
+            step = _last_logits(llm)
+        forced_ranks = []
+        if forced:
+            llm.reset()
+            llm.eval(ids)
+            for token in forced:
+                step = _last_logits(llm)
+                forced_ranks.append(int((step > step[token]).sum()))
+                llm.eval([token])
+        return {
+            "ids": ids,
+            "logits": logits,
+            "continuation": continuation,
+            "also_ids": also_ids,
+            "forced_ranks": forced_ranks,
+            "metadata": dict(llm.metadata),
+        }
+    finally:
+        llm.close()
+
+
+def _last_logits(llm) -> np.ndarray:
+    """llama.cpp's logits after the last evaluated token (llama-cpp-python keeps them only with logits_all)."""
+    import llama_cpp
+
+    pointer = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+    return np.ctypeslib.as_array(pointer, shape=(llm.n_vocab(),)).copy()
 
 
 def verify_gguf(source_dir: str | Path, gguf_path: str | Path, quant: str, prompt: str | None = None) -> dict:
