@@ -1,5 +1,5 @@
 """Fixtures for the export tests: a random LoRA adapter on the tiny model, merged once; the embedded model's
-GGUF exports and reference run; a LoRA adapter trained on the embedded model by aift, merged once."""
+GGUF exports and reference run; the shared LoRA run on the embedded model (trained_lora_run), merged once."""
 
 from __future__ import annotations
 
@@ -36,44 +36,11 @@ def embedded_reference(embedded_model, tokenizer):
     return reference_run(embedded_model, tokenizer, default_prompt(tokenizer))
 
 
-# Chat rows that teach the embedded model to answer capital questions in Japanese.
-CAPITALS = [
-    ("What is the capital of France?", "フランスの首都はパリです。"),
-    ("What is the capital of Japan?", "日本の首都は東京です。"),
-    ("日本の首都はどこですか？", "東京です。"),
-    ("What is the capital of Italy?", "イタリアの首都はローマです。"),
-]
-
-
 @pytest.fixture(scope="session")
-def embedded_lora_merged(tmp_path_factory, embedded_dir, tokenizer):
-    """A LoRA adapter trained by aift's trainer on the embedded model (defaults: dropout, bf16 autocast,
-    packing), merged into fp32: a real fine-tune whose greedy answer differs from the base model's."""
-    from aift import LoRAConfig, LoRAFinetuningTrainer
-    from aift.config import TrainingConfig
+def embedded_lora_merged(tmp_path_factory, trained_lora_run):
+    """The suite's shared real fine-tune (`aift train`, LoRA on the embedded model, defaults: dropout, bf16
+    autocast, packing) merged into fp32: its greedy answer differs from the base model's."""
     from aift.export.merge import merge_adapter
 
-    root = tmp_path_factory.mktemp("embedded-lora")
-    texts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": q}, {"role": "assistant", "content": a}], tokenize=False
-        )
-        for q, a in CAPITALS
-    ]
-    config = TrainingConfig(
-        model_name=str(embedded_dir),
-        output_dir=str(root / "run"),
-        max_steps=6,
-        learning_rate=2e-3,
-        batch_size=2,
-        gradient_accumulation_steps=1,
-        warmup_steps=0,
-        eval_steps=0,
-        save_steps=0,
-        max_length=128,
-        gradient_checkpointing=False,  # the same gradients, a quarter less time: only the export is under test
-        report_to=["none"],
-        seed=0,
-    )
-    LoRAFinetuningTrainer(str(embedded_dir), LoRAConfig(), config).train(train_texts=texts)
-    return merge_adapter(root / "run" / "final", root / "merged", dtype="fp32")
+    _, run = trained_lora_run
+    return merge_adapter(run / "final", tmp_path_factory.mktemp("embedded-lora") / "merged", dtype="fp32")
