@@ -112,3 +112,24 @@ def test_truncation_is_counted_and_cli_task_flag(tmp_path, embedded_dir, capsys)
     info = json.loads((tmp_path / "cli" / "prepare.json").read_text())
     assert info["counts"]["truncated"] == {"prompt": 2, "answer": 0}  # chosen and rejected of the long row
     assert main(["prepare", "--task", "preference", "--source-path", str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_preview_shows_chosen_and_rejected_side_by_side(tmp_path, embedded_dir, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")
+    out = prepare_preference(str(embedded_dir), source_path=_write(tmp_path / "p.jsonl", [SHAPES["trl"]] * 2),
+                             output_dir=tmp_path / "pv", val_ratio=0)  # fmt: skip
+    assert main(["preview", str(out), "-n", "1"]) == 0
+    shown = capsys.readouterr().out
+    header = next(line for line in shown.splitlines() if "chosen:" in line)
+    assert "rejected:" in header  # one row, two columns
+    row = next(line for line in shown.splitlines() if "[[Paris.<|im_end|>]]" in line)
+    assert "[[Lyon.<|im_end|>]]" in row  # the answers face each other
+    assert "France?<|im_end|>" in shown and "[[What" not in shown  # the prompt is shown, untrained
+
+
+def test_public_api_exports_the_preference_trainer():
+    import aift
+
+    assert aift.PreferenceTrainer.__name__ == "PreferenceTrainer"
+    assert aift.PreferenceConfig().resolved_beta == 0.1
+    assert aift.PreferenceConfig(method="simpo").resolved_beta == 2.0

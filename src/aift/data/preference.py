@@ -478,3 +478,34 @@ def load_preference_rows(source: Any, name: str, split: str, method: str, max_le
             row["label"] = bool(r["label"])
         out.append(row)
     return out, prompt_format
+
+
+# ---------------------------------------------------------------------- preview
+
+
+@dataclass
+class PairPreview:
+    """One prepared pair (KTO: one example) as runs of (text, trained) for each side."""
+
+    index: int
+    sides: dict[str, list[tuple[str, bool]]]
+    trained: dict[str, int]
+    label: bool | None = None
+
+
+def preview_pairs(dataset, tokenizer, n: int) -> list[PairPreview]:
+    """The first ``n`` rows of a prepared preference (or KTO) split, each side split into trained / untrained runs."""
+    from aift.data.preview import _runs
+
+    previews = []
+    for i in range(min(n, len(dataset))):
+        row = dataset[i]
+        names = ("chosen", "rejected") if "chosen_input_ids" in row else ("completion",)
+        sides, trained = {}, {}
+        for name in names:
+            prefix = "" if name == "completion" else f"{name}_"
+            ids, labels = row[f"{prefix}input_ids"], row[f"{prefix}labels"]
+            sides[name] = _runs(tokenizer, ids, labels)
+            trained[name] = sum(label != IGNORE_INDEX for label in labels)
+        previews.append(PairPreview(i, sides, trained, row.get("label")))
+    return previews
