@@ -48,7 +48,17 @@ LORA = ["--use-lora", "--lora-r", "4", "--lora-dropout", "0.1"]
 def test_cli_dpo_lora_end_to_end_logs_rewards(tiny_model_dir, tiny_pairs, tmp_path, capsys):
     """Defaults on (bf16 autocast, gradient checkpointing, LoRA dropout): the reference is the adapter-off base."""
     out = tmp_path / "dpo"
-    assert main([*_train(tiny_model_dir, tiny_pairs, out, "--method", "dpo", "--beta", "0.5"), *LORA]) == 0
+    assert (
+        main(
+            [
+                *_train(
+                    tiny_model_dir, tiny_pairs, out, "--method", "dpo", "--beta", "0.5", "--report-to", "tensorboard"
+                ),
+                *LORA,
+            ]
+        )
+        == 0
+    )
     assert "trained 3 steps (dpo, lora)" in capsys.readouterr().out
     records = _records(out)
     assert [r["step"] for r in records] == [1, 2, 3]
@@ -65,6 +75,12 @@ def test_cli_dpo_lora_end_to_end_logs_rewards(tiny_model_dir, tiny_pairs, tmp_pa
     assert (out / "final" / "adapter_config.json").is_file()
     config = (out / "config.yaml").read_text()
     assert "packing: false" in config
+    from aift.eval.report import load_run, run_row
+
+    row = run_row(load_run(out))  # what `aift report` tabulates
+    assert row["objective"] == "dpo" and row["reward_accuracy"] == records[-1]["rewards/accuracies"]
+    assert row["eval_reward_accuracy"] is not None
+    assert list((out / "tensorboard").iterdir())  # TensorBoard got the same scalars
 
 
 @pytest.mark.parametrize(
