@@ -386,8 +386,9 @@ def run_training(
         "wall_time_s": round(time.perf_counter() - started, 3),
         "output_dir": str(output_dir),
         "prompt_format": info.prompt_format,
-        "objective": objective.name,
     }
+    if objective.name != "sft":  # preference runs say which objective trained them
+        summary["objective"] = objective.name
     if accelerator.is_main_process:
         save_final(model, tokenizer, output_dir / "final", info, config.max_length, state_dict=full_state)
         _write_atomic(output_dir / "train_summary.json", json.dumps(summary, indent=2, ensure_ascii=False))

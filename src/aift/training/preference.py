@@ -68,7 +68,6 @@ class PreferenceTrainer(LoRAFinetuningTrainer):
             model, tokenizer, self.config, train_examples, eval_examples, info,
             accelerator_kwargs=self.accelerator_kwargs, objective=objective,
         )  # fmt: skip
-        self.result.summary["preference"] = self.preference_config.method
         if self.lora_config is not None and (self.merge if merge is None else merge):
             return self._save_merged()
         return self.result.model
