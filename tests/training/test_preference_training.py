@@ -136,3 +136,31 @@ def test_unservable_combinations_are_clear_errors(tiny_model_dir, tiny_pairs, tm
     assert "need --method" in capsys.readouterr().err
     assert main([*_train(tiny_model_dir, tiny_pairs, tmp_path / "r", "--method", "orpo", "--loss-type", "ipo")]) == 2
     assert "applies to method dpo" in capsys.readouterr().err
+
+
+def test_dpo_accumulated_micro_batches_equal_one_batch(tiny_model_dir, tiny_pairs, tmp_path):
+    """The loss is the mean over the pairs of the whole step: 3 micro-batches of 2 pairs = 1 batch of 6."""
+    runs = {}
+    for name, batch, accumulation in (("one", "6", "1"), ("three", "2", "3")):
+        out = tmp_path / name
+        args = _train(
+            tiny_model_dir,
+            tiny_pairs,
+            out,
+            "--method",
+            "dpo",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            batch,
+            "--gradient-accumulation-steps",
+            accumulation,
+            "--no-fp16",
+            "--no-gradient-checkpointing",
+        )
+        assert main([*args, *LORA]) == 0  # fmt: skip
+        runs[name] = _records(out)
+    for key in ("grad_norm", "rewards/margins"):
+        assert runs["three"][0][key] == pytest.approx(runs["one"][0][key], rel=1e-4, abs=1e-7), key
+    for key in ("loss", "rewards/margins", "rewards/accuracies"):
+        assert runs["three"][1][key] == pytest.approx(runs["one"][1][key], rel=1e-4, abs=1e-6), key
