@@ -90,6 +90,7 @@ def test_cli_dpo_lora_end_to_end_logs_rewards(tiny_model_dir, tiny_pairs, tmp_pa
         ("simpo", ["--simpo-gamma", "0.3"]),
         ("kto", ["--undesirable-weight", "1.5"]),
         ("dpo", ["--loss-type", "ipo"]),
+        ("dpo", ["--use-4bit"]),  # QLoRA: the reference is the 4-bit base with the adapter off
     ],
 )
 def test_other_methods_train(method, extra, tiny_model_dir, tiny_pairs, tmp_path):
