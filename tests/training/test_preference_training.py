@@ -74,7 +74,7 @@ def test_cli_dpo_lora_end_to_end_logs_rewards(tiny_model_dir, tiny_pairs, tmp_pa
     assert "eval_rewards/accuracies" in evals[-1]
     assert (out / "final" / "adapter_config.json").is_file()
     config = (out / "config.yaml").read_text()
-    assert "packing: false" in config
+    assert "packing: false" in config and "PreferenceConfig:" in config and "beta: 0.5" in config
     from aift.eval.report import load_run, run_row
 
     row = run_row(load_run(out))  # what `aift report` tabulates

@@ -180,7 +180,8 @@ def run_training(
         else None
     )
     if accelerator.is_main_process:
-        _write_atomic(output_dir / "config.yaml", to_yaml(*[c for c in (config, info.lora_config) if c is not None]))
+        sections = (config, info.lora_config, getattr(objective, "config", None))  # PreferenceConfig for DPO & co
+        _write_atomic(output_dir / "config.yaml", to_yaml(*[c for c in sections if c is not None]))
 
     micro_metrics: list[dict[str, torch.Tensor]] = []  # the objective's metric sums of this step's micro-batches
 
