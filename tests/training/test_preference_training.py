@@ -165,3 +165,17 @@ def test_dpo_accumulated_micro_batches_equal_one_batch(tiny_model_dir, tiny_pair
         assert runs["three"][0][key] == pytest.approx(runs["one"][0][key], rel=1e-4, abs=1e-7), key
     for key in ("loss", "rewards/margins", "rewards/accuracies"):
         assert runs["three"][1][key] == pytest.approx(runs["one"][1][key], rel=1e-4, abs=1e-6), key
+
+
+def test_fused_log_probs_train_like_the_logits_path(tiny_model_dir, tiny_pairs, tmp_path):
+    """loss_chunk_size: each row's log-prob from chunks of answer positions, no full-vocabulary logits; same run."""
+    runs = {}
+    for chunk in ("0", "16"):
+        out = tmp_path / chunk
+        args = _train(tiny_model_dir, tiny_pairs, out, "--method", "dpo", "--max-steps", "2", "--no-fp16",
+                      "--no-gradient-checkpointing", "--loss-chunk-size", chunk)  # fmt: skip
+        assert main([*args, *LORA]) == 0
+        runs[chunk] = _records(out)
+    for step in (0, 1):
+        for key in ("loss", "grad_norm", "logps/chosen", "rewards/margins"):
+            assert runs["16"][step][key] == pytest.approx(runs["0"][step][key], rel=1e-4, abs=1e-5), (step, key)

@@ -207,10 +207,27 @@ class SFTObjective:
         return loss, {}
 
 
-def _forward_logps(model, batch: dict, autocast: Autocast) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward_logps(model, batch: dict, autocast: Autocast, chunk_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed answer log-probs of each row and the answer lengths.
+
+    With ``chunk_size`` the fused linear cross-entropy of :mod:`aift.training.loss` gives each row's sum from
+    the final hidden states, a chunk of answer positions at a time: no full-vocabulary logits, and none at all
+    for prompt and padding positions.
+    """
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    labels = batch["labels"]
+    if not chunk_size:
+        with autocast():
+            logits = model(**inputs).logits
+        return sequence_logps(logits, labels)
+    from aift.training.loss import fused_linear_cross_entropy, split_causal_lm
+
+    _, head = split_causal_lm(model)
     with autocast():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    return sequence_logps(logits, batch["labels"])
+        hidden = model(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+        sums = [-fused_linear_cross_entropy(hidden[i : i + 1], head.weight, labels[i : i + 1], chunk_size)
+                for i in range(hidden.shape[0])]  # fmt: skip
+    return torch.stack(sums), (labels[:, 1:] != IGNORE_INDEX).sum(-1)
 
 
 @contextlib.contextmanager
@@ -242,8 +259,9 @@ class PreferenceObjective:
 
     needs_reference: bool
 
-    def __init__(self, config, pad_token_id: int, precompute: bool = False) -> None:
+    def __init__(self, config, pad_token_id: int, precompute: bool = False, loss_chunk_size: int = 0) -> None:
         self.config = config
+        self.chunk_size = loss_chunk_size
         self.name = config.method
         self.pad_token_id = pad_token_id
         self.needs_reference = config.method in ("dpo", "kto")
@@ -314,8 +332,8 @@ class PreferenceObjective:
         if "ref_logps" in batch:
             return batch["ref_logps"], batch.get("ref_kl_logps")
         with reference_mode(model) as reference:
-            logps, _ = _forward_logps(reference, batch, autocast)
-            kl = _forward_logps(reference, batch["kl"], autocast)[0] if "kl" in batch else None
+            logps, _ = _forward_logps(reference, batch, autocast, self.chunk_size)
+            kl = _forward_logps(reference, batch["kl"], autocast, self.chunk_size)[0] if "kl" in batch else None
         return logps, kl
 
     @torch.no_grad()
@@ -332,12 +350,12 @@ class PreferenceObjective:
                 for start in tqdm(range(0, len(rows), batch_size), desc="reference log-probs"):
                     chunk = rows[start : start + batch_size]
                     batch = _to_device(self.collate(chunk), device)
-                    logps = _forward_logps(inner, batch, autocast)[0].tolist()
+                    logps = _forward_logps(inner, batch, autocast, self.chunk_size)[0].tolist()
                     if self.paired:
                         for i, row in enumerate(chunk):
                             row["ref_chosen_logps"], row["ref_rejected_logps"] = logps[i], logps[i + len(chunk)]
                     else:
-                        kl = _forward_logps(inner, batch["kl"], autocast)[0].tolist()
+                        kl = _forward_logps(inner, batch["kl"], autocast, self.chunk_size)[0].tolist()
                         for i, row in enumerate(chunk):
                             row["ref_logps"], row["ref_kl_logps"] = logps[i], kl[i]
         finally:
@@ -347,7 +365,7 @@ class PreferenceObjective:
 
     def loss_sum(self, model, batch: dict, autocast: Autocast) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Sum of the per-pair (KTO: per-example) losses, and sums of the logged metrics."""
-        logps, lengths = _forward_logps(model, batch, autocast)
+        logps, lengths = _forward_logps(model, batch, autocast, self.chunk_size)
         if not self.paired:
             return self._kto(model, batch, logps, autocast)
         n = logps.shape[0] // 2
@@ -379,7 +397,7 @@ class PreferenceObjective:
     def _kto(self, model, batch: dict, logps: torch.Tensor, autocast: Autocast):
         cfg = self.config
         with torch.no_grad():
-            kl_logps, _ = _forward_logps(model, batch["kl"], autocast)
+            kl_logps, _ = _forward_logps(model, batch["kl"], autocast, self.chunk_size)
         ref, ref_kl = self.reference_logps(model, batch, autocast)
         kl = (kl_logps - ref_kl.to(kl_logps)).mean()
         losses, rewards = kto_loss(
@@ -466,4 +484,4 @@ def make_objective(preference, pad_token_id: int, is_peft: bool, loss_chunk_size
     if preference is None:
         return SFTObjective(loss_chunk_size)
     precompute = preference.precompute_ref_log_probs or not is_peft
-    return PreferenceObjective(preference, pad_token_id, precompute=precompute)
+    return PreferenceObjective(preference, pad_token_id, precompute=precompute, loss_chunk_size=loss_chunk_size)

@@ -63,7 +63,12 @@ class PreferenceTrainer(LoRAFinetuningTrainer):
             )
         self.config.packing = False  # pairs are padded per micro-batch, never packed (config.yaml says so)
         model, tokenizer, train_examples, eval_examples, info = self.prepare(None, None, resume_from_checkpoint)
-        objective = make_objective(self.preference_config, tokenizer.pad_token_id, is_peft=self.lora_config is not None)
+        objective = make_objective(
+            self.preference_config,
+            tokenizer.pad_token_id,
+            is_peft=self.lora_config is not None,
+            loss_chunk_size=self.config.loss_chunk_size,  # fused log-probs: no full-vocabulary logits
+        )
         self.result = run_training(
             model, tokenizer, self.config, train_examples, eval_examples, info,
             accelerator_kwargs=self.accelerator_kwargs, objective=objective,
