@@ -179,3 +179,27 @@ def test_fused_log_probs_train_like_the_logits_path(tiny_model_dir, tiny_pairs, 
     for step in (0, 1):
         for key in ("loss", "grad_norm", "logps/chosen", "rewards/margins"):
             assert runs["16"][step][key] == pytest.approx(runs["0"][step][key], rel=1e-4, abs=1e-5), (step, key)
+
+
+def test_preference_options_from_yaml_overrides_and_flags(tmp_path):
+    import argparse
+
+    import yaml
+
+    from aift.cli.train import add_arguments, resolve_configs, resolve_preference
+    from aift.config import ConfigError
+
+    path = tmp_path / "dpo.yaml"
+    path.write_text(yaml.safe_dump({"learning_rate": 5e-6, "method": "dpo", "preference": {"beta": 0.3}}))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([str(path), "preference.loss_type=robust", "--label-smoothing", "0.1"])
+    preference = resolve_preference(args)
+    assert (preference.method, preference.beta, preference.loss_type, preference.label_smoothing) == (
+        "dpo", 0.3, "robust", 0.1
+    )  # fmt: skip
+    assert resolve_configs(args)[0].learning_rate == 5e-6  # the preference keys do not reach TrainingConfig
+    assert resolve_preference(parser.parse_args(["--method", "simpo"])).resolved_beta == 2.0
+    assert resolve_preference(parser.parse_args([])) is None
+    with pytest.raises(ConfigError, match="did you mean 'beta'"):
+        resolve_preference(parser.parse_args(["method=kto", "preference.betta=1"]))
