@@ -1,4 +1,4 @@
-"""aift, the AI Fine-tuning Toolkit: full, LoRA and QLoRA fine-tuning of LLMs, Japanese models first.
+"""aift, the AI Fine-tuning Toolkit: full, LoRA and QLoRA fine-tuning (SFT, then DPO/ORPO/SimPO/KTO) of LLMs, Japanese models first.
 
 The public API is imported lazily so that ``import aift`` (and ``aift --help``) stays fast.
 """
@@ -19,12 +19,14 @@ _EXPORTS = {
     "TrainingConfig": "aift.config",
     "LoRAConfig": "aift.config",
     "MultiGPUTrainingConfig": "aift.config",
+    "PreferenceConfig": "aift.config",
     "ConfigError": "aift.config",
     "AiftError": "aift.errors",
     "TextDataset": "aift.data.text_dataset",
     "FullFinetuningTrainer": "aift.training.trainers",
     "LoRAFinetuningTrainer": "aift.training.trainers",
     "AdvancedMultiGPUTrainer": "aift.training.multi_gpu",
+    "PreferenceTrainer": "aift.training.preference",
     "QuantizationOptimizer": "aift.quant.optimizer",
     "get_available_device": "aift.utils.gpu",
     "get_gpu_memory_info": "aift.utils.gpu",

@@ -1,4 +1,4 @@
-"""Typed configuration: TrainingConfig, LoRAConfig, MultiGPUTrainingConfig.
+"""Typed configuration: TrainingConfig, LoRAConfig, PreferenceConfig, MultiGPUTrainingConfig.
 
 Each option is documented once, on its field (``metadata["help"]``); YAML files and ``key=value``
 overrides from the CLI go through :func:`from_dict`, which rejects unknown keys with a suggestion.
@@ -165,6 +165,64 @@ def _target_modules(value: str | list[str]) -> str | list[str]:
     if len(names) > 1:
         raise ConfigError(f"target_modules: {value!r} mixes all-linear with module names; give one or the other")
     return "all-linear"
+
+
+PREFERENCE_METHODS = ("dpo", "orpo", "simpo", "kto")
+DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
+# TRL's defaults: DPOConfig / ORPOConfig / KTOConfig beta 0.1; SimPO's paper and TRL's docs beta 2.0.
+_DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "simpo": 2.0, "kto": 0.1}
+
+
+@dataclass
+class PreferenceConfig:
+    """Preference tuning after SFT (`aift train --method dpo|orpo|simpo|kto`); defaults are TRL 1.16's."""
+
+    method: str = _f("dpo", "dpo, orpo, simpo (no reference model) or kto (unpaired examples with a label).")
+    beta: float | None = _f(
+        None,
+        "Strength of the preference term: DPO/KTO the deviation from the reference (0.1), IPO its regulariser "
+        "tau, ORPO the odds-ratio weight lambda (0.1), SimPO the reward scale (2.0). None: that default.",
+    )
+    loss_type: str = _f(
+        "sigmoid",
+        "DPO loss: sigmoid (DPO), robust (DPO with label_smoothing), hinge (SLiC) or ipo (IPO, length-normalised).",
+    )
+    label_smoothing: float = _f(
+        0.0, "Probability that a preference label is flipped, in [0, 0.5): used by loss_type=robust and SimPO."
+    )
+    simpo_gamma: float = _f(0.5, "SimPO target reward margin gamma.")
+    rpo_alpha: float | None = _f(
+        None, "DPO/SimPO: add this weight times the chosen answer's per-token NLL (RPO / CPO); None adds none."
+    )
+    desirable_weight: float = _f(1.0, "KTO weight of the desirable (label true) examples.")
+    undesirable_weight: float = _f(1.0, "KTO weight of the undesirable (label false) examples.")
+    precompute_ref_log_probs: bool = _f(
+        False,
+        "Compute the reference log-probs once, before training, instead of a reference forward per step "
+        "(always so for full fine-tuning; LoRA otherwise uses the base with the adapter disabled).",
+    )
+    disable_dropout: bool = _f(True, "Turn dropout off in the model (TRL's default: rewards need deterministic logps).")
+
+    def __post_init__(self) -> None:
+        if self.method not in PREFERENCE_METHODS:
+            raise ConfigError(f"method must be one of {', '.join(PREFERENCE_METHODS)}; got {self.method!r}")
+        if self.loss_type not in DPO_LOSS_TYPES:
+            raise ConfigError(f"loss_type must be one of {', '.join(DPO_LOSS_TYPES)}; got {self.loss_type!r}")
+        if self.loss_type != "sigmoid" and self.method != "dpo":
+            raise ConfigError(f"loss_type={self.loss_type!r} applies to method dpo, not {self.method}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and not (self.loss_type == "robust" or self.method == "simpo"):
+            raise ConfigError("label_smoothing is used by loss_type=robust (DPO) and by SimPO only (as in TRL)")
+        if self.beta is not None and self.beta <= 0:
+            raise ConfigError(f"beta must be > 0, got {self.beta}")
+        if self.rpo_alpha is not None and self.method in ("orpo", "kto"):
+            raise ConfigError(f"rpo_alpha applies to dpo and simpo, not {self.method}")
+        _check_non_negative(self, "desirable_weight", "undesirable_weight")
+
+    @property
+    def resolved_beta(self) -> float:
+        return self.beta if self.beta is not None else _DEFAULT_BETA[self.method]
 
 
 STRATEGIES = ("ddp", "model_parallel", "pipeline", "fsdp", "deepspeed")

@@ -11,7 +11,12 @@ from aift.bench.report import summary_line
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = BenchOptions()
     parser.add_argument("--model", default=d.model, help="Model alias or folder (default: %(default)s).")
-    parser.add_argument("--method", choices=("lora", "qlora", "full"), default=d.method)
+    parser.add_argument(
+        "--method",
+        choices=("lora", "qlora", "full", "dpo"),
+        default=d.method,
+        help="SFT with lora/qlora/full, or LoRA DPO on preference pairs (--compare trl: TRL's DPOTrainer).",
+    )
     parser.add_argument("--seq-len", type=int, default=d.seq_len, help="Tokens per row (default: %(default)s).")
     parser.add_argument("--examples", type=int, default=d.examples, help="Training examples, one epoch.")
     parser.add_argument(
@@ -35,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.method == "dpo":
+        return _run_dpo(args)
     options = BenchOptions(
         model=args.model,
         method=args.method,
@@ -55,5 +62,26 @@ def run(args: argparse.Namespace) -> int:
     result = run_bench(options)
     charts = "chart.png, scaling.png" if len(result["scaling"]) > 1 or options.nproc[0] > 1 else "chart.png"
     print(f"wrote {options.output}/result.json, results.md, {charts}")
+    print(summary_line(result))
+    return 0
+
+
+def _run_dpo(args: argparse.Namespace) -> int:
+    from aift.bench.preference import PreferenceBenchOptions, run_bench, summary_line
+
+    d = PreferenceBenchOptions()
+    options = PreferenceBenchOptions(
+        model=args.model,
+        examples=args.examples,
+        eval_examples=args.eval_examples or d.eval_examples,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate if args.learning_rate != BenchOptions().learning_rate else d.learning_rate,
+        max_length=min(args.seq_len, d.max_length) if args.seq_len == BenchOptions().seq_len else args.seq_len,
+        compare=args.compare,
+        output=args.output if args.output != BenchOptions().output else d.output,
+        seed=args.seed,
+    )
+    result = run_bench(options)
+    print(f"wrote {options.output}/result.json, results.md")
     print(summary_line(result))
     return 0

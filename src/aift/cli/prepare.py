@@ -1,4 +1,7 @@
-"""`aift prepare`: raw data -> tokenized, loss-masked train/test splits (see aift.data.prepare)."""
+"""`aift prepare`: raw data -> tokenized, loss-masked train/test splits (see aift.data.prepare).
+
+``--task preference`` reads preference pairs (or KTO's labelled examples) instead (see aift.data.preference).
+"""
 
 from __future__ import annotations
 
@@ -28,10 +31,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-on-prompt", action="store_true", help="train on all tokens, not only the answers")
     parser.add_argument("--system", help="system prompt for conversations without one")
     parser.add_argument("--strict", action="store_true", help="fail on the first unusable row instead of dropping it")
+    parser.add_argument(
+        "--task",
+        default="sft",
+        choices=("sft", "preference"),
+        help="sft (conversations) or preference (chosen/rejected pairs, or KTO rows with a label)",
+    )
     parser.add_argument("--trust-remote-code", action="store_true", help="allow tokenizers with code from the hub")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.task == "preference":
+        return _run_preference(args)
     from aift.data.prepare import prepare_dataset
 
     out = prepare_dataset(
@@ -45,6 +56,30 @@ def run(args: argparse.Namespace) -> int:
         val_ratio=args.val_ratio,
         seed=args.seed,
         train_on_prompt=args.train_on_prompt,
+        system=args.system,
+        strict=args.strict,
+        trust_remote_code=args.trust_remote_code,
+    )
+    print(out)
+    return 0
+
+
+def _run_preference(args: argparse.Namespace) -> int:
+    from aift.data import DataError
+    from aift.data.preference import prepare_preference
+
+    if args.source in ("alpaca", "dolly", "wizardlm") or args.train_on_prompt:
+        raise DataError("--task preference reads a local file (--source-path) and trains on the answers only")
+    out = prepare_preference(
+        model=args.model,
+        source=args.source,
+        source_path=args.source_path,
+        num_samples=args.num_samples,
+        format=args.format,
+        output_dir=args.output_dir,
+        max_length=args.max_length,
+        val_ratio=args.val_ratio,
+        seed=args.seed,
         system=args.system,
         strict=args.strict,
         trust_remote_code=args.trust_remote_code,

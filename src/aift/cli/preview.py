@@ -18,9 +18,11 @@ def run(args: argparse.Namespace) -> int:
 
     from aift.data.preview import preview_dataset
 
-    preview = preview_dataset(args.dataset_dir, n=args.n, split=args.split)
     tty = sys.stdout.isatty()
     console = Console(highlight=False, force_terminal=tty, no_color=not tty, soft_wrap=True)
+    if _is_preference(args.dataset_dir):
+        return _preview_pairs(args, console, tty)
+    preview = preview_dataset(args.dataset_dir, n=args.n, split=args.split)
     info = preview.info
     console.print(
         f"{args.dataset_dir} [{args.split}]: format {info.get('format')}, model {info.get('model')}, "
@@ -44,4 +46,44 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"\n{args.split}: {preview.trained} trained / {preview.masked} masked tokens ({share:.1%} trained)")
     for warning in preview.warnings:
         console.print(f"warning: {warning}", markup=False)
+    return 0
+
+
+def _is_preference(path: str) -> bool:
+    import json
+    from pathlib import Path
+
+    meta = Path(path) / "prepare.json"
+    return meta.is_file() and json.loads(meta.read_text(encoding="utf-8")).get("task") in ("preference", "kto")
+
+
+def _preview_pairs(args: argparse.Namespace, console, tty: bool) -> int:
+    """Chosen and rejected side by side, trained tokens in green (``[[...]]`` when not a terminal)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from aift.data.preference import preview_pairs
+    from aift.data.preview import load_prepared
+    from aift.models.loading import load_tokenizer
+
+    dataset, info = load_prepared(args.dataset_dir, args.split)
+    tokenizer = load_tokenizer(info["tokenizer"])
+    legend = "trained tokens in green" if tty else "trained tokens in [[...]]"
+    console.print(
+        f"{args.dataset_dir} [{args.split}]: {info.get('task')} data, format {info.get('format')}, "
+        f"model {info.get('model')}, {len(dataset)} rows ({legend})",
+        markup=False,
+    )
+    for pair in preview_pairs(dataset, tokenizer, args.n):
+        table = Table(show_lines=True, expand=True, title=f"pair {pair.index}" if pair.label is None else
+                      f"example {pair.index} (label {str(pair.label).lower()})")  # fmt: skip
+        cells = []
+        for name, runs in pair.sides.items():
+            table.add_column(f"{name}: {pair.trained[name]} trained tokens", ratio=1)
+            if tty:
+                cells.append(Text.assemble(*((t, "bold green") if on else (t, "dim") for t, on in runs)))
+            else:
+                cells.append(Text("".join(f"[[{t}]]" if on else t for t, on in runs)))
+        table.add_row(*cells)
+        console.print(table)
     return 0

@@ -1,4 +1,4 @@
-"""`aift train [CONFIG.yaml] [key=value ...] [--flags]`: fine-tune (full, LoRA, QLoRA).
+"""`aift train [CONFIG.yaml] [key=value ...] [--flags]`: fine-tune (full, LoRA, QLoRA), SFT or preference.
 
 The YAML holds TrainingConfig keys at the top level and, for LoRA/QLoRA, a ``lora:`` mapping of LoRAConfig
 keys (its presence means LoRA; ``lora: {use_qlora: true}`` means QLoRA)::
@@ -9,6 +9,10 @@ keys (its presence means LoRA; ``lora: {use_qlora: true}`` means QLoRA)::
     lora:
       r: 16
       target_modules: all-linear
+
+Preference tuning: ``--method dpo|orpo|simpo|kto`` (or ``method: dpo`` in the YAML), its options in a
+``preference:`` mapping, as ``preference.beta=0.2`` or as flags (``--beta 0.2``); data from
+``aift prepare --task preference``.
 
 Precedence: YAML < ``key=value`` overrides (``lora.r=8`` for LoRA keys) < flags. Unknown keys are errors
 with a suggestion. ``python scripts/train_sft.py`` takes exactly the same arguments.
@@ -25,6 +29,7 @@ from aift.config import (
     ConfigError,
     LoRAConfig,
     MultiGPUTrainingConfig,
+    PreferenceConfig,
     TrainingConfig,
     field_help,
     from_dict,
@@ -72,9 +77,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lora.add_argument("--use-dora", action="store_true", default=None, help=lora_help["use_dora"])
     lora.add_argument("--use-rslora", action="store_true", default=None, help=lora_help["use_rslora"])
     lora.add_argument("--merge", action="store_true", help="After LoRA training, also save a merged model.")
+    pref_help = field_help(PreferenceConfig)
+    pref = parser.add_argument_group("preference tuning (--method)")
+    pref.add_argument("--method", default=None, choices=("sft", "dpo", "orpo", "simpo", "kto"), help=(
+        "sft (default) or a preference method: " + pref_help["method"]))  # fmt: skip
+    for f in dataclasses.fields(PreferenceConfig):
+        if f.name == "method":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            pref.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=pref_help[f.name])
+        else:
+            pref.add_argument(flag, default=None, metavar="V", help=pref_help[f.name])
     from aift.distributed.launch import add_launch_arguments
 
     add_launch_arguments(parser)
+
+
+def resolve_preference(args: argparse.Namespace) -> PreferenceConfig | None:
+    """The preference config (None for SFT) from the YAML's method / preference:, preference.KEY=value and flags."""
+    yaml_files = [i for i in args.items if "=" not in i]
+    values: dict[str, Any] = load_yaml(yaml_files[0]) if len(yaml_files) == 1 else {}
+    section = values.get("preference") or {}
+    if not isinstance(section, dict):
+        raise ConfigError("'preference:' must be a mapping of PreferenceConfig keys")
+    section = dict(section)
+    method = values.get("method")
+    for key, value in parse_overrides([i for i in args.items if "=" in i]).items():
+        if key == "method":
+            method = value
+        elif key.startswith("preference."):
+            section[key[len("preference.") :]] = value
+    for f in dataclasses.fields(PreferenceConfig):
+        if f.name != "method" and getattr(args, f.name, None) is not None:
+            section[f.name] = getattr(args, f.name)
+    method = args.method or method or section.pop("method", None) or "sft"
+    section.pop("method", None)
+    if method == "sft":
+        if section:
+            raise ConfigError(f"preference options {sorted(section)} need --method dpo|orpo|simpo|kto")
+        return None
+    return from_dict(PreferenceConfig, {**section, "method": method})
 
 
 def resolve_configs(args: argparse.Namespace) -> tuple[TrainingConfig, LoRAConfig | None]:
@@ -83,12 +126,15 @@ def resolve_configs(args: argparse.Namespace) -> tuple[TrainingConfig, LoRAConfi
     if len(yaml_files) > 1:
         raise ConfigError(f"expected one config file, got {yaml_files}; overrides are key=value")
     values: dict[str, Any] = load_yaml(yaml_files[0]) if yaml_files else {}
+    values.pop("method", None), values.pop("preference", None)  # read by resolve_preference
     lora_values = values.pop("lora", None)
     if lora_values is not None and not isinstance(lora_values, dict):
         raise ConfigError("'lora:' must be a mapping of LoRAConfig keys (or be left out for full fine-tuning)")
     lora_values = dict(lora_values or {}) if lora_values is not None else None
 
     for key, value in parse_overrides([i for i in args.items if "=" in i]).items():
+        if key == "method" or key.startswith("preference."):
+            continue
         if key.startswith("lora."):
             lora_values = {**(lora_values or {}), key[len("lora.") :]: value}
         else:
@@ -122,11 +168,16 @@ def run(args: argparse.Namespace) -> int:
     from aift.training.trainers import train_from_config
 
     training, lora = resolve_configs(args)
+    preference = resolve_preference(args)
     if args.nproc_per_node is not None:
         from aift.distributed.launch import launch_options, launch_training
 
-        return launch_training(launch_options(args), training, lora, merge=args.merge)
-    if isinstance(training, MultiGPUTrainingConfig) or training.deepspeed or training.world_size > 1:
+        return launch_training(launch_options(args), training, lora, merge=args.merge, preference=preference)
+    if preference is not None:
+        from aift.training.preference import train_preference_from_config
+
+        result = train_preference_from_config(training, preference, lora, merge=args.merge)
+    elif isinstance(training, MultiGPUTrainingConfig) or training.deepspeed or training.world_size > 1:
         from aift.training.multi_gpu import train_multi_gpu_from_config
 
         result = train_multi_gpu_from_config(training, lora, merge=args.merge)
@@ -135,8 +186,9 @@ def run(args: argparse.Namespace) -> int:
     s = result.summary
     if os.environ.get("RANK", "0") != "0":
         return 0  # under a launcher, rank 0 reports for all
+    method = s["method"] if preference is None else f"{preference.method}, {s['method']}"
     print(
-        f"trained {s['steps']} steps ({s['method']}), final train loss {s['final_train_loss']:.4f}"
+        f"trained {s['steps']} steps ({method}), final train loss {s['final_train_loss']:.4f}"
         + (f", eval loss {s['final_eval_loss']:.4f}" if s["final_eval_loss"] is not None else "")
     )
     print(f"output: {result.output_dir} (final model in {result.output_dir / 'final'})")

@@ -317,7 +317,7 @@ def launch_options(args) -> LaunchOptions:
     )
 
 
-def launch_training(options: LaunchOptions, training, lora, merge: bool = False) -> int:
+def launch_training(options: LaunchOptions, training, lora, merge: bool = False, preference=None) -> int:
     """Writes the resolved config for every process and starts them on this node."""
     import dataclasses
 
@@ -328,6 +328,8 @@ def launch_training(options: LaunchOptions, training, lora, merge: bool = False)
     values["world_size"] = options.world_size  # every process checks it against what really started
     if lora is not None:
         values["lora"] = dataclasses.asdict(lora)
+    if preference is not None:
+        values["preference"] = dataclasses.asdict(preference)
     out = Path(training.output_dir)
     path = write_launch_config(
         out / f"launch-node{options.node_rank}.yaml", yaml.safe_dump(values, sort_keys=False, allow_unicode=True)

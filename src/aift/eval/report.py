@@ -193,6 +193,7 @@ def run_row(run: Run) -> dict[str, Any]:
         "status": "incomplete" if run.incomplete else ("complete" if run.is_training else "-"),
         "model": summary.get("model") or meta.get("base_model"),
         "method": summary.get("method") or meta.get("method"),
+        "objective": summary.get("objective"),
         "steps": summary.get("steps") or _last(run.train, "step"),
         "tokens": tokens,
         "time_s": wall,
@@ -201,6 +202,10 @@ def run_row(run: Run) -> dict[str, Any]:
         "initial_eval_loss": summary.get("initial_eval_loss", (run.evals[0].get("eval_loss") if run.evals else None)),
         "final_eval_loss": summary.get("final_eval_loss", _last(run.evals, "eval_loss")),
         "peak_mem_gb": summary.get("peak_mem_gb", _last(run.train, "peak_mem_gb")),
+        # Preference runs (DPO, ORPO, SimPO, KTO): the last logged reward accuracy and margin, train and eval.
+        "reward_accuracy": _last(run.train, "rewards/accuracies"),
+        "reward_margin": _last(run.train, "rewards/margins"),
+        "eval_reward_accuracy": _last(run.evals, "eval_rewards/accuracies"),
     }
     row.update(_eval_figures(run.eval_result))
     return row
@@ -365,6 +370,7 @@ def make_charts(runs: list[Run]) -> dict[str, bytes]:
         "learning_rate.png": _line_chart(charted, "lr", "Learning rate", "lr"),
         "tokens_per_s.png": _line_chart(charted, "tokens_per_s", "Training throughput", "tokens/s"),
         "memory.png": _line_chart(charted, "peak_mem_gb", "Peak memory", "GB"),
+        "reward_margins.png": _line_chart(charted, "rewards/margins", "Preference reward margin", "chosen - rejected"),
         "system_metrics.png": _system_chart(charted),
         "bench.png": _bench_chart(runs),
     }
@@ -389,6 +395,7 @@ _RUN_COLUMNS = [
     ("status", "status"),
     ("model", "model"),
     ("method", "method"),
+    ("objective", "objective"),
     ("steps", "steps"),
     ("tokens", "tokens"),
     ("time_s", "time (s)"),
@@ -397,6 +404,9 @@ _RUN_COLUMNS = [
     ("final_train_loss", "final train loss"),
     ("initial_eval_loss", "first eval loss"),
     ("final_eval_loss", "final eval loss"),
+    ("reward_accuracy", "reward acc"),
+    ("reward_margin", "reward margin"),
+    ("eval_reward_accuracy", "eval reward acc"),
     ("eval_perplexity", "eval ppl"),
     ("eval_exact_match", "EM"),
     ("eval_chrf", "chrF"),

@@ -40,8 +40,9 @@ from aift.export.folders import write_meta
 from aift.models.loading import eval_mode
 from aift.training import checkpoint as ckpt
 from aift.training import run_guard
-from aift.training.data import BatchPlanner, Examples, check_trainable, eval_batches
-from aift.training.loss import causal_lm_loss_sum, shifted_cross_entropy_sum, split_causal_lm
+from aift.training.data import Examples
+from aift.training.loss import split_causal_lm
+from aift.training.objectives import SFTObjective, to_device
 from aift.training.reporting import MetricsLogger, check_loggers, peak_memory_gb
 from aift.training.segment_attention import PackedAttention
 
@@ -80,10 +81,12 @@ def run_training(
     eval_examples: Examples | None,
     info: RunInfo,
     accelerator_kwargs: dict[str, Any] | None = None,
+    objective: Any = None,
 ) -> TrainResult:
     """Trains ``model`` (already LoRA-wrapped / quantized / checkpointed by the trainer) and saves the run.
 
     ``accelerator_kwargs`` go to ``Accelerator`` (the multi-GPU trainer passes its FSDP / DeepSpeed plugin).
+    ``objective`` is what the loop minimises (:mod:`aift.training.objectives`); default the SFT token sum.
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, set_seed
@@ -92,7 +95,8 @@ def run_training(
     started = time.perf_counter()
     output_dir = Path(config.output_dir)
     is_peft = info.method in ("lora", "qlora")
-    check_trainable(train_examples)
+    objective = objective or SFTObjective(config.loss_chunk_size)
+    objective.check(train_examples)
     if eval_examples is not None and not eval_examples.rows:
         eval_examples = None
     check_loggers(config.report_to)
@@ -121,15 +125,7 @@ def run_training(
     set_seed(config.seed)
 
     attention = PackedAttention(model, config, device.type)
-    planner = BatchPlanner(
-        train_examples,
-        config.batch_size,
-        config.max_length,
-        config.packing,
-        tokenizer.pad_token_id,
-        config.seed,
-        mask=attention.mask,
-    )
+    planner = objective.planner(train_examples, config, tokenizer.pad_token_id, attention.mask)
     micro_per_step = config.gradient_accumulation_steps * world
     steps_per_epoch = math.ceil(planner.num_micro_batches() / micro_per_step)
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_epochs * steps_per_epoch)
@@ -164,6 +160,21 @@ def run_training(
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
 
+    def autocast() -> contextlib.AbstractContextManager:
+        """bf16/fp16 autocast around the model's forward, as the precision asks."""
+        # Under autocast, peft's cast of bf16 activations to the adapters' fp32 is undone at once: skip it.
+        # Not with gradient checkpointing: its recompute in backward runs outside this context, would cast,
+        # and torch.utils.checkpoint then refuses the recomputed fp32 tensors.
+        skip_cast = is_peft and autocast_dtype is not None and not config.gradient_checkpointing
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None))
+        stack.enter_context(disable_input_dtype_casting(model, active=skip_cast))
+        return stack
+
+    if getattr(objective, "precompute", False):  # before a checkpoint is loaded: the reference is the start
+        for examples in (train_examples, eval_examples):
+            if examples is not None:
+                objective.precompute_reference(model, examples.rows, config.batch_size, autocast, device)
     state = ckpt.TrainerState(seed=config.seed, total_steps=total_steps, run=identity)
     if resume_from is not None and sharded:
         state, rng = ckpt.load_sharded_checkpoint(resume_from, accelerator, scheduler)
@@ -179,33 +190,42 @@ def run_training(
         else None
     )
     if accelerator.is_main_process:
-        _write_atomic(output_dir / "config.yaml", to_yaml(*[c for c in (config, info.lora_config) if c is not None]))
+        sections = (config, info.lora_config, getattr(objective, "config", None))  # PreferenceConfig for DPO & co
+        _write_atomic(output_dir / "config.yaml", to_yaml(*[c for c in sections if c is not None]))
+
+    micro_metrics: list[dict[str, torch.Tensor]] = []  # the objective's metric sums of this step's micro-batches
 
     def forward_loss_sum(batch: dict) -> torch.Tensor:
-        """Sum over trained tokens of the per-token cross-entropy, computed in fp32 from the logits."""
-        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-        # Under autocast, peft's cast of bf16 activations to the adapters' fp32 is undone at once: skip it.
-        # Not with gradient checkpointing: its recompute in backward runs outside this context, would cast,
-        # and torch.utils.checkpoint then refuses the recomputed fp32 tensors.
-        skip_cast = is_peft and autocast_dtype is not None and not config.gradient_checkpointing
-        no_cast = disable_input_dtype_casting(model, active=skip_cast)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None), no_cast:
-            if config.loss_chunk_size:  # fused linear cross-entropy: never the whole batch's logits
-                labels = batch["labels"].to(device)
-                return causal_lm_loss_sum(model, {**inputs, "labels": labels}, config.loss_chunk_size)
-            logits = model(**inputs, use_cache=False).logits
-        return shifted_cross_entropy_sum(logits, batch["labels"])
+        """The objective's loss, summed over what it counts (trained tokens for SFT, pairs for DPO, ...)."""
+        loss, metrics = objective.loss_sum(model, to_device(batch, device), autocast)
+        micro_metrics.append(metrics)
+        return loss
 
     @torch.no_grad()
     def evaluate() -> float:
         eval_mode(model)  # not model.eval(): see eval_mode (QLoRA on a CPU)
-        totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, trained tokens
-        for batch in eval_batches(eval_examples, config.batch_size, tokenizer.pad_token_id, rank, world):
+        totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, count (trained tokens / pairs)
+        micro_metrics.clear()
+        for batch in objective.eval_batches(eval_examples, config.batch_size, tokenizer.pad_token_id, rank, world):
             totals[0] += forward_loss_sum(batch).double()
-            totals[1] += batch["num_trained_tokens"]
+            totals[1] += objective.count(batch)
         totals = accelerator.reduce(totals, "sum")
+        eval_metrics.clear()
+        eval_metrics.update(reduce_metrics(micro_metrics, totals[1].item()))
         model.train()
         return (totals[0] / totals[1].clamp(min=1)).item()
+
+    def reduce_metrics(metrics: list[dict[str, torch.Tensor]], count: float) -> dict[str, float]:
+        """Means over the step (all processes) of the objective's metric sums; clears the list."""
+        names = sorted({k for m in metrics for k in m})
+        if not names:
+            metrics.clear()
+            return {}
+        sums = torch.stack([sum(m.get(k, torch.zeros((), device=device)) for m in metrics).float() for k in names])
+        metrics.clear()
+        return dict(zip(names, (accelerator.reduce(sums, "sum") / max(count, 1)).tolist(), strict=True))
+
+    eval_metrics: dict[str, float] = {}
 
     def log_eval(loss: float) -> None:
         if logger is not None:
@@ -216,6 +236,7 @@ def run_training(
                     "step": state.step,
                     "eval_loss": loss,
                     "eval_ppl": ppl,
+                    **{f"eval_{k}": v for k, v in eval_metrics.items()},
                     "time": round(time.perf_counter() - started, 3),
                 }
             )
@@ -249,6 +270,7 @@ def run_training(
 
     # ------------------------------------------------------------------ loop
     window_losses: list[float] = []
+    window_metrics: list[dict[str, float]] = []
     window_tokens, window_time = 0, 0.0
     with stop, sampler, attention, progress:  # the bar closes on an error too: its message starts a line
         if eval_examples is not None and resume_from is None:
@@ -269,7 +291,7 @@ def run_training(
                 weights = [1.0 if j < real else 0.0 for j in mine]
                 counts = torch.tensor(
                     [
-                        sum(int(b["num_trained_tokens"]) * w for b, w in zip(batches, weights, strict=True)),
+                        sum(objective.count(b) * w for b, w in zip(batches, weights, strict=True)),
                         sum(int(b["num_tokens"]) * w for b, w in zip(batches, weights, strict=True)),
                     ],
                     device=device,
@@ -309,6 +331,7 @@ def run_training(
                     if scaler is not None:
                         scaler.update()
                     optimizer.zero_grad(set_to_none=True)
+                    micro_metrics.clear()  # the skipped batch's objective metrics are not logged either
                     state.micro_batch += len(window)  # the batch is skipped; the step is not counted
                     continue
                 if scaler is not None:
@@ -319,6 +342,11 @@ def run_training(
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
 
+                # Padding micro-batches (weight 0) of the last step of an epoch are not counted in the metrics.
+                for j, weight in enumerate(weights):
+                    if not weight and j < len(micro_metrics):
+                        micro_metrics[j] = {}
+                window_metrics.append(reduce_metrics(micro_metrics, trained_tokens))
                 state.step += 1
                 state.micro_batch += len(window)
                 state.tokens += int(real_tokens)
@@ -336,6 +364,7 @@ def run_training(
                         "step": state.step,
                         "epoch": round(state.step / steps_per_epoch, 4),
                         "loss": sum(window_losses) / len(window_losses),
+                        **_mean_metrics(window_metrics),
                         "lr": lr,
                         "grad_norm": float(grad_norm),
                         "tokens_per_s": window_tokens / max(window_time, 1e-9),
@@ -349,7 +378,7 @@ def run_training(
                     progress.set_postfix(
                         loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
                     )
-                    window_losses, window_tokens, window_time = [], 0, 0.0
+                    window_losses, window_metrics, window_tokens, window_time = [], [], 0, 0.0
                 if eval_examples is not None and config.eval_steps and state.step % config.eval_steps == 0:
                     final_eval = evaluate()
                     log_eval(final_eval)
@@ -386,6 +415,8 @@ def run_training(
         "output_dir": str(output_dir),
         "prompt_format": info.prompt_format,
     }
+    if objective.name != "sft":  # preference runs say which objective trained them
+        summary["objective"] = objective.name
     if accelerator.is_main_process:
         save_final(model, tokenizer, output_dir / "final", info, config.max_length, state_dict=full_state)
         _write_atomic(output_dir / "train_summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
@@ -537,6 +568,11 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
+
+
+def _mean_metrics(window: list[dict[str, float]]) -> dict[str, float]:
+    names = sorted({k for m in window for k in m})
+    return {k: sum(m[k] for m in window if k in m) / sum(1 for m in window if k in m) for k in names}
 
 
 def _flat_config(config: TrainingConfig, info: RunInfo) -> dict[str, Any]:

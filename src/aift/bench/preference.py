@@ -1,0 +1,255 @@
+"""`aift bench --method dpo [--compare trl]`: aift's LoRA DPO against TRL's DPOTrainer on the same pairs.
+
+Each trainer runs in its own process (``python -m aift.bench.preference SPEC.json RESULT.json``), so that peak
+memory is its own. The pairs are the "which number is larger" task (right answer chosen, wrong one rejected);
+both trainers see the same pairs in the model's chat template, one epoch, the same LoRA, batch, learning rate
+and beta, bf16. Reported: tokens/s (real prompt + answer tokens of chosen and rejected), peak memory (GPU
+max-allocated, else the process's peak RSS) and the held-out reward accuracy (chosen reward above rejected,
+rewards = beta * (log pi - log pi_ref)), measured by the same code on both trained models.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("aift.bench")
+
+LORA = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear", "lora_dropout": 0.0}
+
+
+@dataclass
+class PreferenceBenchOptions:
+    model: str = "smollm2-135m-instruct"
+    examples: int = 64
+    eval_examples: int = 32
+    batch_size: int = 8
+    learning_rate: float = 5e-4
+    beta: float = 0.1
+    max_length: int = 128
+    compare: str | None = None
+    output: str = "bench/results/dpo-vs-trl"
+    seed: int = 0
+
+
+def larger_number_pairs(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        a, b = rng.sample(range(10, 999), 2)
+        prompt = [{"role": "user", "content": f"Which number is larger, {a} or {b}? Answer with the number."}]
+        pairs.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": str(max(a, b))}],
+                      "rejected": [{"role": "assistant", "content": str(min(a, b))}]})  # fmt: skip
+    return pairs
+
+
+def run_bench(options: PreferenceBenchOptions) -> dict:
+    """Writes the pairs, runs each trainer in a fresh process, writes result.json and results.md."""
+    out = Path(options.output)
+    out.mkdir(parents=True, exist_ok=True)
+    data = out / "pairs.json"
+    pairs = larger_number_pairs(options.examples + options.eval_examples, options.seed)
+    data.write_text(
+        json.dumps({"train": pairs[: options.examples], "eval": pairs[options.examples :]}), encoding="utf-8"
+    )
+    runs = {}
+    for trainer in ["aift", *([options.compare] if options.compare else [])]:
+        spec = {**asdict(options), "trainer": trainer, "data": str(data)}
+        runs[trainer] = _run_worker(spec, out / "logs")
+    result = {"options": asdict(options), "runs": runs}
+    if "trl" in runs:
+        a, t = runs["aift"], runs["trl"]
+        result["ratios"] = {
+            "tokens_per_s": a["tokens_per_s"] / t["tokens_per_s"],
+            "peak_mem": a["peak_mem_gb"] / t["peak_mem_gb"],
+            "reward_accuracy_points": 100 * (a["eval_reward_accuracy"] - t["eval_reward_accuracy"]),
+        }
+    (out / "result.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    (out / "results.md").write_text(markdown(result), encoding="utf-8")
+    return result
+
+
+def _run_worker(spec: dict, logs: Path) -> dict:
+    logs.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec_path.write_text(json.dumps(spec), encoding="utf-8")
+        log_file = logs / f"{spec['trainer']}.log"
+        with log_file.open("w", encoding="utf-8") as f:
+            code = subprocess.call([sys.executable, "-m", "aift.bench.preference", str(spec_path), str(result_path)],
+                                   stdout=f, stderr=subprocess.STDOUT)  # fmt: skip
+        if code != 0:
+            from aift.errors import AiftError
+
+            raise AiftError(f"the {spec['trainer']} DPO run failed (exit {code}); see {log_file}")
+        return json.loads(result_path.read_text(encoding="utf-8"))
+
+
+def markdown(result: dict) -> str:
+    rows = ["| trainer | tokens/s | peak memory (GB) | held-out reward accuracy | train time (s) | steps |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for name, r in result["runs"].items():
+        rows.append(f"| {name} | {r['tokens_per_s']:.1f} | {r['peak_mem_gb']:.2f} | {r['eval_reward_accuracy']:.3f} | "
+                    f"{r['train_time_s']:.1f} | {r['steps']} |")  # fmt: skip
+    ratios = result.get("ratios")
+    if ratios:
+        rows.append(f"\naift / TRL: {ratios['tokens_per_s']:.2f}x tokens/s, {ratios['peak_mem']:.2f}x peak memory, "
+                    f"{ratios['reward_accuracy_points']:+.1f} points of held-out reward accuracy.")  # fmt: skip
+    return "# LoRA DPO: aift vs TRL DPOTrainer\n\n" + "\n".join(rows) + "\n"
+
+
+def summary_line(result: dict) -> str:
+    r = result["runs"]["aift"]
+    line = f"aift DPO: {r['tokens_per_s']:.1f} tokens/s, peak {r['peak_mem_gb']:.2f} GB, held-out reward accuracy {r['eval_reward_accuracy']:.3f}"
+    if "ratios" in result:
+        x = result["ratios"]
+        line += f"; vs TRL {x['tokens_per_s']:.2f}x tokens/s, {x['peak_mem']:.2f}x memory, {x['reward_accuracy_points']:+.1f} points"
+    return line
+
+
+# ---------------------------------------------------------------------- the worker side
+
+
+def _peak_memory_gb() -> float:
+    from aift.bench import measure
+
+    return torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else measure.peak_rss_gb()
+
+
+def _eval_rows(spec: dict, tokenizer) -> list[dict]:
+    """Held-out pairs tokenized as aift prepares them (template format), for both trainers' models."""
+    from aift.data.formats import get_format
+    from aift.data.preference import encode_answer
+
+    fmt = get_format("template")
+    rows = []
+    for pair in json.loads(Path(spec["data"]).read_text(encoding="utf-8"))["eval"]:
+        row = {}
+        for side in ("chosen", "rejected"):
+            ids, labels, _ = encode_answer(fmt, tokenizer, pair["prompt"], pair[side][0]["content"], spec["max_length"])
+            row[f"{side}_input_ids"], row[f"{side}_labels"] = ids, labels
+        rows.append(row)
+    return rows
+
+
+@torch.no_grad()
+def reward_accuracy(model, rows: list[dict], pad_token_id: int) -> float:
+    """Share of pairs whose chosen reward beta*(log pi - log pi_ref) exceeds the rejected one (adapter off = ref)."""
+    from aift.config import PreferenceConfig
+    from aift.training.objectives import PreferenceObjective, sequence_logps
+
+    model.eval()
+    batch = PreferenceObjective(PreferenceConfig(), pad_token_id).collate(rows)
+    inputs = {
+        "input_ids": batch["input_ids"].to(model.device),
+        "attention_mask": batch["attention_mask"].to(model.device),
+    }
+    labels = batch["labels"].to(model.device)
+    policy, _ = sequence_logps(model(**inputs).logits, labels)
+    with model.disable_adapter():
+        ref, _ = sequence_logps(model(**inputs).logits, labels)
+    margin = policy - ref
+    n = len(rows)
+    return (margin[:n] > margin[n:]).float().mean().item()
+
+
+def run_aift(spec: dict) -> dict[str, Any]:
+    from aift.config import LoRAConfig, PreferenceConfig, TrainingConfig
+    from aift.data.preference import prepare_preference
+    from aift.models.japanese import JapaneseModel
+    from aift.training.preference import PreferenceTrainer
+
+    holder = JapaneseModel(spec["model"])
+    tokenizer = holder.load_tokenizer()
+    work = Path(tempfile.mkdtemp(prefix="aift-dpo-bench-"))
+    train_file = work / "train.jsonl"
+    train = json.loads(Path(spec["data"]).read_text(encoding="utf-8"))["train"]
+    train_file.write_text("".join(json.dumps(p) + "\n" for p in train), encoding="utf-8")
+    data = prepare_preference(holder.model_name, source_path=train_file, output_dir=work / "data", val_ratio=0,
+                              max_length=spec["max_length"], format="template")  # fmt: skip
+    config = TrainingConfig(
+        model_name=holder.model_name, output_dir=str(work / "run"), learning_rate=spec["learning_rate"],
+        batch_size=spec["batch_size"], gradient_accumulation_steps=1, num_epochs=1, warmup_steps=0, eval_steps=0,
+        save_steps=0, logging_steps=1, bf16=True, gradient_checkpointing=False, max_length=spec["max_length"],
+        seed=spec["seed"], report_to=["none"], loss_chunk_size=1024,  # fused log-probs, as the SFT bench's lever
+    )  # fmt: skip
+    trainer = PreferenceTrainer(holder, PreferenceConfig(method="dpo", beta=spec["beta"]), LoRAConfig(**LORA), config,
+                                train_dataset=str(data))  # fmt: skip
+    model = trainer.train()
+    peak = _peak_memory_gb()
+    summary = trainer.result.summary
+    train_time = summary["tokens"] / summary["train_tokens_per_s"]
+    return {
+        "tokens": summary["tokens"],
+        "train_time_s": train_time,
+        "tokens_per_s": summary["train_tokens_per_s"],
+        "steps": summary["steps"],
+        "final_train_loss": summary["final_train_loss"],
+        "peak_mem_gb": peak,
+        "eval_reward_accuracy": reward_accuracy(model, _eval_rows(spec, tokenizer), tokenizer.pad_token_id),
+    }
+
+
+def run_trl(spec: dict) -> dict[str, Any]:
+    """TRL's DPOTrainer as a user configures it: its defaults plus bf16, the same LoRA, batch, lr, beta, length."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from aift.models.loading import resolve_model_path
+
+    path = str(resolve_model_path(spec["model"]))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    train = json.loads(Path(spec["data"]).read_text(encoding="utf-8"))["train"]
+    args = DPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="trl-dpo-bench-"), per_device_train_batch_size=spec["batch_size"],
+        num_train_epochs=1, max_length=spec["max_length"], learning_rate=spec["learning_rate"], beta=spec["beta"],
+        bf16=True, use_cpu=not torch.cuda.is_available(), save_strategy="no", report_to=[], logging_steps=1,
+        dataloader_num_workers=0, seed=spec["seed"],
+    )  # fmt: skip
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(train), processing_class=tokenizer,
+                         peft_config=LoraConfig(**LORA, task_type="CAUSAL_LM"))  # fmt: skip
+    data = trainer.train_dataset
+    tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(data["prompt_ids"], data["chosen_ids"],
+                                                                 data["rejected_ids"], strict=True))  # fmt: skip
+    started = time.perf_counter()
+    output = trainer.train()
+    train_time = time.perf_counter() - started
+    peak = _peak_memory_gb()
+    return {
+        "tokens": tokens,
+        "train_time_s": train_time,
+        "tokens_per_s": tokens / train_time,
+        "steps": output.global_step,
+        "final_train_loss": output.training_loss,
+        "peak_mem_gb": peak,
+        "eval_reward_accuracy": reward_accuracy(trainer.model, _eval_rows(spec, tokenizer), tokenizer.pad_token_id),
+    }
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    spec_path, result_path = argv
+    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
+    torch.manual_seed(spec["seed"])
+    result = {"aift": run_aift, "trl": run_trl}[spec["trainer"]](spec)
+    tmp = Path(result_path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2), encoding="utf-8")
+    tmp.replace(result_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

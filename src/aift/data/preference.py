@@ -1,0 +1,511 @@
+"""`aift prepare --task preference`: preference pairs (or KTO's labelled examples) -> token ids and answer labels.
+
+Accepted row shapes (detected from the columns):
+
+- TRL: ``prompt`` / ``chosen`` / ``rejected`` as strings, or ``prompt`` a list of messages and
+  ``chosen`` / ``rejected`` lists of assistant messages; ``chosen`` / ``rejected`` full conversations alone
+  (TRL's implicit prompt: the shared messages before the last answer).
+- LLaMA-Factory: ``conversations`` (ShareGPT from/value) + ``chosen`` + ``rejected`` messages; and
+  ``instruction`` / ``input`` / ``chosen`` / ``rejected``.
+- Anthropic HH: ``chosen`` / ``rejected`` dialogues as text (``\\n\\nHuman: ... \\n\\nAssistant: ...``) sharing a prefix.
+- KTO (unpaired): ``prompt`` / ``completion`` / ``label`` (bool), or ``messages`` / ``conversations`` + ``label``.
+
+The prompt and each answer are rendered in the model's prompt format (the SFT format registry) and tokenized
+once; labels mark the last answer (and its end-of-turn marker) only. The folder is written atomically with
+a prepare.json that counts what was read, kept, dropped (with reasons) and truncated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aift.data import DataError
+from aift.data.formats import Message, PromptFormat, default_system, normalize, resolve_format
+from aift.data.masking import encode
+from aift.data.packing import IGNORE_INDEX
+from aift.data.sources import Row, read_file, source_for_path
+from aift.models.registry import EMBEDDED_MODEL
+
+log = logging.getLogger(__name__)
+
+PREPARE_JSON = "prepare.json"
+TASKS = ("sft", "preference")
+SHAPE_HELP = (
+    "prompt/chosen/rejected (TRL, strings or messages), chosen/rejected conversations (TRL implicit prompt or "
+    "Anthropic HH text), conversations/chosen/rejected and instruction/input/chosen/rejected (LLaMA-Factory), "
+    "prompt/completion/label or messages/label (KTO)"
+)
+
+
+class Drop(Exception):
+    """A row that cannot be used; the message names the missing or bad field."""
+
+
+@dataclass
+class Sample:
+    """One usable row: the prompt conversation (ending with a user turn) and its answer(s)."""
+
+    prompt: list[Message]
+    chosen: str | None = None
+    rejected: str | None = None
+    completion: str | None = None
+    label: bool | None = None
+
+
+# ---------------------------------------------------------------------- rows -> samples
+
+
+def _text(row: dict, key: str) -> str:
+    value = row.get(key)
+    if value is None or (isinstance(value, float) and value != value):
+        raise Drop(f"missing field '{key}'")
+    if isinstance(value, str):
+        if not value.strip():
+            raise Drop(f"field '{key}' is empty")
+        return value.strip()
+    if isinstance(value, dict):  # one message
+        return _message_content(value, key)
+    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+        return _message_content(value[-1], key)  # a list of assistant messages: the answer is the last
+    raise Drop(f"field '{key}' must be text or assistant messages, got {type(value).__name__}")
+
+
+def _message_content(message: dict, key: str) -> str:
+    content = message.get("content", message.get("value"))
+    if not isinstance(content, str) or not content.strip():
+        raise Drop(f"field '{key}' holds a message without content")
+    return content.strip()
+
+
+def _messages(row: dict, key: str, last_role: str) -> list[Message]:
+    value = row.get(key)
+    if isinstance(value, str) and value.strip().startswith("["):  # CSV cells hold JSON text
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise Drop(f"field '{key}' is not valid JSON") from e
+    if value is None:
+        raise Drop(f"missing field '{key}'")
+    if isinstance(value, str):
+        if not value.strip():
+            raise Drop(f"field '{key}' is empty")
+        return [{"role": "user", "content": value.strip()}]
+    if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
+        raise Drop(f"field '{key}' must be text or a list of messages")
+    messages = [{"role": m.get("role", m.get("from")), "content": m.get("content", m.get("value"))} for m in value]
+    try:
+        return normalize(messages, last_role=last_role)
+    except DataError as e:
+        raise Drop(f"field '{key}': {e}") from e
+
+
+def _with_system(row: dict, prompt: list[Message]) -> list[Message]:
+    system = row.get("system")
+    if isinstance(system, str) and system.strip() and prompt[0]["role"] != "system":
+        return [{"role": "system", "content": system.strip()}, *prompt]
+    return prompt
+
+
+def _trl(row: dict) -> Sample:
+    prompt = _with_system(row, _messages(row, "prompt", "user"))
+    return Sample(prompt, _text(row, "chosen"), _text(row, "rejected"))
+
+
+def _llamafactory_sharegpt(row: dict) -> Sample:
+    prompt = _with_system(row, _messages(row, "conversations", "user"))
+    return Sample(prompt, _text(row, "chosen"), _text(row, "rejected"))
+
+
+def _llamafactory_alpaca(row: dict) -> Sample:
+    user: Message = {"role": "user", "content": _plain(row, "instruction")}
+    if isinstance(row.get("input"), str) and row["input"].strip():
+        user["input"] = row["input"].strip()
+    return Sample(_with_system(row, [user]), _text(row, "chosen"), _text(row, "rejected"))
+
+
+def _plain(row: dict, key: str) -> str:
+    value = row.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise Drop(f"missing field '{key}'" if value is None else f"field '{key}' is empty")
+    return value.strip()
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def _hh_dialogue(text: str, key: str) -> list[Message]:
+    parts = _HH_TURN.split("\n\n" + text.lstrip("\n") if not text.startswith("\n\n") else text)
+    if len(parts) < 3 or parts[0].strip():
+        raise Drop(f"field '{key}' is not a '\\n\\nHuman: ... \\n\\nAssistant: ...' dialogue")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    messages = [{"role": roles[r], "content": c} for r, c in zip(parts[1::2], parts[2::2], strict=True)]
+    try:
+        return normalize(messages)
+    except DataError as e:
+        raise Drop(f"field '{key}': {e}") from e
+
+
+def _implicit(row: dict) -> Sample:
+    """Two full dialogues (HH text or message lists) that share everything up to the last answer."""
+    dialogues = {}
+    for key in ("chosen", "rejected"):
+        value = row.get(key)
+        if value is None:
+            raise Drop(f"missing field '{key}'")
+        dialogues[key] = _hh_dialogue(value, key) if isinstance(value, str) else _messages(row, key, "assistant")
+    chosen, rejected = dialogues["chosen"], dialogues["rejected"]
+    if chosen[:-1] != rejected[:-1]:
+        raise Drop("'chosen' and 'rejected' do not share the dialogue before their last answer")
+    return Sample(_with_system(row, chosen[:-1]), chosen[-1]["content"], rejected[-1]["content"])
+
+
+def _label(row: dict) -> bool:
+    value = row.get("label")
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise Drop("missing field 'label'" if value is None else f"field 'label' must be true or false, got {value!r}")
+
+
+def _kto_prompt_completion(row: dict) -> Sample:
+    prompt = _with_system(row, _messages(row, "prompt", "user"))
+    return Sample(prompt, completion=_text(row, "completion"), label=_label(row))
+
+
+def _kto_conversation(key: str):
+    def convert(row: dict) -> Sample:
+        messages = _messages(row, key, "assistant")
+        return Sample(_with_system(row, messages[:-1]), completion=messages[-1]["content"], label=_label(row))
+
+    return convert
+
+
+# shape -> (required columns, converter); detection tries them in order.
+SHAPES = {
+    "kto": (("prompt", "completion", "label"), _kto_prompt_completion),
+    "kto_messages": (("messages", "label"), _kto_conversation("messages")),
+    "kto_conversations": (("conversations", "label"), _kto_conversation("conversations")),
+    "llamafactory_sharegpt": (("conversations", "chosen", "rejected"), _llamafactory_sharegpt),
+    "llamafactory_alpaca": (("instruction", "chosen", "rejected"), _llamafactory_alpaca),
+    "trl": (("prompt", "chosen", "rejected"), _trl),
+    "implicit_prompt": (("chosen", "rejected"), _implicit),  # TRL conversational without prompt, Anthropic HH
+}
+
+
+def detect_shape(columns: set[str], origin: str) -> str:
+    for shape, (required, _) in SHAPES.items():
+        if set(required) <= columns:
+            return shape
+    missing = [c for c in ("chosen", "rejected") if c not in columns]
+    hint = f" (missing '{missing[0]}')" if len(missing) == 1 else ""
+    raise DataError(
+        f"{origin}: cannot tell the preference shape from columns {sorted(columns)}{hint}; expected {SHAPE_HELP}"
+    )
+
+
+def to_samples(rows: list[Row], origin: str, strict: bool) -> tuple[list[tuple[Sample, str]], str, Counter]:
+    """(sample, where) for each usable row, the shape, and drop reasons."""
+    shape = detect_shape({k for r in rows[:100] for k in r.data}, origin)
+    convert = SHAPES[shape][1]
+    samples, dropped = [], Counter()
+    for row in rows:
+        try:
+            sample = convert(row.data)
+            if sample.chosen is not None and sample.chosen == sample.rejected:
+                raise Drop("'chosen' and 'rejected' are the same answer")
+        except Drop as e:
+            if strict:
+                raise DataError(
+                    f"{origin} {row.where}: {e} (without --strict such rows are dropped and counted)"
+                ) from e
+            if dropped[str(e)] < 3:
+                log.warning("%s %s dropped: %s", origin, row.where, e)
+            dropped[str(e)] += 1
+            continue
+        samples.append((sample, row.where))
+    return samples, shape, dropped
+
+
+# ---------------------------------------------------------------------- samples -> token ids
+
+
+def encode_answer(
+    fmt: PromptFormat, tokenizer, prompt: list[Message], answer: str, max_length: int
+) -> tuple[list[int], list[int], str | None]:
+    """Token ids of prompt + answer and labels of the answer (with its end-of-turn marker) only."""
+    rendered = fmt.render([*prompt, {"role": "assistant", "content": answer}], tokenizer)
+    rendered = dataclasses.replace(rendered, spans=rendered.spans[-1:])  # earlier answers are prompt
+    encoded = encode(rendered, tokenizer, max_length)
+    return encoded.input_ids, encoded.labels, encoded.truncated
+
+
+def _trained(labels: list[int]) -> int:
+    return sum(t != IGNORE_INDEX for t in labels[1:])
+
+
+def encode_samples(samples, fmt, tokenizer, max_length: int, system: str | None):
+    """Rows of token ids for pairs or labelled examples; drop reasons and truncation counts."""
+    from tqdm.auto import tqdm
+
+    rows, dropped, truncated = [], Counter(), Counter()
+    for sample, where in tqdm(samples, desc="tokenizing"):
+        prompt = sample.prompt
+        if system and prompt[0]["role"] != "system":
+            prompt = [{"role": "system", "content": system}, *prompt]
+        answers = {"completion": sample.completion} if sample.completion is not None else {
+            "chosen": sample.chosen, "rejected": sample.rejected
+        }  # fmt: skip
+        row: dict[str, Any] = {"prompt": fmt.generation_prompt(prompt, tokenizer)}
+        try:
+            for name, answer in answers.items():
+                ids, labels, cut = encode_answer(fmt, tokenizer, prompt, answer, max_length)
+                if _trained(labels) == 0:
+                    raise Drop(f"no trained token in '{name}' after truncation to {max_length} tokens")
+                if cut:
+                    truncated[cut] += 1
+                prefix = "" if name == "completion" else f"{name}_"
+                row.update({f"{prefix}input_ids": ids, f"{prefix}labels": labels, name: answer})
+        except (Drop, DataError) as e:
+            log.warning("%s dropped: %s", where, e)
+            dropped[str(e)] += 1
+            continue
+        if sample.label is not None:
+            row["label"] = sample.label
+        rows.append(row)
+    return rows, dropped, truncated
+
+
+# ---------------------------------------------------------------------- writing
+
+
+def _features(kto: bool):
+    from datasets import Features, List, Value
+
+    ids = List(Value("int32"))
+    if kto:
+        columns = {"input_ids": ids, "labels": ids, "label": Value("bool"), "prompt": Value("string"),
+                   "completion": Value("string")}  # fmt: skip
+    else:
+        columns = {"chosen_input_ids": ids, "chosen_labels": ids, "rejected_input_ids": ids, "rejected_labels": ids,
+                   "prompt": Value("string"), "chosen": Value("string"), "rejected": Value("string")}  # fmt: skip
+    return Features(columns)
+
+
+def write_atomically(output_dir: Path, splits: dict[str, list[dict]], info: dict, kto: bool) -> None:
+    """Builds the DatasetDict in a temp folder beside ``output_dir`` and renames it into place."""
+    from datasets import Dataset, DatasetDict
+
+    if output_dir.exists() and not (output_dir / PREPARE_JSON).is_file() and any(output_dir.iterdir()):
+        raise DataError(f"{output_dir} exists and is not a prepared dataset; choose another --output-dir")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    features = _features(kto)
+    try:
+        data = DatasetDict(
+            {
+                name: Dataset.from_dict({c: [r[c] for r in rows] for c in features}, features=features)
+                for name, rows in splits.items()
+            }
+        )
+        data.save_to_disk(str(tmp), num_shards={name: 1 for name in splits})
+        (tmp / PREPARE_JSON).write_text(json.dumps(info, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
+        if output_dir.exists():
+            os.replace(output_dir, old)
+        os.replace(tmp, output_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prepare_preference(
+    model: str = EMBEDDED_MODEL,
+    source: str | None = None,
+    source_path: str | Path | None = None,
+    num_samples: int | None = None,
+    format: str = "auto",
+    output_dir: str | Path | None = None,
+    max_length: int = 1024,
+    val_ratio: float = 0.05,
+    seed: int = 42,
+    system: str | None = None,
+    strict: bool = False,
+    trust_remote_code: bool = False,
+) -> Path:
+    """Preference pairs (or KTO examples) from a local file -> a tokenized train/test DatasetDict on disk.
+
+    Args:
+        model: Registered name, hub id or folder; gives the tokenizer and the default prompt format.
+        source: json, jsonl, csv or parquet; None takes it from the file suffix.
+        source_path: The local file.
+        num_samples: Use only the first N rows.
+        format: ``auto`` or a name from ``aift.data.formats.FORMATS``.
+        output_dir: Default ``datasets/preference_{file stem}_{model basename}``.
+        max_length: Prompt + answer are cut to this many tokens (prompt side first).
+        val_ratio: Share of rows in the test split.
+        seed: Seed of the train/test shuffle.
+        system: System prompt for prompts without one (default: the model card's, if any).
+        strict: Fail on the first unusable row instead of dropping it.
+        trust_remote_code: Allow tokenizers that run code from their hub repository.
+
+    Returns:
+        The output folder.
+    """
+    from aift import __version__
+    from aift.models.loading import load_tokenizer
+
+    if max_length < 8:
+        raise DataError(f"--max-length must be at least 8 tokens, got {max_length}")
+    if not 0 <= val_ratio < 1:
+        raise DataError(f"--val-ratio must be in [0, 1), got {val_ratio}")
+    if source_path is None:
+        raise DataError("--task preference needs --source-path FILE (json, jsonl, csv or parquet)")
+    rows = read_file(source_path, source)
+    total = len(rows)
+    rows = rows[:num_samples] if num_samples else rows
+    origin = str(source_path)
+    samples, shape, dropped = to_samples(rows, origin, strict)
+    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
+    fmt = resolve_format(model, tokenizer, format)
+    examples, encode_dropped, truncated = encode_samples(
+        samples, fmt, tokenizer, max_length, system or default_system(model)
+    )
+    dropped.update(encode_dropped)
+    n_dropped = sum(dropped.values())
+    if not examples or n_dropped > len(rows) / 2:
+        reasons = ", ".join(f"{n} {why}" for why, n in dropped.most_common())
+        raise DataError(f"{origin}: {n_dropped} of {len(rows)} rows were dropped ({reasons}); nothing was written")
+    kto = shape.startswith("kto")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_test = min(max(1, round(len(order) * val_ratio)), len(order) - 1) if val_ratio > 0 and len(order) >= 2 else 0
+    splits = {"train": [examples[i] for i in order[n_test:]], "test": [examples[i] for i in order[:n_test]]}
+    info = {
+        "task": "kto" if kto else "preference",
+        "source": source or source_for_path(source_path),
+        "source_path": origin,
+        "shape": shape,
+        "model": str(model),
+        "tokenizer": str(model),
+        "format": fmt.name,
+        "prompt_format": fmt.name,
+        "end_of_turn": sorted({fmt.end_of_turn(tokenizer, last=True)}),
+        "system": system,
+        "max_length": max_length,
+        "val_ratio": val_ratio,
+        "seed": seed,
+        "num_samples": num_samples,
+        "counts": {
+            "available": total,
+            "read": len(rows),
+            "kept": len(examples),
+            "dropped": n_dropped,
+            "dropped_reasons": dict(dropped),
+            "truncated": {"prompt": truncated["prompt"], "answer": truncated["answer"]},
+            "train": len(splits["train"]),
+            "test": len(splits["test"]),
+        },
+        "aift_version": __version__,
+    }
+    stem = Path(str(source_path)).stem
+    out = Path(output_dir) if output_dir else Path("datasets") / f"preference_{stem}_{Path(str(model)).name}"
+    write_atomically(out, splits, info, kto)
+    log.info(
+        "prepared %s: %d train / %d test %s (%d read, %d dropped, %d truncated answers or prompts), format %s",
+        out, len(splits["train"]), len(splits["test"]), "examples" if kto else "pairs", len(rows), n_dropped,
+        sum(truncated.values()), fmt.name,
+    )  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------------- reading back for training
+
+
+def load_preference_rows(source: Any, name: str, split: str, method: str, max_length: int):
+    """Rows for the preference objective from a prepared folder or a Dataset/DatasetDict/list of dicts.
+
+    KTO also trains on pairs: each pair becomes a desirable and an undesirable example (as TRL does).
+    Returns (rows, prompt format or None).
+    """
+    from aift.training.data import DatasetError, load_prepared
+
+    prompt_format = None
+    if isinstance(source, (str, Path)):
+        source, meta = load_prepared(source)
+        prompt_format = meta.get("prompt_format")
+    if hasattr(source, "keys") and isinstance(getattr(source, "column_names", None), dict):
+        if split not in source:
+            raise DatasetError(f"the {name} dataset has no {split!r} split (splits: {', '.join(source.keys())})")
+        source = source[split]
+    rows = [dict(source[i]) for i in range(len(source))]
+    paired = bool(rows) and "chosen_input_ids" in rows[0]
+    if rows and not paired and "input_ids" not in rows[0]:
+        raise DatasetError(
+            f"the {name} dataset holds no preference pairs: prepare it with `aift prepare --task preference`"
+        )
+    if method != "kto" and rows and not paired:
+        raise DatasetError(
+            f"method {method} needs preference pairs (chosen and rejected); the {name} dataset holds unpaired "
+            "examples with a label: train it with --method kto"
+        )
+    if method == "kto" and paired:
+        rows = [
+            {"input_ids": r[f"{k}_input_ids"], "labels": r[f"{k}_labels"], "label": k == "chosen"}
+            for r in rows
+            for k in ("chosen", "rejected")
+        ]
+    keys = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels") if method != "kto" else (
+        "input_ids", "labels"
+    )  # fmt: skip
+    out = []
+    for r in rows:
+        row = {k: list(r[k])[:max_length] for k in keys}
+        if method == "kto":
+            row["label"] = bool(r["label"])
+        out.append(row)
+    return out, prompt_format
+
+
+# ---------------------------------------------------------------------- preview
+
+
+@dataclass
+class PairPreview:
+    """One prepared pair (KTO: one example) as runs of (text, trained) for each side."""
+
+    index: int
+    sides: dict[str, list[tuple[str, bool]]]
+    trained: dict[str, int]
+    label: bool | None = None
+
+
+def preview_pairs(dataset, tokenizer, n: int) -> list[PairPreview]:
+    """The first ``n`` rows of a prepared preference (or KTO) split, each side split into trained / untrained runs."""
+    from aift.data.preview import _runs
+
+    previews = []
+    for i in range(min(n, len(dataset))):
+        row = dataset[i]
+        names = ("chosen", "rejected") if "chosen_input_ids" in row else ("completion",)
+        sides, trained = {}, {}
+        for name in names:
+            prefix = "" if name == "completion" else f"{name}_"
+            ids, labels = row[f"{prefix}input_ids"], row[f"{prefix}labels"]
+            sides[name] = _runs(tokenizer, ids, labels)
+            trained[name] = sum(label != IGNORE_INDEX for label in labels)
+        previews.append(PairPreview(i, sides, trained, row.get("label")))
+    return previews
