@@ -302,12 +302,16 @@ def run_identity(config, info, world_size: int, rows: list[dict]) -> dict[str, A
 
 
 def dataset_fingerprint(rows: list[dict]) -> dict[str, Any]:
-    """Number of training rows and a sha256 of their token ids and labels (the data as trained, any source)."""
+    """Number of training rows and a sha256 of their token ids and labels (the data as trained, any source).
+
+    Every token field counts, by name: input_ids/labels for SFT, chosen_*/rejected_* for preference pairs.
+    """
     digest = hashlib.sha256()
     for row in rows:
-        digest.update(array("q", row["input_ids"]).tobytes())
-        digest.update(b"|")
-        digest.update(array("q", row["labels"]).tobytes())
+        for name in sorted(k for k in row if k.endswith(("input_ids", "labels"))):
+            digest.update(name.encode() + b"=")
+            digest.update(array("q", row[name]).tobytes())
+            digest.update(b"|")
         digest.update(b"\n")
     return {"rows": len(rows), "sha256": digest.hexdigest()[:16]}
 
