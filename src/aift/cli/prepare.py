@@ -41,48 +41,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    shared = dict(
+        model=args.model,
+        source=args.source,
+        source_path=args.source_path,
+        num_samples=args.num_samples,
+        format=args.format,
+        output_dir=args.output_dir,
+        max_length=args.max_length,
+        val_ratio=args.val_ratio,
+        seed=args.seed,
+        system=args.system,
+        strict=args.strict,
+        trust_remote_code=args.trust_remote_code,
+    )
     if args.task == "preference":
-        return _run_preference(args)
+        from aift.data import DataError
+        from aift.data.preference import prepare_preference
+
+        if args.source in ("alpaca", "dolly", "wizardlm") or args.train_on_prompt:
+            raise DataError("--task preference reads a local file (--source-path) and trains on the answers only")
+        print(prepare_preference(**shared))
+        return 0
     from aift.data.prepare import prepare_dataset
 
-    out = prepare_dataset(
-        model=args.model,
-        source=args.source,
-        source_path=args.source_path,
-        num_samples=args.num_samples,
-        format=args.format,
-        output_dir=args.output_dir,
-        max_length=args.max_length,
-        val_ratio=args.val_ratio,
-        seed=args.seed,
-        train_on_prompt=args.train_on_prompt,
-        system=args.system,
-        strict=args.strict,
-        trust_remote_code=args.trust_remote_code,
-    )
-    print(out)
-    return 0
-
-
-def _run_preference(args: argparse.Namespace) -> int:
-    from aift.data import DataError
-    from aift.data.preference import prepare_preference
-
-    if args.source in ("alpaca", "dolly", "wizardlm") or args.train_on_prompt:
-        raise DataError("--task preference reads a local file (--source-path) and trains on the answers only")
-    out = prepare_preference(
-        model=args.model,
-        source=args.source,
-        source_path=args.source_path,
-        num_samples=args.num_samples,
-        format=args.format,
-        output_dir=args.output_dir,
-        max_length=args.max_length,
-        val_ratio=args.val_ratio,
-        seed=args.seed,
-        system=args.system,
-        strict=args.strict,
-        trust_remote_code=args.trust_remote_code,
-    )
-    print(out)
+    print(prepare_dataset(**shared, train_on_prompt=args.train_on_prompt))
     return 0
