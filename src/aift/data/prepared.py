@@ -21,7 +21,7 @@ def read_prepared(path: str | Path) -> tuple[Any, dict]:
 
     path = Path(path).expanduser()
     if not path.is_dir():
-        raise DataError(f"dataset folder {path} does not exist (write one with `aift prepare`)")
+        raise DataError(f"{path} is not a prepared dataset: the folder does not exist (write one with `aift prepare`)")
     if not (path / "dataset_dict.json").is_file():
         raise DataError(f"{path} is not a prepared dataset (no dataset_dict.json in it); run `aift prepare` first")
     try:
