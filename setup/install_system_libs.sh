@@ -28,7 +28,7 @@ if ! command -v chromium >/dev/null 2>&1; then
 fi
 if ! fc-list 2>/dev/null | grep -qi 'IPAGothic'; then
   if apt_usable; then
-    apt_install fonts-ipafont-gothic "Japanese text in headless Chromium screenshots"
+    apt_install fonts-ipafont-gothic "Japanese text in the web UI test's and docs' headless Chromium screenshots"
   else
     echo "setup: note: apt not usable here; install fonts-ipafont-gothic for Japanese text in screenshots (optional)"
   fi

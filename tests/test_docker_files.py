@@ -24,6 +24,8 @@ def _pip_installs(lines: list[str], variables: dict[str, str]) -> list[list[str]
     """The arguments of each `pip install` command (after 'install', without -q), variables substituted."""
     installs = []
     for line in lines:
+        if line.strip().lstrip("@").startswith("#"):  # a recipe comment (`@# ...`), not a command
+            continue
         line = line.split("||")[0]
         for name, value in variables.items():
             line = line.replace(f"$({name})", value).replace(f"${{{name}}}", value)
