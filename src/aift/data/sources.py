@@ -445,13 +445,22 @@ def load_conversations(
         source = source_for_path(_check_path(source_path, "json"))
     if source not in SOURCES:
         raise DataError(f"unknown source {source!r}; valid sources: {', '.join(SOURCES)}")
-    if source in HUB_DATASETS:
-        dataset = load_hub_dataset(source, source_path)
+    if source in HUB_DATASETS and source_path is None:
+        dataset = load_hub_dataset(source)
         total = len(dataset)
         if num_samples is not None and num_samples < total:
             dataset = dataset.select(range(num_samples))
-        origin = str(source_path or HUB_DATASETS[source])
+        origin = HUB_DATASETS[source]
         rows, shape = hub_rows(source, dataset, origin)
+    elif source in HUB_DATASETS:
+        # A local copy in the hub dataset's columns: read by aift's own readers, like any local file, not by
+        # Arrow's JSON reader through datasets.load_dataset, which can crash the process on a malformed file.
+        rows = read_file(source_path)
+        total = len(rows)
+        origin = str(source_path)
+        columns = sorted({k for r in rows[:100] for k in r.data})
+        shape = detect_shape(columns, f"{origin} (--source {source})", HUB_SHAPES[source])
+        rows = rows[:num_samples] if num_samples is not None else rows
     else:
         rows = read_file(source_path, source)
         total = len(rows)
