@@ -121,9 +121,9 @@ def summary_line(result: dict) -> str:
 
 
 def _peak_memory_gb() -> float:
-    from aift.bench import measure
+    from aift.utils.gpu import peak_memory_gb
 
-    return torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else measure.peak_rss_gb()
+    return peak_memory_gb("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _eval_rows(spec: dict, tokenizer) -> list[dict]:
