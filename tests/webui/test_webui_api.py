@@ -192,7 +192,7 @@ def test_aift_webui_command_serves_the_page_and_the_runs_on_disk(tmp_path):
 
 
 def test_the_prepared_marker_is_the_one_prepare_writes():
-    from aift.data.prepare import PREPARE_JSON
+    from aift.data.prepared import PREPARE_JSON
     from aift.webui import data
 
     assert data.PREPARE_JSON == PREPARE_JSON

@@ -20,11 +20,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import random
 import re
-import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +31,13 @@ from aift.data import DataError
 from aift.data.formats import Message, PromptFormat, default_system, normalize, resolve_format
 from aift.data.masking import encode
 from aift.data.packing import IGNORE_INDEX
+from aift.data.prepared import write_prepared
 from aift.data.sources import Row, read_file, source_for_path
 from aift.models.registry import EMBEDDED_MODEL
 
 log = logging.getLogger(__name__)
 
-PREPARE_JSON = "prepare.json"
+
 TASKS = ("sft", "preference")
 SHAPE_HELP = (
     "prompt/chosen/rejected (TRL, strings or messages), chosen/rejected conversations (TRL implicit prompt or "
@@ -305,31 +303,17 @@ def _features(kto: bool):
     return Features(columns)
 
 
-def write_atomically(output_dir: Path, splits: dict[str, list[dict]], info: dict, kto: bool) -> None:
-    """Builds the DatasetDict in a temp folder beside ``output_dir`` and renames it into place."""
+def to_dataset_dict(splits: dict[str, list[dict]], kto: bool):
+    """The splits as a DatasetDict with the preference (or KTO) columns."""
     from datasets import Dataset, DatasetDict
 
-    if output_dir.exists() and not (output_dir / PREPARE_JSON).is_file() and any(output_dir.iterdir()):
-        raise DataError(f"{output_dir} exists and is not a prepared dataset; choose another --output-dir")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     features = _features(kto)
-    try:
-        data = DatasetDict(
-            {
-                name: Dataset.from_dict({c: [r[c] for r in rows] for c in features}, features=features)
-                for name, rows in splits.items()
-            }
-        )
-        data.save_to_disk(str(tmp), num_shards={name: 1 for name in splits})
-        (tmp / PREPARE_JSON).write_text(json.dumps(info, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-        old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
-        if output_dir.exists():
-            os.replace(output_dir, old)
-        os.replace(tmp, output_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return DatasetDict(
+        {
+            name: Dataset.from_dict({c: [r[c] for r in rows] for c in features}, features=features)
+            for name, rows in splits.items()
+        }
+    )
 
 
 def prepare_preference(
@@ -423,7 +407,7 @@ def prepare_preference(
     }
     stem = Path(str(source_path)).stem
     out = Path(output_dir) if output_dir else Path("datasets") / f"preference_{stem}_{Path(str(model)).name}"
-    write_atomically(out, splits, info, kto)
+    write_prepared(out, to_dataset_dict(splits, kto), info)
     log.info(
         "prepared %s: %d train / %d test %s (%d read, %d dropped, %d truncated answers or prompts), format %s",
         out, len(splits["train"]), len(splits["test"]), "examples" if kto else "pairs", len(rows), n_dropped,

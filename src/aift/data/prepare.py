@@ -8,13 +8,9 @@ statistics and the packing efficiency at ``max_length``, and the prompt format t
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 import random
-import shutil
 import statistics
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -23,7 +19,7 @@ from aift.data import DataError
 from aift.data.formats import PromptFormat, default_system, resolve_format
 from aift.data.masking import Encoded, encode
 from aift.data.packing import best_fit_decreasing, count_trained_tokens, packing_efficiency
-from aift.data.prepared import PREPARE_JSON
+from aift.data.prepared import write_prepared
 from aift.data.sources import SOURCES, Loaded, load_conversations, source_for_path
 from aift.models.registry import EMBEDDED_MODEL
 
@@ -153,32 +149,6 @@ def _to_dataset_dict(splits: dict[str, list[dict]]):
     )
 
 
-def _write_atomically(output_dir: Path, splits: dict[str, list[dict]], info: dict[str, Any]) -> None:
-    if output_dir.exists() and not (output_dir / PREPARE_JSON).is_file() and any(output_dir.iterdir()):
-        raise DataError(f"{output_dir} exists and is not a prepared dataset; choose another --output-dir")
-    try:
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    except OSError as e:
-        raise DataError(
-            f"cannot write the dataset to {output_dir}: {e.strerror or e}; choose another --output-dir"
-        ) from e
-    try:
-        # An empty split saved with the default (zero) shards cannot be loaded back: give it one.
-        shards = {name: 1 if not rows else None for name, rows in splits.items()}
-        _to_dataset_dict(splits).save_to_disk(str(tmp), num_shards=shards)
-        (tmp / PREPARE_JSON).write_text(json.dumps(info, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-        old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
-        if output_dir.exists():
-            os.replace(output_dir, old)
-        os.replace(tmp, output_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:  # disk full, quota, a file system that refuses the rename
-        raise DataError(f"cannot write the dataset to {output_dir}: {e.strerror or e}; it was not written") from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def prepare_dataset(
     model: str = EMBEDDED_MODEL,
     source: str | None = "json",
@@ -273,7 +243,7 @@ def prepare_dataset(
         "aift_version": __version__,
     }
     out = Path(output_dir) if output_dir else default_output_dir(source, model, num_samples)
-    _write_atomically(out, {"train": train, "test": test}, info)
+    write_prepared(out, _to_dataset_dict({"train": train, "test": test}), info)
     log.info(
         "prepared %s: %d train / %d test examples (%d read, %d dropped, %d truncated), format %s",
         out,

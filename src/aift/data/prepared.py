@@ -7,6 +7,9 @@ folder per split) and ``prepare.json``, which records how it was made (model, pr
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -52,3 +55,32 @@ def read_split(path: str | Path, split: str) -> tuple[Any, dict]:
     if split not in data:
         raise DataError(f"{Path(path).expanduser()} has no split {split!r} (splits: {', '.join(data.keys())})")
     return data[split], meta
+
+
+def write_prepared(output_dir: Path, data: Any, info: dict) -> None:
+    """Saves a DatasetDict and its prepare.json into ``output_dir`` atomically: built in a temp folder beside it,
+    then renamed into place (a previous prepared dataset there is replaced; any other non-empty folder refused).
+    Nothing half-written is left behind; disk full or an unwritable folder is a DataError naming it."""
+    if output_dir.exists() and not (output_dir / PREPARE_JSON).is_file() and any(output_dir.iterdir()):
+        raise DataError(f"{output_dir} exists and is not a prepared dataset; choose another --output-dir")
+    try:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    except OSError as e:
+        raise DataError(
+            f"cannot write the dataset to {output_dir}: {e.strerror or e}; choose another --output-dir"
+        ) from e
+    try:
+        # An empty split saved with the default (zero) shards cannot be loaded back: give it one.
+        shards = {name: 1 if not len(split) else None for name, split in data.items()}
+        data.save_to_disk(str(tmp), num_shards=shards)
+        (tmp / PREPARE_JSON).write_text(json.dumps(info, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
+        if output_dir.exists():
+            os.replace(output_dir, old)
+        os.replace(tmp, output_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:  # disk full, quota, a file system that refuses the rename
+        raise DataError(f"cannot write the dataset to {output_dir}: {e.strerror or e}; it was not written") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

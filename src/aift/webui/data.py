@@ -10,11 +10,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from aift.data.prepared import PREPARE_JSON  # torch-free, so the UI still starts without importing torch
 from aift.webui.runs import DATASETS_DIR, WebUIError, check_name
 
 RAW_SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".parquet")  # the file sources of aift prepare
-# aift.data.prepare.PREPARE_JSON, named here so that listing folders does not import torch (a fast UI start).
-PREPARE_JSON = "prepare.json"
 _SEARCH_DEPTH = 3  # data/<group>/<dataset>/
 
 
