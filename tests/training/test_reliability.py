@@ -14,11 +14,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from subprocess_helpers import child_env, wait_for
 
 from aift.cli import main
 from aift.training.checkpoint import MANIFEST_FILE, verify_checkpoint
@@ -253,26 +253,14 @@ def test_a_lock_from_another_host_holds_unless_forced(tmp_path, train):
     assert not lock.exists()
 
 
-def _env() -> dict:
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-
-
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"training exited early with {proc.returncode}"
-        assert time.monotonic() < deadline, f"{path} did not appear"
-        time.sleep(0.05)
-
-
 @pytest.mark.slow
 def test_a_live_run_locks_its_dir_and_sigterm_saves_a_checkpoint(tiny_model_dir, prepared_small, tmp_path, train):
     out_dir = tmp_path / "live"
     command = [sys.executable, "-m", "aift", *_args(tiny_model_dir, prepared_small, out_dir, "save_steps=0")]
     command += ["max_steps=500", "--no-tcmalloc"]
-    proc = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(command, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_for(out_dir / "metrics.jsonl", proc)
+        wait_for(out_dir / "metrics.jsonl", proc)
         code, out = train(tiny_model_dir, prepared_small, out_dir, "overwrite_output_dir=true")
         assert code == 2 and f"in use by another aift run (pid {proc.pid} on host {socket.gethostname()}" in out
         assert (out_dir / "metrics.jsonl").exists()  # overwrite_output_dir did not touch the live run
@@ -299,7 +287,7 @@ def _train_with_file_size_limit(limit: int, *args) -> subprocess.CompletedProces
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     command = [sys.executable, "-m", "aift", *_args(*args), "--no-tcmalloc"]
-    return subprocess.run(command, env=_env(), capture_output=True, text=True, preexec_fn=limit_file_size)
+    return subprocess.run(command, env=child_env(), capture_output=True, text=True, preexec_fn=limit_file_size)
 
 
 def _leftovers(run: Path) -> list[str]:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
+from subprocess_helpers import child_env, wait_for
 
 
 def _train_cmd(tiny_model_dir, prepared_small, output_dir, *extra) -> list[str]:
@@ -24,40 +22,30 @@ def _train_cmd(tiny_model_dir, prepared_small, output_dir, *extra) -> list[str]:
     ]  # fmt: skip
 
 
-def _env() -> dict:
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-
-
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"training exited early with {proc.returncode}"
-        assert time.monotonic() < deadline, f"{path} did not appear"
-        time.sleep(0.05)
-
-
 @pytest.mark.slow
 def test_sigkilled_run_resumes_to_the_same_losses(tmp_path, tiny_model_dir, prepared_small, read_metrics):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    subprocess.run(_train_cmd(tiny_model_dir, prepared_small, straight), check=True, env=_env(), capture_output=True)
+    subprocess.run(
+        _train_cmd(tiny_model_dir, prepared_small, straight), check=True, env=child_env(), capture_output=True
+    )
     reference = {r["step"]: r["loss"] for r in read_metrics(straight)}
     assert sorted(reference) == list(range(1, 7))
 
     proc = subprocess.Popen(
         _train_cmd(tiny_model_dir, prepared_small, broken),
-        env=_env(),
+        env=child_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
-        _wait_for(broken / "checkpoints" / "checkpoint-2", proc)
+        wait_for(broken / "checkpoints" / "checkpoint-2", proc)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert not (broken / "train_summary.json").exists(), "the run finished before it could be killed"
     done = subprocess.run(
         _train_cmd(tiny_model_dir, prepared_small, broken, "resume_from_checkpoint=latest"),
-        env=_env(),
+        env=child_env(),
         capture_output=True,
         text=True,
     )
@@ -75,12 +63,12 @@ def test_ctrl_c_saves_a_checkpoint_before_exiting(tmp_path, tiny_model_dir, prep
     out = tmp_path / "interrupted"
     proc = subprocess.Popen(
         _train_cmd(tiny_model_dir, prepared_small, out, "save_steps=0", "max_steps=200"),
-        env=_env(),
+        env=child_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
-    _wait_for(out / "metrics.jsonl", proc)
+    wait_for(out / "metrics.jsonl", proc)
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, output[-2000:]
