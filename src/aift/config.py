@@ -202,6 +202,11 @@ class PreferenceConfig:
         "(always so for full fine-tuning; LoRA otherwise uses the base with the adapter disabled).",
     )
     disable_dropout: bool = _f(True, "Turn dropout off in the model (TRL's default: rewards need deterministic logps).")
+    share_prompt: bool = _f(
+        True,
+        "Run a pair's shared prompt once: one row prompt+chosen+rejected with a mask that hides the chosen answer "
+        "from the rejected one (same log-probs, fewer tokens; SDPA/eager attention only, else off).",
+    )
 
     def __post_init__(self) -> None:
         if self.method not in PREFERENCE_METHODS:

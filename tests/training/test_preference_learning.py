@@ -65,7 +65,10 @@ def test_lora_dpo_ranks_held_out_right_answers_above_wrong_ones(tmp_path, embedd
         train_dataset=str(data), eval_dataset=[],
     )  # fmt: skip
     model = trainer.train().eval()
-    objective = PreferenceObjective(PreferenceConfig(), pad_token_id=trainer.model.load_tokenizer().pad_token_id)
+    # Measured on two plain rows per pair (the model's own forward), whatever layout training used.
+    objective = PreferenceObjective(
+        PreferenceConfig(share_prompt=False), pad_token_id=trainer.model.load_tokenizer().pad_token_id
+    )
     after = _ranked_right(model, objective, held_out)
     with model.disable_adapter():
         before = _ranked_right(model, objective, held_out)

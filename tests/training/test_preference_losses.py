@@ -205,7 +205,8 @@ def test_reference_with_the_adapter_disabled_equals_a_frozen_copy(tiny_model_dir
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     policy = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
     policy.train()
-    objective = PreferenceObjective(PreferenceConfig(method="dpo"), pad_token_id=0)
+    # Two rows per pair, so that the frozen copy below reads the same batch (prompt sharing: test_prompt_sharing).
+    objective = PreferenceObjective(PreferenceConfig(method="dpo", share_prompt=False), pad_token_id=0)
     rows = [
         {"chosen_input_ids": [5, 6, 7, 8, 9], "chosen_labels": [-100, -100, 7, 8, 9],
          "rejected_input_ids": [5, 6, 7, 10], "rejected_labels": [-100, -100, 7, 10]},

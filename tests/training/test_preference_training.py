@@ -181,6 +181,20 @@ def test_fused_log_probs_train_like_the_logits_path(tiny_model_dir, tiny_pairs, 
             assert runs["16"][step][key] == pytest.approx(runs["0"][step][key], rel=1e-4, abs=1e-5), (step, key)
 
 
+def test_default_dpo_run_trains_like_two_rows_per_pair(tiny_model_dir, tiny_pairs, tmp_path):
+    """With the defaults (bf16, gradient checkpointing, fused log-probs, LoRA dropout) the runs agree."""
+    runs = {}
+    for name in ("--share-prompt", "--no-share-prompt"):
+        out = tmp_path / name
+        assert main([*_train(tiny_model_dir, tiny_pairs, out, "--method", "dpo", "--max-steps", "2", name), *LORA]) == 0
+        runs[name] = _records(out)
+    for step in (0, 1):
+        for key in ("loss", "logps/chosen", "logps/rejected", "rewards/margins"):
+            got, want = runs["--share-prompt"][step][key], runs["--no-share-prompt"][step][key]
+            assert got == pytest.approx(want, rel=2e-2, abs=2e-2), (step, key)
+        assert runs["--share-prompt"][step]["tokens"] == runs["--no-share-prompt"][step]["tokens"]
+
+
 def test_preference_options_from_yaml_overrides_and_flags(tmp_path):
     import argparse
 

@@ -70,6 +70,9 @@ class BenchOptions:
     tcmalloc: bool = True
     seed: int = 0
     nproc: list[int] | int | str = 1  # processes of aift's run; a list (e.g. "1,2") runs each and a scaling table
+    # The same for aift and TRL: on is both trainers' default (TRL's SFTConfig, aift train), so the headline
+    # measures what users get; `--gradient-checkpointing off` measures both without the recompute.
+    gradient_checkpointing: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in ("lora", "qlora", "full"):
@@ -116,6 +119,7 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
             "batch_size": options.batch_size,
             "learning_rate": options.learning_rate,
             "seed": options.seed,
+            "gradient_checkpointing": options.gradient_checkpointing,
         }
         logs = output / "logs"
         levers = {**ALL_LEVERS, "torch_compile": options.compile}

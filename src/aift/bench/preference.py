@@ -1,9 +1,10 @@
 """`aift bench --method dpo [--compare trl]`: aift's LoRA DPO against TRL's DPOTrainer on the same pairs.
 
 Each trainer runs in its own process (``python -m aift.bench.preference SPEC.json RESULT.json``), so that peak
-memory is its own. The pairs are the "which number is larger" task (right answer chosen, wrong one rejected);
-both trainers see the same pairs in the model's chat template, one epoch, the same LoRA, batch, learning rate
-and beta, bf16. Reported: tokens/s (real prompt + answer tokens of chosen and rejected), peak memory (GPU
+memory is its own. The pairs are a sorting task (the list sorted right is chosen, the same list with a few
+neighbours swapped is rejected; ``task="larger"`` is the older one-number task); both trainers see the same pairs
+in the model's chat template, one epoch, the same LoRA, batch, learning rate, beta and gradient checkpointing
+(on by default: TRL's default and ``aift train``'s), bf16. Reported: tokens/s (real prompt + answer tokens of chosen and rejected), peak memory (GPU
 max-allocated, else the process's peak RSS) and the held-out reward accuracy (chosen reward above rejected,
 rewards = beta * (log pi - log pi_ref)), measured by the same code on both trained models.
 """
@@ -31,18 +32,31 @@ LORA = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear", "lora_dropout
 @dataclass
 class PreferenceBenchOptions:
     model: str = "smollm2-135m-instruct"
-    examples: int = 64
-    eval_examples: int = 32
+    examples: int = 96
+    eval_examples: int = 128  # many, so that one pair is under a point of accuracy
     batch_size: int = 8
     learning_rate: float = 5e-4
     beta: float = 0.1
-    max_length: int = 128
+    max_length: int = 320
     compare: str | None = None
     output: str = "bench/results/dpo-vs-trl"
     seed: int = 0
+    task: str = "sort"  # sort | larger
+    numbers: int = 24  # numbers per list in the sort task: ~4 tokens each, so prompt and answers ~100 tokens
+    gradient_checkpointing: bool = True  # the same for both trainers; on is the default of TRL and aift train
+
+    def __post_init__(self) -> None:
+        from aift.errors import AiftError
+
+        if self.task not in TASKS:
+            raise AiftError(f"the DPO bench's task must be one of {sorted(TASKS)}; got {self.task!r}")
+        for name in ("examples", "eval_examples", "batch_size", "max_length", "numbers"):
+            if getattr(self, name) <= 0:
+                raise AiftError(f"--{name.replace('_', '-')} must be positive; got {getattr(self, name)}")
 
 
-def larger_number_pairs(n: int, seed: int) -> list[dict]:
+def larger_number_pairs(n: int, seed: int, numbers: int = 2) -> list[dict]:
+    """Which of two numbers is larger: the larger chosen, the smaller rejected (answers of ~4 tokens)."""
     rng = random.Random(seed)
     pairs = []
     for _ in range(n):
@@ -53,20 +67,53 @@ def larger_number_pairs(n: int, seed: int) -> list[dict]:
     return pairs
 
 
+def sorting_pairs(n: int, seed: int, numbers: int = 24) -> list[dict]:
+    """Sort a list ascending: the right order chosen, the same order with 2 neighbour pairs swapped rejected.
+
+    Prompt and answers are of similar length (~4 tokens a number), as in chat preference data, and the two
+    answers differ in a few tokens only, so the reward must come from the order, not from the answer's length.
+    """
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        values = rng.sample(range(10, 999), numbers)
+        ordered = sorted(values)
+        wrong = list(ordered)
+        for i in rng.sample(range(numbers - 1), min(2, numbers - 1)):
+            wrong[i], wrong[i + 1] = wrong[i + 1], wrong[i]
+        prompt = [{"role": "user", "content": "Sort these numbers in ascending order: " + ", ".join(map(str, values))}]
+        pairs.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": ", ".join(map(str, ordered))}],
+                      "rejected": [{"role": "assistant", "content": ", ".join(map(str, wrong))}]})  # fmt: skip
+    return pairs
+
+
+TASKS = {"sort": sorting_pairs, "larger": larger_number_pairs}
+
+
+def _load_average() -> list[float]:
+    import os
+
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def run_bench(options: PreferenceBenchOptions) -> dict:
     """Writes the pairs, runs each trainer in a fresh process, writes result.json and results.md."""
     out = Path(options.output)
     out.mkdir(parents=True, exist_ok=True)
     data = out / "pairs.json"
-    pairs = larger_number_pairs(options.examples + options.eval_examples, options.seed)
+    pairs = TASKS[options.task](options.examples + options.eval_examples, options.seed, options.numbers)
     data.write_text(
         json.dumps({"train": pairs[: options.examples], "eval": pairs[options.examples :]}), encoding="utf-8"
     )
-    runs = {}
+    runs, load_before = {}, _load_average()
     for trainer in ["aift", *([options.compare] if options.compare else [])]:
         spec = {**asdict(options), "trainer": trainer, "data": str(data)}
         runs[trainer] = _run_worker(spec, out / "logs")
-    result = {"options": asdict(options), "runs": runs}
+    result = {
+        "options": asdict(options),
+        "runs": runs,
+        "load_average": {"before": load_before, "after": _load_average()},
+    }
     if "trl" in runs:
         a, t = runs["aift"], runs["trl"]
         result["ratios"] = {
@@ -105,7 +152,13 @@ def markdown(result: dict) -> str:
     if ratios:
         rows.append(f"\naift / TRL: {ratios['tokens_per_s']:.2f}x tokens/s, {ratios['peak_mem']:.2f}x peak memory, "
                     f"{ratios['reward_accuracy_points']:+.1f} points of held-out reward accuracy.")  # fmt: skip
-    return "# LoRA DPO: aift vs TRL DPOTrainer\n\n" + "\n".join(rows) + "\n"
+    o, load = result["options"], result.get("load_average")
+    setting = (f"Task {o['task']}, {o['examples']} training pairs (one epoch), {o['eval_examples']} held-out pairs, "
+               f"batch {o['batch_size']}, max length {o['max_length']}, lr {o['learning_rate']}, beta {o['beta']}, "
+               f"gradient checkpointing {'on' if o['gradient_checkpointing'] else 'off'} for both, bf16.")  # fmt: skip
+    if load:
+        setting += f" Load average (1, 5, 15 min) before {load['before']}, after {load['after']}."
+    return "# LoRA DPO: aift vs TRL DPOTrainer\n\n" + setting + "\n\n" + "\n".join(rows) + "\n"
 
 
 def summary_line(result: dict) -> str:
@@ -143,13 +196,18 @@ def _eval_rows(spec: dict, tokenizer) -> list[dict]:
 
 
 @torch.no_grad()
-def reward_accuracy(model, rows: list[dict], pad_token_id: int) -> float:
+def reward_accuracy(model, rows: list[dict], pad_token_id: int, batch_pairs: int = 8) -> float:
     """Share of pairs whose chosen reward beta*(log pi - log pi_ref) exceeds the rejected one (adapter off = ref)."""
+    model.eval()
+    right = sum(_right_pairs(model, rows[i : i + batch_pairs], pad_token_id) for i in range(0, len(rows), batch_pairs))
+    return right / len(rows)
+
+
+def _right_pairs(model, rows: list[dict], pad_token_id: int) -> int:
     from aift.config import PreferenceConfig
     from aift.training.objectives import PreferenceObjective, sequence_logps
 
-    model.eval()
-    batch = PreferenceObjective(PreferenceConfig(), pad_token_id).collate(rows)
+    batch = PreferenceObjective(PreferenceConfig(share_prompt=False), pad_token_id).collate(rows)
     inputs = {
         "input_ids": batch["input_ids"].to(model.device),
         "attention_mask": batch["attention_mask"].to(model.device),
@@ -160,7 +218,7 @@ def reward_accuracy(model, rows: list[dict], pad_token_id: int) -> float:
         ref, _ = sequence_logps(model(**inputs).logits, labels)
     margin = policy - ref
     n = len(rows)
-    return (margin[:n] > margin[n:]).float().mean().item()
+    return int((margin[:n] > margin[n:]).sum())
 
 
 def run_aift(spec: dict) -> dict[str, Any]:
@@ -180,7 +238,7 @@ def run_aift(spec: dict) -> dict[str, Any]:
     config = TrainingConfig(
         model_name=holder.model_name, output_dir=str(work / "run"), learning_rate=spec["learning_rate"],
         batch_size=spec["batch_size"], gradient_accumulation_steps=1, num_epochs=1, warmup_steps=0, eval_steps=0,
-        save_steps=0, logging_steps=1, bf16=True, gradient_checkpointing=False, max_length=spec["max_length"],
+        save_steps=0, logging_steps=1, bf16=True, gradient_checkpointing=spec["gradient_checkpointing"], max_length=spec["max_length"],
         seed=spec["seed"], report_to=["none"], loss_chunk_size=1024,  # fused log-probs, as the SFT bench's lever
     )  # fmt: skip
     trainer = PreferenceTrainer(holder, PreferenceConfig(method="dpo", beta=spec["beta"]), LoRAConfig(**LORA), config,
@@ -217,7 +275,7 @@ def run_trl(spec: dict) -> dict[str, Any]:
         output_dir=tempfile.mkdtemp(prefix="trl-dpo-bench-"), per_device_train_batch_size=spec["batch_size"],
         num_train_epochs=1, max_length=spec["max_length"], learning_rate=spec["learning_rate"], beta=spec["beta"],
         bf16=True, use_cpu=not torch.cuda.is_available(), save_strategy="no", report_to=[], logging_steps=1,
-        dataloader_num_workers=0, seed=spec["seed"],
+        dataloader_num_workers=0, seed=spec["seed"], gradient_checkpointing=spec["gradient_checkpointing"],
     )  # fmt: skip
     trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(train), processing_class=tokenizer,
                          peft_config=LoraConfig(**LORA, task_type="CAUSAL_LM"))  # fmt: skip

@@ -59,7 +59,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"# aift bench: {s['method']} on {s['model_name']}",
         "",
         f"{s['examples']} training examples (one epoch), {s['eval_examples']} held-out, sequence {s['seq_len']}, "
-        f"batch {s['batch_size']}, learning rate {s['learning_rate']}; data: {s['data']}.",
+        f"batch {s['batch_size']}, learning rate {s['learning_rate']}, gradient checkpointing "
+        f"{'on' if s.get('gradient_checkpointing', False) else 'off'} for every run; data: {s['data']}.",
         f"Machine: {env['cpu']}, {env['cores']} cores; torch {env['torch']}, transformers {env['transformers']}, "
         f"peft {env['peft']}, trl {env.get('trl', '-')}; load average {env['load_before']} before, "
         f"{env['load_after']} after.",

@@ -31,6 +31,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile aift's model (compile time reported).")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument(
+        "--gradient-checkpointing",
+        choices=("on", "off"),
+        default="on" if d.gradient_checkpointing else "off",
+        help="Recompute activations in backward, for aift and TRL alike (default: %(default)s, both trainers' default).",
+    )
+    parser.add_argument(
+        "--task",
+        choices=("sort", "larger"),
+        default="sort",
+        help="--method dpo: the preference pairs (sort a list; or pick the larger of two numbers).",
+    )
+    parser.add_argument(
         "--nproc",
         default="1",
         metavar="N[,N...]",
@@ -58,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         tcmalloc=not getattr(args, "no_tcmalloc", False),  # the flag exists when run through the CLI table
         seed=args.seed,
         nproc=args.nproc,
+        gradient_checkpointing=args.gradient_checkpointing == "on",
     )
     result = run_bench(options)
     charts = "chart.png, scaling.png" if len(result["scaling"]) > 1 or options.nproc[0] > 1 else "chart.png"
@@ -72,7 +85,7 @@ def _run_dpo(args: argparse.Namespace) -> int:
     d = PreferenceBenchOptions()
     options = PreferenceBenchOptions(
         model=args.model,
-        examples=args.examples,
+        examples=args.examples if args.examples != BenchOptions().examples else d.examples,
         eval_examples=args.eval_examples or d.eval_examples,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate if args.learning_rate != BenchOptions().learning_rate else d.learning_rate,
@@ -80,6 +93,8 @@ def _run_dpo(args: argparse.Namespace) -> int:
         compare=args.compare,
         output=args.output if args.output != BenchOptions().output else d.output,
         seed=args.seed,
+        task=args.task,
+        gradient_checkpointing=args.gradient_checkpointing == "on",
     )
     result = run_bench(options)
     print(f"wrote {options.output}/result.json, results.md")

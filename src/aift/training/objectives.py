@@ -208,6 +208,8 @@ def _forward_logps(model, batch: dict, autocast: Autocast, chunk_size: int = 0) 
     the final hidden states, a chunk of answer positions at a time: no full-vocabulary logits, and none at all
     for prompt and padding positions.
     """
+    if "gather_index" in batch:
+        return _shared_prompt_logps(model, batch, autocast, chunk_size)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     labels = batch["labels"]
     if not chunk_size:
@@ -221,6 +223,24 @@ def _forward_logps(model, batch: dict, autocast: Autocast, chunk_size: int = 0) 
         hidden = model(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
         sums = [-fused_linear_cross_entropy(hidden[i : i + 1], head.weight, labels[i : i + 1], chunk_size)
                 for i in range(hidden.shape[0])]  # fmt: skip
+    return torch.stack(sums), (labels[:, 1:] != IGNORE_INDEX).sum(-1)
+
+
+def _shared_prompt_logps(model, batch: dict, autocast: Autocast, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """As :func:`_forward_logps`, for pairs collated by :func:`aift.training.prompt_sharing.collate_shared`."""
+    from aift.training.loss import fused_linear_cross_entropy, split_causal_lm
+    from aift.training.prompt_sharing import gather_sequences
+
+    _, head = split_causal_lm(model)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    labels = batch["labels"]
+    with autocast():
+        hidden = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+        sequences = gather_sequences(hidden, batch["gather_index"])
+        if not chunk_size:
+            return sequence_logps(head(sequences), labels)
+        sums = [-fused_linear_cross_entropy(sequences[i : i + 1], head.weight, labels[i : i + 1], chunk_size)
+                for i in range(sequences.shape[0])]  # fmt: skip
     return torch.stack(sums), (labels[:, 1:] != IGNORE_INDEX).sum(-1)
 
 
@@ -261,6 +281,7 @@ class PreferenceObjective:
         self.needs_reference = config.method in ("dpo", "kto")
         self.precompute = precompute and self.needs_reference
         self.paired = config.method != "kto"
+        self.share_prompt = self.paired and config.share_prompt
 
     # ---------------------------------------------------------------- data
 
@@ -277,7 +298,12 @@ class PreferenceObjective:
         if self.paired:
             ids = [r["chosen_input_ids"] for r in rows] + [r["rejected_input_ids"] for r in rows]
             labels = [r["chosen_labels"] for r in rows] + [r["rejected_labels"] for r in rows]
-            batch = collate_sequences(ids, labels, self.pad_token_id)
+            if self.share_prompt:
+                from aift.training.prompt_sharing import collate_shared
+
+                batch = collate_shared(rows, self.pad_token_id)
+            else:
+                batch = collate_sequences(ids, labels, self.pad_token_id)
             if all("ref_chosen_logps" in r for r in rows):
                 batch["ref_logps"] = torch.tensor(
                     [r["ref_chosen_logps"] for r in rows] + [r["ref_rejected_logps"] for r in rows],
@@ -291,7 +317,8 @@ class PreferenceObjective:
                 batch["ref_logps"] = torch.tensor([r["ref_logps"] for r in rows], dtype=torch.float32)
                 batch["ref_kl_logps"] = torch.tensor([r["ref_kl_logps"] for r in rows], dtype=torch.float32)
         batch["num_pairs"] = len(rows)
-        batch["num_tokens"] = int(batch["attention_mask"].sum())
+        # The pairs' own tokens (both sequences, prompt counted twice), whether or not the prompt is shared.
+        batch["num_tokens"] = sum(map(len, ids)) if self.paired else int(batch["attention_mask"].sum())
         return batch
 
     def count(self, batch: dict) -> int:
@@ -310,6 +337,8 @@ class PreferenceObjective:
             )
 
     def planner(self, examples, config, pad_token_id: int, mask: str) -> PreferencePlanner:
+        if mask != "4d":  # flash-attention and aift's segment attention take no 4-D mask: a pair is two rows
+            self.share_prompt = False
         return PreferencePlanner(self, examples.rows, config.batch_size, config.seed)
 
     def eval_batches(self, examples, batch_size: int, pad_token_id: int, rank: int, world: int):
