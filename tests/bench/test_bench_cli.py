@@ -83,3 +83,22 @@ def test_bench_rejects_too_few_rows(tmp_path, capsys):
     data.write_text('{"instruction": "Q?", "output": "A."}\n')
     assert main(["bench", "--data", str(data), "--examples", "4", "--output", str(tmp_path / "x")]) == 2
     assert "need 6" in capsys.readouterr().err
+
+
+def test_dpo_bench_against_trl_writes_a_complete_result(tiny_model_dir, tmp_path, capsys):
+    """`aift bench --method dpo --compare trl`: both trainers on the same pairs, the same tokens counted."""
+    out = tmp_path / "dpo"
+    argv = ["bench", "--method", "dpo", "--model", str(tiny_model_dir), "--examples", "4", "--eval-examples", "4",
+            "--batch-size", "2", "--numbers", "4", "--seq-len", "96", "--compare", "trl", "--output", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads((out / "result.json").read_text())
+    aift, trl = result["runs"]["aift"], result["runs"]["trl"]
+    assert aift["tokens"] == trl["tokens"] > 0  # the pairs' prompt + answer tokens, counted alike
+    assert aift["steps"] == trl["steps"] == 2
+    for run in (aift, trl):
+        assert math.isfinite(run["final_train_loss"]) and run["peak_mem_gb"] > 0
+        assert 0 <= run["eval_reward_accuracy"] <= 1
+    assert result["ratios"]["tokens_per_s"] == pytest.approx(aift["tokens_per_s"] / trl["tokens_per_s"])
+    assert result["options"]["gradient_checkpointing"] is True  # both trainers' default, the same for both
+    assert "gradient checkpointing on for both" in (out / "results.md").read_text()
+    assert "aift DPO:" in capsys.readouterr().out

@@ -42,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="sort",
         help="--method dpo: the preference pairs (sort a list; or pick the larger of two numbers).",
     )
+    parser.add_argument("--numbers", type=int, default=24, help="--method dpo --task sort: numbers per list.")
     parser.add_argument(
         "--nproc",
         default="1",
@@ -94,6 +95,7 @@ def _run_dpo(args: argparse.Namespace) -> int:
         output=args.output if args.output != BenchOptions().output else d.output,
         seed=args.seed,
         task=args.task,
+        numbers=args.numbers,
         gradient_checkpointing=args.gradient_checkpointing == "on",
     )
     result = run_bench(options)
