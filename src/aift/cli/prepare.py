@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("sft", "preference"),
         help="sft (conversations) or preference (chosen/rejected pairs, or KTO rows with a label)",
     )
+    parser.add_argument(
+        "--num-proc", type=int, help="tokenizer worker processes (default: every core; small files use fewer)"
+    )
     parser.add_argument("--trust-remote-code", action="store_true", help="allow tokenizers with code from the hub")
 
 
@@ -65,5 +68,5 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from aift.data.prepare import prepare_dataset
 
-    print(prepare_dataset(**shared, train_on_prompt=args.train_on_prompt))
+    print(prepare_dataset(**shared, train_on_prompt=args.train_on_prompt, num_proc=args.num_proc))
     return 0

@@ -45,15 +45,30 @@ def encode(rendered: Rendered, tokenizer, max_length: int, train_on_prompt: bool
     Over the limit, the prompt side is cut first (from the left, so the question nearest the answer and the
     answer opening stay); only an answer longer than the limit by itself is cut at its end.
     """
+    return encode_batch([rendered], tokenizer, max_length, train_on_prompt)[0]
+
+
+def encode_batch(rendered: list[Rendered], tokenizer, max_length: int, train_on_prompt: bool = False) -> list[Encoded]:
+    """`encode` for many conversations with one batched tokenizer call (the same ids and labels)."""
     if not getattr(tokenizer, "is_fast", False):
         raise DataError("loss masks need a fast tokenizer (offsets); this model's tokenizer has no fast version")
+    texts = [r.text for r in rendered]
+    encoding = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
+    bos = tokenizer.bos_token if _adds_bos(tokenizer) else None
+    return [
+        _mask_and_fit(r, list(ids), list(offsets), bos, tokenizer.bos_token_id, max_length, train_on_prompt)
+        for r, ids, offsets in zip(rendered, encoding["input_ids"], encoding["offset_mapping"], strict=True)
+    ]
+
+
+def _mask_and_fit(
+    rendered: Rendered, ids: list[int], offsets: list, bos: str | None, bos_id, max_length: int, train_on_prompt: bool
+) -> Encoded:
     text = rendered.text
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
-    ids, offsets = list(encoding["input_ids"]), list(encoding["offset_mapping"])
     # Only BOS is added by hand: add_special_tokens=True would also append EOS for some tokenizers (T5-style),
     # doubling the end marker the format already wrote.
-    if _adds_bos(tokenizer) and not text.startswith(tokenizer.bos_token):
-        ids, offsets = [tokenizer.bos_token_id, *ids], [(0, 0), *offsets]
+    if bos is not None and not text.startswith(bos):
+        ids, offsets = [bos_id, *ids], [(0, 0), *offsets]
     spans = ((0, len(text)),) if train_on_prompt else rendered.spans
     labels = [i if _overlaps(s, e, spans) else IGNORE_INDEX for i, (s, e) in zip(ids, offsets, strict=True)]
     if len(ids) <= max_length:

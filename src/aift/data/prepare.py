@@ -9,21 +9,24 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import random
 import statistics
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from aift.data import DataError
-from aift.data.formats import PromptFormat, default_system, resolve_format
-from aift.data.masking import Encoded, encode
+from aift.data.formats import PromptFormat, Rendered, default_system, resolve_format
+from aift.data.masking import encode_batch
 from aift.data.packing import best_fit_decreasing, count_trained_tokens, packing_efficiency
 from aift.data.prepared import write_prepared
 from aift.data.sources import SOURCES, Loaded, load_conversations, source_for_path
 from aift.models.registry import EMBEDDED_MODEL
 
 log = logging.getLogger(__name__)
+_MIN_ROWS_PER_PROC = 256  # below this a worker process costs more than it saves
 
 
 def default_output_dir(source: str, model: str, num_samples: int | None) -> Path:
@@ -31,7 +34,9 @@ def default_output_dir(source: str, model: str, num_samples: int | None) -> Path
     return Path("datasets") / f"{source}_{Path(str(model).rstrip('/')).name}_{num_samples or 'all'}"
 
 
-def _check_options(source: str | None, max_length: int, val_ratio: float, num_samples: int | None) -> None:
+def _check_options(
+    source: str | None, max_length: int, val_ratio: float, num_samples: int | None, num_proc: int | None = None
+) -> None:
     if source is not None and source not in SOURCES:
         raise DataError(f"unknown source {source!r}; valid sources: {', '.join(SOURCES)}")
     if max_length < 8:
@@ -40,6 +45,8 @@ def _check_options(source: str | None, max_length: int, val_ratio: float, num_sa
         raise DataError(f"--val-ratio must be in [0, 1), got {val_ratio}")
     if num_samples is not None and num_samples < 1:
         raise DataError(f"--num-samples must be positive, got {num_samples}")
+    if num_proc is not None and num_proc < 1:
+        raise DataError(f"--num-proc must be positive, got {num_proc}")
 
 
 def _with_system(conversation: list[dict], system: str | None) -> list[dict]:
@@ -48,40 +55,83 @@ def _with_system(conversation: list[dict], system: str | None) -> list[dict]:
     return [{"role": "system", "content": system}, *conversation]
 
 
-def _encode_all(
-    loaded: Loaded, fmt: PromptFormat, tokenizer, max_length: int, train_on_prompt: bool, system: str | None
-) -> tuple[list[dict[str, Any]], Counter, Counter]:
-    """Rendered and tokenized examples, plus drop reasons and truncation counts."""
-    from tqdm.auto import tqdm
+class _EncodeRows:
+    """The batched map function: row indices -> rendered, tokenized, masked columns (one per worker process)."""
 
-    examples, dropped, truncated = [], Counter(), Counter()
-    for conversation, where in tqdm(
-        zip(loaded.conversations, loaded.wheres, strict=True), total=len(loaded.conversations), desc="tokenizing"
-    ):
+    def __init__(self, conversations, fmt: PromptFormat, tokenizer, max_length: int, train_on_prompt: bool, system):
+        self.conversations, self.fmt, self.tokenizer = conversations, fmt, tokenizer
+        self.max_length, self.train_on_prompt, self.system = max_length, train_on_prompt, system
+
+    def _render(self, row: int) -> Rendered | str:
         try:
-            rendered = fmt.render(_with_system(conversation, system), tokenizer)
+            return self.fmt.render(_with_system(self.conversations[row], self.system), self.tokenizer)
         except DataError as e:
-            log.warning("%s dropped: %s", where, e)
-            dropped[f"cannot render: {e}"] += 1
-            _note_dropped(loaded, where, f"cannot render: {e}")
+            return f"cannot render: {e}"
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        rendered = [self._render(row) for row in batch["row"]]
+        ok = [r for r in rendered if isinstance(r, Rendered)]
+        encoded = iter(encode_batch(ok, self.tokenizer, self.max_length, self.train_on_prompt) if ok else [])
+        out: dict[str, list] = {c: [] for c in _COLUMNS}
+        for r in rendered:
+            e = next(encoded) if isinstance(r, Rendered) else None
+            drop = r if e is None else ("no trained token" if e.num_trained == 0 else "")
+            ids = e.input_ids if e and not drop else []
+            out["input_ids"].append(ids)
+            out["attention_mask"].append([1] * len(ids))
+            out["labels"].append(e.labels if e and not drop else [])
+            out["text"].append(e.text if e and not drop else "")
+            out["prompt"].append(r.prompt if e and not drop else "")
+            out["reference"].append(r.reference if e and not drop else "")
+            out["truncated"].append((e.truncated or "") if e and not drop else "")
+            out["drop"].append(drop)
+        return out
+
+
+_COLUMNS = ("input_ids", "attention_mask", "labels", "text", "prompt", "reference", "truncated", "drop")
+
+
+def _encode_all(
+    loaded: Loaded,
+    fmt: PromptFormat,
+    tokenizer,
+    max_length: int,
+    train_on_prompt: bool,
+    system: str | None,
+    num_proc: int | None = None,
+) -> tuple[list[dict[str, Any]], Counter, Counter]:
+    """Rendered and tokenized examples, plus drop reasons and truncation counts.
+
+    One batched ``datasets.map`` over ``num_proc`` processes (default: every core); shards are contiguous, so
+    the result is the same for any ``num_proc``. The map shows its progress bar.
+    """
+    from datasets import Dataset
+
+    rows = len(loaded.conversations)
+    if num_proc is None:  # every core, but no worker for fewer than _MIN_ROWS_PER_PROC rows
+        num_proc = min(os.cpu_count() or 1, rows // _MIN_ROWS_PER_PROC or 1)
+    procs = max(1, min(num_proc, rows))
+    mapped = Dataset.from_dict({"row": list(range(rows))}).map(
+        _EncodeRows(loaded.conversations, fmt, tokenizer, max_length, train_on_prompt, system),
+        batched=True,
+        batch_size=256,
+        num_proc=procs if procs > 1 else None,
+        remove_columns=["row"],
+        new_fingerprint=uuid.uuid4().hex,  # hashing the function (it holds every row) would cost more than it saves
+        desc="tokenizing",
+    )
+    columns = mapped.to_dict()
+    examples, dropped, truncated = [], Counter(), Counter()
+    for i, where in enumerate(loaded.wheres):
+        if reason := columns["drop"][i]:
+            if reason.startswith("cannot render"):
+                log.warning("%s dropped: %s", where, reason.removeprefix("cannot render: "))
+            dropped[reason] += 1
+            _note_dropped(loaded, where, reason)
             continue
-        encoded: Encoded = encode(rendered, tokenizer, max_length, train_on_prompt)
-        if encoded.num_trained == 0:
-            dropped["no trained token"] += 1
-            _note_dropped(loaded, where, "no trained token")
-            continue
-        if encoded.truncated:
-            truncated[encoded.truncated] += 1
-        examples.append(
-            {
-                "input_ids": encoded.input_ids,
-                "attention_mask": [1] * len(encoded.input_ids),
-                "labels": encoded.labels,
-                "text": encoded.text,
-                "prompt": rendered.prompt,
-                "reference": rendered.reference,
-            }
-        )
+        if kind := columns["truncated"][i]:
+            truncated[kind] += 1
+        examples.append({c: columns[c][i] for c in _COLUMNS[:6]})
     return examples, dropped, truncated
 
 
@@ -163,6 +213,7 @@ def prepare_dataset(
     system: str | None = None,
     strict: bool = False,
     trust_remote_code: bool = False,
+    num_proc: int | None = None,
 ) -> Path:
     """Turns raw data into a tokenized, loss-masked train/test DatasetDict on disk.
 
@@ -181,6 +232,7 @@ def prepare_dataset(
         system: System prompt for conversations without one (default: the model card's, if any).
         strict: Fail on the first unusable row instead of dropping it.
         trust_remote_code: Allow tokenizers that run code from their hub repository.
+        num_proc: Worker processes for tokenizing (default ``os.cpu_count()``; small files use fewer).
 
     Returns:
         The output folder.
@@ -188,13 +240,13 @@ def prepare_dataset(
     from aift import __version__
     from aift.models.loading import load_tokenizer
 
-    _check_options(source, max_length, val_ratio, num_samples)
+    _check_options(source, max_length, val_ratio, num_samples, num_proc)
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
     fmt = resolve_format(model, tokenizer, format)
     system = system or default_system(model)
     loaded = load_conversations(source, source_path, num_samples, strict)
     source = source or source_for_path(source_path)
-    examples, dropped, truncated = _encode_all(loaded, fmt, tokenizer, max_length, train_on_prompt, system)
+    examples, dropped, truncated = _encode_all(loaded, fmt, tokenizer, max_length, train_on_prompt, system, num_proc)
     dropped.update(loaded.dropped)
     n_dropped = sum(dropped.values())
     _check_enough_kept(loaded, len(examples), dropped, str(source_path or source))
