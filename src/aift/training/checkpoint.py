@@ -103,11 +103,11 @@ def save_checkpoint(
     with writing_folder(tmp, final):
         model.save_pretrained(tmp, safe_serialization=True)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        _finish_checkpoint(tmp, final, scheduler, rng, state, total_limit)
+        finish_checkpoint(tmp, final, scheduler, rng, state, total_limit)
     return final
 
 
-def _finish_checkpoint(tmp: Path, final: Path, scheduler, rng: dict, state: TrainerState, total_limit) -> None:
+def finish_checkpoint(tmp: Path, final: Path, scheduler, rng: dict, state: TrainerState, total_limit) -> None:
     """Writes what every checkpoint holds besides weights, the manifest last, renames the temp dir into place
     and rotates old ones."""
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -171,7 +171,7 @@ def save_sharded_checkpoint(
     accelerator.wait_for_everyone()  # every shard is written before rank 0 lists them in the manifest
     if accelerator.is_main_process:
         with writing_folder(tmp, final, fresh=False):
-            _finish_checkpoint(tmp, final, scheduler, rng, state, total_limit)
+            finish_checkpoint(tmp, final, scheduler, rng, state, total_limit)
     accelerator.wait_for_everyone()
     return final
 
@@ -348,15 +348,20 @@ def _differences(old: dict, new: dict, prefix: str = "") -> dict[str, tuple]:
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, is_peft: bool) -> tuple[TrainerState, dict]:
     """Loads weights, optimizer and scheduler in place; returns the trainer state and the RNG states."""
-    if is_peft:
-        _load_adapter(path, model)
-    else:
-        _load_full_weights(path, model)
+    load_weights(path, model, is_peft)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = torch.load(path / "rng_state.pt", weights_only=True)
     state = TrainerState.from_json((path / STATE_FILE).read_text(encoding="utf-8"))
     return state, rng
+
+
+def load_weights(path: Path, model, is_peft: bool) -> None:
+    """Loads a checkpoint's adapter (LoRA/QLoRA) or full weights into ``model`` in place."""
+    if is_peft:
+        _load_adapter(path, model)
+    else:
+        _load_full_weights(path, model)
 
 
 def _load_adapter(path: Path, model) -> None:

@@ -20,6 +20,7 @@ the device, DDP wrapping, ``no_sync`` and the all-reduces; everything else is he
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -45,6 +46,7 @@ from aift.training.loss import split_causal_lm
 from aift.training.objectives import SFTObjective, to_device
 from aift.training.reporting import MetricsLogger, check_loggers, peak_memory_gb
 from aift.training.segment_attention import PackedAttention
+from aift.training.step import count_step, is_log_step, loss_scale, lr_factor, next_epoch_if_done, pad_plan, step_window
 
 log = logging.getLogger(__name__)
 
@@ -185,13 +187,13 @@ def run_training(
         ckpt.restore_rng(rng)
         log.info("resumed from %s at step %d", resume_from, state.step)
     logger = (
-        MetricsLogger(output_dir, config.report_to, _flat_config(config, info), state.step if resume_from else None)
+        MetricsLogger(output_dir, config.report_to, flat_config(config, info), state.step if resume_from else None)
         if accelerator.is_main_process
         else None
     )
     if accelerator.is_main_process:
         sections = (config, info.lora_config, getattr(objective, "config", None))  # PreferenceConfig for DPO & co
-        _write_atomic(output_dir / "config.yaml", to_yaml(*[c for c in sections if c is not None]))
+        write_atomic(output_dir / "config.yaml", to_yaml(*[c for c in sections if c is not None]))
 
     micro_metrics: list[dict[str, torch.Tensor]] = []  # the objective's metric sums of this step's micro-batches
 
@@ -265,7 +267,7 @@ def run_training(
     progress = tqdm(
         total=total_steps, initial=state.step, desc="train", disable=not accelerator.is_main_process, dynamic_ncols=True
     )
-    sampler = _system_metrics(output_dir, config.collect_metrics and accelerator.is_main_process)
+    sampler = system_metrics(output_dir, config.collect_metrics and accelerator.is_main_process)
     final_eval = None
 
     # ------------------------------------------------------------------ loop
@@ -277,18 +279,11 @@ def run_training(
             state.initial_eval_loss = evaluate()
             log_eval(state.initial_eval_loss)
         while state.step < total_steps:
-            plan = planner.epoch(state.epoch)
-            real = len(plan)
-            if world > 1 and len(plan) % world:
-                # Every process runs as many micro-batches (DDP all-reduces in each backward); the padding
-                # repeats micro-batches with weight 0, so no example counts twice in an epoch.
-                plan += plan[: world - len(plan) % world]
+            plan, real = pad_plan(planner.epoch(state.epoch), world)
             while state.micro_batch < len(plan) and state.step < total_steps:
                 step_started = time.perf_counter()
-                window = plan[state.micro_batch : state.micro_batch + micro_per_step]
-                mine = range(state.micro_batch, state.micro_batch + len(window))[rank::world]
+                window, mine, weights = step_window(plan, real, state.micro_batch, micro_per_step, rank, world)
                 batches = [planner.collate(plan[j]) for j in mine]
-                weights = [1.0 if j < real else 0.0 for j in mine]
                 counts = torch.tensor(
                     [
                         sum(objective.count(b) * w for b, w in zip(batches, weights, strict=True)),
@@ -297,8 +292,7 @@ def run_training(
                     device=device,
                 )
                 trained_tokens, real_tokens = accelerator.reduce(counts, "sum").tolist()
-                # DDP averages gradients over processes; multiplying by world makes that a plain sum.
-                scale = world / max(trained_tokens, 1)
+                scale = loss_scale(trained_tokens, world)
 
                 loss_sum = torch.zeros((), device=device)
                 for i, (j, batch, weight) in enumerate(zip(mine, batches, weights, strict=True)):
@@ -347,18 +341,14 @@ def run_training(
                     if not weight and j < len(micro_metrics):
                         micro_metrics[j] = {}
                 window_metrics.append(reduce_metrics(micro_metrics, trained_tokens))
-                state.step += 1
-                state.micro_batch += len(window)
-                state.tokens += int(real_tokens)
-                state.last_loss = step_loss
                 elapsed = time.perf_counter() - step_started
-                state.train_time_s += elapsed
+                count_step(state, len(window), int(real_tokens), step_loss, elapsed)
                 window_losses.append(step_loss)
                 window_tokens += int(real_tokens)
                 window_time += elapsed
                 progress.update(1)
 
-                if config.logging_steps and state.step % config.logging_steps == 0 or state.step == total_steps:
+                if is_log_step(state.step, config.logging_steps, total_steps):
                     record = {
                         "type": "train",
                         "step": state.step,
@@ -387,8 +377,7 @@ def run_training(
                 if stop.should_stop(accelerator):
                     save(ckpt.capture_rng())
                     raise stop.interrupted()
-            if state.micro_batch >= len(plan):
-                state.epoch, state.micro_batch = state.epoch + 1, 0
+            next_epoch_if_done(state, len(plan))
 
         # -------------------------------------------------------------- save
         if eval_examples is not None and (final_eval is None or state.step % max(config.eval_steps, 1)):
@@ -419,7 +408,7 @@ def run_training(
         summary["objective"] = objective.name
     if accelerator.is_main_process:
         save_final(model, tokenizer, output_dir / "final", info, config.max_length, state_dict=full_state)
-        _write_atomic(output_dir / "train_summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
+        write_atomic(output_dir / "train_summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
         log.info("done: %d steps, final train loss %.4f; output in %s", state.step, state.last_loss or 0, output_dir)
 
     # ------------------------------------------------------------------ cleanup
@@ -472,13 +461,7 @@ def make_optimizer(model: torch.nn.Module, config: TrainingConfig, device_type: 
 
 def linear_warmup_then_decay(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
     """The learning rate climbs linearly over warmup_steps, then falls linearly to 0 at total_steps."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return step / max(1, warmup_steps)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, warmup_steps, total_steps))
 
 
 def prepare_output_dir(output_dir: Path, config: TrainingConfig, resuming: bool) -> None:
@@ -564,7 +547,7 @@ def unwrap(accelerator, model: torch.nn.Module) -> torch.nn.Module:
     return accelerator.unwrap_model(model, keep_torch_compile=False)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
@@ -575,14 +558,14 @@ def _mean_metrics(window: list[dict[str, float]]) -> dict[str, float]:
     return {k: sum(m[k] for m in window if k in m) / sum(1 for m in window if k in m) for k in names}
 
 
-def _flat_config(config: TrainingConfig, info: RunInfo) -> dict[str, Any]:
+def flat_config(config: TrainingConfig, info: RunInfo) -> dict[str, Any]:
     flat = asdict(config)
     if info.lora_config is not None:
         flat.update({f"lora_{k}": v for k, v in asdict(info.lora_config).items()})
     return flat
 
 
-def _system_metrics(output_dir: Path, enabled: bool):
+def system_metrics(output_dir: Path, enabled: bool):
     """The EVAL part's sampler of CPU/GPU use when asked for and available, else nothing."""
     if not enabled:
         return contextlib.nullcontext()

@@ -47,20 +47,25 @@ from aift.data.packing import PackedCollator, PaddedCollator
 from aift.distributed.pipeline import mark_tied_embeddings, split_stages, sum_tied_gradients, tied_embedding_weight
 from aift.errors import AiftError, NotAvailableError
 from aift.training import checkpoint as ckpt
+from aift.training import run_guard
 from aift.training.checkpoint import CheckpointError, TrainerState
 from aift.training.data import BatchPlanner, Examples, check_trainable
 from aift.training.loop import (
     RunInfo,
     TrainResult,
+    flat_config,
     linear_warmup_then_decay,
     make_optimizer,
     prepare_output_dir,
     resolve_precision,
     save_final,
+    system_metrics,
+    write_atomic,
 )
 from aift.training.loss import shifted_cross_entropy_sum
 from aift.training.reporting import MetricsLogger, check_loggers, peak_memory_gb
 from aift.training.run_guard import output_dir_lock
+from aift.training.step import count_step, is_log_step, next_epoch_if_done
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +119,18 @@ class _Ranks:
     @property
     def is_last(self) -> bool:
         return self.rank == self.world - 1
+
+    @property
+    def num_processes(self) -> int:  # what run_guard.StopOnSignal asks of an accelerator
+        return self.world
+
+    def reduce(self, tensor: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+        """Sum over every rank (the one reduction the loop needs), as ``accelerator.reduce``."""
+        if reduction != "sum":
+            raise ValueError(f"internal: only sum is reduced over pipeline ranks, not {reduction!r}")
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
 
 
 def run_pipeline(
@@ -200,12 +217,12 @@ def run_pipeline(
         state.total_steps, state.run = total_steps, identity
         log.info("resumed from %s at step %d", resume_from, state.step)
     logger = (
-        MetricsLogger(output_dir, config.report_to, dataclasses.asdict(config), state.step if resume_from else None)
+        MetricsLogger(output_dir, config.report_to, flat_config(config, info), state.step if resume_from else None)
         if ranks.is_first
         else None
     )
     if ranks.is_first:
-        _write_atomic(output_dir / "config.yaml", to_yaml(*[c for c in (config, info.lora_config) if c is not None]))
+        write_atomic(output_dir / "config.yaml", to_yaml(*[c for c in (config, info.lora_config) if c is not None]))
 
     def run_schedule(batch: dict, normalizer: float, train: bool) -> float:
         """One pass of the schedule over the batch's micro-batches; the loss sum on the last stage, else 0."""
@@ -266,71 +283,71 @@ def run_pipeline(
     # ------------------------------------------------------------------ loop
     window_losses: list[float] = []
     window_tokens, window_time = 0, 0.0
-    while state.step < total_steps:
-        plan = planner.epoch(state.epoch)
-        while state.micro_batch < len(plan) and state.step < total_steps:
-            step_started = time.perf_counter()
-            window = plan[state.micro_batch : state.micro_batch + micro_batches]
-            batch = batches.train(window)  # every rank collates the same rows
-            trained_tokens, real_tokens = int(batch["num_trained_tokens"]), int(batch["num_tokens"])
+    stop = run_guard.StopOnSignal()
+    sampler = system_metrics(output_dir, config.collect_metrics and ranks.is_first)
+    with stop, sampler, progress:
+        while state.step < total_steps:
+            plan = planner.epoch(state.epoch)
+            while state.micro_batch < len(plan) and state.step < total_steps:
+                step_started = time.perf_counter()
+                window = plan[state.micro_batch : state.micro_batch + micro_batches]
+                batch = batches.train(window)  # every rank collates the same rows
+                trained_tokens, real_tokens = int(batch["num_trained_tokens"]), int(batch["num_tokens"])
 
-            loss_sum = run_schedule(batch, normalizer=max(trained_tokens, 1), train=True)
-            if tied_group is not None:
-                sum_tied_gradients(stage_module, 0, ranks.world - 1, group=tied_group)
-            # One all-reduce gives the global gradient norm (squared norms add up) and the last stage's loss.
-            own_norm = torch.nn.utils.get_total_norm([p.grad for p in norm_params if p.grad is not None])
-            stats = torch.tensor(
-                [own_norm.item() ** 2, loss_sum if ranks.is_last else 0.0], dtype=torch.float64, device=ranks.device
-            )
-            dist.all_reduce(stats)
-            grad_norm = stats[0].sqrt().to(torch.float32)
-            torch.nn.utils.clip_grads_with_norm_(
-                [p for p in stage_module.parameters() if p.grad is not None],
-                config.max_grad_norm or math.inf,
-                grad_norm,
-            )
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+                loss_sum = run_schedule(batch, normalizer=max(trained_tokens, 1), train=True)
+                if tied_group is not None:
+                    sum_tied_gradients(stage_module, 0, ranks.world - 1, group=tied_group)
+                # One all-reduce gives the global gradient norm (squared norms add up) and the last stage's loss.
+                own_norm = torch.nn.utils.get_total_norm([p.grad for p in norm_params if p.grad is not None])
+                stats = torch.tensor(
+                    [own_norm.item() ** 2, loss_sum if ranks.is_last else 0.0], dtype=torch.float64, device=ranks.device
+                )
+                dist.all_reduce(stats)
+                grad_norm = stats[0].sqrt().to(torch.float32)
+                torch.nn.utils.clip_grads_with_norm_(
+                    [p for p in stage_module.parameters() if p.grad is not None],
+                    config.max_grad_norm or math.inf,
+                    grad_norm,
+                )
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
 
-            step_loss = stats[1].item()
-            state.step += 1
-            state.micro_batch += len(window)
-            state.tokens += real_tokens
-            state.last_loss = step_loss
-            elapsed = time.perf_counter() - step_started
-            state.train_time_s += elapsed
-            window_losses.append(step_loss)
-            window_tokens += real_tokens
-            window_time += elapsed
-            progress.update(1)
+                step_loss = stats[1].item()
+                elapsed = time.perf_counter() - step_started
+                count_step(state, len(window), real_tokens, step_loss, elapsed)
+                window_losses.append(step_loss)
+                window_tokens += real_tokens
+                window_time += elapsed
+                progress.update(1)
 
-            if config.logging_steps and state.step % config.logging_steps == 0 or state.step == total_steps:
-                record = {
-                    "type": "train",
-                    "step": state.step,
-                    "epoch": round(state.step / steps_per_epoch, 4),
-                    "loss": sum(window_losses) / len(window_losses),
-                    "lr": lr,
-                    "grad_norm": float(grad_norm),
-                    "tokens_per_s": window_tokens / max(window_time, 1e-9),
-                    "tokens": state.tokens,
-                    "peak_mem_gb": round(peak_memory_gb(ranks.device.type), 3),
-                    "time": round(time.perf_counter() - started, 3),
-                }
-                if logger is not None:
-                    logger.log(record)
-                progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
-                window_losses, window_tokens, window_time = [], 0, 0.0
-            if eval_examples is not None and config.eval_steps and state.step % config.eval_steps == 0:
-                final_eval = evaluate()
-                log_eval(final_eval)
-            if config.save_steps and state.step % config.save_steps == 0 and state.step < total_steps:
-                save()
-        if state.micro_batch >= len(plan):
-            state.epoch, state.micro_batch = state.epoch + 1, 0
-    progress.close()
+                if is_log_step(state.step, config.logging_steps, total_steps):
+                    record = {
+                        "type": "train",
+                        "step": state.step,
+                        "epoch": round(state.step / steps_per_epoch, 4),
+                        "loss": sum(window_losses) / len(window_losses),
+                        "lr": lr,
+                        "grad_norm": float(grad_norm),
+                        "tokens_per_s": window_tokens / max(window_time, 1e-9),
+                        "tokens": state.tokens,
+                        "peak_mem_gb": round(peak_memory_gb(ranks.device.type), 3),
+                        "time": round(time.perf_counter() - started, 3),
+                    }
+                    if logger is not None:
+                        logger.log(record)
+                    progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+                    window_losses, window_tokens, window_time = [], 0, 0.0
+                if eval_examples is not None and config.eval_steps and state.step % config.eval_steps == 0:
+                    final_eval = evaluate()
+                    log_eval(final_eval)
+                if config.save_steps and state.step % config.save_steps == 0 and state.step < total_steps:
+                    save()
+                if stop.should_stop(ranks):  # Ctrl-C / SIGTERM on any rank: all save, then stop
+                    save()
+                    raise stop.interrupted()
+            next_epoch_if_done(state, len(plan))
 
     # ------------------------------------------------------------------ save
     if eval_examples is not None and (final_eval is None or state.step % max(config.eval_steps, 1)):
@@ -356,7 +373,7 @@ def run_pipeline(
     if ranks.is_first:
         model.to("cpu")  # stage 0 may sit on a GPU, the stages received from the others are on the CPU
         save_final(model, tokenizer, output_dir / "final", info, config.max_length)
-        _write_atomic(output_dir / "train_summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
+        write_atomic(output_dir / "train_summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
         log.info("done: %d steps, final train loss %.4f; output in %s", state.step, state.last_loss or 0, output_dir)
 
     # ------------------------------------------------------------------ cleanup
@@ -466,7 +483,7 @@ def save_stage_checkpoint(
     dist.barrier()
     if ranks.is_first:
         with ckpt.writing_folder(tmp, final, fresh=False):
-            ckpt._finish_checkpoint(tmp, final, scheduler, rng, state, total_limit)
+            ckpt.finish_checkpoint(tmp, final, scheduler, rng, state, total_limit)
     dist.barrier()
     return final
 
@@ -479,10 +496,7 @@ def load_stage_checkpoint(
     if len(stage_files) != ranks.world:
         found = f"{len(stage_files)} stage(s)" if stage_files else "no optimizer-stageR.pt: not a pipeline run"
         raise CheckpointError(f"{path} cannot resume a pipeline of {ranks.world} stages ({found})")
-    if is_peft:
-        ckpt._load_adapter(path, model)
-    else:
-        ckpt._load_full_weights(path, model)
+    ckpt.load_weights(path, model, is_peft)
     own = path / f"optimizer-stage{ranks.rank}.pt"
     optimizer.load_state_dict(torch.load(own, weights_only=True, map_location="cpu"))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
@@ -513,9 +527,3 @@ def _log_unused_levers(config: MultiGPUTrainingConfig) -> None:
         log.info("pipeline: loss_chunk_size is not used (the last stage computes the loss from full logits)")
     if config.torch_compile:
         log.info("pipeline: torch_compile is not used with pipeline stages")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
