@@ -107,7 +107,7 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
 
     output = Path(options.output)
     model_dir = resolve_model_path(options.model)
-    load_before = _load_average()
+    load_before = load_average()
     with tempfile.TemporaryDirectory(prefix="aift-bench-") as tmp:
         work = Path(tmp)
         data_file = _write_data(options, work / "data.json")
@@ -358,7 +358,7 @@ def environment(load_before: list[float]) -> dict[str, Any]:
         "platform": platform.platform(),
         **versions,
         "load_before": load_before,
-        "load_after": _load_average(),
+        "load_after": load_average(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -373,5 +373,5 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def _load_average() -> list[float]:
+def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from aift.bench.core import load_average
+
 log = logging.getLogger("aift.bench")
 
 LORA = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear", "lora_dropout": 0.0}
@@ -90,12 +92,6 @@ def sorting_pairs(n: int, seed: int, numbers: int = 24) -> list[dict]:
 TASKS = {"sort": sorting_pairs, "larger": larger_number_pairs}
 
 
-def _load_average() -> list[float]:
-    import os
-
-    return [round(x, 2) for x in os.getloadavg()]
-
-
 def run_bench(options: PreferenceBenchOptions) -> dict:
     """Writes the pairs, runs each trainer in a fresh process, writes result.json and results.md."""
     out = Path(options.output)
@@ -105,14 +101,14 @@ def run_bench(options: PreferenceBenchOptions) -> dict:
     data.write_text(
         json.dumps({"train": pairs[: options.examples], "eval": pairs[options.examples :]}), encoding="utf-8"
     )
-    runs, load_before = {}, _load_average()
+    runs, load_before = {}, load_average()
     for trainer in ["aift", *([options.compare] if options.compare else [])]:
         spec = {**asdict(options), "trainer": trainer, "data": str(data)}
         runs[trainer] = _run_worker(spec, out / "logs")
     result = {
         "options": asdict(options),
         "runs": runs,
-        "load_average": {"before": load_before, "after": _load_average()},
+        "load_average": {"before": load_before, "after": load_average()},
     }
     if "trl" in runs:
         a, t = runs["aift"], runs["trl"]

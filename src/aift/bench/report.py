@@ -60,7 +60,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"{s['examples']} training examples (one epoch), {s['eval_examples']} held-out, sequence {s['seq_len']}, "
         f"batch {s['batch_size']}, learning rate {s['learning_rate']}, gradient checkpointing "
-        f"{'on' if s.get('gradient_checkpointing', False) else 'off'} for every run; data: {s['data']}.",
+        f"{'on' if s['gradient_checkpointing'] else 'off'} for every run; data: {s['data']}.",
         f"Machine: {env['cpu']}, {env['cores']} cores; torch {env['torch']}, transformers {env['transformers']}, "
         f"peft {env['peft']}, trl {env.get('trl', '-')}; load average {env['load_before']} before, "
         f"{env['load_after']} after.",

@@ -72,7 +72,7 @@ def run_aift(spec: dict) -> dict[str, Any]:
         logging_steps=1,  # per-step times give the compile time of the first step
         bf16=levers["bf16"],
         fp16=False,
-        gradient_checkpointing=spec.get("gradient_checkpointing", True),
+        gradient_checkpointing=spec["gradient_checkpointing"],
         max_length=spec["seq_len"],
         packing=levers["packing"],
         seed=spec["seed"],
@@ -173,7 +173,7 @@ def run_trl(spec: dict) -> dict[str, Any]:
         logging_steps=5,
         dataloader_num_workers=0,
         seed=spec["seed"],
-        gradient_checkpointing=spec.get("gradient_checkpointing", True),
+        gradient_checkpointing=spec["gradient_checkpointing"],
     )
     lora = None if spec["method"] == "full" else LoraConfig(**LORA, task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)

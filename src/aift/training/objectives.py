@@ -216,19 +216,26 @@ def _forward_logps(model, batch: dict, autocast: Autocast, chunk_size: int = 0) 
         with autocast():
             logits = model(**inputs).logits
         return sequence_logps(logits, labels)
-    from aift.training.loss import fused_linear_cross_entropy, split_causal_lm
+    from aift.training.loss import split_causal_lm
 
     _, head = split_causal_lm(model)
     with autocast():
         hidden = model(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-        sums = [-fused_linear_cross_entropy(hidden[i : i + 1], head.weight, labels[i : i + 1], chunk_size)
-                for i in range(hidden.shape[0])]  # fmt: skip
+        return _fused_row_logps(hidden, head.weight, labels, chunk_size)
+
+
+def _fused_row_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int):
+    """Each row's summed answer log-prob from its final hidden states (fused, chunked), and the answer lengths."""
+    from aift.training.loss import fused_linear_cross_entropy
+
+    sums = [-fused_linear_cross_entropy(hidden[i : i + 1], weight, labels[i : i + 1], chunk_size)
+            for i in range(hidden.shape[0])]  # fmt: skip
     return torch.stack(sums), (labels[:, 1:] != IGNORE_INDEX).sum(-1)
 
 
 def _shared_prompt_logps(model, batch: dict, autocast: Autocast, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """As :func:`_forward_logps`, for pairs collated by :func:`aift.training.prompt_sharing.collate_shared`."""
-    from aift.training.loss import fused_linear_cross_entropy, split_causal_lm
+    from aift.training.loss import split_causal_lm
     from aift.training.prompt_sharing import gather_sequences
 
     _, head = split_causal_lm(model)
@@ -239,9 +246,7 @@ def _shared_prompt_logps(model, batch: dict, autocast: Autocast, chunk_size: int
         sequences = gather_sequences(hidden, batch["gather_index"])
         if not chunk_size:
             return sequence_logps(head(sequences), labels)
-        sums = [-fused_linear_cross_entropy(sequences[i : i + 1], head.weight, labels[i : i + 1], chunk_size)
-                for i in range(sequences.shape[0])]  # fmt: skip
-    return torch.stack(sums), (labels[:, 1:] != IGNORE_INDEX).sum(-1)
+        return _fused_row_logps(sequences, head.weight, labels, chunk_size)
 
 
 @contextlib.contextmanager
@@ -297,12 +302,12 @@ class PreferenceObjective:
     def collate(self, rows: list[dict]) -> dict:
         if self.paired:
             ids = [r["chosen_input_ids"] for r in rows] + [r["rejected_input_ids"] for r in rows]
-            labels = [r["chosen_labels"] for r in rows] + [r["rejected_labels"] for r in rows]
             if self.share_prompt:
                 from aift.training.prompt_sharing import collate_shared
 
                 batch = collate_shared(rows, self.pad_token_id)
             else:
+                labels = [r["chosen_labels"] for r in rows] + [r["rejected_labels"] for r in rows]
                 batch = collate_sequences(ids, labels, self.pad_token_id)
             if all("ref_chosen_logps" in r for r in rows):
                 batch["ref_logps"] = torch.tensor(
@@ -480,13 +485,14 @@ def _mismatched(rows: list[dict]) -> tuple[list[list[int]], list[list[int]]]:
     ids, labels = [], []
     for i, row in enumerate(rows):
         other = rows[i - 1]
-        p, q = _answer_start(row["labels"]), _answer_start(other["labels"])
+        p, q = answer_start(row["labels"]), answer_start(other["labels"])
         ids.append(row["input_ids"][:p] + other["input_ids"][q:])
         labels.append([IGNORE_INDEX] * p + other["labels"][q:])
     return ids, labels
 
 
-def _answer_start(labels: list[int]) -> int:
+def answer_start(labels: list[int]) -> int:
+    """Index of the first trained token (the length when none is trained)."""
     return next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), len(labels))
 
 

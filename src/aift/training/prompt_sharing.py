@@ -20,8 +20,9 @@ from aift.data.packing import IGNORE_INDEX
 
 def shared_prefix_length(chosen: list[int], rejected: list[int], chosen_labels: list[int]) -> int:
     """Tokens both sequences start with, at most up to the chosen answer's first trained token."""
-    start = next((i for i, t in enumerate(chosen_labels) if t != IGNORE_INDEX), len(chosen_labels))
-    limit = min(start, len(chosen), len(rejected))
+    from aift.training.objectives import answer_start  # objectives imports this module lazily
+
+    limit = min(answer_start(chosen_labels), len(chosen), len(rejected))
     n = 0
     while n < limit and chosen[n] == rejected[n]:
         n += 1
