@@ -43,6 +43,12 @@ def test_bench_against_trl_writes_a_complete_result(tiny_model_dir, tmp_path, ca
     assert result["environment"]["torch"] and result["settings"]["examples"] == 4
     assert {t["name"] for t in result["targets"]} == {"speedup", "mfu", "memory_ratio", "eval_loss_gap"}
     assert (out / "results.md").is_file() and (out / "chart.png").is_file()
+    # Every setting read from each trainer's own config objects; the headline's shared ones are equal.
+    aift_settings, trl_settings = result["aift"]["settings"], result["trl"]["settings"]
+    assert aift_settings["gradient checkpointing"] == trl_settings["gradient checkpointing"] == "True"
+    assert aift_settings["learning rate"] == trl_settings["learning rate"]
+    assert (aift_settings["packing"], trl_settings["packing"]) == ("True", "False")
+    assert "| packing | True | False | **yes** |" in (out / "results.md").read_text()
     assert (out / "logs" / "aift.log").is_file() and (out / "logs" / "trl.log").is_file()
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
     assert last_line.startswith("bench: aift ") and "speedup" in last_line
@@ -101,4 +107,7 @@ def test_dpo_bench_against_trl_writes_a_complete_result(tiny_model_dir, tmp_path
     assert result["ratios"]["tokens_per_s"] == pytest.approx(aift["tokens_per_s"] / trl["tokens_per_s"])
     assert result["options"]["gradient_checkpointing"] is True  # both trainers' default, the same for both
     assert "gradient checkpointing on for both" in (out / "results.md").read_text()
+    assert aift["settings"]["beta"] == trl["settings"]["beta"] == "0.1"
+    assert aift["settings"]["gradient checkpointing"] == trl["settings"]["gradient checkpointing"] == "True"
+    assert "| forward of a pair |" in (out / "results.md").read_text()
     assert "aift DPO:" in capsys.readouterr().out

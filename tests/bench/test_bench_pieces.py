@@ -110,3 +110,34 @@ def test_options_reject_bad_values():
     with pytest.raises(AiftError, match="--examples"):
         BenchOptions(examples=0)
     assert BenchOptions(examples=96).eval_examples == 32 and BenchOptions(examples=4).eval_examples == 2
+
+
+def test_settings_of_both_trainers_list_every_difference():
+    """aift's TrainingConfig and TRL's SFTConfig read into one vocabulary; the differences come first, marked."""
+    from peft import LoraConfig
+    from trl import SFTConfig
+
+    from aift.bench.settings import aift_settings, differences, settings_markdown, trl_settings
+    from aift.config import LoRAConfig, TrainingConfig
+
+    class Model:  # only what trl_settings reads of the loaded model
+        class config:  # noqa: N801
+            _attn_implementation = "sdpa"
+
+    config = TrainingConfig(learning_rate=2e-4, batch_size=8, warmup_steps=0, num_epochs=1, weight_decay=0.0,
+                            packing=False, loss_chunk_size=0, segment_attention=False, seed=42)  # fmt: skip
+    lora = LoRAConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+    args = SFTConfig(output_dir="unused", learning_rate=2e-4, per_device_train_batch_size=8, num_train_epochs=1,
+                     bf16=True, use_cpu=True, seed=42, report_to=[])  # fmt: skip
+    peft_lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+    ours = aift_settings(config, lora, "tcmalloc", "every token", {"beta": 0.1})
+    theirs = trl_settings(args, peft_lora, Model, "system", "every token", {"beta": 0.1})
+    assert ours["epochs"] == theirs["epochs"] == "1"  # 1.0 and 1 read alike
+    assert ours["LoRA"] == theirs["LoRA"] == "r=16, alpha=32, dropout=0.0, targets=all-linear"
+    diff = differences(ours, theirs)
+    assert "allocator" in diff and "optimizer" in diff and "precision" in diff
+    assert not {"learning rate", "warmup steps", "weight decay", "packing", "seed", "beta"} & set(diff)
+    table = settings_markdown("aift", ours, "TRL", theirs)
+    assert table[0].startswith(f"{len(diff)} of ")
+    assert table[4].startswith(f"| {diff[0]} |") and table[4].endswith("| **yes** |")
+    assert table[-1].endswith("| no |")

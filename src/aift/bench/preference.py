@@ -25,9 +25,13 @@ from typing import Any
 import torch
 
 from aift.bench.core import load_average
+from aift.bench.measure import allocator
+from aift.bench.settings import aift_settings, settings_markdown, trl_settings
 
 log = logging.getLogger("aift.bench")
 
+# Both trainers put only the answers' tokens (chosen and rejected) in the log-probs.
+ANSWER_TOKENS = "the chosen and rejected answers"
 LORA = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear", "lora_dropout": 0.0}
 
 
@@ -154,6 +158,10 @@ def markdown(result: dict) -> str:
                f"gradient checkpointing {'on' if o['gradient_checkpointing'] else 'off'} for both, bf16.")  # fmt: skip
     if load:
         setting += f" Load average (1, 5, 15 min) before {load['before']}, after {load['after']}."
+    runs = result["runs"]
+    if "trl" in runs and runs["trl"].get("settings") and runs["aift"].get("settings"):
+        rows += ["", "## Settings of the two runs", ""]
+        rows += settings_markdown("aift", runs["aift"]["settings"], "TRL", runs["trl"]["settings"])
     return "# LoRA DPO: aift vs TRL DPOTrainer\n\n" + setting + "\n\n" + "\n".join(rows) + "\n"
 
 
@@ -237,8 +245,8 @@ def run_aift(spec: dict) -> dict[str, Any]:
         save_steps=0, logging_steps=1, bf16=True, gradient_checkpointing=spec["gradient_checkpointing"], max_length=spec["max_length"],
         seed=spec["seed"], report_to=["none"], loss_chunk_size=1024,  # fused log-probs, as the SFT bench's lever
     )  # fmt: skip
-    trainer = PreferenceTrainer(holder, PreferenceConfig(method="dpo", beta=spec["beta"]), LoRAConfig(**LORA), config,
-                                train_dataset=str(data))  # fmt: skip
+    preference, lora = PreferenceConfig(method="dpo", beta=spec["beta"]), LoRAConfig(**LORA)
+    trainer = PreferenceTrainer(holder, preference, lora, config, train_dataset=str(data))
     model = trainer.train()
     peak = _peak_memory_gb()
     summary = trainer.result.summary
@@ -251,6 +259,33 @@ def run_aift(spec: dict) -> dict[str, Any]:
         "final_train_loss": summary["final_train_loss"],
         "peak_mem_gb": peak,
         "eval_reward_accuracy": reward_accuracy(model, _eval_rows(spec, tokenizer), tokenizer.pad_token_id),
+        "settings": aift_settings(config, lora, allocator(), ANSWER_TOKENS, _aift_dpo_settings(preference)),
+    }
+
+
+def _aift_dpo_settings(preference) -> dict[str, Any]:
+    """The DPO settings of aift's PreferenceConfig, named as for TRL."""
+    return {
+        "beta": preference.beta,
+        "dpo loss": preference.loss_type,
+        "label smoothing": preference.label_smoothing,
+        "reference model": "the base with the adapter disabled"
+        + (", log-probs precomputed" if preference.precompute_ref_log_probs else ""),
+        "forward of a pair": "prompt once, chosen and rejected behind a 4-D mask"
+        if preference.share_prompt
+        else "chosen and rejected concatenated in one batch",
+    }
+
+
+def _trl_dpo_settings(args) -> dict[str, Any]:
+    loss = args.loss_type if isinstance(args.loss_type, str) else ",".join(map(str, args.loss_type))
+    return {
+        "beta": args.beta,
+        "dpo loss": loss,
+        "label smoothing": args.label_smoothing,
+        "reference model": "the base with the adapter disabled"
+        + (", log-probs precomputed" if args.precompute_ref_log_probs else ""),
+        "forward of a pair": "chosen and rejected concatenated in one batch",
     }
 
 
@@ -273,8 +308,9 @@ def run_trl(spec: dict) -> dict[str, Any]:
         bf16=True, use_cpu=not torch.cuda.is_available(), save_strategy="no", report_to=[], logging_steps=1,
         dataloader_num_workers=0, seed=spec["seed"], gradient_checkpointing=spec["gradient_checkpointing"],
     )  # fmt: skip
+    lora = LoraConfig(**LORA, task_type="CAUSAL_LM")
     trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(train), processing_class=tokenizer,
-                         peft_config=LoraConfig(**LORA, task_type="CAUSAL_LM"))  # fmt: skip
+                         peft_config=lora)  # fmt: skip
     data = trainer.train_dataset
     tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(data["prompt_ids"], data["chosen_ids"],
                                                                  data["rejected_ids"], strict=True))  # fmt: skip
@@ -290,6 +326,7 @@ def run_trl(spec: dict) -> dict[str, Any]:
         "final_train_loss": output.training_loss,
         "peak_mem_gb": peak,
         "eval_reward_accuracy": reward_accuracy(trainer.model, _eval_rows(spec, tokenizer), tokenizer.pad_token_id),
+        "settings": trl_settings(args, lora, trainer.model, allocator(), ANSWER_TOKENS, _trl_dpo_settings(args)),
     }
 
 

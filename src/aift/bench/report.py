@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from aift.bench.settings import settings_markdown
+
 # name -> (how the figure is read, the target, whether higher is better)
 TARGETS = {
     "speedup": ("aift tokens/s over TRL tokens/s", 5.0, True),
@@ -85,6 +87,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"Matmul peak (2048x2048 torch.matmul): {peak['bf16']:.0f} GFLOP/s bf16, {peak['fp32']:.0f} GFLOP/s fp32.",
         f"MFU = model FLOPs / train time / bf16 peak; model FLOPs = {result['flops_formula']}.",
     ]
+    if result.get("trl") and result["trl"].get("settings") and result["aift"].get("settings"):
+        lines += ["", "## Settings of the two runs", ""]
+        lines += settings_markdown("aift", result["aift"]["settings"], "TRL", result["trl"]["settings"])
     if result["aift"].get("compile_time_s"):
         lines.append(f"torch.compile took {result['aift']['compile_time_s']:.1f} s, not counted in tokens/s.")
     if result.get("ablation"):

@@ -24,9 +24,13 @@ import torch
 
 from aift.bench import measure
 from aift.bench.data import to_messages, tokenize_conversation
+from aift.bench.settings import aift_settings, trl_settings
 from aift.utils.gpu import peak_memory_gb
 
 log = logging.getLogger("aift.bench")
+
+# The bench's SFT data trains every token (labels = input ids), as SFTTrainer does on "messages" rows.
+ALL_TOKENS = "every token of the conversation"
 
 # LoRA as in the reference TRL script: r=16, alpha=32, every linear layer, no dropout (peft's default).
 LORA = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear", "lora_dropout": 0.0}
@@ -84,6 +88,7 @@ def run_aift(spec: dict) -> dict[str, Any]:
         segment_attention=levers.get("segment_attention", False),
     )
     dataset = [{"input_ids": ids, "labels": ids} for ids in train_ids]
+    lora = None
     if spec["method"] == "full":
         trainer = FullFinetuningTrainer(holder, config, train_dataset=dataset)
     else:
@@ -107,6 +112,7 @@ def run_aift(spec: dict) -> dict[str, Any]:
         # DDP keeps the ranks' models identical: rank 0 alone evaluates, the others would only repeat it.
         "eval_loss": measure.held_out_loss(model, eval_ids) if rank() == 0 else None,
         "levers": levers,
+        "settings": aift_settings(config, lora, measure.allocator(), ALL_TOKENS),
     }
 
 
@@ -191,7 +197,15 @@ def run_trl(spec: dict) -> dict[str, Any]:
         "final_train_loss": output.training_loss,
         "peak_mem_gb": peak,
         "eval_loss": measure.held_out_loss(trainer.model, eval_ids),
+        "settings": trl_settings(args, lora, trainer.model, measure.allocator(), _trl_trained_tokens(args)),
     }
+
+
+def _trl_trained_tokens(args) -> str:
+    """What SFTTrainer puts in its loss for a conversational ("messages") dataset under these args."""
+    if args.assistant_only_loss:
+        return "assistant turns only"
+    return ALL_TOKENS
 
 
 def measure_peak(spec: dict) -> dict[str, Any]:
