@@ -20,16 +20,16 @@ from dist_helpers import clean_env, run_with_timeout, train_losses
 from aift.config import LoRAConfig, MultiGPUTrainingConfig, TrainingConfig
 from aift.data.packing import IGNORE_INDEX
 from aift.distributed.launch import find_free_port
-from aift.errors import AiftError, NotAvailableError
-from aift.training.checkpoint import CheckpointError
-from aift.training.data import Examples
-from aift.training.pipeline_loop import (
+from aift.distributed.pipeline_backend import (
     FixedShapeBatches,
     _Ranks,
     check_pipeline_config,
     load_stage_checkpoint,
     token_loss,
 )
+from aift.errors import AiftError, NotAvailableError
+from aift.training.checkpoint import CheckpointError
+from aift.training.data import Examples
 
 TOLERANCE = 1e-4
 WORKER = Path(__file__).with_name("pipeline_training_worker.py")
