@@ -5,7 +5,8 @@ A backend owns where the model lives and how one optimizer step runs on it:
 
 - the rank layout: ``is_main``, ``barrier``, the data-parallel ``dp_rank`` / ``dp_world`` (which micro-batches
   this process runs) and ``reduce_sum`` over data-parallel replicas;
-- ``prepare``: the model, its AdamW and the learning-rate schedule;
+- ``prepare``: the model, its AdamW and the learning-rate schedule (``model``, ``scheduler``), given the
+  data plan the steps collate from;
 - ``collate`` / ``forward_backward``: one optimizer step's micro-batches, forward and backward, returning the
   loss sum; ``eval_batches`` / ``eval_loss_sum``: the same without gradients;
 - ``clip_grad_norm``, ``optimizer_step`` / ``skip_step``;
