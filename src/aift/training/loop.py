@@ -231,11 +231,7 @@ class Run:
         self._log_plan()
         backend.prepare(model, self.planner, self.total_steps)
         if getattr(self.objective, "precompute", False):  # before a checkpoint is loaded: the reference is the start
-            for examples in (self.train_examples, self.eval_examples):
-                if examples is not None:
-                    self.objective.precompute_reference(
-                        backend.model, examples.rows, config.batch_size, backend.autocast, backend.device
-                    )
+            self._precompute_reference()
         self.state = self._initial_state(identity)
         self.progress = tqdm(
             total=self.total_steps, initial=self.state.step, desc="train", disable=not backend.is_main,
@@ -268,6 +264,15 @@ class Run:
             100 * self.planner.efficiency,
             self.attention.implementation,
         )
+
+    def _precompute_reference(self) -> None:
+        """The preference reference log-probs, from the model before any step (full fine-tunes, or when asked)."""
+        backend = self.backend
+        for examples in (self.train_examples, self.eval_examples):
+            if examples is not None:
+                self.objective.precompute_reference(
+                    backend.model, examples.rows, self.config.batch_size, backend.autocast, backend.device
+                )
 
     def _initial_state(self, identity: dict) -> ckpt.TrainerState:
         if self.resume_from is None:
