@@ -20,16 +20,17 @@ from dist_helpers import clean_env, run_with_timeout, train_losses
 from aift.config import LoRAConfig, MultiGPUTrainingConfig, TrainingConfig
 from aift.data.packing import IGNORE_INDEX
 from aift.distributed.launch import find_free_port
-from aift.errors import AiftError, NotAvailableError
-from aift.training.checkpoint import CheckpointError
-from aift.training.data import Examples
-from aift.training.pipeline_loop import (
+from aift.distributed.pipeline_backend import (
     FixedShapeBatches,
+    _concat,
     _Ranks,
     check_pipeline_config,
     load_stage_checkpoint,
     token_loss,
 )
+from aift.errors import AiftError, NotAvailableError
+from aift.training.checkpoint import CheckpointError
+from aift.training.data import Examples
 
 TOLERANCE = 1e-4
 WORKER = Path(__file__).with_name("pipeline_training_worker.py")
@@ -184,6 +185,21 @@ def test_fixed_shape_batches_fill_missing_rows_with_nothing_to_train():
     padded = FixedShapeBatches(examples, rows=4, max_length=16, packing=False, pad_token_id=0).train([[1], [0]])
     assert padded["input_ids"].shape == (4, 16) and (padded["labels"][2:] == IGNORE_INDEX).all()
     assert padded["input_ids"][1, :3].tolist() == [5, 6, 7]  # the plan's order is kept
+
+
+@pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
+def test_fixed_shape_micro_batches_make_the_batch_of_the_whole_step(packing):
+    """The pipeline backend collates each micro-batch alone and concatenates them for the schedule (only an
+    epoch's last micro-batch is short)."""
+    rows = [{"input_ids": list(range(3, 3 + n)), "labels": [-100, *range(4, 3 + n)]} for n in (5, 3, 7, 2)]
+    examples = Examples(rows=rows, name="training")
+    window = [[[0, 1], [2]], [[3]]] if packing else [[0, 1], [2]]
+    whole = FixedShapeBatches(examples, rows=4, max_length=16, packing=packing, pad_token_id=0).train(window)
+    per_micro_batch = FixedShapeBatches(examples, rows=2, max_length=16, packing=packing, pad_token_id=0)
+    joined = _concat([per_micro_batch.train([micro_batch]) for micro_batch in window])
+    assert joined.keys() == {k for k in whole if k not in ("num_tokens", "num_trained_tokens")}
+    for key, value in joined.items():
+        assert torch.equal(value, whole[key]), key
 
 
 def _pipeline_config(**overrides) -> MultiGPUTrainingConfig:

@@ -7,7 +7,7 @@ are causal and right-padded: padding at the end of a row never influences the to
 rows pass their ``position_ids`` and 4-D block-causal ``attention_mask`` to every stage as keyword
 arguments: each process collates the same batch, so these never cross between processes.
 
-:mod:`aift.training.pipeline_loop` trains with these stages (``strategy="pipeline"``).
+:mod:`aift.distributed.pipeline_backend` trains with these stages (``strategy="pipeline"``).
 """
 
 from __future__ import annotations

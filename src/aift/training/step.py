@@ -1,10 +1,16 @@
 """The step maths of the training loop, as plain functions: learning-rate schedule, which micro-batches a
-step takes on which process, the loss normalisation by trained tokens, and the step accounting.
+step takes on which process, the loss normalisation by trained tokens, each micro-batch's dropout seed,
+and the step accounting.
 
 :mod:`aift.training.loop` calls them once per optimizer step; they hold no state of their own.
 """
 
 from __future__ import annotations
+
+import contextlib
+import hashlib
+
+import torch
 
 from aift.training.checkpoint import TrainerState
 
@@ -44,6 +50,22 @@ def loss_scale(trained_tokens: float, world: int) -> float:
     DDP averages gradients over processes; multiplying by ``world`` makes that a plain sum.
     """
     return world / max(trained_tokens, 1)
+
+
+@contextlib.contextmanager
+def micro_batch_rng(seed: int, epoch: int, index: int, device: torch.device):
+    """Runs a micro-batch's forward and backward on an RNG seeded from (seed, epoch, its index in the plan).
+
+    Its dropout masks (LoRA, attention, hidden) are then those of that micro-batch, whichever process runs it
+    and whatever ran before: N processes x batch B draw what 1 process x batch B x N accumulation draws.
+    Gradient checkpointing replays the same masks (torch.utils.checkpoint restores the RNG state it saw).
+    The RNG streams outside are left as they were (fork_rng), so resuming a run stays exact.
+    """
+    digest = hashlib.sha256(f"aift-dropout:{seed}:{epoch}:{index}".encode()).digest()
+    devices = [device.index or 0] if device.type == "cuda" else []  # fork_rng always forks the CPU's
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        yield
 
 
 def count_step(state: TrainerState, micro_batches: int, real_tokens: int, loss: float, seconds: float) -> None:
