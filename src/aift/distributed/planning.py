@@ -5,17 +5,20 @@ no download of weights), so planning a 70B model takes a second on a laptop. The
 accelerate's ``infer_auto_device_map``, the same function ``device_map="auto"`` uses when loading, with
 the budgets you give (``{0: "22GB", 1: "22GB"}``): nothing here asks the machine what it has.
 
-Bytes per parameter, as aift trains:
-- full: fp32 master weights (4) + fp32 gradients (4) + AdamW's two fp32 moments (8); bf16/fp16 is autocast.
-- lora: the frozen base in bf16 (2); adapters r * (in + out) per adapted linear layer, in fp32 with
-  gradients and AdamW moments (16).
+Bytes per parameter, as aift trains, with ``d`` the bytes of ``dtype``: the dtype aift loads the weights in
+and computes in (bf16, d = 2, on CUDA GPUs: ``default_dtype``; fp32, d = 4, on a CPU without autocast):
+- full: weights, gradients and AdamW's two moments all in that dtype (4d: 8 in bf16, 16 in fp32); aift
+  does not keep fp32 master weights beside bf16 ones.
+- lora: the frozen base (d); adapters r * (in + out) per adapted linear layer, in fp32 with gradients and
+  AdamW moments (16: peft keeps adapters in fp32 under a bf16 base).
 - qlora: linear layers of the decoder blocks in 4-bit NF4 with double quantization (about 0.52),
-  embeddings, norms and the output head in bf16 (2); adapters as for lora.
-Activations, in bf16, per token and decoder layer (Korthikanti et al. 2022, adapted to SwiGLU and
-SDPA/flash attention, which keep no seq x seq scores): 12h + 4kv + 8i bytes (h hidden, kv the key/value
-width, i the MLP width). With gradient checkpointing only each layer's input (2h) is kept, plus one layer
-being recomputed. The logits cost 10 bytes per token and vocabulary entry (bf16 out, fp32 upcast and its
-gradient). Each GPU also loses about 0.5 GB to the CUDA context.
+  embeddings, norms and the output head in the dtype (d); adapters as for lora.
+Activations, in the dtype, per token and decoder layer (Korthikanti et al. 2022, adapted to SwiGLU and
+SDPA/flash attention, which keep no seq x seq scores): 6h + 2kv + 4i elements (h hidden, kv the key/value
+width, i the MLP width). With gradient checkpointing only each layer's input (h) is kept, plus one layer
+being recomputed. The logits cost d + 8 bytes per token and vocabulary entry (the logits, the fp32
+log-softmax cross-entropy keeps, and its fp32 gradient). Each GPU also loses about 0.5 GB to the CUDA
+context.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ GB = 1024**3
 METHODS = ("full", "lora", "qlora")
 CUDA_CONTEXT_BYTES = 0.5 * GB  # CUDA context, cuBLAS workspace and allocator slack on every GPU
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit values + 8-bit absmax per 64 + fp32 per 256 blocks
-LOGIT_BYTES = 10  # bf16 logits, their fp32 upcast for the loss, and its gradient
+LOSS_FP32_BYTES = 8  # per logit: the fp32 log-softmax cross-entropy saves, and its fp32 gradient
+DTYPE_BYTES = {"bf16": 2, "fp32": 4}  # bf16: aift's dtype on CUDA GPUs; fp32: on a CPU without autocast
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -95,6 +99,7 @@ class TrainingPlan:
     batch_size: int
     max_length: int
     gradient_checkpointing: bool
+    dtype: str
     params: int
     trainable_params: int
     device_map: dict[str, Any]
@@ -120,6 +125,7 @@ class TrainingPlan:
             "batch_size": self.batch_size,
             "max_length": self.max_length,
             "gradient_checkpointing": self.gradient_checkpointing,
+            "dtype": self.dtype,
             "params": self.params,
             "trainable_params": self.trainable_params,
             "fits": self.fits,
@@ -147,7 +153,7 @@ class TrainingPlan:
         head = (
             f"{self.model}: {self.method}, {self.params / 1e9:.2f}B parameters "
             f"({self.trainable_params / 1e6:.1f}M trained), batch {self.batch_size} x {self.max_length} tokens, "
-            f"gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}"
+            f"gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}, {self.dtype}"
         )
         rows = [
             f"{'device':<7}{'modules':>8}{'weights':>9}{'grads':>8}{'optim':>8}{'activ':>8}{'needed':>9}{'budget':>9}"
@@ -270,22 +276,29 @@ def _layer_prefix(model) -> str:
     return best
 
 
+def dtype_bytes(dtype: str) -> int:
+    if dtype not in DTYPE_BYTES:
+        raise PlanningError(f"dtype must be one of {', '.join(DTYPE_BYTES)}; got {dtype!r}")
+    return DTYPE_BYTES[dtype]
+
+
 def parameter_bytes(
-    model, method: str, lora_r: int = 16, lora_targets=DEFAULT_LORA_TARGETS
+    model, method: str, lora_r: int = 16, lora_targets=DEFAULT_LORA_TARGETS, dtype: str = "bf16"
 ) -> dict[str, MemoryEstimate]:
     """Parameter name -> memory of that parameter (with its adapter, if any) during training."""
     if method not in METHODS:
         raise PlanningError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    d = dtype_bytes(dtype)
     linears, prefix = _linear_shapes(model), _layer_prefix(model)
     out = {}
     for name, param in _named_parameters(model).items():
         n = param.numel()
         if method == "full":
-            out[name] = MemoryEstimate(weights=4 * n, gradients=4 * n, optimizer=8 * n)
+            out[name] = MemoryEstimate(weights=d * n, gradients=d * n, optimizer=2 * d * n)
             continue
         adapted = name in linears and _in_decoder_layers(name, prefix) and name.split(".")[-2] in lora_targets
         quantized = method == "qlora" and name in linears and _in_decoder_layers(name, prefix)
-        base = MemoryEstimate(weights=(NF4_BYTES if quantized else 2) * n)
+        base = MemoryEstimate(weights=(NF4_BYTES if quantized else d) * n)
         if adapted:
             a = lora_r * sum(linears[name])
             base = base + MemoryEstimate(weights=4 * a, gradients=4 * a, optimizer=8 * a)
@@ -315,32 +328,58 @@ class ActivationModel:
     intermediate: int
     vocab: int
     checkpointing: bool
+    element_bytes: int = 2  # the compute dtype's: bf16
+    dropout_width: int = 0  # input features per layer that LoRA dropout copies (0 without dropout)
 
     @property
     def full_layer(self) -> float:
-        return self.tokens * (12 * self.hidden + 4 * self.kv_width + 8 * self.intermediate)
+        kept = self.element_bytes * (6 * self.hidden + 2 * self.kv_width + 4 * self.intermediate)
+        # peft's dropout keeps each adapted layer's dropped input (for the adapter's matmul) and its bool mask.
+        dropout = (self.element_bytes + 1) * self.dropout_width
+        return self.tokens * (kept + dropout)
 
     def layers(self, n_layers: int) -> float:
         """Activations kept for n layers on one device (one recomputed layer on top with checkpointing)."""
         if n_layers == 0:
             return 0.0
         if self.checkpointing:
-            return n_layers * self.tokens * 2 * self.hidden + self.full_layer
+            return n_layers * self.tokens * self.element_bytes * self.hidden + self.full_layer
         return n_layers * self.full_layer
 
     @property
     def logits(self) -> float:
-        return self.tokens * self.vocab * LOGIT_BYTES
+        return self.tokens * self.vocab * (self.element_bytes + LOSS_FP32_BYTES)
 
 
-def activation_model(config, batch_size: int, max_length: int, checkpointing: bool) -> ActivationModel:
+def activation_model(
+    config, batch_size: int, max_length: int, checkpointing: bool, dtype: str = "bf16", dropout_width: int = 0
+) -> ActivationModel:
     hidden = config.hidden_size
     heads = getattr(config, "num_attention_heads", 1)
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
     return ActivationModel(
-        batch_size * max_length, hidden, kv_heads * head_dim, intermediate, config.vocab_size, checkpointing
+        batch_size * max_length,
+        hidden,
+        kv_heads * head_dim,
+        intermediate,
+        config.vocab_size,
+        checkpointing,
+        dtype_bytes(dtype),
+        dropout_width,
+    )
+
+
+def dropout_width(model, method: str, lora_dropout: float, lora_targets=DEFAULT_LORA_TARGETS) -> int:
+    """Input features of one decoder layer's adapted linears: what LoRA dropout copies per token (0 without)."""
+    if method == "full" or lora_dropout == 0:
+        return 0
+    first_layer = _layer_prefix(model) + ".0."
+    return sum(
+        n_in
+        for name, (n_in, _) in _linear_shapes(model).items()
+        if name.startswith(first_layer) and name.split(".")[-2] in lora_targets
     )
 
 
@@ -363,16 +402,30 @@ def per_device_estimates(
     for name, est in per_param.items():
         device = _device_name(device_map[_module_of(name, device_map)])
         out[device] = out.get(device, MemoryEstimate()) + est
-    for module, device in device_map.items():
-        device = _device_name(device)
-        out.setdefault(device, MemoryEstimate())
-        if module.startswith(prefix + ".") and module.count(".") == prefix.count(".") + 1:
-            layers[device] = layers.get(device, 0) + 1
+    for device in device_map.values():
+        out.setdefault(_device_name(device), MemoryEstimate())
+    # Each decoder layer's holder: its own entry, or a parent's ("" when the whole model is on one device).
+    for index in range(len(model.get_submodule(prefix))):
+        device = _device_name(device_map[_module_of(f"{prefix}.{index}", device_map)])
+        layers[device] = layers.get(device, 0) + 1
     head = _device_name(device_map[_module_of(_head_param(model), device_map)])
     for device in out:
-        extra = acts.layers(layers.get(device, 0)) + (acts.logits if device == head else 0.0)
-        out[device] = out[device] + MemoryEstimate(activations=extra)
+        out[device] = out[device] + MemoryEstimate(activations=acts.layers(layers.get(device, 0)))
+    out[head] = out[head] + MemoryEstimate(gradients=gradient_in_flight(model, per_param), activations=acts.logits)
     return out
+
+
+def gradient_in_flight(model, per_param: Mapping[str, MemoryEstimate]) -> float:
+    """Bytes of gradients computed in backward but not yet added into ``.grad``.
+
+    With gradient accumulation ``.grad`` holds the earlier micro-batches' sum, and each new gradient is a
+    temporary until it is added: at most the largest trained parameter's. A head tied to the embedding gets
+    two: autograd holds the head's until the embedding's arrives at the end of backward.
+    """
+    largest = max((e.gradients for e in per_param.values()), default=0.0)
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and embed is not None and head.weight is embed.weight
+    return largest + (per_param[_head_param(model)].gradients if tied else 0.0)
 
 
 def _head_param(model) -> str:
@@ -478,6 +531,8 @@ def plan_training(
     max_length: int = 2048,
     gradient_checkpointing: bool = True,
     lora_r: int = 16,
+    lora_dropout: float = 0.05,
+    dtype: str = "bf16",
     max_memory: Mapping[Any, Any] | None = None,
     cpu_memory_gb: float = 64,
     trust_remote_code: bool = False,
@@ -493,6 +548,10 @@ def plan_training(
         max_length: Tokens per row.
         gradient_checkpointing: Recompute activations in backward.
         lora_r: Adapter rank (lora, qlora).
+        lora_dropout: Adapter dropout (LoRAConfig's default 0.05); above 0 it keeps a copy of each adapted
+            layer's input for backward.
+        dtype: What aift holds the weights and computes in: bf16 on CUDA GPUs (the default), fp32 on a CPU
+            with mixed precision off.
         max_memory: Per-device budgets as accelerate takes them, e.g. ``{0: "22GB", 1: "22GB", "cpu": "64GB"}``.
         cpu_memory_gb: CPU RAM for offload when ``max_memory`` has no "cpu" entry.
         trust_remote_code: Allow configs whose model code lives on the hub.
@@ -507,8 +566,9 @@ def plan_training(
     config = load_model_config(model, trust_remote_code)
     budgets = _budgets(max_memory, gpus, gpu_memory_gb, cpu_memory_gb)
     meta = empty_model(config)
-    per_param = parameter_bytes(meta, method, lora_r)
-    acts = activation_model(config, batch_size, max_length, gradient_checkpointing)
+    per_param = parameter_bytes(meta, method, lora_r, dtype=dtype)
+    width = dropout_width(meta, method, lora_dropout)
+    acts = activation_model(config, batch_size, max_length, gradient_checkpointing, dtype, width)
     device_map = infer_device_map(meta, budgets, per_param, acts)
     estimates = per_device_estimates(meta, device_map, per_param, acts)
     devices = [
@@ -530,6 +590,7 @@ def plan_training(
         batch_size=batch_size,
         max_length=max_length,
         gradient_checkpointing=gradient_checkpointing,
+        dtype=dtype,
         params=sum(p.numel() for p in _named_parameters(meta).values()),
         trainable_params=trainable_count(meta, method, lora_r),
         device_map=device_map,
