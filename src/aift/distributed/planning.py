@@ -15,10 +15,12 @@ and computes in (bf16, d = 2, on CUDA GPUs: ``default_dtype``; fp32, d = 4, on a
   embeddings, norms and the output head in the dtype (d); adapters as for lora.
 Activations, in the dtype, per token and decoder layer (Korthikanti et al. 2022, adapted to SwiGLU and
 SDPA/flash attention, which keep no seq x seq scores): 6h + 2kv + 4i elements (h hidden, kv the key/value
-width, i the MLP width). With gradient checkpointing only each layer's input (h) is kept, plus one layer
-being recomputed. The logits cost d + 8 bytes per token and vocabulary entry (the logits, the fp32
-log-softmax cross-entropy keeps, and its fp32 gradient). Each GPU also loses about 0.5 GB to the CUDA
-context.
+width, i the MLP width). LoRA dropout (peft's path) adds, per input feature of each adapted layer, the
+dropped copy (d) and its mask (1 byte on CUDA, d on a CPU). With gradient checkpointing only each layer's
+input (h) is kept, plus one layer being recomputed. The logits cost d + 8 bytes per token and vocabulary
+entry (the logits, the fp32 log-softmax cross-entropy keeps, and its fp32 gradient). With gradient
+accumulation, the largest gradient is also in flight before it is added (two for a tied head). Each GPU
+also loses about 0.5 GB to the CUDA context. bench/results/plan/ checks these terms against measured peaks.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ CUDA_CONTEXT_BYTES = 0.5 * GB  # CUDA context, cuBLAS workspace and allocator sl
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit values + 8-bit absmax per 64 + fp32 per 256 blocks
 LOSS_FP32_BYTES = 8  # per logit: the fp32 log-softmax cross-entropy saves, and its fp32 gradient
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}  # bf16: aift's dtype on CUDA GPUs; fp32: on a CPU without autocast
+# Per element dropout zeroes: CUDA's fused dropout keeps a bool mask; the CPU's multiplies by a noise tensor
+# of the input's dtype and keeps that.
+DROPOUT_MASK_BYTES = {"bf16": 1, "fp32": 4}
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -330,12 +335,13 @@ class ActivationModel:
     checkpointing: bool
     element_bytes: int = 2  # the compute dtype's: bf16
     dropout_width: int = 0  # input features per layer that LoRA dropout copies (0 without dropout)
+    mask_bytes: int = 1  # per dropped element (DROPOUT_MASK_BYTES)
 
     @property
     def full_layer(self) -> float:
         kept = self.element_bytes * (6 * self.hidden + 2 * self.kv_width + 4 * self.intermediate)
-        # peft's dropout keeps each adapted layer's dropped input (for the adapter's matmul) and its bool mask.
-        dropout = (self.element_bytes + 1) * self.dropout_width
+        # peft's dropout keeps each adapted layer's dropped input (for the adapter's matmul) and its mask.
+        dropout = (self.element_bytes + self.mask_bytes) * self.dropout_width
         return self.tokens * (kept + dropout)
 
     def layers(self, n_layers: int) -> float:
@@ -368,6 +374,7 @@ def activation_model(
         checkpointing,
         dtype_bytes(dtype),
         dropout_width,
+        DROPOUT_MASK_BYTES[dtype],
     )
 
 
@@ -503,9 +510,12 @@ def _overruns(model, device_map, per_param, acts, max_memory) -> dict[Any, float
 
 
 def strategy_per_gpu(
-    per_param: Mapping[str, MemoryEstimate], acts: ActivationModel, n_layers: int, gpus: int
+    per_param: Mapping[str, MemoryEstimate], acts: ActivationModel, n_layers: int, gpus: int, in_flight: float = 0.0
 ) -> dict[str, float]:
-    """Bytes per GPU when every GPU runs the whole model (data parallel), with each sharding scheme."""
+    """Bytes per GPU when every GPU runs the whole model (data parallel), with each sharding scheme.
+
+    ``in_flight``: gradients not yet accumulated (:func:`gradient_in_flight`), whole on every GPU in each scheme.
+    """
     total = MemoryEstimate()
     for est in per_param.values():
         total = total + est
@@ -518,7 +528,7 @@ def strategy_per_gpu(
         "zero2": w + (g + o) / gpus,
         "fsdp / zero3": (w + g + o) / gpus + 2 * largest_layer,
     }
-    return {k: v + activations + CUDA_CONTEXT_BYTES for k, v in out.items()}
+    return {k: v + activations + in_flight + CUDA_CONTEXT_BYTES for k, v in out.items()}
 
 
 def plan_training(
@@ -595,7 +605,11 @@ def plan_training(
         trainable_params=trainable_count(meta, method, lora_r),
         device_map=device_map,
         devices=devices,
-        per_gpu_by_strategy=strategy_per_gpu(per_param, acts, n_layers, n_gpus) if n_gpus > 1 else {},
+        per_gpu_by_strategy=(
+            strategy_per_gpu(per_param, acts, n_layers, n_gpus, gradient_in_flight(meta, per_param))
+            if n_gpus > 1
+            else {}
+        ),
     )
     plan.notes = _notes(plan)
     return plan
