@@ -86,7 +86,7 @@ def with_predictions(rows: list[dict]) -> list[dict]:
     return out
 
 
-def environment(load_before: list[float]) -> dict:
+def environment(load_before: list[float], load_after: list[float] | None) -> dict:
     import torch
     import transformers
 
@@ -98,7 +98,7 @@ def environment(load_before: list[float]) -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "load_before": load_before,
-        "load_after": load_average(),
+        "load_after": load_after or load_average(),
     }
 
 
@@ -158,7 +158,8 @@ def chart(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write(rows: list[dict], load_before: list[float]) -> None:
+def write(rows: list[dict], load_before: list[float], load_after: list[float] | None = None) -> None:
+    """result.json, results.md and chart.png; the load after the measurements is read now unless given."""
     rows = with_predictions(rows)
     result = {
         "model": MODEL,
@@ -166,7 +167,7 @@ def write(rows: list[dict], load_before: list[float]) -> None:
         "tolerance": TOLERANCE,
         "max_abs_error": max(abs(r["error"]) for r in rows),
         "all_within_tolerance": all(r["within_tolerance"] for r in rows),
-        "environment": environment(load_before),
+        "environment": environment(load_before, load_after),
         "rows": rows,
     }
     OUT.mkdir(parents=True, exist_ok=True)
@@ -186,7 +187,10 @@ def main() -> int:
     if args.report_only:
         old = json.loads((OUT / "result.json").read_text(encoding="utf-8"))
         keep = ("predicted_gb", "predicted_parts_gb", "error", "within_tolerance")
-        write([{k: v for k, v in r.items() if k not in keep} for r in old["rows"]], old["environment"]["load_before"])
+        env = old["environment"]
+        write(
+            [{k: v for k, v in r.items() if k not in keep} for r in old["rows"]], env["load_before"], env["load_after"]
+        )
         return 0
     load_before = load_average()
     with tempfile.TemporaryDirectory(prefix="aift-plan-bench-") as tmp:

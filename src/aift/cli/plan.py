@@ -14,7 +14,8 @@ import json
 
 import yaml
 
-from aift.distributed.planning import DTYPE_BYTES, METHODS, PlanningError, plan_training
+from aift.distributed.memory import DTYPE_BYTES, METHODS
+from aift.distributed.planning import PlanningError, plan_training
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
