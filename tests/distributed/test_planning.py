@@ -8,12 +8,14 @@ import pytest
 from transformers import LlamaConfig
 
 from aift.cli import main
+from aift.distributed.memory import dropout_width, gradient_in_flight
 from aift.distributed.planning import (
     CUDA_CONTEXT_BYTES,
     GB,
     PlanningError,
     activation_model,
     empty_model,
+    load_model_config,
     parameter_bytes,
     plan_training,
 )
@@ -43,8 +45,10 @@ def test_parameter_count_matches_a_real_model(embedded_model, embedded_dir):
 def test_bytes_per_parameter_by_method(llama8b):
     model = empty_model(llama8b)
     n = sum(p.numel() for p in model.parameters())
-    full = sum(e.total for e in parameter_bytes(model, "full").values())
+    full = sum(e.total for e in parameter_bytes(model, "full", dtype="fp32").values())
     assert full == 16 * n  # fp32 weights + grads + two AdamW moments
+    full_bf16 = sum(e.total for e in parameter_bytes(model, "full", dtype="bf16").values())
+    assert full_bf16 == 8 * n  # aift on a GPU: the model loaded in bf16, its grads and AdamW moments too
     lora = parameter_bytes(model, "lora", lora_r=16)
     adapters = 16 * 32 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 2 * (4096 + 14336) + (14336 + 4096))
     assert sum(e.gradients for e in lora.values()) == 4 * adapters
@@ -62,6 +66,40 @@ def test_activation_estimate_scales_with_tokens_and_checkpointing(llama8b):
     assert off.layers(32) == 2 * half.layers(32)
     assert on.layers(32) < off.layers(32) / 5
     assert on.logits == 4 * 2048 * 128256 * 10
+
+
+def test_one_gpu_plan_counts_every_layers_activations(llama8b):
+    # The whole model on one GPU is the device map {"": 0}: its layers have no entries of their own.
+    plan = plan_training(
+        llama8b, gpus=1, gpu_memory_gb=1000, method="lora", batch_size=1, max_length=512, gradient_checkpointing=False
+    )
+    assert plan.device_map == {"": 0}
+    model = empty_model(llama8b)
+    acts = activation_model(
+        llama8b, 1, 512, checkpointing=False, dropout_width=dropout_width(model, "lora", lora_dropout=0.05)
+    )
+    assert plan.devices[0].estimate.activations == acts.layers(32) + acts.logits
+
+
+def test_lora_dropout_keeps_each_adapted_input(llama8b):
+    model = empty_model(llama8b)
+    assert dropout_width(model, "lora", 0.05) == 6 * 4096 + 14336  # q, k, v, o, gate, up read h; down reads i
+    assert dropout_width(model, "lora", 0.0) == 0 and dropout_width(model, "full", 0.05) == 0
+    with_dropout = activation_model(llama8b, 1, 1024, False, "bf16", dropout_width(model, "lora", 0.05))
+    without = activation_model(llama8b, 1, 1024, False, "bf16")
+    assert with_dropout.full_layer - without.full_layer == 1024 * (2 + 1) * (6 * 4096 + 14336)  # bf16 copy + bool mask
+
+
+def test_gradients_in_flight_largest_one_and_two_for_a_tied_head(llama8b, embedded_dir):
+    untied = empty_model(llama8b)
+    full = parameter_bytes(untied, "full", dtype="bf16")
+    assert gradient_in_flight(untied, full) == 128256 * 4096 * 2  # the embedding (or head), once
+    lora = parameter_bytes(untied, "lora")
+    assert gradient_in_flight(untied, lora) == max(e.gradients for e in lora.values())  # an adapter's
+    tied = empty_model(load_model_config(str(embedded_dir)))
+    head = tied.get_output_embeddings().weight
+    assert head is tied.get_input_embeddings().weight
+    assert gradient_in_flight(tied, parameter_bytes(tied, "full", dtype="fp32")) == 2 * 4 * head.numel()
 
 
 def test_lora_8b_spreads_over_two_24gb_gpus_within_budget(llama8b):

@@ -14,7 +14,8 @@ import json
 
 import yaml
 
-from aift.distributed.planning import METHODS, PlanningError, plan_training
+from aift.distributed.memory import DTYPE_BYTES, METHODS
+from aift.distributed.planning import PlanningError, plan_training
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=1, help="Micro-batch size per forward pass.")
     parser.add_argument("--max-length", type=int, default=2048, help="Tokens per row.")
     parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--lora-dropout", type=float, default=0.05, help="Adapter dropout (keeps a copy of inputs).")
+    parser.add_argument(
+        "--dtype",
+        choices=tuple(DTYPE_BYTES),
+        default="bf16",
+        help="What training holds the weights and computes in: bf16 (aift on CUDA GPUs), fp32 (a CPU, no autocast).",
+    )
     parser.add_argument(
         "--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True, help="Recompute activations."
     )
@@ -62,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         gradient_checkpointing=args.gradient_checkpointing,
         lora_r=args.lora_r,
+        lora_dropout=args.lora_dropout,
+        dtype=args.dtype,
         max_memory=_max_memory(args.max_memory),
         cpu_memory_gb=args.cpu_memory,
         trust_remote_code=args.trust_remote_code,

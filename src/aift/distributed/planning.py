@@ -5,17 +5,8 @@ no download of weights), so planning a 70B model takes a second on a laptop. The
 accelerate's ``infer_auto_device_map``, the same function ``device_map="auto"`` uses when loading, with
 the budgets you give (``{0: "22GB", 1: "22GB"}``): nothing here asks the machine what it has.
 
-Bytes per parameter, as aift trains:
-- full: fp32 master weights (4) + fp32 gradients (4) + AdamW's two fp32 moments (8); bf16/fp16 is autocast.
-- lora: the frozen base in bf16 (2); adapters r * (in + out) per adapted linear layer, in fp32 with
-  gradients and AdamW moments (16).
-- qlora: linear layers of the decoder blocks in 4-bit NF4 with double quantization (about 0.52),
-  embeddings, norms and the output head in bf16 (2); adapters as for lora.
-Activations, in bf16, per token and decoder layer (Korthikanti et al. 2022, adapted to SwiGLU and
-SDPA/flash attention, which keep no seq x seq scores): 12h + 4kv + 8i bytes (h hidden, kv the key/value
-width, i the MLP width). With gradient checkpointing only each layer's input (2h) is kept, plus one layer
-being recomputed. The logits cost 10 bytes per token and vocabulary entry (bf16 out, fp32 upcast and its
-gradient). Each GPU also loses about 0.5 GB to the CUDA context.
+What each byte is for (weights, gradients, optimizer states, activations, logits) is the memory model of
+:mod:`aift.distributed.memory`; this module places it on devices and budgets.
 """
 
 from __future__ import annotations
@@ -26,40 +17,22 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from aift.errors import AiftError
+from aift.distributed.memory import (
+    ActivationModel,
+    MemoryEstimate,
+    PlanningError,
+    activation_model,
+    dropout_width,
+    gradient_in_flight,
+    head_param_name,
+    layer_prefix_of,
+    parameter_bytes,
+    trainable_count,
+    unique_parameters,
+)
 
 GB = 1024**3
-METHODS = ("full", "lora", "qlora")
 CUDA_CONTEXT_BYTES = 0.5 * GB  # CUDA context, cuBLAS workspace and allocator slack on every GPU
-NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit values + 8-bit absmax per 64 + fp32 per 256 blocks
-LOGIT_BYTES = 10  # bf16 logits, their fp32 upcast for the loss, and its gradient
-DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-class PlanningError(AiftError, ValueError):
-    """The plan cannot be made: bad budget, unknown method, unreadable model config."""
-
-
-@dataclass(frozen=True)
-class MemoryEstimate:
-    """Bytes of one device (or one process) during training."""
-
-    weights: float = 0.0
-    gradients: float = 0.0
-    optimizer: float = 0.0
-    activations: float = 0.0
-
-    @property
-    def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations
-
-    def __add__(self, other: MemoryEstimate) -> MemoryEstimate:
-        return MemoryEstimate(
-            self.weights + other.weights,
-            self.gradients + other.gradients,
-            self.optimizer + other.optimizer,
-            self.activations + other.activations,
-        )
 
 
 @dataclass
@@ -95,6 +68,7 @@ class TrainingPlan:
     batch_size: int
     max_length: int
     gradient_checkpointing: bool
+    dtype: str
     params: int
     trainable_params: int
     device_map: dict[str, Any]
@@ -120,6 +94,7 @@ class TrainingPlan:
             "batch_size": self.batch_size,
             "max_length": self.max_length,
             "gradient_checkpointing": self.gradient_checkpointing,
+            "dtype": self.dtype,
             "params": self.params,
             "trainable_params": self.trainable_params,
             "fits": self.fits,
@@ -147,7 +122,7 @@ class TrainingPlan:
         head = (
             f"{self.model}: {self.method}, {self.params / 1e9:.2f}B parameters "
             f"({self.trainable_params / 1e6:.1f}M trained), batch {self.batch_size} x {self.max_length} tokens, "
-            f"gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}"
+            f"gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}, {self.dtype}"
         )
         rows = [
             f"{'device':<7}{'modules':>8}{'weights':>9}{'grads':>8}{'optim':>8}{'activ':>8}{'needed':>9}{'budget':>9}"
@@ -234,116 +209,6 @@ def empty_model(config):
     return model
 
 
-def _named_parameters(model) -> dict[str, Any]:
-    """Unique parameters by name (tied weights once, under their first name)."""
-    seen, out = set(), {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) not in seen:
-            seen.add(id(param))
-            out[name] = param
-    return out
-
-
-def _linear_shapes(model) -> dict[str, tuple[int, int]]:
-    """weight name -> (in_features, out_features) of every nn.Linear."""
-    import torch.nn as nn
-
-    return {
-        f"{name}.weight": (m.in_features, m.out_features)
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Linear)
-    }
-
-
-def _in_decoder_layers(name: str, layer_prefix: str) -> bool:
-    return name.startswith(layer_prefix + ".")
-
-
-def _layer_prefix(model) -> str:
-    """The module path of the decoder-layer list (``model.layers`` for llama; others vary)."""
-    import torch.nn as nn
-
-    best, size = "", 0
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > size:
-            best, size = name, len(module)
-    return best
-
-
-def parameter_bytes(
-    model, method: str, lora_r: int = 16, lora_targets=DEFAULT_LORA_TARGETS
-) -> dict[str, MemoryEstimate]:
-    """Parameter name -> memory of that parameter (with its adapter, if any) during training."""
-    if method not in METHODS:
-        raise PlanningError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-    linears, prefix = _linear_shapes(model), _layer_prefix(model)
-    out = {}
-    for name, param in _named_parameters(model).items():
-        n = param.numel()
-        if method == "full":
-            out[name] = MemoryEstimate(weights=4 * n, gradients=4 * n, optimizer=8 * n)
-            continue
-        adapted = name in linears and _in_decoder_layers(name, prefix) and name.split(".")[-2] in lora_targets
-        quantized = method == "qlora" and name in linears and _in_decoder_layers(name, prefix)
-        base = MemoryEstimate(weights=(NF4_BYTES if quantized else 2) * n)
-        if adapted:
-            a = lora_r * sum(linears[name])
-            base = base + MemoryEstimate(weights=4 * a, gradients=4 * a, optimizer=8 * a)
-        out[name] = base
-    return out
-
-
-def trainable_count(model, method: str, lora_r: int = 16, lora_targets=DEFAULT_LORA_TARGETS) -> int:
-    params = _named_parameters(model)
-    if method == "full":
-        return sum(p.numel() for p in params.values())
-    linears, prefix = _linear_shapes(model), _layer_prefix(model)
-    return sum(
-        lora_r * sum(linears[n])
-        for n in params
-        if n in linears and _in_decoder_layers(n, prefix) and n.split(".")[-2] in lora_targets
-    )
-
-
-@dataclass(frozen=True)
-class ActivationModel:
-    """Activation bytes of one decoder layer and of the logits, for a batch."""
-
-    tokens: int  # batch_size * max_length
-    hidden: int
-    kv_width: int
-    intermediate: int
-    vocab: int
-    checkpointing: bool
-
-    @property
-    def full_layer(self) -> float:
-        return self.tokens * (12 * self.hidden + 4 * self.kv_width + 8 * self.intermediate)
-
-    def layers(self, n_layers: int) -> float:
-        """Activations kept for n layers on one device (one recomputed layer on top with checkpointing)."""
-        if n_layers == 0:
-            return 0.0
-        if self.checkpointing:
-            return n_layers * self.tokens * 2 * self.hidden + self.full_layer
-        return n_layers * self.full_layer
-
-    @property
-    def logits(self) -> float:
-        return self.tokens * self.vocab * LOGIT_BYTES
-
-
-def activation_model(config, batch_size: int, max_length: int, checkpointing: bool) -> ActivationModel:
-    hidden = config.hidden_size
-    heads = getattr(config, "num_attention_heads", 1)
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
-    return ActivationModel(
-        batch_size * max_length, hidden, kv_heads * head_dim, intermediate, config.vocab_size, checkpointing
-    )
-
-
 def _module_of(param_name: str, device_map: Mapping[str, Any]) -> str:
     """The device-map entry that holds a parameter (the longest module-path prefix)."""
     holders = [m for m in device_map if m == "" or param_name == m or param_name.startswith(m + ".")]
@@ -357,32 +222,23 @@ def per_device_estimates(
     model, device_map: Mapping[str, Any], per_param: Mapping[str, MemoryEstimate], acts: ActivationModel
 ) -> dict[str, MemoryEstimate]:
     """Device -> memory, summing the parameters and the activations of the layers each device holds."""
-    prefix = _layer_prefix(model)
+    prefix = layer_prefix_of(model)
     out: dict[str, MemoryEstimate] = {}
     layers: dict[str, int] = {}
     for name, est in per_param.items():
         device = _device_name(device_map[_module_of(name, device_map)])
         out[device] = out.get(device, MemoryEstimate()) + est
-    for module, device in device_map.items():
-        device = _device_name(device)
-        out.setdefault(device, MemoryEstimate())
-        if module.startswith(prefix + ".") and module.count(".") == prefix.count(".") + 1:
-            layers[device] = layers.get(device, 0) + 1
-    head = _device_name(device_map[_module_of(_head_param(model), device_map)])
+    for device in device_map.values():
+        out.setdefault(_device_name(device), MemoryEstimate())
+    # Each decoder layer's holder: its own entry, or a parent's ("" when the whole model is on one device).
+    for index in range(len(model.get_submodule(prefix))):
+        device = _device_name(device_map[_module_of(f"{prefix}.{index}", device_map)])
+        layers[device] = layers.get(device, 0) + 1
+    head = _device_name(device_map[_module_of(head_param_name(model), device_map)])
     for device in out:
-        extra = acts.layers(layers.get(device, 0)) + (acts.logits if device == head else 0.0)
-        out[device] = out[device] + MemoryEstimate(activations=extra)
+        out[device] = out[device] + MemoryEstimate(activations=acts.layers(layers.get(device, 0)))
+    out[head] = out[head] + MemoryEstimate(gradients=gradient_in_flight(model, per_param), activations=acts.logits)
     return out
-
-
-def _head_param(model) -> str:
-    """The name under which the output head's weight is counted (the embedding's when tied)."""
-    params = _named_parameters(model)
-    head = model.get_output_embeddings()
-    for name, p in params.items():
-        if head is not None and p is head.weight:
-            return name
-    return next(reversed(params))
 
 
 def parse_budget(value: Any) -> float:
@@ -412,7 +268,7 @@ def infer_device_map(
     import torch
     from accelerate import infer_auto_device_map
 
-    params = _named_parameters(model)
+    params = unique_parameters(model)
     weight_bytes = sum(p.numel() for p in params.values()) * 4
     training_bytes = sum(e.weights + e.gradients + e.optimizer for e in per_param.values())
     scale = training_bytes / weight_bytes  # accelerate sizes fp32 weights; we need all training state
@@ -450,9 +306,12 @@ def _overruns(model, device_map, per_param, acts, max_memory) -> dict[Any, float
 
 
 def strategy_per_gpu(
-    per_param: Mapping[str, MemoryEstimate], acts: ActivationModel, n_layers: int, gpus: int
+    per_param: Mapping[str, MemoryEstimate], acts: ActivationModel, n_layers: int, gpus: int, in_flight: float = 0.0
 ) -> dict[str, float]:
-    """Bytes per GPU when every GPU runs the whole model (data parallel), with each sharding scheme."""
+    """Bytes per GPU when every GPU runs the whole model (data parallel), with each sharding scheme.
+
+    ``in_flight``: gradients not yet accumulated (:func:`gradient_in_flight`), whole on every GPU in each scheme.
+    """
     total = MemoryEstimate()
     for est in per_param.values():
         total = total + est
@@ -465,7 +324,7 @@ def strategy_per_gpu(
         "zero2": w + (g + o) / gpus,
         "fsdp / zero3": (w + g + o) / gpus + 2 * largest_layer,
     }
-    return {k: v + activations + CUDA_CONTEXT_BYTES for k, v in out.items()}
+    return {k: v + activations + in_flight + CUDA_CONTEXT_BYTES for k, v in out.items()}
 
 
 def plan_training(
@@ -478,6 +337,8 @@ def plan_training(
     max_length: int = 2048,
     gradient_checkpointing: bool = True,
     lora_r: int = 16,
+    lora_dropout: float = 0.05,
+    dtype: str = "bf16",
     max_memory: Mapping[Any, Any] | None = None,
     cpu_memory_gb: float = 64,
     trust_remote_code: bool = False,
@@ -493,6 +354,10 @@ def plan_training(
         max_length: Tokens per row.
         gradient_checkpointing: Recompute activations in backward.
         lora_r: Adapter rank (lora, qlora).
+        lora_dropout: Adapter dropout (LoRAConfig's default 0.05); above 0 it keeps a copy of each adapted
+            layer's input for backward.
+        dtype: What aift holds the weights and computes in: bf16 on CUDA GPUs (the default), fp32 on a CPU
+            with mixed precision off.
         max_memory: Per-device budgets as accelerate takes them, e.g. ``{0: "22GB", 1: "22GB", "cpu": "64GB"}``.
         cpu_memory_gb: CPU RAM for offload when ``max_memory`` has no "cpu" entry.
         trust_remote_code: Allow configs whose model code lives on the hub.
@@ -507,8 +372,9 @@ def plan_training(
     config = load_model_config(model, trust_remote_code)
     budgets = _budgets(max_memory, gpus, gpu_memory_gb, cpu_memory_gb)
     meta = empty_model(config)
-    per_param = parameter_bytes(meta, method, lora_r)
-    acts = activation_model(config, batch_size, max_length, gradient_checkpointing)
+    per_param = parameter_bytes(meta, method, lora_r, dtype=dtype)
+    width = dropout_width(meta, method, lora_dropout)
+    acts = activation_model(config, batch_size, max_length, gradient_checkpointing, dtype, width)
     device_map = infer_device_map(meta, budgets, per_param, acts)
     estimates = per_device_estimates(meta, device_map, per_param, acts)
     devices = [
@@ -530,11 +396,16 @@ def plan_training(
         batch_size=batch_size,
         max_length=max_length,
         gradient_checkpointing=gradient_checkpointing,
-        params=sum(p.numel() for p in _named_parameters(meta).values()),
+        dtype=dtype,
+        params=sum(p.numel() for p in unique_parameters(meta).values()),
         trainable_params=trainable_count(meta, method, lora_r),
         device_map=device_map,
         devices=devices,
-        per_gpu_by_strategy=strategy_per_gpu(per_param, acts, n_layers, n_gpus) if n_gpus > 1 else {},
+        per_gpu_by_strategy=(
+            strategy_per_gpu(per_param, acts, n_layers, n_gpus, gradient_in_flight(meta, per_param))
+            if n_gpus > 1
+            else {}
+        ),
     )
     plan.notes = _notes(plan)
     return plan

@@ -1,0 +1,230 @@
+"""The memory model of training: bytes of each parameter's state, of activations and of the logits.
+
+Bytes per parameter, as aift trains, with ``d`` the bytes of ``dtype``: the dtype aift loads the weights in
+and computes in (bf16, d = 2, on CUDA GPUs: ``default_dtype``; fp32, d = 4, on a CPU without autocast):
+- full: weights, gradients and AdamW's two moments all in that dtype (4d: 8 in bf16, 16 in fp32); aift
+  does not keep fp32 master weights beside bf16 ones.
+- lora: the frozen base (d); adapters r * (in + out) per adapted linear layer, in fp32 with gradients and
+  AdamW moments (16: peft keeps adapters in fp32 under a bf16 base).
+- qlora: linear layers of the decoder blocks in 4-bit NF4 with double quantization (about 0.52),
+  embeddings, norms and the output head in the dtype (d); adapters as for lora.
+Activations, in the dtype, per token and decoder layer (Korthikanti et al. 2022, adapted to SwiGLU and
+SDPA/flash attention, which keep no seq x seq scores): 6h + 2kv + 4i elements (h hidden, kv the key/value
+width, i the MLP width). LoRA dropout (peft's path) adds, per input feature of each adapted layer, the
+dropped copy (d) and its mask (1 byte on CUDA, d on a CPU). With gradient checkpointing only each layer's
+input (h) is kept, plus one layer being recomputed. The logits cost d + 8 bytes per token and vocabulary
+entry (the logits, the fp32 log-softmax cross-entropy keeps, and its fp32 gradient). With gradient
+accumulation, the largest gradient is also in flight before it is added (two for a tied head). Each GPU
+also loses about 0.5 GB to the CUDA context. bench/results/plan/ checks these terms against measured peaks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from aift.errors import AiftError
+
+METHODS = ("full", "lora", "qlora")
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit values + 8-bit absmax per 64 + fp32 per 256 blocks
+LOSS_FP32_BYTES = 8  # per logit: the fp32 log-softmax cross-entropy saves, and its fp32 gradient
+DTYPE_BYTES = {"bf16": 2, "fp32": 4}  # bf16: aift's dtype on CUDA GPUs; fp32: on a CPU without autocast
+# Per element dropout zeroes: CUDA's fused dropout keeps a bool mask; the CPU's multiplies by a noise tensor
+# of the input's dtype and keeps that.
+DROPOUT_MASK_BYTES = {"bf16": 1, "fp32": 4}
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class PlanningError(AiftError, ValueError):
+    """The plan cannot be made: bad budget, unknown method, unreadable model config."""
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes of one device (or one process) during training."""
+
+    weights: float = 0.0
+    gradients: float = 0.0
+    optimizer: float = 0.0
+    activations: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+    def __add__(self, other: MemoryEstimate) -> MemoryEstimate:
+        return MemoryEstimate(
+            self.weights + other.weights,
+            self.gradients + other.gradients,
+            self.optimizer + other.optimizer,
+            self.activations + other.activations,
+        )
+
+
+def unique_parameters(model) -> dict[str, Any]:
+    """Unique parameters by name (tied weights once, under their first name)."""
+    seen, out = set(), {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) not in seen:
+            seen.add(id(param))
+            out[name] = param
+    return out
+
+
+def _linear_shapes(model) -> dict[str, tuple[int, int]]:
+    """weight name -> (in_features, out_features) of every nn.Linear."""
+    import torch.nn as nn
+
+    return {
+        f"{name}.weight": (m.in_features, m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+    }
+
+
+def _in_decoder_layers(name: str, layer_prefix: str) -> bool:
+    return name.startswith(layer_prefix + ".")
+
+
+def layer_prefix_of(model) -> str:
+    """The module path of the decoder-layer list (``model.layers`` for llama; others vary)."""
+    import torch.nn as nn
+
+    best, size = "", 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > size:
+            best, size = name, len(module)
+    return best
+
+
+def dtype_bytes(dtype: str) -> int:
+    if dtype not in DTYPE_BYTES:
+        raise PlanningError(f"dtype must be one of {', '.join(DTYPE_BYTES)}; got {dtype!r}")
+    return DTYPE_BYTES[dtype]
+
+
+def parameter_bytes(
+    model, method: str, lora_r: int = 16, lora_targets=DEFAULT_LORA_TARGETS, dtype: str = "bf16"
+) -> dict[str, MemoryEstimate]:
+    """Parameter name -> memory of that parameter (with its adapter, if any) during training."""
+    if method not in METHODS:
+        raise PlanningError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    d = dtype_bytes(dtype)
+    linears, prefix = _linear_shapes(model), layer_prefix_of(model)
+    out = {}
+    for name, param in unique_parameters(model).items():
+        n = param.numel()
+        if method == "full":
+            out[name] = MemoryEstimate(weights=d * n, gradients=d * n, optimizer=2 * d * n)
+            continue
+        adapted = name in linears and _in_decoder_layers(name, prefix) and name.split(".")[-2] in lora_targets
+        quantized = method == "qlora" and name in linears and _in_decoder_layers(name, prefix)
+        base = MemoryEstimate(weights=(NF4_BYTES if quantized else d) * n)
+        if adapted:
+            a = lora_r * sum(linears[name])
+            base = base + MemoryEstimate(weights=4 * a, gradients=4 * a, optimizer=8 * a)
+        out[name] = base
+    return out
+
+
+def trainable_count(model, method: str, lora_r: int = 16, lora_targets=DEFAULT_LORA_TARGETS) -> int:
+    params = unique_parameters(model)
+    if method == "full":
+        return sum(p.numel() for p in params.values())
+    linears, prefix = _linear_shapes(model), layer_prefix_of(model)
+    return sum(
+        lora_r * sum(linears[n])
+        for n in params
+        if n in linears and _in_decoder_layers(n, prefix) and n.split(".")[-2] in lora_targets
+    )
+
+
+@dataclass(frozen=True)
+class ActivationModel:
+    """Activation bytes of one decoder layer and of the logits, for a batch."""
+
+    tokens: int  # batch_size * max_length
+    hidden: int
+    kv_width: int
+    intermediate: int
+    vocab: int
+    checkpointing: bool
+    element_bytes: int = 2  # the compute dtype's: bf16
+    dropout_width: int = 0  # input features per layer that LoRA dropout copies (0 without dropout)
+    mask_bytes: int = 1  # per dropped element (DROPOUT_MASK_BYTES)
+
+    @property
+    def full_layer(self) -> float:
+        kept = self.element_bytes * (6 * self.hidden + 2 * self.kv_width + 4 * self.intermediate)
+        # peft's dropout keeps each adapted layer's dropped input (for the adapter's matmul) and its mask.
+        dropout = (self.element_bytes + self.mask_bytes) * self.dropout_width
+        return self.tokens * (kept + dropout)
+
+    def layers(self, n_layers: int) -> float:
+        """Activations kept for n layers on one device (one recomputed layer on top with checkpointing)."""
+        if n_layers == 0:
+            return 0.0
+        if self.checkpointing:
+            return n_layers * self.tokens * self.element_bytes * self.hidden + self.full_layer
+        return n_layers * self.full_layer
+
+    @property
+    def logits(self) -> float:
+        return self.tokens * self.vocab * (self.element_bytes + LOSS_FP32_BYTES)
+
+
+def activation_model(
+    config, batch_size: int, max_length: int, checkpointing: bool, dtype: str = "bf16", dropout_width: int = 0
+) -> ActivationModel:
+    hidden = config.hidden_size
+    heads = getattr(config, "num_attention_heads", 1)
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
+    return ActivationModel(
+        batch_size * max_length,
+        hidden,
+        kv_heads * head_dim,
+        intermediate,
+        config.vocab_size,
+        checkpointing,
+        dtype_bytes(dtype),
+        dropout_width,
+        DROPOUT_MASK_BYTES[dtype],
+    )
+
+
+def dropout_width(model, method: str, lora_dropout: float, lora_targets=DEFAULT_LORA_TARGETS) -> int:
+    """Input features of one decoder layer's adapted linears: what LoRA dropout copies per token (0 without)."""
+    if method == "full" or lora_dropout == 0:
+        return 0
+    first_layer = layer_prefix_of(model) + ".0."
+    return sum(
+        n_in
+        for name, (n_in, _) in _linear_shapes(model).items()
+        if name.startswith(first_layer) and name.split(".")[-2] in lora_targets
+    )
+
+
+def gradient_in_flight(model, per_param: Mapping[str, MemoryEstimate]) -> float:
+    """Bytes of gradients computed in backward but not yet added into ``.grad``.
+
+    With gradient accumulation ``.grad`` holds the earlier micro-batches' sum, and each new gradient is a
+    temporary until it is added: at most the largest trained parameter's. A head tied to the embedding gets
+    two: autograd holds the head's until the embedding's arrives at the end of backward.
+    """
+    largest = max((e.gradients for e in per_param.values()), default=0.0)
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and embed is not None and head.weight is embed.weight
+    return largest + (per_param[head_param_name(model)].gradients if tied else 0.0)
+
+
+def head_param_name(model) -> str:
+    """The name under which the output head's weight is counted (the embedding's when tied)."""
+    params = unique_parameters(model)
+    head = model.get_output_embeddings()
+    for name, p in params.items():
+        if head is not None and p is head.weight:
+            return name
+    return next(reversed(params))
