@@ -7,7 +7,8 @@ two optimizer steps have run (AdamW's moments exist) and the fourth micro-batch 
 third one's gradients were held, which is the steady state of every later step. It runs on one thread
 (SPEC "threads"): memory does not depend on it, and two OpenMP threads on two cores shared with other jobs
 wait for each other at every operator's barrier (a step took minutes instead of seconds).
-``dtype`` "fp32" turns autocast off (bf16: false, fp16: false): on this CPU (no AVX512-BF16) a bf16 autocast
+``dtype`` "fp32" turns autocast off (bf16: false, fp16: false): on a CPU without AVX512-BF16 (the one
+these results were measured on) a bf16 autocast
 step is about 16x slower than fp32, too slow for a grid; "bf16" keeps the default bf16 autocast.
 
 Peak memory on a CPU is the process's resident set (as ``aift.utils.gpu.peak_memory_gb`` reads it), but
