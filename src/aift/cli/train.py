@@ -16,6 +16,9 @@ Preference tuning: ``--method dpo|orpo|simpo|kto`` (or ``method: dpo`` in the YA
 
 Precedence: YAML < ``key=value`` overrides (``lora.r=8`` for LoRA keys) < flags. Unknown keys are errors
 with a suggestion. ``python scripts/train_sft.py`` takes exactly the same arguments.
+
+This module only maps argparse to the library: :func:`aift.config.resolve_train_configs` resolves, and
+:func:`aift.training.train` picks the trainer, for the web UI and Python callers alike.
 """
 
 from __future__ import annotations
