@@ -9,6 +9,7 @@ from aift.config import (
     from_dict,
     load_yaml,
     parse_overrides,
+    resolve_train_configs,
 )
 
 
@@ -16,14 +17,7 @@ def test_defaults_match_the_documented_api():
     c = TrainingConfig()
     assert (c.learning_rate, c.batch_size, c.gradient_accumulation_steps, c.num_epochs) == (2e-5, 4, 4, 3)
     assert (c.warmup_steps, c.max_grad_norm, c.eval_steps, c.save_steps, c.logging_steps) == (100, 1.0, 100, 500, 10)
-    assert (c.output_dir, c.fp16, c.gradient_checkpointing, c.ddp, c.local_rank, c.world_size) == (
-        "./outputs",
-        True,
-        True,
-        False,
-        -1,
-        1,
-    )
+    assert (c.output_dir, c.fp16, c.gradient_checkpointing, c.world_size) == ("./outputs", True, True, 1)
     lc = LoRAConfig()
     assert (lc.r, lc.lora_alpha, lc.target_modules, lc.lora_dropout, lc.bias, lc.task_type) == (
         16,
@@ -35,6 +29,8 @@ def test_defaults_match_the_documented_api():
     )
     assert (lc.use_qlora, lc.qlora_4bit) == (False, True)
     assert MultiGPUTrainingConfig().strategy == "ddp"
+    assert TrainingConfig(deepspeed="zero2").strategy == "deepspeed"  # a DeepSpeed config alone means deepspeed
+    assert TrainingConfig(deepspeed="zero2", strategy="ddp").strategy == "ddp"  # an explicit strategy wins
 
 
 def test_every_field_is_documented():
@@ -111,3 +107,37 @@ def test_yaml_loading_errors_name_the_file(tmp_path):
     good = tmp_path / "good.yaml"
     good.write_text("learning_rate: 1.0e-4\nnum_epochs: 1\n")
     assert from_dict(TrainingConfig, load_yaml(good)).learning_rate == 1e-4
+
+
+@pytest.mark.parametrize("key", ["ddp", "local_rank", "tensor_parallel_size"])
+def test_removed_keys_say_what_to_do(key):
+    with pytest.raises(ConfigError, match=f"key '{key}' was removed .*; delete it"):
+        from_dict(TrainingConfig, {key: 1})
+
+
+def test_one_config_shape_whatever_keys_are_given(tmp_path):
+    """A strategy key selects the strategy, not another config class: every run resolves to TrainingConfig."""
+    assert MultiGPUTrainingConfig is TrainingConfig
+    plain = resolve_train_configs({"batch_size": 2})
+    piped = resolve_train_configs({"batch_size": 2}, ["strategy=pipeline", "pipeline_parallel_size=2"])
+    assert type(plain.training) is type(piped.training) is TrainingConfig
+    assert (plain.training.strategy, piped.training.strategy, piped.training.pipeline_parallel_size) == (
+        "ddp", "pipeline", 2
+    )  # fmt: skip
+
+
+def test_resolution_yaml_then_overrides_then_explicit_values(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("learning_rate: 1.0e-4\nbatch_size: 3\nmethod: dpo\npreference: {beta: 0.3}\nlora: {r: 8}\n")
+    configs = resolve_train_configs(
+        path, ["batch_size=5", "lora.r=4", "preference.beta=0.5"], training={"batch_size": 6}, lora={"use_dora": True}
+    )
+    assert (configs.training.learning_rate, configs.training.batch_size) == (1e-4, 6)
+    assert (configs.lora.r, configs.lora.use_dora) == (4, True)
+    assert (configs.preference.method, configs.preference.beta) == ("dpo", 0.5)
+    assert resolve_train_configs({"method": "dpo"}, method="sft").preference is None  # the explicit method wins
+    assert resolve_train_configs({}).lora is None and resolve_train_configs({}, lora={}).lora is not None
+    with pytest.raises(ConfigError, match="need --method"):
+        resolve_train_configs({"preference": {"beta": 0.2}})
+    with pytest.raises(ConfigError, match="'lora:' must be a mapping"):
+        resolve_train_configs({"lora": 8})

@@ -25,7 +25,7 @@ _EXPORTS = {
     "TextDataset": "aift.data.text_dataset",
     "FullFinetuningTrainer": "aift.training.trainers",
     "LoRAFinetuningTrainer": "aift.training.trainers",
-    "AdvancedMultiGPUTrainer": "aift.training.multi_gpu",
+    "AdvancedMultiGPUTrainer": "aift.distributed.trainer",
     "PreferenceTrainer": "aift.training.preference",
     "QuantizationOptimizer": "aift.quant.optimizer",
     "get_available_device": "aift.utils.gpu",

@@ -1,7 +1,9 @@
-"""Typed configuration: TrainingConfig, LoRAConfig, PreferenceConfig, MultiGPUTrainingConfig.
+"""Typed configuration: TrainingConfig (strategy fields included), LoRAConfig, PreferenceConfig.
 
 Each option is documented once, on its field (``metadata["help"]``); YAML files and ``key=value``
 overrides from the CLI go through :func:`from_dict`, which rejects unknown keys with a suggestion.
+:func:`resolve_train_configs` is the one resolution of a training run (YAML < overrides < flags) that
+`aift train`, the web UI and Python callers share.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,6 +31,9 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
     return field(default=default, metadata={"help": help}, **kw)
+
+
+STRATEGIES = ("ddp", "model_parallel", "pipeline", "fsdp", "deepspeed")
 
 
 @dataclass
@@ -98,12 +104,26 @@ class TrainingConfig:
     )
     collect_metrics: bool = _f(False, "Sample CPU/GPU utilisation and memory every second into system_metrics.jsonl.")
     use_flash_attention: bool = _f(True, "Use flash-attention 2 on CUDA when installed, else SDPA.")
-    deepspeed: str | None = _f(None, "DeepSpeed JSON config (or a preset name zero1/zero2/zero3).")
-    ddp: bool = _f(False, "Distributed data parallel (set automatically under torchrun).")
-    local_rank: int = _f(-1, "Local process rank (set by the launcher).")
-    world_size: int = _f(1, "Number of processes (set by the launcher).")
     trust_remote_code: bool = _f(
         False, "Run code from the model's hub repository (some models need it); off unless asked."
+    )
+    # How to spread the work over devices and processes (AdvancedMultiGPUTrainer); one process needs none.
+    strategy: str | None = _f(
+        None,
+        "One of ddp, model_parallel, pipeline, fsdp, deepspeed; None: deepspeed with a deepspeed config, else ddp.",
+    )
+    deepspeed: str | None = _f(None, "DeepSpeed JSON config (or a preset name zero1/zero2/zero3).")
+    max_memory_per_gpu: dict[Any, str] | None = _f(None, 'Per-device budget for model_parallel, e.g. {0: "22GB"}.')
+    pipeline_parallel_size: int = _f(
+        1,
+        "Pipeline stages (strategy=pipeline), one process each. The schedule's micro-batches are the "
+        "gradient_accumulation_steps micro-batches of batch_size rows of each optimizer step.",
+    )
+    pipeline_schedule: str = _f("1f1b", "strategy=pipeline: 1f1b (less activation memory) or gpipe.")
+    world_size: int = _f(
+        1,
+        "Processes the run expects (nnodes x nproc-per-node); written by `aift train --nproc-per-node`, checked "
+        "against the processes that really started. 1 means whatever the launcher started.",
     )
 
     def __post_init__(self) -> None:
@@ -119,6 +139,11 @@ class TrainingConfig:
         unknown = set(self.report_to) - {"tensorboard", "wandb", "mlflow", "none"}
         if unknown:
             raise ConfigError(f"report_to: unknown logger(s) {sorted(unknown)}; use tensorboard, wandb, mlflow or none")
+        if self.strategy is None:
+            self.strategy = "deepspeed" if self.deepspeed else "ddp"
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}")
+        _check_positive(self, "pipeline_parallel_size", "world_size")
 
 
 @dataclass
@@ -230,28 +255,9 @@ class PreferenceConfig:
         return self.beta if self.beta is not None else _DEFAULT_BETA[self.method]
 
 
-STRATEGIES = ("ddp", "model_parallel", "pipeline", "fsdp", "deepspeed")
-
-
-@dataclass
-class MultiGPUTrainingConfig(TrainingConfig):
-    """TrainingConfig plus how to spread the work over devices and processes."""
-
-    strategy: str = _f("ddp", "One of ddp, model_parallel, pipeline, fsdp, deepspeed.")
-    max_memory_per_gpu: dict[Any, str] | None = _f(None, 'Per-device budget for model_parallel, e.g. {0: "22GB"}.')
-    pipeline_parallel_size: int = _f(
-        1,
-        "Pipeline stages (strategy=pipeline), one process each. The schedule's micro-batches are the "
-        "gradient_accumulation_steps micro-batches of batch_size rows of each optimizer step.",
-    )
-    pipeline_schedule: str = _f("1f1b", "strategy=pipeline: 1f1b (less activation memory) or gpipe.")
-    tensor_parallel_size: int = _f(1, "Tensor-parallel degree.")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}")
-        _check_positive(self, "pipeline_parallel_size", "tensor_parallel_size")
+# Kept so that code written for the separate multi-GPU config keeps working: the strategy fields are
+# TrainingConfig's own, so every front door (CLI, Python, web UI) builds one config shape.
+MultiGPUTrainingConfig = TrainingConfig
 
 
 def _check_positive(obj: Any, *names: str) -> None:
@@ -273,7 +279,17 @@ def field_help(cls: type) -> dict[str, str]:
     return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
 
+# Keys older configs may still hold; they never changed what a run did. key -> what to do instead.
+REMOVED_KEYS = {
+    "ddp": "data parallelism follows from the processes started: use `aift train --nproc-per-node N` (or torchrun)",
+    "local_rank": "each process reads its rank from the launcher (LOCAL_RANK)",
+    "tensor_parallel_size": "aift has no tensor parallelism: shard with strategy fsdp or deepspeed (zero3)",
+}
+
+
 def _unknown_key_error(cls: type, key: str) -> ConfigError:
+    if key in REMOVED_KEYS:
+        return ConfigError(f"{cls.__name__} key {key!r} was removed (it had no effect): {REMOVED_KEYS[key]}; delete it")
     names = [f.name for f in dataclasses.fields(cls)]
     close = difflib.get_close_matches(key, names, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(names)}"
@@ -352,6 +368,80 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
     return data
+
+
+@dataclass
+class TrainConfigs:
+    """Everything one training run is made of, as every front door (CLI, Python, web UI) resolves it."""
+
+    training: TrainingConfig
+    lora: LoRAConfig | None = None  # None: full fine-tuning
+    preference: PreferenceConfig | None = None  # None: supervised fine-tuning
+
+
+def resolve_train_configs(
+    config: str | Path | Mapping[str, Any] | None = None,
+    overrides: Iterable[str] = (),
+    *,
+    training: Mapping[str, Any] | None = None,
+    lora: Mapping[str, Any] | None = None,
+    preference: Mapping[str, Any] | None = None,
+    method: str | None = None,
+) -> TrainConfigs:
+    """A YAML config < ``key=value`` overrides < explicit values -> typed configs (what `aift train` runs).
+
+    Args:
+        config: A YAML file, or its mapping: TrainingConfig keys at the top level, LoRAConfig keys under
+            ``lora:`` (its presence means LoRA; ``lora: {use_qlora: true}`` QLoRA), ``method:`` and
+            ``preference:`` (PreferenceConfig keys) for preference tuning.
+        overrides: ``key=value`` items; ``lora.KEY=value``, ``preference.KEY=value`` and ``method=dpo`` too.
+        training: TrainingConfig values that win over both (the CLI's flags).
+        lora: LoRAConfig values that win over both; given, even empty, it turns LoRA on.
+        preference: PreferenceConfig values that win over both.
+        method: sft, or a preference method (dpo, orpo, simpo, kto); wins over the YAML's ``method:``.
+
+    Raises:
+        ConfigError: An unknown key (with a suggestion), a bad value, or preference options without a method.
+    """
+    values = dict(load_yaml(config) if isinstance(config, (str, Path)) else (config or {}))
+    lora_values = _section(values, "lora", "LoRAConfig", " (or be left out for full fine-tuning)")
+    preference_values = _section(values, "preference", "PreferenceConfig") or {}
+    yaml_method = values.pop("method", None)
+    for key, value in parse_overrides(list(overrides)).items():
+        if key == "method":
+            yaml_method = value
+        elif key.startswith("preference."):
+            preference_values[key.removeprefix("preference.")] = value
+        elif key.startswith("lora."):
+            lora_values = {**(lora_values or {}), key.removeprefix("lora."): value}
+        else:
+            values[key] = value
+    values.update(training or {})
+    if lora is not None:
+        lora_values = {**(lora_values or {}), **lora}
+    return TrainConfigs(
+        training=from_dict(TrainingConfig, values),
+        lora=from_dict(LoRAConfig, lora_values) if lora_values is not None else None,
+        preference=_resolve_preference({**preference_values, **(preference or {})}, method or yaml_method),
+    )
+
+
+def _section(values: dict[str, Any], name: str, cls_name: str, hint: str = "") -> dict[str, Any] | None:
+    """Pops the ``name:`` mapping of a YAML config (None when absent or empty)."""
+    section = values.pop(name, None)
+    if section is not None and not isinstance(section, dict):
+        raise ConfigError(f"'{name}:' must be a mapping of {cls_name} keys{hint}")
+    return dict(section) if section is not None else None
+
+
+def _resolve_preference(section: dict[str, Any], method: str | None) -> PreferenceConfig | None:
+    method = method or section.pop("method", None) or "sft"
+    section.pop("method", None)
+    if method == "sft":
+        if section:
+            raise ConfigError(f"preference options {sorted(section)} need --method dpo|orpo|simpo|kto")
+        return None
+    return from_dict(PreferenceConfig, {**section, "method": method})
 
 
 def to_yaml(*configs: Any) -> str:

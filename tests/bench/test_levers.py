@@ -48,7 +48,7 @@ def loss_and_grads(model, batch):
 def test_frozen_base_in_bf16_matches_the_fp32_base_under_autocast(tiny_lora, packed_batch):
     """Autocast runs the base's matmuls in bf16 either way; holding the base in bf16 only skips the casts.
     What differs is the residual stream (bf16 instead of fp32), so the match is within bf16 tolerance."""
-    from aift.training.trainers import hold_frozen_in_bf16
+    from aift.lora.model import hold_frozen_in_bf16
 
     held = copy.deepcopy(tiny_lora)
     hold_frozen_in_bf16(held)
@@ -67,7 +67,7 @@ def test_peft_input_cast_off_under_autocast_changes_nothing(tiny_lora, packed_ba
     turning it off gives bit-identical loss and gradients (and saves two copies per adapted layer)."""
     from peft.helpers import disable_input_dtype_casting
 
-    from aift.training.trainers import hold_frozen_in_bf16
+    from aift.lora.model import hold_frozen_in_bf16
 
     held = copy.deepcopy(tiny_lora)
     hold_frozen_in_bf16(held)

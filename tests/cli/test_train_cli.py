@@ -168,18 +168,18 @@ def test_data_errors_and_busy_output_dir(tiny_model_dir, tiny_prepared, tmp_path
 
 
 def test_yaml_then_overrides_then_flags(tmp_path):
-    from aift.cli.train import add_arguments, resolve_configs
+    from aift.cli.train import add_arguments, resolve
 
     config = tmp_path / "c.yaml"
     config.write_text("learning_rate: 1.0e-4\nbatch_size: 3\nmax_steps: 7\nlora:\n  r: 8\n  lora_alpha: 16\n")
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args([str(config), "batch_size=5", "max_steps=9", "lora.r=4", "--max-steps", "11"])
-    training, lora = resolve_configs(args)
+    training, lora = resolve(args).training, resolve(args).lora
     assert (training.learning_rate, training.batch_size, training.max_steps) == (1e-4, 5, 11)
     assert (lora.r, lora.lora_alpha, lora.use_qlora) == (4, 16, False)
-    full, none = resolve_configs(parser.parse_args(["--batch-size", "2"]))
-    assert none is None and full.batch_size == 2
+    full = resolve(parser.parse_args(["--batch-size", "2"]))
+    assert full.lora is None and full.preference is None and full.training.batch_size == 2
 
 
 def test_train_sft_script_takes_exactly_the_same_flags():

@@ -53,7 +53,7 @@ def resume_copy(source: Path, target: Path) -> None:
 
 
 def main(model_dir: str, data: str, root: str) -> None:
-    from aift.training.multi_gpu import AdvancedMultiGPUTrainer
+    from aift.distributed.trainer import AdvancedMultiGPUTrainer
 
     dist.init_process_group("gloo")  # one group for all runs (the loop leaves a group it did not make alone)
     lora = LoRAConfig(r=4, lora_alpha=8, lora_dropout=0.0)

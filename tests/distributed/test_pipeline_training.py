@@ -223,7 +223,7 @@ def test_a_one_process_checkpoint_does_not_resume_a_pipeline(tmp_path):
 
 
 def test_pipeline_outside_a_launcher_is_refused_before_anything_is_written(monkeypatch, tiny_model_dir, tmp_path):
-    from aift.training.multi_gpu import AdvancedMultiGPUTrainer
+    from aift.distributed.trainer import AdvancedMultiGPUTrainer
 
     for key in ("LOCAL_RANK", "WORLD_SIZE", "RANK"):
         monkeypatch.delenv(key, raising=False)
@@ -234,7 +234,7 @@ def test_pipeline_outside_a_launcher_is_refused_before_anything_is_written(monke
 
 
 def test_qlora_under_pipeline_says_it_is_not_supported(monkeypatch, tiny_model_dir, tmp_path):
-    from aift.training.multi_gpu import AdvancedMultiGPUTrainer
+    from aift.distributed.trainer import AdvancedMultiGPUTrainer
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "0")

@@ -19,7 +19,7 @@ import pytest
 
 from aift.config import TrainingConfig
 from aift.distributed.launch import WorldSizeMismatchError, check_local_rank_has_a_gpu
-from aift.training.multi_gpu import deepspeed_plugin, resolve_deepspeed_config
+from aift.distributed.trainer import deepspeed_plugin, resolve_deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DS_7B = "configs/ds_config_7b.json"
@@ -72,12 +72,13 @@ def _run_script(monkeypatch, module: str, script: str, args: list[str]):
 
 
 def _train_configs(monkeypatch, command: str):
-    from aift.cli.train import resolve_configs
+    from aift.cli.train import resolve
 
     script, args = _script_and_args(command)
     if command.startswith("deepspeed"):
         args = ["--local_rank=0", *args]  # what the deepspeed launcher passes to every process
-    return resolve_configs(_run_script(monkeypatch, "aift.cli.train", script, args))
+    configs = resolve(_run_script(monkeypatch, "aift.cli.train", script, args))
+    return configs.training, configs.lora
 
 
 def test_ds_config_7b_is_zero2_with_every_batch_setting_from_aift():

@@ -186,7 +186,7 @@ def test_legacy_tokenizer_exports_with_a_warning(tmp_path, sp_tokenizer_dir, cap
     _, _ = _save_model(tmp_path, sp_tokenizer_dir)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "legacy": True}))
-    with caplog.at_level(logging.WARNING, logger="aift.export.gguf_writer"):
+    with caplog.at_level(logging.WARNING, logger="aift.export.gguf_tokenizer"):
         path = export_gguf(tmp_path, tmp_path / "legacy.gguf", quant="f32")
     assert "legacy=True" in caplog.text
     legacy = AutoTokenizer.from_pretrained(tmp_path)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from aift.cli.train import add_arguments, resolve_configs
+from aift.cli.train import add_arguments, resolve
 from aift.models.registry import get_spec
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*/*.yaml"))
@@ -26,7 +26,8 @@ def test_each_model_has_full_lora_and_qlora():
 def test_example_config_is_valid(path):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    training, lora = resolve_configs(parser.parse_args([str(path), "dataset_path=some/prepared"]))
+    configs = resolve(parser.parse_args([str(path), "dataset_path=some/prepared"]))
+    training, lora = configs.training, configs.lora
     assert get_spec(training.model_name) is not None, f"{training.model_name} is not a registered model"
     if path.stem == "full":
         assert lora is None

@@ -200,20 +200,20 @@ def test_preference_options_from_yaml_overrides_and_flags(tmp_path):
 
     import yaml
 
-    from aift.cli.train import add_arguments, resolve_configs, resolve_preference
+    from aift.cli.train import add_arguments, resolve
     from aift.config import ConfigError
 
     path = tmp_path / "dpo.yaml"
     path.write_text(yaml.safe_dump({"learning_rate": 5e-6, "method": "dpo", "preference": {"beta": 0.3}}))
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args([str(path), "preference.loss_type=robust", "--label-smoothing", "0.1"])
-    preference = resolve_preference(args)
+    configs = resolve(parser.parse_args([str(path), "preference.loss_type=robust", "--label-smoothing", "0.1"]))
+    preference = configs.preference
     assert (preference.method, preference.beta, preference.loss_type, preference.label_smoothing) == (
         "dpo", 0.3, "robust", 0.1
     )  # fmt: skip
-    assert resolve_configs(args)[0].learning_rate == 5e-6  # the preference keys do not reach TrainingConfig
-    assert resolve_preference(parser.parse_args(["--method", "simpo"])).resolved_beta == 2.0
-    assert resolve_preference(parser.parse_args([])) is None
+    assert configs.training.learning_rate == 5e-6  # the preference keys do not reach TrainingConfig
+    assert resolve(parser.parse_args(["--method", "simpo"])).preference.resolved_beta == 2.0
+    assert resolve(parser.parse_args([])).preference is None
     with pytest.raises(ConfigError, match="did you mean 'beta'"):
-        resolve_preference(parser.parse_args(["method=kto", "preference.betta=1"]))
+        resolve(parser.parse_args(["method=kto", "preference.betta=1"]))

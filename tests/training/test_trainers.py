@@ -137,3 +137,8 @@ def test_lora_with_gradient_checkpointing_under_bf16_autocast(fp32_config, froze
         losses.append([json.loads(line)["loss"] for line in lines if json.loads(line)["type"] == "train"])
     assert len(losses[0]) == 2
     assert losses[0] == pytest.approx(losses[1], abs=2e-2)  # bf16 autocast: same math, rounding may differ
+
+
+def test_use_accelerate_is_still_accepted_but_ignored_with_a_warning(tiny_model_dir):
+    with pytest.warns(DeprecationWarning, match="use_accelerate"):
+        FullFinetuningTrainer(str(tiny_model_dir), use_accelerate=True)

@@ -19,20 +19,35 @@ DATA_FILE = Path("data") / "ja_qa.json"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", default="outputs/demo", help="where the run goes (replaced if it exists)")
+    parser.add_argument("--data", default=None, help=f"Q&A data to train on (default: {DATA_FILE} of the checkout)")
     parser.add_argument("--epochs", type=float, default=1.0, help="passes over the 180 training questions")
     parser.add_argument("--max-length", type=int, default=384, help="tokens per packed row")
     parser.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate of the adapter")
     parser.add_argument("--max-new-tokens", type=int, default=60, help="length of the before/after answers")
 
 
-def find_demo_data() -> Path:
-    """data/ja_qa.json of the source checkout (or of the current directory)."""
-    for root in (Path(__file__).resolve().parents[3], Path.cwd()):
-        if (root / DATA_FILE).is_file():
+def find_demo_data(given: str | None = None) -> Path:
+    """--data, else data/ja_qa.json of the current directory, else of the source checkout aift runs from.
+
+    The sample data is a file of the repository, not of the wheel: an installed aift finds it in a clone.
+    """
+    if given is not None:
+        if not Path(given).is_file():
+            raise NotAvailableError(f"--data {given}: no such file")
+        return Path(given)
+    for root in (Path.cwd(), _source_checkout()):
+        if root is not None and (root / DATA_FILE).is_file():
             return root / DATA_FILE
     raise NotAvailableError(
-        f"the bundled demo data {DATA_FILE} was not found: run `aift demo` from the aift source checkout"
+        f"the demo data {DATA_FILE} was not found: run `aift demo` from a clone of the aift repository, or pass "
+        "--data PATH (a JSON list of Q&A rows, as data/ja_qa.json)"
     )
+
+
+def _source_checkout() -> Path | None:
+    """The repository root when aift runs from its source tree (src/aift/cli/demo.py), None from a wheel."""
+    root = Path(__file__).resolve().parents[3]
+    return root if (root / "pyproject.toml").is_file() and (root / "src" / "aift").is_dir() else None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     data_dir = prepare_dataset(
         model=EMBEDDED_MODEL,
         source="json",
-        source_path=find_demo_data(),
+        source_path=find_demo_data(args.data),
         output_dir=out.parent / f"{out.name}-data",
         max_length=args.max_length,
         val_ratio=0.1,

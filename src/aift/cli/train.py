@@ -16,6 +16,9 @@ Preference tuning: ``--method dpo|orpo|simpo|kto`` (or ``method: dpo`` in the YA
 
 Precedence: YAML < ``key=value`` overrides (``lora.r=8`` for LoRA keys) < flags. Unknown keys are errors
 with a suggestion. ``python scripts/train_sft.py`` takes exactly the same arguments.
+
+This module only maps argparse to the library: :func:`aift.config.resolve_train_configs` resolves, and
+:func:`aift.training.train` picks the trainer, for the web UI and Python callers alike.
 """
 
 from __future__ import annotations
@@ -28,20 +31,15 @@ from typing import Any
 from aift.config import (
     ConfigError,
     LoRAConfig,
-    MultiGPUTrainingConfig,
     PreferenceConfig,
+    TrainConfigs,
     TrainingConfig,
     field_help,
-    from_dict,
-    load_yaml,
-    parse_overrides,
+    resolve_train_configs,
 )
 
-# MultiGPUTrainingConfig keys: their presence (YAML, key=value or --strategy) selects AdvancedMultiGPUTrainer.
-_MULTI_KEYS = {"strategy", "max_memory_per_gpu", "pipeline_parallel_size", "tensor_parallel_size"}
-
-# Set by the launcher, never by hand.
-_LAUNCHER_FIELDS = {"ddp", "local_rank", "world_size"}
+# Set only through YAML or key=value (--strategy and --max-memory-per-gpu come with the launch flags).
+_NO_FLAG = {"world_size", "strategy", "max_memory_per_gpu", "pipeline_parallel_size", "pipeline_schedule"}
 # LoRA flags of the SFT guide -> LoRAConfig field.
 _LORA_FLAGS = {
     "lora_r": "r",
@@ -60,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     help_of = field_help(TrainingConfig)
     for f in dataclasses.fields(TrainingConfig):
-        if f.name in _LAUNCHER_FIELDS:
+        if f.name in _NO_FLAG:
             continue
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
@@ -94,98 +92,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_launch_arguments(parser)
 
 
-def resolve_preference(args: argparse.Namespace) -> PreferenceConfig | None:
-    """The preference config (None for SFT) from the YAML's method / preference:, preference.KEY=value and flags."""
-    yaml_files = [i for i in args.items if "=" not in i]
-    values: dict[str, Any] = load_yaml(yaml_files[0]) if len(yaml_files) == 1 else {}
-    section = values.get("preference") or {}
-    if not isinstance(section, dict):
-        raise ConfigError("'preference:' must be a mapping of PreferenceConfig keys")
-    section = dict(section)
-    method = values.get("method")
-    for key, value in parse_overrides([i for i in args.items if "=" in i]).items():
-        if key == "method":
-            method = value
-        elif key.startswith("preference."):
-            section[key[len("preference.") :]] = value
-    for f in dataclasses.fields(PreferenceConfig):
-        if f.name != "method" and getattr(args, f.name, None) is not None:
-            section[f.name] = getattr(args, f.name)
-    method = args.method or method or section.pop("method", None) or "sft"
-    section.pop("method", None)
-    if method == "sft":
-        if section:
-            raise ConfigError(f"preference options {sorted(section)} need --method dpo|orpo|simpo|kto")
-        return None
-    return from_dict(PreferenceConfig, {**section, "method": method})
-
-
-def resolve_configs(args: argparse.Namespace) -> tuple[TrainingConfig, LoRAConfig | None]:
-    """YAML, then key=value overrides, then flags -> (TrainingConfig, LoRAConfig or None for full)."""
+def resolve(args: argparse.Namespace) -> TrainConfigs:
+    """The parsed command line -> the library's one resolution (YAML < key=value overrides < flags)."""
     yaml_files = [i for i in args.items if "=" not in i]
     if len(yaml_files) > 1:
         raise ConfigError(f"expected one config file, got {yaml_files}; overrides are key=value")
-    values: dict[str, Any] = load_yaml(yaml_files[0]) if yaml_files else {}
-    values.pop("method", None), values.pop("preference", None)  # read by resolve_preference
-    lora_values = values.pop("lora", None)
-    if lora_values is not None and not isinstance(lora_values, dict):
-        raise ConfigError("'lora:' must be a mapping of LoRAConfig keys (or be left out for full fine-tuning)")
-    lora_values = dict(lora_values or {}) if lora_values is not None else None
-
-    for key, value in parse_overrides([i for i in args.items if "=" in i]).items():
-        if key == "method" or key.startswith("preference."):
-            continue
-        if key.startswith("lora."):
-            lora_values = {**(lora_values or {}), key[len("lora.") :]: value}
-        else:
-            values[key] = value
-
-    for f in dataclasses.fields(TrainingConfig):
-        flag_value = getattr(args, f.name, None)
-        if f.name not in _LAUNCHER_FIELDS and flag_value is not None:
-            values[f.name] = flag_value
-    lora_values = _lora_flags(args, lora_values)
-    for key in ("strategy", "max_memory_per_gpu"):
-        if getattr(args, key, None) is not None:
-            values[key] = getattr(args, key)
-    training = from_dict(MultiGPUTrainingConfig if _MULTI_KEYS & values.keys() else TrainingConfig, values)
-    return training, from_dict(LoRAConfig, lora_values) if lora_values is not None else None
+    training = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingConfig) if f.name not in _NO_FLAG}
+    training.update(strategy=args.strategy, max_memory_per_gpu=args.max_memory_per_gpu)
+    preference = {f.name: getattr(args, f.name) for f in dataclasses.fields(PreferenceConfig) if f.name != "method"}
+    return resolve_train_configs(
+        yaml_files[0] if yaml_files else None,
+        [i for i in args.items if "=" in i],
+        training=_given(training),
+        lora=_lora_flags(args),
+        preference=_given(preference),
+        method=args.method,
+    )
 
 
-def _lora_flags(args: argparse.Namespace, lora_values: dict | None) -> dict | None:
+def _given(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _lora_flags(args: argparse.Namespace) -> dict[str, Any] | None:
+    """LoRAConfig values from the LoRA flags; None when no flag asks for LoRA."""
     given = {name: getattr(args, flag) for flag, name in _LORA_FLAGS.items() if getattr(args, flag) is not None}
     if args.use_4bit and args.use_8bit:
         raise ConfigError("choose one of --use-4bit and --use-8bit")
     if args.use_4bit or args.use_8bit:
         given.update(use_qlora=True, qlora_4bit=bool(args.use_4bit))
     given.update({k: True for k in ("use_dora", "use_rslora") if getattr(args, k)})
-    if args.use_lora or given:
-        return {**(lora_values or {}), **given}
-    return lora_values
+    return given if args.use_lora or given else None
 
 
 def run(args: argparse.Namespace) -> int:
-    from aift.training.trainers import train_from_config
-
-    training, lora = resolve_configs(args)
-    preference = resolve_preference(args)
+    configs = resolve(args)
     if args.nproc_per_node is not None:
         from aift.distributed.launch import launch_options, launch_training
 
-        return launch_training(launch_options(args), training, lora, merge=args.merge, preference=preference)
-    if preference is not None:
-        from aift.training.preference import train_preference_from_config
+        return launch_training(launch_options(args), configs, merge=args.merge)
+    from aift.training.entry import train
 
-        result = train_preference_from_config(training, preference, lora, merge=args.merge)
-    elif isinstance(training, MultiGPUTrainingConfig) or training.deepspeed or training.world_size > 1:
-        from aift.training.multi_gpu import train_multi_gpu_from_config
-
-        result = train_multi_gpu_from_config(training, lora, merge=args.merge)
-    else:
-        result = train_from_config(training, lora, merge=args.merge)
+    result = train(configs.training, configs.lora, configs.preference, merge=args.merge)
     s = result.summary
     if os.environ.get("RANK", "0") != "0":
         return 0  # under a launcher, rank 0 reports for all
+    preference = configs.preference
     method = s["method"] if preference is None else f"{preference.method}, {s['method']}"
     print(
         f"trained {s['steps']} steps ({method}), final train loss {s['final_train_loss']:.4f}"

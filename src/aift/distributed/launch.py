@@ -317,20 +317,20 @@ def launch_options(args) -> LaunchOptions:
     )
 
 
-def launch_training(options: LaunchOptions, training, lora, merge: bool = False, preference=None) -> int:
-    """Writes the resolved config for every process and starts them on this node."""
+def launch_training(options: LaunchOptions, configs, merge: bool = False) -> int:
+    """Writes the resolved configs (a TrainConfigs) for every process and starts them on this node."""
     import dataclasses
 
     import yaml
 
     check_master_port(options)  # before writing anything
-    values = {k: v for k, v in dataclasses.asdict(training).items() if k not in ("ddp", "local_rank")}
+    values = dataclasses.asdict(configs.training)
     values["world_size"] = options.world_size  # every process checks it against what really started
-    if lora is not None:
-        values["lora"] = dataclasses.asdict(lora)
-    if preference is not None:
-        values["preference"] = dataclasses.asdict(preference)
-    out = Path(training.output_dir)
+    if configs.lora is not None:
+        values["lora"] = dataclasses.asdict(configs.lora)
+    if configs.preference is not None:
+        values["preference"] = dataclasses.asdict(configs.preference)
+    out = Path(configs.training.output_dir)
     path = write_launch_config(
         out / f"launch-node{options.node_rank}.yaml", yaml.safe_dump(values, sort_keys=False, allow_unicode=True)
     )

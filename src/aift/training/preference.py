@@ -20,7 +20,7 @@ import torch
 from aift.config import LoRAConfig, PreferenceConfig, TrainingConfig
 from aift.errors import AiftError
 from aift.training.data import Examples
-from aift.training.loop import TrainResult, run_training
+from aift.training.loop import run_training
 from aift.training.objectives import make_objective
 from aift.training.trainers import FullFinetuningTrainer, LoRAFinetuningTrainer, ModelArg
 
@@ -107,24 +107,3 @@ class PreferenceTrainer(LoRAFinetuningTrainer):
                 if isinstance(module, torch.nn.Dropout):
                     module.p = 0.0
         return model
-
-
-def train_preference_from_config(
-    config: TrainingConfig, preference: PreferenceConfig, lora_config: LoRAConfig | None = None, merge: bool = False
-) -> TrainResult:
-    """What `aift train --method dpo|orpo|simpo|kto` runs (one process, or DDP under a launcher)."""
-    from aift.config import MultiGPUTrainingConfig
-    from aift.models.japanese import JapaneseModel
-
-    strategy = getattr(config, "strategy", "ddp") if isinstance(config, MultiGPUTrainingConfig) else "ddp"
-    if strategy != "ddp" or config.deepspeed:
-        raise AiftError(
-            f"--method {preference.method} runs on one process or DDP; strategy {config.deepspeed and 'deepspeed' or strategy} "
-            "cannot serve it (the reference forward and the paired batches are not split over stages or shards)"
-        )
-    holder = JapaneseModel(
-        config.model_name, use_flash_attention=config.use_flash_attention, trust_remote_code=config.trust_remote_code
-    )
-    trainer = PreferenceTrainer(holder, preference, lora_config, config, merge=merge)
-    trainer.train()
-    return trainer.result

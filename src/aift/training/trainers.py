@@ -10,6 +10,7 @@ model = trainer.train(train_texts=texts, eval_texts=eval_texts)
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 
 from aift.config import LoRAConfig, TrainingConfig
 from aift.errors import AiftError
-from aift.export.folders import load_folder_tokenizer
+from aift.lora.model import add_adapters, load_lora_model
 from aift.models.japanese import JapaneseModel
 from aift.models.loading import default_dtype, enable_activation_checkpointing
 from aift.training.data import DatasetError, Examples, load_prepared, to_examples
@@ -125,8 +126,8 @@ class FullFinetuningTrainer(_Trainer):
         train_dataset: A prepared dataset folder, a datasets.Dataset/DatasetDict with input_ids and labels,
             a TextDataset, or a list of strings. ``train(train_texts=...)`` takes precedence.
         eval_dataset: The same kinds; a prepared folder's test split is used when none is given.
-        use_accelerate: Kept for compatibility: the loop always runs on Accelerate (a single process is
-            a plain loop, several processes are DDP).
+        use_accelerate: Deprecated and ignored (a DeprecationWarning when given): the loop always runs on
+            Accelerate (a single process is a plain loop, several processes are DDP).
     """
 
     method = "full"
@@ -137,10 +138,16 @@ class FullFinetuningTrainer(_Trainer):
         config: TrainingConfig | None = None,
         train_dataset=None,
         eval_dataset=None,
-        use_accelerate: bool = True,
+        use_accelerate: bool | None = None,
     ):
         super().__init__(model, config, train_dataset, eval_dataset)
-        self.use_accelerate = use_accelerate
+        if use_accelerate is not None:
+            warnings.warn(
+                "FullFinetuningTrainer(use_accelerate=...) is ignored and will be removed: the loop always runs "
+                "on Accelerate; drop the argument",
+                DeprecationWarning,
+                stacklevel=2,
+            )
 
     def _prepare_model(self) -> torch.nn.Module:
         if self.model.load_in_4bit or self.model.load_in_8bit:
@@ -195,7 +202,7 @@ class LoRAFinetuningTrainer(_Trainer):
         return self._save_merged()
 
     def _prepare_model(self) -> torch.nn.Module:
-        from peft import get_peft_model, prepare_model_for_kbit_training
+        from peft import prepare_model_for_kbit_training
 
         lc, config = self.lora_config, self.config
         model = self._load_base()
@@ -208,11 +215,8 @@ class LoRAFinetuningTrainer(_Trainer):
         elif config.gradient_checkpointing:
             _enable_checkpointing(model)
             model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
-        model = get_peft_model(model, peft_config(lc, fused=config.fused_lora and not lc.use_qlora))
-        if config.frozen_base_bf16:
-            hold_frozen_in_bf16(model)
-        model.print_trainable_parameters()
-        return model
+        fused = config.fused_lora and not lc.use_qlora
+        return add_adapters(model, lc, fused=fused, frozen_base_bf16=config.frozen_base_bf16)
 
     def _load_base(self) -> torch.nn.Module:
         """The base model, (re)loaded quantized when QLoRA asks for it."""
@@ -240,60 +244,4 @@ class LoRAFinetuningTrainer(_Trainer):
     @staticmethod
     def load_lora_model(base_model_name: str, lora_adapter_path: str | Path, device: str | None = None):
         """Loads a base model and applies a saved LoRA adapter; returns (model, tokenizer)."""
-        from peft import PeftModel
-
-        adapter = Path(lora_adapter_path)
-        if not (adapter / "adapter_config.json").is_file():
-            raise AiftError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json in it)")
-        holder = JapaneseModel(base_model_name, device=device)
-        base = holder.load_model()
-        tokenizer = load_folder_tokenizer(adapter, base_model_name)  # the tokenizer saved with the adapter wins
-        model = PeftModel.from_pretrained(base, str(adapter))
-        return model.eval(), tokenizer
-
-
-def peft_config(lc: LoRAConfig, fused: bool = False):
-    """peft's LoraConfig from ours; no target modules means every linear layer except the output head.
-
-    With ``fused``, plain ``nn.Linear`` targets get :class:`aift.training.fast_lora.FusedLoraLinear`
-    (unquantized bases only: bitsandbytes' layers subclass ``nn.Linear`` too).
-    """
-    from peft import LoraConfig
-
-    config = LoraConfig(
-        r=lc.r,
-        lora_alpha=lc.lora_alpha,
-        lora_dropout=lc.lora_dropout,
-        target_modules=lc.target_modules or "all-linear",
-        bias=lc.bias,
-        task_type=lc.task_type,
-        use_dora=lc.use_dora,
-        use_rslora=lc.use_rslora,
-    )
-    if fused:
-        from aift.training.fast_lora import register_fused_lora
-
-        register_fused_lora(config)
-    return config
-
-
-def hold_frozen_in_bf16(model: torch.nn.Module) -> None:
-    """Casts the frozen floating-point weights to bf16; trainable adapters stay fp32 (their optimizer too)."""
-    for param in model.parameters():
-        if not param.requires_grad and param.is_floating_point():
-            param.data = param.data.to(torch.bfloat16)
-
-
-def train_from_config(
-    config: TrainingConfig, lora_config: LoRAConfig | None = None, merge: bool = False
-) -> TrainResult:
-    """What `aift train` runs: full fine-tuning without a LoRA config, LoRA/QLoRA with one."""
-    holder = JapaneseModel(
-        config.model_name, use_flash_attention=config.use_flash_attention, trust_remote_code=config.trust_remote_code
-    )
-    if lora_config is None:
-        trainer: _Trainer = FullFinetuningTrainer(holder, config)
-    else:
-        trainer = LoRAFinetuningTrainer(holder, lora_config, config, merge=merge)
-    trainer.train()
-    return trainer.result
+        return load_lora_model(base_model_name, lora_adapter_path, device)

@@ -22,7 +22,7 @@ from typing import Any
 import psutil
 import yaml
 
-from aift.config import LoRAConfig, TrainingConfig, from_dict
+from aift.config import LoRAConfig, TrainingConfig, resolve_train_configs
 from aift.errors import AiftError
 
 REQUEST_FILE = "webui_request.yaml"  # what the user asked for (TrainingConfig keys + lora:)
@@ -34,8 +34,16 @@ DATASETS_DIR = "datasets"  # RUNS/datasets/: data prepared from the UI (never a 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
 _TOTAL_STEPS = re.compile(r"training (\d+) steps")
 _INTERRUPTED = "aift train: interrupted"  # what the CLI prints when Ctrl-C ended a run
-# Fields the UI sets itself (output_dir) or that only a launcher sets.
-HIDDEN_FIELDS = {"output_dir", "ddp", "local_rank", "world_size"}
+# Fields the UI sets itself (output_dir), or that only runs of several processes or devices use: the UI
+# starts one process.
+HIDDEN_FIELDS = {
+    "output_dir",
+    "world_size",
+    "strategy",
+    "max_memory_per_gpu",
+    "pipeline_parallel_size",
+    "pipeline_schedule",
+}
 METHODS = ("lora", "qlora", "full")
 
 
@@ -247,23 +255,23 @@ def config_fields() -> dict[str, list[dict[str, Any]]]:
 
 
 def build_request(method: str, training: dict[str, Any], lora: dict[str, Any] | None) -> dict[str, Any]:
-    """The YAML mapping `aift train` reads, checked by the same from_dict the CLI uses (unknown keys are errors)."""
+    """The YAML mapping `aift train` reads, checked by the resolution the CLI uses (unknown keys are errors)."""
     if method not in METHODS:
         raise WebUIError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-    training = {k: v for k, v in (training or {}).items() if v not in ("", None)}
+    training = {k.replace("-", "_"): v for k, v in (training or {}).items() if v not in ("", None)}
     hidden = HIDDEN_FIELDS & training.keys()
     if hidden:
         raise WebUIError(f"{', '.join(sorted(hidden))} cannot be set here (the UI sets output_dir to the run folder)")
     if not training.get("dataset_path"):
         raise WebUIError("pick a prepared dataset (dataset_path) first")
-    checked = from_dict(TrainingConfig, training)  # ConfigError names the field
-    request: dict[str, Any] = {k.replace("-", "_"): getattr(checked, k.replace("-", "_")) for k in training}
+    lora_values = None
     if method != "full":
-        values = {k: v for k, v in (lora or {}).items() if v not in ("", None)}
-        if method == "qlora":
-            values["use_qlora"] = True
-        checked_lora = from_dict(LoRAConfig, values)
-        request["lora"] = {k.replace("-", "_"): getattr(checked_lora, k.replace("-", "_")) for k in values}
+        lora_values = {k.replace("-", "_"): v for k, v in (lora or {}).items() if v not in ("", None)}
+        lora_values.update({"use_qlora": True} if method == "qlora" else {})
+    checked = resolve_train_configs(training=training, lora=lora_values)  # ConfigError names the field
+    request: dict[str, Any] = {k: getattr(checked.training, k) for k in training}
+    if checked.lora is not None:
+        request["lora"] = {k: getattr(checked.lora, k) for k in lora_values}
     return request
 
 

@@ -1,8 +1,8 @@
 """`AdvancedMultiGPUTrainer`: the same loop as every trainer, with Accelerate set up for several devices.
 
 ```python
-from aift import AdvancedMultiGPUTrainer, LoRAConfig, MultiGPUTrainingConfig
-config = MultiGPUTrainingConfig(strategy="ddp", batch_size=2, learning_rate=2e-4)
+from aift import AdvancedMultiGPUTrainer, LoRAConfig, TrainingConfig
+config = TrainingConfig(strategy="ddp", batch_size=2, learning_rate=2e-4)
 trainer = AdvancedMultiGPUTrainer("smollm2-135m-instruct", config, lora_config=LoRAConfig(r=16))
 trainer.train(train_texts=texts)     # under `torchrun --nproc-per-node 2` (or `aift train --nproc-per-node 2`)
 ```
@@ -12,7 +12,7 @@ Strategies (aift has no distributed engine of its own; this file only configures
   every optimizer step's micro-batches and normalises the loss by the trained tokens of all processes, so
   N processes x batch B equal 1 process x batch B x N accumulation steps. Only rank 0 writes.
 - ``fsdp``: FSDP2 (``fully_shard``) through Accelerate's FullyShardedDataParallelPlugin(fsdp_version=2).
-- ``deepspeed``: ZeRO-1/2/3 (optionally offloaded) from the presets in ``aift/distributed/deepspeed_presets/`` or your JSON.
+- ``deepspeed``: ZeRO-1/2/3 (optionally offloaded) from the presets in ``deepspeed_presets/`` or your JSON.
 - ``model_parallel``: one process, the layers spread over the GPUs with ``device_map="auto"`` and
   ``max_memory_per_gpu`` (``aift plan`` prints the same map without loading anything).
 - ``pipeline``: one process per stage (``pipeline_parallel_size``), 1F1B or GPipe through
@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from aift.config import LoRAConfig, MultiGPUTrainingConfig, TrainingConfig
+from aift.config import LoRAConfig, TrainingConfig
 from aift.distributed.launch import check_world_size, under_launcher
 from aift.distributed.pipeline_backend import check_pipeline_config, train_pipeline
 from aift.errors import AiftError, NotAvailableError
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 DEEPSPEED_PRESETS = ("zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
 # Shipped inside the package (package-data), so presets resolve from an installed wheel too.
-PRESET_DIR = Path(__file__).resolve().parent.parent / "distributed" / "deepspeed_presets"
+PRESET_DIR = Path(__file__).resolve().parent / "deepspeed_presets"
 
 
 class AdvancedMultiGPUTrainer:
@@ -48,7 +48,7 @@ class AdvancedMultiGPUTrainer:
 
     Args:
         model: A JapaneseModel or a model name / folder.
-        config: MultiGPUTrainingConfig (a plain TrainingConfig means strategy ddp).
+        config: Training settings with their strategy; defaults to TrainingConfig() (strategy ddp).
         train_dataset: As for FullFinetuningTrainer (prepared folder, Dataset, TextDataset, texts).
         eval_dataset: The same kinds.
         lora_config: Train LoRA adapters (QLoRA with ``use_qlora=True``); None means full fine-tuning.
@@ -57,12 +57,12 @@ class AdvancedMultiGPUTrainer:
     def __init__(
         self,
         model: JapaneseModel | str,
-        config: MultiGPUTrainingConfig | TrainingConfig | None = None,
+        config: TrainingConfig | None = None,
         train_dataset=None,
         eval_dataset=None,
         lora_config: LoRAConfig | None = None,
     ):
-        self.config = _as_multi(config)
+        self.config = config or TrainingConfig()
         self.model = model if isinstance(model, JapaneseModel) else JapaneseModel(str(model))
         self.train_dataset, self.eval_dataset, self.lora_config = train_dataset, eval_dataset, lora_config
         self.result = None
@@ -204,16 +204,6 @@ STRATEGIES = {
 }
 
 
-def _as_multi(config: MultiGPUTrainingConfig | TrainingConfig | None) -> MultiGPUTrainingConfig:
-    if config is None:
-        return MultiGPUTrainingConfig()
-    if isinstance(config, MultiGPUTrainingConfig):
-        return config
-    from dataclasses import asdict
-
-    return MultiGPUTrainingConfig(**asdict(config), strategy="deepspeed" if config.deepspeed else "ddp")
-
-
 def _require_cuda(strategy: str, why: str) -> None:
     if not torch.cuda.is_available():
         raise NotAvailableError(f"strategy {strategy} needs CUDA GPUs: {why}")
@@ -286,15 +276,3 @@ def deepspeed_plugin(ds_config: dict[str, Any]):
     from accelerate.utils import DeepSpeedPlugin
 
     return DeepSpeedPlugin(hf_ds_config=ds_config)
-
-
-def train_multi_gpu_from_config(config: TrainingConfig, lora_config: LoRAConfig | None = None, merge: bool = False):
-    """What `aift train` runs for a multi-GPU config (a strategy, a deepspeed file, or a launcher's world size)."""
-    holder = JapaneseModel(
-        config.model_name, use_flash_attention=config.use_flash_attention, trust_remote_code=config.trust_remote_code
-    )
-    trainer = AdvancedMultiGPUTrainer(holder, config, lora_config=lora_config)
-    trainer.train()
-    if merge and lora_config is not None and int(os.environ.get("RANK", "0")) == 0:
-        trainer.inner._save_merged()
-    return trainer.result

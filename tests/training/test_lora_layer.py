@@ -9,8 +9,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from aift.training.fast_lora import FusedLoraLinear, register_fused_lora
-from aift.training.trainers import hold_frozen_in_bf16
+from aift.lora.layer import FusedLoraLinear, register_fused_lora
+from aift.lora.model import hold_frozen_in_bf16
 
 
 def _lora_model(model_dir, fused: bool, bf16_base: bool = False, dropout: float = 0.0):

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from aift.config import ConfigError, LoRAConfig, MultiGPUTrainingConfig, TrainingConfig
-from aift.errors import AiftError, NotAvailableError
-from aift.training.multi_gpu import (
+from aift.distributed.trainer import (
     DEEPSPEED_PRESETS,
     PRESET_DIR,
     AdvancedMultiGPUTrainer,
@@ -20,6 +19,7 @@ from aift.training.multi_gpu import (
     load_deepspeed_config,
     resolve_deepspeed_config,
 )
+from aift.errors import AiftError, NotAvailableError
 
 CONFIG = TrainingConfig(batch_size=2, gradient_accumulation_steps=4, max_grad_norm=0.5)
 
@@ -110,7 +110,7 @@ def test_world_size_in_the_config_must_match_the_launch(monkeypatch, tiny_model_
         AdvancedMultiGPUTrainer(str(tiny_model_dir), config).train(train_texts=["a"])
 
 
-def test_plain_training_config_becomes_ddp(tiny_model_dir):
+def test_training_config_without_a_strategy_is_ddp_or_deepspeed(tiny_model_dir):
     trainer = AdvancedMultiGPUTrainer(str(tiny_model_dir), TrainingConfig(batch_size=3))
     assert trainer.config.strategy == "ddp" and trainer.config.batch_size == 3
     ds = AdvancedMultiGPUTrainer(str(tiny_model_dir), TrainingConfig(deepspeed="zero3"))
@@ -177,9 +177,11 @@ def test_deepspeed_outside_a_launcher_is_refused(monkeypatch, tiny_model_dir, tm
         AdvancedMultiGPUTrainer(str(tiny_model_dir), config).train(train_texts=["a"])
 
 
-def test_multi_gpu_front_door_passes_trust_remote_code(monkeypatch):
-    """train_multi_gpu_from_config used to drop trust_remote_code; the model holder must receive it."""
-    import aift.training.multi_gpu as multi_gpu
+@pytest.mark.parametrize("config", [{"world_size": 2}, {"strategy": "fsdp"}, {}])
+def test_the_front_door_passes_trust_remote_code(monkeypatch, config):
+    """The multi-GPU front door used to drop trust_remote_code; the model holder must receive it, on every path."""
+    import aift.models.japanese
+    from aift.training.entry import train
 
     seen = {}
 
@@ -190,9 +192,9 @@ def test_multi_gpu_front_door_passes_trust_remote_code(monkeypatch):
         seen.update(kwargs, name=name)
         raise Stop
 
-    monkeypatch.setattr(multi_gpu, "JapaneseModel", holder)
+    monkeypatch.setattr(aift.models.japanese, "JapaneseModel", holder)
     with pytest.raises(Stop):
-        multi_gpu.train_multi_gpu_from_config(TrainingConfig(model_name="some/model", trust_remote_code=True))
+        train(TrainingConfig(model_name="some/model", trust_remote_code=True, **config))
     assert seen["trust_remote_code"] is True and seen["name"] == "some/model"
 
 

@@ -1,0 +1,85 @@
+"""`train`: typed configs -> the trainer that serves them. What `aift train` and the web UI's runs call.
+
+```python
+from aift.config import resolve_train_configs
+from aift.training import train
+configs = resolve_train_configs("configs/smollm2-135m-instruct/lora.yaml", ["max_steps=10"])
+result = train(configs.training, configs.lora, configs.preference)
+```
+
+Which trainer: a preference config -> PreferenceTrainer; a strategy other than plain DDP, a DeepSpeed config,
+an expected world size or a launcher's environment -> AdvancedMultiGPUTrainer (it sets Accelerate up for
+several devices); otherwise FullFinetuningTrainer, or LoRAFinetuningTrainer with a LoRA config.
+"""
+
+from __future__ import annotations
+
+import os
+
+from aift.config import LoRAConfig, PreferenceConfig, TrainingConfig
+from aift.errors import AiftError
+
+
+def train(
+    config: TrainingConfig,
+    lora: LoRAConfig | None = None,
+    preference: PreferenceConfig | None = None,
+    merge: bool = False,
+):
+    """Trains as the configs say and returns the TrainResult (summary, output_dir, model).
+
+    Args:
+        config: Training settings, strategy included.
+        lora: LoRA / QLoRA adapter settings; None trains every weight.
+        preference: DPO / ORPO / SimPO / KTO settings; None is supervised fine-tuning.
+        merge: With LoRA, also save the base with the adapter merged into ``OUTPUT/merged``.
+    """
+    from aift.models.japanese import JapaneseModel
+
+    holder = JapaneseModel(
+        config.model_name, use_flash_attention=config.use_flash_attention, trust_remote_code=config.trust_remote_code
+    )
+    if preference is not None:
+        from aift.training.preference import PreferenceTrainer
+
+        check_preference_strategy(config, preference)
+        trainer = PreferenceTrainer(holder, preference, lora, config, merge=merge)
+        trainer.train()
+        return trainer.result
+    if needs_device_setup(config):
+        return _train_multi_device(holder, config, lora, merge)
+    from aift.training.trainers import FullFinetuningTrainer, LoRAFinetuningTrainer
+
+    if lora is None:
+        trainer = FullFinetuningTrainer(holder, config)
+    else:
+        trainer = LoRAFinetuningTrainer(holder, lora, config, merge=merge)
+    trainer.train()
+    return trainer.result
+
+
+def needs_device_setup(config: TrainingConfig) -> bool:
+    """Whether AdvancedMultiGPUTrainer must set Accelerate up, rather than a plain one-process trainer."""
+    from aift.distributed.launch import under_launcher
+
+    return config.strategy != "ddp" or bool(config.deepspeed) or config.world_size > 1 or under_launcher()
+
+
+def _train_multi_device(holder, config: TrainingConfig, lora: LoRAConfig | None, merge: bool):
+    from aift.distributed.trainer import AdvancedMultiGPUTrainer
+
+    trainer = AdvancedMultiGPUTrainer(holder, config, lora_config=lora)
+    trainer.train()
+    if merge and lora is not None and int(os.environ.get("RANK", "0")) == 0:
+        trainer.inner._save_merged()
+    return trainer.result
+
+
+def check_preference_strategy(config: TrainingConfig, preference: PreferenceConfig) -> None:
+    """Preference tuning runs on one process or DDP: its paired batches are not split over stages or shards."""
+    if config.strategy != "ddp" or config.deepspeed:
+        strategy = "deepspeed" if config.deepspeed else config.strategy
+        raise AiftError(
+            f"--method {preference.method} runs on one process or DDP; strategy {strategy} "
+            "cannot serve it (the reference forward and the paired batches are not split over stages or shards)"
+        )
