@@ -16,7 +16,7 @@ Strategies (aift has no distributed engine of its own; this file only configures
 - ``model_parallel``: one process, the layers spread over the GPUs with ``device_map="auto"`` and
   ``max_memory_per_gpu`` (``aift plan`` prints the same map without loading anything).
 - ``pipeline``: one process per stage (``pipeline_parallel_size``), 1F1B or GPipe through
-  ``torch.distributed.pipelining``, trained by :mod:`aift.training.pipeline_loop`.
+  ``torch.distributed.pipelining``, trained by :mod:`aift.distributed.pipeline_backend` through the one loop.
 """
 
 from __future__ import annotations
@@ -165,6 +165,7 @@ class AdvancedMultiGPUTrainer:
             max_length=self.config.max_length,
             gradient_checkpointing=self.config.gradient_checkpointing,
             lora_r=lc.r if lc else 16,
+            lora_dropout=lc.lora_dropout if lc else 0.0,
             max_memory=budgets,
             trust_remote_code=self.model.trust_remote_code,
         )
@@ -173,7 +174,7 @@ class AdvancedMultiGPUTrainer:
             log.warning("full fine-tuning with layers offloaded to CPU/disk is slow; consider lora or deepspeed zero3")
 
     def _pipeline(self) -> dict[str, Any]:
-        """One process per stage, trained by :mod:`aift.training.pipeline_loop` (not by Accelerate)."""
+        """One process per stage, run by :mod:`aift.distributed.pipeline_backend` in the one loop (not Accelerate)."""
         if not under_launcher():
             raise AiftError(
                 "strategy pipeline runs one process per stage under a launcher: "
