@@ -21,8 +21,8 @@ from aift.config import LoRAConfig, MultiGPUTrainingConfig, TrainingConfig
 from aift.data.packing import IGNORE_INDEX
 from aift.distributed.launch import find_free_port
 from aift.errors import AiftError, NotAvailableError
+from aift.training.batching import Examples
 from aift.training.checkpoint import CheckpointError
-from aift.training.data import Examples
 from aift.training.pipeline_loop import (
     FixedShapeBatches,
     _Ranks,

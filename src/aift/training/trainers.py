@@ -16,11 +16,11 @@ from typing import Any
 import torch
 
 from aift.config import LoRAConfig, TrainingConfig
+from aift.data.prepared import read_prepared
 from aift.errors import AiftError
-from aift.export.folders import load_folder_tokenizer
 from aift.models.japanese import JapaneseModel
 from aift.models.loading import default_dtype, enable_activation_checkpointing
-from aift.training.data import DatasetError, Examples, load_prepared, to_examples
+from aift.training.batching import DatasetError, Examples, to_examples
 from aift.training.loop import RunInfo, TrainResult, run_training
 from aift.training.run_guard import output_dir_lock
 from aift.utils.gpu import get_available_device
@@ -106,7 +106,7 @@ class _Trainer:
 
 def _has_test_split(source: Any) -> bool:
     if isinstance(source, (str, Path)):
-        data, _ = load_prepared(source)
+        data, _ = read_prepared(source)
         return "test" in data
     return isinstance(getattr(source, "column_names", None), dict) and "test" in source
 
@@ -239,17 +239,11 @@ class LoRAFinetuningTrainer(_Trainer):
 
     @staticmethod
     def load_lora_model(base_model_name: str, lora_adapter_path: str | Path, device: str | None = None):
-        """Loads a base model and applies a saved LoRA adapter; returns (model, tokenizer)."""
-        from peft import PeftModel
+        """Loads a base model and applies a saved LoRA adapter (or a run dir's); returns (model, tokenizer)."""
+        from aift.models.run_folder import open_run
 
-        adapter = Path(lora_adapter_path)
-        if not (adapter / "adapter_config.json").is_file():
-            raise AiftError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json in it)")
-        holder = JapaneseModel(base_model_name, device=device)
-        base = holder.load_model()
-        tokenizer = load_folder_tokenizer(adapter, base_model_name)  # the tokenizer saved with the adapter wins
-        model = PeftModel.from_pretrained(base, str(adapter))
-        return model.eval(), tokenizer
+        run = open_run(base_model_name, lora_adapter_path, device=device)
+        return run.model, run.tokenizer
 
 
 def peft_config(lc: LoRAConfig, fused: bool = False):
