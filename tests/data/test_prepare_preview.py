@@ -14,8 +14,9 @@ from aift.cli import main
 from aift.data import DataError
 from aift.data.packing import IGNORE_INDEX
 from aift.data.prepare import prepare_dataset
+from aift.data.prepared import read_prepared
 from aift.data.preview import preview_dataset
-from aift.training.data import load_prepared, to_examples
+from aift.training.batching import to_examples
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).resolve().parents[2]
@@ -193,7 +194,7 @@ def test_train_on_prompt_and_system(tmp_path, tokenizer):
     info = json.loads((out / "prepare.json").read_text())
     assert info["train_on_prompt"] is True and info["system"] == "Answer in one word."
     # Every label is trained here, position 0 included: prepare.json counts what the trainer trains on.
-    train = to_examples(load_prepared(out)[0]["train"], tokenizer, 512, "train")
+    train = to_examples(read_prepared(out)[0]["train"], tokenizer, 512, "train")
     assert info["tokens"]["trained"] == train.trained_tokens == sum(len(r["labels"]) - 1 for r in train.rows)
 
 

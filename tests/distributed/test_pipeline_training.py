@@ -29,8 +29,8 @@ from aift.distributed.pipeline_backend import (
     token_loss,
 )
 from aift.errors import AiftError, NotAvailableError
+from aift.training.batching import Examples
 from aift.training.checkpoint import CheckpointError
-from aift.training.data import Examples
 
 TOLERANCE = 1e-4
 WORKER = Path(__file__).with_name("pipeline_training_worker.py")

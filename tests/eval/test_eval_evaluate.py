@@ -15,7 +15,6 @@ from aift.eval.evaluate import (
     evaluate,
     generate_answers,
     load_split,
-    resolve_target,
 )
 
 
@@ -85,24 +84,6 @@ def test_generation_scores_improve_after_fine_tune(tiny_adapter, prepared_datase
     assert sample["finetuned"] != sample["base"]
 
 
-def test_resolve_target(tmp_path, tiny_model_dir, tiny_adapter):
-    run = tmp_path / "run"
-    (run / "final").mkdir(parents=True)
-    for name in ("adapter_config.json", "aift_meta.json"):
-        (run / "final" / name).write_text((tiny_adapter / name).read_text())
-    assert resolve_target(str(run)).adapter == str(run / "final")
-    assert resolve_target(str(run)).base == str(tiny_model_dir)
-    assert resolve_target("m", adapter=str(run)).adapter == str(run / "final")
-    full = tmp_path / "full"
-    full.mkdir()
-    (full / "config.json").write_text("{}")
-    (full / "aift_meta.json").write_text(json.dumps({"base_model": "base-x", "method": "full"}))
-    assert resolve_target(str(full)) == type(resolve_target(str(full)))(base="base-x", finetuned=str(full))
-    assert not resolve_target(str(tiny_model_dir)).has_finetune
-    with pytest.raises(EvalError, match="no adapter_config.json"):
-        resolve_target("m", adapter=str(tmp_path))
-
-
 def test_full_finetune_folder_compared_with_its_base(tmp_path, tiny_model_dir, prepared_dataset):
     # a "fine-tuned" folder that is the base itself: the difference must be exactly zero
     full = tmp_path / "full"
@@ -138,7 +119,8 @@ def test_bad_inputs_are_clear_errors(tmp_path, tiny_model_dir, tokenizer, prepar
 
 
 def test_warns_when_data_format_differs_from_training(tmp_path, prepared_dataset, caplog):
-    from aift.eval.evaluate import EvalTarget, warn_on_mismatch
+    from aift.eval.evaluate import warn_on_mismatch
+    from aift.models.run_folder import RunTarget
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()
@@ -146,12 +128,12 @@ def test_warns_when_data_format_differs_from_training(tmp_path, prepared_dataset
         json.dumps({"base_model": "b", "method": "qlora", "prompt_format": "alpaca"})
     )
     with caplog.at_level("WARNING"):
-        warn_on_mismatch(EvalTarget(base="b", adapter=str(adapter)), prepared_dataset, load_in_4bit=False)
+        warn_on_mismatch(RunTarget(base="b", adapter=str(adapter)), prepared_dataset, load_in_4bit=False)
     assert "prompt format 'alpaca'" in caplog.text and "'chatml'" in caplog.text
     assert "--load-in-4bit" in caplog.text
     caplog.clear()
     (adapter / "aift_meta.json").write_text(
         json.dumps({"base_model": "b", "method": "lora", "prompt_format": "chatml"})
     )
-    warn_on_mismatch(EvalTarget(base="b", adapter=str(adapter)), prepared_dataset, load_in_4bit=False)
+    warn_on_mismatch(RunTarget(base="b", adapter=str(adapter)), prepared_dataset, load_in_4bit=False)
     assert caplog.text == ""

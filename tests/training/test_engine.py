@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from aift.training.backends import AccelerateBackend
-from aift.training.data import Examples
+from aift.training.batching import Examples
 from aift.training.loop import Run, RunInfo
 from aift.training.loss import shifted_cross_entropy_sum
 from aift.training.objectives import SFTObjective

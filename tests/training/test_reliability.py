@@ -146,7 +146,7 @@ def poisoned(tmp_path_factory, tiny_model_dir, prepared_small, tokenizer) -> tup
     from datasets import load_from_disk
     from transformers import AutoModelForCausalLM
 
-    from aift.training.data import BatchPlanner, to_examples
+    from aift.training.batching import BatchPlanner, to_examples
     from aift.training.run_guard import example_ids
 
     data = load_from_disk(str(prepared_small))

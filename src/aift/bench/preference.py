@@ -27,6 +27,7 @@ import torch
 from aift.bench.core import load_average
 from aift.bench.measure import allocator
 from aift.bench.settings import aift_settings, settings_markdown, trl_settings
+from aift.utils.gpu import peak_memory_gb
 
 log = logging.getLogger("aift.bench")
 
@@ -177,12 +178,6 @@ def summary_line(result: dict) -> str:
 # ---------------------------------------------------------------------- the worker side
 
 
-def _peak_memory_gb() -> float:
-    from aift.utils.gpu import peak_memory_gb
-
-    return peak_memory_gb("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _eval_rows(spec: dict, tokenizer) -> list[dict]:
     """Held-out pairs tokenized as aift prepares them (template format), for both trainers' models."""
     from aift.data.formats import get_format
@@ -248,7 +243,7 @@ def run_aift(spec: dict) -> dict[str, Any]:
     preference, lora = PreferenceConfig(method="dpo", beta=spec["beta"]), LoRAConfig(**LORA)
     trainer = PreferenceTrainer(holder, preference, lora, config, train_dataset=str(data))
     model = trainer.train()
-    peak = _peak_memory_gb()
+    peak = peak_memory_gb()
     summary = trainer.result.summary
     train_time = summary["tokens"] / summary["train_tokens_per_s"]
     return {
@@ -317,7 +312,7 @@ def run_trl(spec: dict) -> dict[str, Any]:
     started = time.perf_counter()
     output = trainer.train()
     train_time = time.perf_counter() - started
-    peak = _peak_memory_gb()
+    peak = peak_memory_gb()
     return {
         "tokens": tokens,
         "train_time_s": train_time,

@@ -95,7 +95,7 @@ def run_aift(spec: dict) -> dict[str, Any]:
         lora = LoRAConfig(**LORA, use_qlora=spec["method"] == "qlora")
         trainer = LoRAFinetuningTrainer(holder, lora, config, train_dataset=dataset)
     model = trainer.train()
-    peak = peak_memory_gb("cuda" if torch.cuda.is_available() else "cpu")
+    peak = peak_memory_gb()
     summary = trainer.result.summary
     steps = [r for r in measure.read_json_lines(output_dir / "metrics.jsonl") if r.get("type") == "train"]
     compile_s = compile_time_s(steps) if levers["torch_compile"] else 0.0
@@ -187,7 +187,7 @@ def run_trl(spec: dict) -> dict[str, Any]:
     started = time.perf_counter()
     output = trainer.train()
     train_time = time.perf_counter() - started
-    peak = peak_memory_gb("cuda" if torch.cuda.is_available() else "cpu")
+    peak = peak_memory_gb()
     return {
         "tokens": tokens,
         "tokens_match_aift_tokenization": tokens == sum(map(len, train_ids)),

@@ -53,9 +53,9 @@ def _source_checkout() -> Path | None:
 def run(args: argparse.Namespace) -> int:
     from aift.config import LoRAConfig, TrainingConfig
     from aift.data.prepare import prepare_dataset
+    from aift.data.prepared import read_prepared
     from aift.models.japanese import JapaneseModel
     from aift.models.registry import EMBEDDED_MODEL
-    from aift.training.data import load_prepared
     from aift.training.trainers import LoRAFinetuningTrainer
 
     out = Path(args.output_dir)
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         val_ratio=0.1,
     )
-    held_out = load_prepared(data_dir)[0]["test"][0]
+    held_out = read_prepared(data_dir)[0]["test"][0]
     holder = JapaneseModel(EMBEDDED_MODEL, device="cpu").load()
     before = greedy_answer(holder.model, holder.tokenizer, held_out["prompt"], args.max_new_tokens)
 

@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from aift.errors import AiftError
-    from aift.export.folders import is_adapter_dir
+    from aift.models.run_folder import is_adapter_dir
 
     adapter = args.adapter or (args.model if is_adapter_dir(args.model) else None)
     base = None if adapter == args.model else args.model

@@ -63,10 +63,10 @@ def _preview_pairs(args: argparse.Namespace, console, tty: bool) -> int:
     from rich.text import Text
 
     from aift.data.preference import preview_pairs
-    from aift.data.preview import load_prepared
+    from aift.data.prepared import read_split
     from aift.models.loading import load_tokenizer
 
-    dataset, info = load_prepared(args.dataset_dir, args.split)
+    dataset, info = read_split(args.dataset_dir, args.split, with_prepare_json=True)
     tokenizer = load_tokenizer(info["tokenizer"])
     legend = "trained tokens in green" if tty else "trained tokens in [[...]]"
     console.print(

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from aift.data import DataError
 from aift.data.formats import Rendered
-from aift.data.packing import IGNORE_INDEX
+from aift.data.packing import IGNORE_INDEX, count_trained_tokens
 
 
 @dataclass
@@ -25,7 +25,7 @@ class Encoded:
 
     @property
     def num_trained(self) -> int:
-        return sum(label != IGNORE_INDEX for label in self.labels)
+        return count_trained_tokens(self.labels)
 
 
 def _overlaps(start: int, end: int, spans: tuple[tuple[int, int], ...]) -> bool:

@@ -28,6 +28,11 @@ def count_trained_tokens(labels: Sequence[int]) -> int:
     return sum(1 for label in labels[1:] if label != IGNORE_INDEX)
 
 
+def trained_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The same rule on a ``[..., T]`` label tensor: a ``[..., T-1]`` mask of the trained targets (position 0 never)."""
+    return labels[..., 1:] != IGNORE_INDEX
+
+
 def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Groups example indices into bins of at most ``capacity`` tokens, longest first, each into the
     fullest bin it still fits (ties: the earliest). Examples longer than capacity raise ValueError."""
@@ -132,7 +137,7 @@ class PackedCollator:
         if self.mask == "4d":
             batch["attention_mask"] = block_causal_mask(seq_lens, total)
         batch["num_tokens"] = torch.tensor(sum(map(sum, seq_lens)))
-        batch["num_trained_tokens"] = (labels[:, 1:] != IGNORE_INDEX).sum()
+        batch["num_trained_tokens"] = trained_positions(labels).sum()
         return batch
 
 
@@ -159,5 +164,5 @@ class PaddedCollator:
             "labels": labels,
             "attention_mask": attention_mask,
             "num_tokens": attention_mask.sum(),
-            "num_trained_tokens": (labels[:, 1:] != IGNORE_INDEX).sum(),
+            "num_trained_tokens": trained_positions(labels).sum(),
         }

@@ -30,7 +30,7 @@ from typing import Any
 from aift.data import DataError
 from aift.data.formats import Message, PromptFormat, default_system, normalize, resolve_format
 from aift.data.masking import encode
-from aift.data.packing import IGNORE_INDEX
+from aift.data.packing import count_trained_tokens
 from aift.data.prepared import write_prepared
 from aift.data.sources import Row, read_file, source_for_path
 from aift.models.registry import EMBEDDED_MODEL
@@ -251,10 +251,6 @@ def encode_answer(
     return encoded.input_ids, encoded.labels, encoded.truncated
 
 
-def _trained(labels: list[int]) -> int:
-    return sum(t != IGNORE_INDEX for t in labels[1:])
-
-
 def encode_samples(samples, fmt, tokenizer, max_length: int, system: str | None):
     """Rows of token ids for pairs or labelled examples; drop reasons and truncation counts."""
     from tqdm.auto import tqdm
@@ -271,7 +267,7 @@ def encode_samples(samples, fmt, tokenizer, max_length: int, system: str | None)
         try:
             for name, answer in answers.items():
                 ids, labels, cut = encode_answer(fmt, tokenizer, prompt, answer, max_length)
-                if _trained(labels) == 0:
+                if count_trained_tokens(labels) == 0:
                     raise Drop(f"no trained token in '{name}' after truncation to {max_length} tokens")
                 if cut:
                     truncated[cut] += 1
@@ -425,11 +421,12 @@ def load_preference_rows(source: Any, name: str, split: str, method: str, max_le
     KTO also trains on pairs: each pair becomes a desirable and an undesirable example (as TRL does).
     Returns (rows, prompt format or None).
     """
-    from aift.training.data import DatasetError, load_prepared
+    from aift.data.prepared import read_prepared
+    from aift.training.batching import DatasetError
 
     prompt_format = None
     if isinstance(source, (str, Path)):
-        source, meta = load_prepared(source)
+        source, meta = read_prepared(source)
         prompt_format = meta.get("prompt_format")
     if hasattr(source, "keys") and isinstance(getattr(source, "column_names", None), dict):
         if split not in source:
@@ -490,6 +487,6 @@ def preview_pairs(dataset, tokenizer, n: int) -> list[PairPreview]:
             prefix = "" if name == "completion" else f"{name}_"
             ids, labels = row[f"{prefix}input_ids"], row[f"{prefix}labels"]
             sides[name] = _runs(tokenizer, ids, labels)
-            trained[name] = sum(label != IGNORE_INDEX for label in labels)
+            trained[name] = count_trained_tokens(labels)
         previews.append(PairPreview(i, sides, trained, row.get("label")))
     return previews

@@ -49,8 +49,13 @@ def read_prepare_json(path: str | Path) -> dict:
         raise DataError(f"{meta_file} is not valid JSON (line {e.lineno}: {e.msg})") from e
 
 
-def read_split(path: str | Path, split: str) -> tuple[Any, dict]:
-    """One split of a prepared folder and its prepare.json; DataError listing the splits when it is missing."""
+def read_split(path: str | Path, split: str, with_prepare_json: bool = False) -> tuple[Any, dict]:
+    """One split of a prepared folder and its prepare.json; DataError listing the splits when it is missing.
+
+    with_prepare_json: refuse a folder without prepare.json (preview needs the model and format it was made with).
+    """
+    if with_prepare_json and not (Path(path).expanduser() / PREPARE_JSON).is_file():
+        raise DataError(f"{path} is not a prepared dataset (no {PREPARE_JSON}); make one with `aift prepare`")
     data, meta = read_prepared(path)
     if split not in data:
         raise DataError(f"{Path(path).expanduser()} has no split {split!r} (splits: {', '.join(data.keys())})")

@@ -7,9 +7,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aift.data import DataError
-from aift.data.packing import IGNORE_INDEX
-from aift.data.prepared import PREPARE_JSON, read_split
+from aift.data.packing import IGNORE_INDEX, count_trained_tokens
+from aift.data.prepared import read_split
 
 
 @dataclass
@@ -34,14 +33,6 @@ class DatasetPreview:
     masked: int
     warnings: list[str]
     info: dict
-
-
-def load_prepared(path: str | Path, split: str = "train"):
-    """A prepared split and its prepare.json; DataError when the folder is not a prepared dataset."""
-    path = Path(path)
-    if not (path / PREPARE_JSON).is_file():  # preview needs to know the model and format it was made with
-        raise DataError(f"{path} is not a prepared dataset (no {PREPARE_JSON}); make one with `aift prepare`")
-    return read_split(path, split)
 
 
 def _runs(tokenizer, input_ids: list[int], labels: list[int]) -> list[tuple[str, bool]]:
@@ -93,7 +84,7 @@ def preview_dataset(path: str | Path, n: int = 3, split: str = "train", tokenize
     Returns:
         A DatasetPreview; counts and dataset warnings cover the whole split.
     """
-    dataset, info = load_prepared(path, split)
+    dataset, info = read_split(path, split, with_prepare_json=True)
     if tokenizer is None:
         from aift.models.loading import load_tokenizer
 
@@ -103,14 +94,14 @@ def preview_dataset(path: str | Path, n: int = 3, split: str = "train", tokenize
     for i in range(min(n, len(dataset))):
         row = dataset[i]
         runs = _runs(tokenizer, row["input_ids"], row["labels"])
-        trained = sum(label != IGNORE_INDEX for label in row["labels"])
+        trained = count_trained_tokens(row["labels"])
         examples.append(
             ExamplePreview(i, runs, trained, len(row["labels"]) - trained, _example_warnings(runs, end_markers))
         )
-    trained_total = sum(sum(label != IGNORE_INDEX for label in labels) for labels in dataset["labels"])
+    trained_total = sum(count_trained_tokens(labels) for labels in dataset["labels"])
     masked_total = sum(len(labels) for labels in dataset["labels"]) - trained_total
     warnings = _dataset_warnings(dataset, info, tokenizer)
-    no_trained = sum(all(label == IGNORE_INDEX for label in labels) for labels in dataset["labels"])
+    no_trained = sum(count_trained_tokens(labels) == 0 for labels in dataset["labels"])
     if no_trained:
         warnings.append(f"{no_trained} example(s) have no trained tokens")
     return DatasetPreview(examples, trained_total, masked_total, warnings, info)

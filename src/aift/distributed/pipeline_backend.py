@@ -11,7 +11,7 @@ runs :func:`aift.training.loop.run_training` with :class:`PipelineBackend`, so t
 same model as in one process:
 
 - an optimizer step takes ``gradient_accumulation_steps`` micro-batches of ``batch_size`` rows from the same
-  per-epoch plan (:class:`aift.training.data.BatchPlanner`); they are the schedule's micro-batches (the
+  per-epoch plan (:class:`aift.training.batching.BatchPlanner`); they are the schedule's micro-batches (the
   stages are not data-parallel: to the loop the pipeline is one data-parallel replica);
 - the loss is the sum of per-token cross-entropy (fp32) over the trained tokens of the whole step divided by
   their count (``scale_grads=False``: the schedule must not average micro-batch losses again);
@@ -51,8 +51,8 @@ from aift.distributed.pipeline import mark_tied_embeddings, split_stages, sum_ti
 from aift.errors import AiftError, NotAvailableError
 from aift.training import checkpoint as ckpt
 from aift.training.backends import ModelAttention, optimizer_and_schedule, resolve_precision
+from aift.training.batching import Examples
 from aift.training.checkpoint import CheckpointError, TrainerState
-from aift.training.data import Examples
 from aift.training.loop import run_training
 from aift.training.loss import shifted_cross_entropy_sum
 from aift.training.run_guard import output_dir_lock
@@ -325,7 +325,7 @@ class FixedShapeBatches:
         return self._padded([ex[i] for i in items] + [_EMPTY] * empty)
 
     def eval(self, examples: Examples) -> Iterator[dict]:
-        """The eval split, longest first (as :func:`aift.training.data.eval_batches`), never packed."""
+        """The eval split, longest first (as :func:`aift.training.batching.eval_batches`), never packed."""
         order = sorted(range(len(examples.rows)), key=lambda i: -len(examples.rows[i]["input_ids"]))
         for start in range(0, len(order), self.rows):
             chosen = [examples.rows[i] for i in order[start : start + self.rows]]

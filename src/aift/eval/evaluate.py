@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +23,10 @@ import torch
 from aift.data import DataError
 from aift.data.prepared import read_prepare_json, read_split
 from aift.errors import AiftError
-from aift.export.folders import base_model_of, load_folder_tokenizer, read_meta
+from aift.models.run_folder import RunTarget, load_run_model, load_run_tokenizer, resolve_run
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 LOSS_COLUMNS = ("input_ids", "labels")
 GENERATION_COLUMNS = ("prompt", "reference")
 COMPARED_METRICS = ("loss", "perplexity", "exact_match", "chrf", "rouge_l")
@@ -38,91 +36,12 @@ class EvalError(AiftError, ValueError):
     """The model, adapter or dataset given to `aift eval` cannot be used; the message says why."""
 
 
-@dataclass(frozen=True)
-class EvalTarget:
-    """What to evaluate: a base model plus either a LoRA adapter or a fully fine-tuned model (or neither)."""
-
-    base: str
-    adapter: str | None = None
-    finetuned: str | None = None
-
-    @property
-    def has_finetune(self) -> bool:
-        return self.adapter is not None or self.finetuned is not None
+# ---------------------------------------------------------------- what to load: aift.models.run_folder
 
 
-# ---------------------------------------------------------------- what to load
-
-
-def _final_dir(path: Path) -> Path:
-    """A training output dir stands for its `final/` folder."""
-    final = path / "final"
-    if path.is_dir() and final.is_dir() and not (path / "config.json").is_file():
-        return final
-    return path
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise EvalError(f"cannot read {path}: {e}") from e
-
-
-def _base_of(folder: Path) -> str:
-    base = base_model_of(folder)
-    if not base:
-        raise EvalError(f"{folder} does not say which base model it came from (no base_model in aift_meta.json)")
-    return base
-
-
-def resolve_target(model: str, adapter: str | None = None) -> EvalTarget:
-    """Works out base / adapter / full fine-tune from `--model` and `--adapter`.
-
-    `--model` may be a base model name or folder, a training output dir (its `final/` is used), an adapter
-    folder (its base is read from aift_meta.json or adapter_config.json) or a fully fine-tuned folder.
-    """
-    if adapter is not None:
-        adapter_dir = _final_dir(Path(adapter).expanduser())
-        if not (adapter_dir / "adapter_config.json").is_file():
-            raise EvalError(f"--adapter {adapter}: no adapter_config.json in {adapter_dir} (not a LoRA adapter)")
-        return EvalTarget(base=model, adapter=str(adapter_dir))
-    folder = _final_dir(Path(model).expanduser())
-    if (folder / "adapter_config.json").is_file():
-        return EvalTarget(base=_base_of(folder), adapter=str(folder))
-    if (folder / "aift_meta.json").is_file() and (folder / "config.json").is_file():
-        return EvalTarget(base=_base_of(folder), finetuned=str(folder))
-    return EvalTarget(base=str(folder) if folder.is_dir() else model)
-
-
-def load_eval_tokenizer(target: EvalTarget):
-    """The fine-tune's own tokenizer when it saved one (it may have added tokens), else the base model's."""
-    from aift.models.loading import load_tokenizer
-
-    own = target.adapter or target.finetuned
-    return load_folder_tokenizer(own, target.base) if own else load_tokenizer(target.base)
-
-
-def load_model(name: str, device: str, dtype=None, adapter: str | None = None, **quant: bool):
-    """A causal LM in eval mode, with a LoRA adapter put on top with peft when given."""
-    from aift.models.loading import load_causal_lm
-
-    model = load_causal_lm(name, device=device, dtype=dtype, **quant)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
-    return model.eval()
-
-
-def _meta(target: EvalTarget) -> dict:
-    folder = target.adapter or target.finetuned
-    return read_meta(folder) if folder else {}
-
-
-def warn_on_mismatch(target: EvalTarget, dataset_path: str | Path, load_in_4bit: bool) -> None:
+def warn_on_mismatch(target: RunTarget, dataset_path: str | Path, load_in_4bit: bool) -> None:
     """Warns when the data's prompt format is not the one the fine-tune learned, or QLoRA runs on full weights."""
-    meta = _meta(target)
+    meta = target.meta
     data_format = read_prepare_json(dataset_path).get("prompt_format")
     if meta.get("prompt_format") and data_format and meta["prompt_format"] != data_format:
         log.warning(
@@ -323,7 +242,7 @@ def evaluate(
     from aift.utils.gpu import get_available_device
 
     start = time.perf_counter()
-    target = resolve_target(model, adapter)
+    target = resolve_run(model, adapter)
     if compare_base and not target.has_finetune:
         raise EvalError(
             "--compare-base needs a fine-tune: pass --adapter DIR, or --model pointing at a training output dir "
@@ -331,7 +250,7 @@ def evaluate(
         )
     rows = load_split(dataset_path, split, max_samples, generate)
     warn_on_mismatch(target, dataset_path, load_in_4bit)
-    tokenizer = load_eval_tokenizer(target)
+    tokenizer = load_run_tokenizer(target)
     device = device or get_available_device()
     common = {"generate": generate, "max_new_tokens": max_new_tokens, "batch_size": batch_size}
     quant = {"load_in_8bit": load_in_8bit, "load_in_4bit": load_in_4bit}
@@ -354,18 +273,18 @@ def evaluate(
     return result
 
 
-def _evaluate_target(target: EvalTarget, tokenizer, rows, device: str, quant: dict, compare_base: bool, common):
+def _evaluate_target(target: RunTarget, tokenizer, rows, device: str, quant: dict, compare_base: bool, common):
     """Scores per label ('finetuned' and 'base', or 'model' alone); with an adapter one load serves both."""
     scores: dict[str, dict] = {}
     if target.finetuned is not None:
-        model = load_model(target.finetuned, device, **quant)
+        model = load_run_model(target, tokenizer, device=device, **quant)
         scores["finetuned"] = evaluate_loaded(model, tokenizer, rows, label="fine-tuned", **common)
         del model
         if compare_base:
-            base = load_model(target.base, device, **quant)
+            base = load_run_model(RunTarget(base=target.base), tokenizer, device=device, **quant)
             scores["base"] = evaluate_loaded(base, tokenizer, rows, label="base", **common)
         return scores
-    model = load_model(target.base, device, adapter=target.adapter, **quant)
+    model = load_run_model(target, tokenizer, device=device, **quant)  # the adapter stays apart: disable_adapter
     if target.adapter is not None:
         scores["finetuned"] = evaluate_loaded(model, tokenizer, rows, label="fine-tuned", **common)
         if compare_base:

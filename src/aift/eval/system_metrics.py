@@ -12,6 +12,7 @@ From the shell (what scripts/collect_metrics.sh runs):
 Each line: `timestamp` (unix seconds), `time` (seconds since sampling began), `cpu_percent` (whole machine,
 0-100), `mem_used_gb` (whole machine), `proc_cpu_percent` and `rss_gb` (the watched process and its
 children, when one is watched; 100 = one core), `gpu_util_percent` and `gpu_mem_gb` (one entry per GPU, empty without NVML).
+Every `_gb` figure is in decimal GB (aift.units), as `peak_mem_gb` in the training logs.
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ from typing import Any
 
 import psutil
 
+from aift.units import to_gb
+
 log = logging.getLogger(__name__)
 
 FILE_NAME = "system_metrics.jsonl"
-GB = 1024**3
 
 
 def metrics_path(path: str | Path) -> Path:
@@ -61,7 +63,7 @@ class _GpuProbe:
         util, mem = [], []
         for handle in self.handles:
             util.append(float(self._nvml.nvmlDeviceGetUtilizationRates(handle).gpu))
-            mem.append(self._nvml.nvmlDeviceGetMemoryInfo(handle).used / GB)
+            mem.append(to_gb(self._nvml.nvmlDeviceGetMemoryInfo(handle).used))
         return {"gpu_util_percent": util, "gpu_mem_gb": mem}
 
     def close(self) -> None:
@@ -95,7 +97,7 @@ class _ProcessTree:
                 rss += proc.memory_info().rss
             except psutil.Error:  # exited between listing and reading
                 continue
-        return {"proc_cpu_percent": cpu, "rss_gb": rss / GB}
+        return {"proc_cpu_percent": cpu, "rss_gb": to_gb(rss)}
 
 
 class SystemMetricsSampler:
@@ -162,7 +164,7 @@ class SystemMetricsSampler:
             "timestamp": round(now, 3),
             "time": round(now - started, 3),
             "cpu_percent": psutil.cpu_percent(interval=None),
-            "mem_used_gb": (memory.total - memory.available) / GB,
+            "mem_used_gb": to_gb(memory.total - memory.available),
         }
         if self.tree is not None:
             line.update(self.tree.sample())

@@ -18,7 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aift.errors import AiftError
-from aift.export.folders import adapter_base, atomic_dir, load_folder_tokenizer, read_meta, torch_dtype, write_meta
+from aift.export.folders import atomic_dir, torch_dtype
+from aift.models.run_folder import (
+    RunTarget,
+    adapter_base,
+    adapter_folder,
+    attach_adapter,
+    load_run_tokenizer,
+    read_meta,
+    write_meta,
+)
 
 log = logging.getLogger(__name__)
 
@@ -143,30 +152,26 @@ def load_merged(
 ):
     """Base plus adapter merged in memory -> (model, tokenizer, meta). The base's own name when `base` is None.
 
-    base_weights: "original" (the base in `dtype`) or "dequantized" (the QLoRA base as trained; see the module doc).
+    adapter_dir may be the run dir (its final/ is used). base_weights: "original" (the base in `dtype`) or
+    "dequantized" (the QLoRA base as trained; see the module doc).
     """
-    from peft import PeftModel
-
     from aift.models.loading import load_causal_lm
 
     if base_weights not in BASE_WEIGHTS:
         raise AiftError(f"base_weights must be one of {', '.join(BASE_WEIGHTS)}; got {base_weights!r}")
-    adapter_dir = Path(adapter_dir)
-    base = base or adapter_base(adapter_dir)
-    meta = read_meta(adapter_dir)
-    tokenizer = load_folder_tokenizer(adapter_dir, base)
+    adapter_dir = adapter_folder(adapter_dir)
+    target = RunTarget(base=base or adapter_base(adapter_dir), adapter=str(adapter_dir))
+    meta = target.meta
+    tokenizer = load_run_tokenizer(target)
     if base_weights == "dequantized":
         settings = quant_settings(adapter_dir, meta)
-        log.info("merging into the dequantized base: %s quantized as in training, %s", base, settings.describe())
-        model = load_dequantized_base(base, settings, device)
+        log.info("merging into the dequantized base: %s quantized as in training, %s", target.base, settings.describe())
+        model = load_dequantized_base(target.base, settings, device)
     else:
-        _log_original(base, dtype, meta)
-        model = load_causal_lm(base, device=device, dtype=torch_dtype(dtype))
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))  # tokens added during training
-    model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    model = model.to(torch_dtype(dtype))
-    return model.eval(), tokenizer, {**meta, "base_model": base, "base_weights": base_weights}
+        _log_original(target.base, dtype, meta)
+        model = load_causal_lm(target.base, device=device, dtype=torch_dtype(dtype))
+    model = attach_adapter(model, tokenizer, adapter_dir, merge=True).to(torch_dtype(dtype))
+    return model.eval(), tokenizer, {**meta, "base_model": target.base, "base_weights": base_weights}
 
 
 def _log_original(base: str, dtype: str, meta: dict) -> None:
@@ -193,7 +198,7 @@ def merge_adapter(
     """Merges a LoRA adapter into its base and saves a safetensors model folder with the tokenizer.
 
     Args:
-        adapter_dir: Folder with adapter_config.json and adapter weights (e.g. a training run's final/).
+        adapter_dir: Folder with adapter_config.json and adapter weights (a training run's final/, or the run dir).
         output_dir: Folder to write (atomically: a temp folder renamed into place).
         base: The base model; default: the one the adapter names (aift_meta.json, adapter_config.json).
         dtype: bf16, fp16 or fp32: the saved weights' dtype; with "original" also the dtype the merge happens in
@@ -246,8 +251,6 @@ def save_plain_folder(
     path = resolve_model_path(model_name)
     model = load_causal_lm(model_name, dtype=torch_dtype(dtype) if dtype else None)
     if getattr(model, "quantization_config", None) is not None or getattr(model, "is_quantized", False):
-        from aift.errors import AiftError
-
         raise AiftError(f"{model_name} is bitsandbytes-quantized; export the unquantized model instead")
     tokenizer = load_tokenizer(model_name)
     with atomic_dir(output_dir, overwrite) as tmp:

@@ -10,13 +10,11 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from aift.data.formats import PromptFormat, default_system, resolve_format, stored_format
-from aift.export.folders import adapter_base, is_adapter_dir, load_folder_tokenizer, read_json
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +51,6 @@ class GenerationSettings:
         return {"do_sample": True, "max_new_tokens": self.max_new_tokens, **sampling, **self.extra}
 
 
-def _is_quantized_folder(path: str) -> bool:
-    config = Path(path) / "config.json"
-    return config.is_file() and bool(read_json(config).get("quantization_config"))
-
-
 def load_for_inference(
     model: str,
     adapter: str | None = None,
@@ -65,35 +58,20 @@ def load_for_inference(
     prompt_format: str = "auto",
     trust_remote_code: bool = False,
 ) -> LoadedModel:
-    """Loads a base model (+ adapter), a merged folder, a quantized folder or an adapter folder alone.
+    """Loads a base model (+ adapter), a run dir, a merged folder, a quantized folder or an adapter folder alone.
 
     The prompt format comes from the adapter's or model's aift_meta.json when training stored one, else
     the registry, else the tokenizer's chat template, else alpaca (see aift.data.formats.resolve_format).
+    An adapter on an unquantized base is merged into it (same outputs, faster generation).
     """
-    from aift.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
-    from aift.utils.gpu import get_available_device
+    from aift.models.run_folder import open_run
 
-    device = device or get_available_device()
-    if adapter is None and is_adapter_dir(model):
-        model, adapter = adapter_base(Path(model)), model
-    path = resolve_model_path(model)
-    # A saved bitsandbytes folder carries its quantization_config; it must be placed by device_map.
-    device_map = {"": device} if _is_quantized_folder(path) else None
-    if adapter:
-        tokenizer = load_folder_tokenizer(adapter, model)
-    else:
-        tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
-    lm = load_causal_lm(model, device=device, device_map=device_map, trust_remote_code=trust_remote_code)
-    if adapter:
-        from peft import PeftModel
-
-        lm = PeftModel.from_pretrained(lm, adapter)
-        if device_map is None:
-            lm = lm.merge_and_unload()  # same outputs, faster generation
-    fmt_source = adapter if adapter and stored_format(adapter) else model
-    fmt = resolve_format(fmt_source, tokenizer, prompt_format)
+    run = open_run(model, adapter, device=device, merge=True, trust_remote_code=trust_remote_code)
+    target = run.target
+    fmt_source = target.folder if target.folder and stored_format(target.folder) else target.base
+    fmt = resolve_format(fmt_source, run.tokenizer, prompt_format)
     log.info("prompt format: %s", fmt.name)
-    return LoadedModel(lm.eval(), tokenizer, fmt, str(adapter or model), default_system(model))
+    return LoadedModel(run.model, run.tokenizer, fmt, target.folder or target.base, default_system(target.base))
 
 
 def build_prompt(loaded: LoadedModel, messages: list[dict]) -> str:

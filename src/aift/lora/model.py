@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 
 from aift.config import LoRAConfig
-from aift.errors import AiftError
 
 
 def peft_config(lc: LoRAConfig, fused: bool = False):
@@ -54,16 +53,11 @@ def hold_frozen_in_bf16(model: torch.nn.Module) -> None:
 
 
 def load_lora_model(base_model_name: str, lora_adapter_path: str | Path, device: str | None = None):
-    """Loads a base model and applies a saved LoRA adapter; returns (model in eval mode, tokenizer)."""
-    from peft import PeftModel
+    """Loads a base model and applies a saved LoRA adapter (or a run dir's); returns (model in eval mode, tokenizer).
 
-    from aift.export.folders import load_folder_tokenizer
-    from aift.models.japanese import JapaneseModel
+    The tokenizer saved with the adapter wins over the base's (tokens added in training).
+    """
+    from aift.models.run_folder import open_run
 
-    adapter = Path(lora_adapter_path)
-    if not (adapter / "adapter_config.json").is_file():
-        raise AiftError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json in it)")
-    base = JapaneseModel(base_model_name, device=device).load_model()
-    tokenizer = load_folder_tokenizer(adapter, base_model_name)  # the tokenizer saved with the adapter wins
-    model = PeftModel.from_pretrained(base, str(adapter))
-    return model.eval(), tokenizer
+    run = open_run(base_model_name, lora_adapter_path, device=device)
+    return run.model.eval(), run.tokenizer

@@ -16,8 +16,10 @@ from typing import Any
 
 import torch
 
+from aift.data.packing import IGNORE_INDEX
 from aift.errors import NotAvailableError
-from aift.export.folders import atomic_dir, folder_size, read_meta, write_meta
+from aift.export.folders import atomic_dir, folder_size
+from aift.models.run_folder import read_meta, write_meta
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +197,7 @@ def _measure(model, inputs: dict, num_runs: int, pad_token_id: int) -> tuple[dic
         start = time.perf_counter()
         model(**inputs)
         times.append((time.perf_counter() - start) * 1000)
-    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, IGNORE_INDEX)
     loss = model(**inputs, labels=labels).loss.item()
     new_tokens = 16
     first = {k: v[:1] for k, v in inputs.items()}

@@ -30,8 +30,8 @@ import torch
 from aift.data import DataError
 from aift.data.formats import resolve_format, stored_format
 from aift.errors import AiftError
-from aift.export.folders import is_adapter_dir, load_folder_tokenizer
 from aift.inference.runner import _EXTRA_MARKERS, LoadedModel, _held_back, build_prompt, load_for_inference
+from aift.models.run_folder import RunTarget, adapter_folder, is_adapter_dir, load_run_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +91,8 @@ def load_served_models(
     served = [
         ServedModel(base_name, LoadedModel(peft_model, base.tokenizer, base.prompt_format, base_name, base.system))
     ]
-    for adapter_name, path in adapters.items():
-        tokenizer = load_folder_tokenizer(path, model)
+    for adapter_name, path in folders.items():
+        tokenizer = load_run_tokenizer(RunTarget(base=model, adapter=str(path)), trust_remote_code)
         if len(tokenizer) != len(base.tokenizer):
             raise AiftError(
                 f"adapter {adapter_name!r} ({path}) has a different vocabulary than {model}; "
@@ -106,9 +106,10 @@ def load_served_models(
 
 
 def _adapter_dir(name: str, path: str) -> Path:
-    if not (Path(path) / "adapter_config.json").is_file():
-        raise AiftError(f"adapter {name!r}: {path} is not a LoRA adapter folder (no adapter_config.json in it)")
-    return Path(path)
+    try:
+        return adapter_folder(path)
+    except AiftError as e:
+        raise AiftError(f"adapter {name!r}: {e}") from None
 
 
 @dataclass

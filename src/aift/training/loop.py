@@ -5,7 +5,7 @@ on a CPU, one GPU, or across processes; a backend (:mod:`aift.training.backends`
 Accelerate's (one process, DDP, FSDP, DeepSpeed) or the pipeline schedule's
 (:mod:`aift.distributed.pipeline_backend`). Everything else is here, in the open:
 
-- micro-batches from :mod:`aift.training.data` (packed rows or length-grouped padding), a fixed plan per
+- micro-batches from :mod:`aift.training.batching` (packed rows or length-grouped padding), a fixed plan per
   (seed, epoch), split over data-parallel processes micro-batch by micro-batch;
 - the loss is the sum of per-token cross-entropy (fp32) over the trained tokens of the whole accumulated
   batch, on every process, divided by their count: 8 micro-batches of 1 equal 1 batch of 8 (without
@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from aift.config import LoRAConfig, TrainingConfig, to_yaml
 from aift.errors import AiftError
-from aift.export.folders import write_meta
+from aift.models.run_folder import write_meta
 from aift.training import checkpoint as ckpt
 from aift.training import run_guard
 from aift.training.backends import (  # make_optimizer, linear_warmup_then_decay, resolve_precision: public here
@@ -45,9 +45,9 @@ from aift.training.backends import (  # make_optimizer, linear_warmup_then_decay
     make_optimizer,
     resolve_precision,
 )
-from aift.training.data import Examples
+from aift.training.batching import Examples
 from aift.training.objectives import SFTObjective
-from aift.training.reporting import MetricsLogger, check_loggers, peak_memory_gb
+from aift.training.reporting import MetricsLogger, check_loggers
 from aift.training.step import (
     count_step,
     is_log_step,
@@ -57,6 +57,7 @@ from aift.training.step import (
     pad_plan,
     step_window,
 )
+from aift.utils.gpu import peak_memory_gb
 
 __all__ = [
     "OutputDirError",

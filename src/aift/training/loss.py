@@ -18,17 +18,24 @@ from aift.data.packing import IGNORE_INDEX
 from aift.errors import NotAvailableError
 
 
-def shifted_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum over trained tokens of the next-token cross-entropy, in fp32, from full logits.
+def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy of every position, in fp32, from full logits: ``[B, T-1]``, 0 where untrained.
 
     ``labels`` are not shifted: labels[:, i] is the target of position i, which position i-1 predicts; labels
-    equal to IGNORE_INDEX (prompt, padding) add nothing. The one definition of the language-model loss sum that
-    the training loops and eval use (the fused path below computes the same sum without the full logits).
+    equal to IGNORE_INDEX (prompt, padding) add nothing. The one definition of the language-model loss that the
+    training loops, eval and the preference log-probs use (the fused path below computes the same sum without
+    the full logits).
     """
     targets = labels[:, 1:].to(logits.device)
-    return nn.functional.cross_entropy(
-        logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    losses = nn.functional.cross_entropy(
+        logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
     )
+    return losses.view(targets.shape)
+
+
+def shifted_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum over trained tokens of :func:`shifted_cross_entropy` (the caller divides by its token count)."""
+    return shifted_cross_entropy(logits, labels).sum()
 
 
 def fused_linear_cross_entropy(

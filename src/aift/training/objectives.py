@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from aift.config import DPO_LOSS_TYPES
-from aift.data.packing import IGNORE_INDEX, length_grouped_batches
+from aift.data.packing import IGNORE_INDEX, length_grouped_batches, trained_positions
 from aift.errors import AiftError
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
@@ -136,12 +136,9 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
     ``labels[:, i]`` is the target of position ``i`` (the prepared-data contract), predicted by position i-1.
     """
-    targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
-    logits = logits[:, :-1].float()
-    picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    per_token = picked - torch.logsumexp(logits, dim=-1)
-    return (per_token * mask).sum(-1), mask.sum(-1)
+    from aift.training.loss import shifted_cross_entropy
+
+    return -shifted_cross_entropy(logits, labels).sum(-1), trained_positions(labels).sum(-1)
 
 
 def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
@@ -174,19 +171,19 @@ class SFTObjective:
         return int(batch["num_trained_tokens"])
 
     def check(self, examples) -> None:
-        from aift.training.data import check_trainable
+        from aift.training.batching import check_trainable
 
         check_trainable(examples)
 
     def planner(self, examples, config, pad_token_id: int, mask: str):
-        from aift.training.data import BatchPlanner
+        from aift.training.batching import BatchPlanner
 
         return BatchPlanner(
             examples, config.batch_size, config.max_length, config.packing, pad_token_id, config.seed, mask=mask
         )
 
     def eval_batches(self, examples, batch_size: int, pad_token_id: int, rank: int, world: int):
-        from aift.training.data import eval_batches
+        from aift.training.batching import eval_batches
 
         return eval_batches(examples, batch_size, pad_token_id, rank, world)
 
@@ -230,7 +227,7 @@ def _fused_row_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
 
     sums = [-fused_linear_cross_entropy(hidden[i : i + 1], weight, labels[i : i + 1], chunk_size)
             for i in range(hidden.shape[0])]  # fmt: skip
-    return torch.stack(sums), (labels[:, 1:] != IGNORE_INDEX).sum(-1)
+    return torch.stack(sums), trained_positions(labels).sum(-1)
 
 
 def _shared_prompt_logps(model, batch: dict, autocast: Autocast, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -330,7 +327,7 @@ class PreferenceObjective:
         return int(batch["num_pairs"])
 
     def check(self, examples) -> None:
-        from aift.training.data import DatasetError
+        from aift.training.batching import DatasetError
 
         if not examples.rows:
             raise DatasetError(f"the {examples.name} dataset is empty")

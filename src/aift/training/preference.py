@@ -19,7 +19,7 @@ import torch
 
 from aift.config import LoRAConfig, PreferenceConfig, TrainingConfig
 from aift.errors import AiftError
-from aift.training.data import Examples
+from aift.training.batching import Examples
 from aift.training.loop import run_training
 from aift.training.objectives import make_objective
 from aift.training.trainers import FullFinetuningTrainer, LoRAFinetuningTrainer, ModelArg
@@ -79,7 +79,7 @@ class PreferenceTrainer(LoRAFinetuningTrainer):
 
     def _examples(self, train_texts, eval_texts, tokenizer) -> tuple[Examples, Examples | None]:
         from aift.data.preference import load_preference_rows
-        from aift.training.data import DatasetError
+        from aift.training.batching import DatasetError
         from aift.training.trainers import _has_test_split
 
         config, method = self.config, self.preference_config.method

@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 from aift.errors import NotAvailableError
-from aift.utils.gpu import peak_memory_gb  # noqa: F401  (re-exported: the loops log it)
 
 _PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 

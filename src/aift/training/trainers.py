@@ -17,11 +17,12 @@ from typing import Any
 import torch
 
 from aift.config import LoRAConfig, TrainingConfig
+from aift.data.prepared import read_prepared
 from aift.errors import AiftError
 from aift.lora.model import add_adapters, load_lora_model
 from aift.models.japanese import JapaneseModel
 from aift.models.loading import default_dtype, enable_activation_checkpointing
-from aift.training.data import DatasetError, Examples, load_prepared, to_examples
+from aift.training.batching import DatasetError, Examples, to_examples
 from aift.training.loop import RunInfo, TrainResult, run_training
 from aift.training.run_guard import output_dir_lock
 from aift.utils.gpu import get_available_device
@@ -107,7 +108,7 @@ class _Trainer:
 
 def _has_test_split(source: Any) -> bool:
     if isinstance(source, (str, Path)):
-        data, _ = load_prepared(source)
+        data, _ = read_prepared(source)
         return "test" in data
     return isinstance(getattr(source, "column_names", None), dict) and "test" in source
 
@@ -243,5 +244,5 @@ class LoRAFinetuningTrainer(_Trainer):
 
     @staticmethod
     def load_lora_model(base_model_name: str, lora_adapter_path: str | Path, device: str | None = None):
-        """Loads a base model and applies a saved LoRA adapter; returns (model, tokenizer)."""
+        """Loads a base model and applies a saved LoRA adapter (or a run dir's); returns (model, tokenizer)."""
         return load_lora_model(base_model_name, lora_adapter_path, device)

@@ -7,6 +7,8 @@ import logging
 
 import torch
 
+from aift.units import to_gb
+
 log = logging.getLogger(__name__)
 
 
@@ -21,7 +23,7 @@ def get_available_device() -> str:
 
 
 def get_gpu_memory_info() -> dict:
-    """Per-GPU memory in GB: {'available', 'device_count', 'devices': [{index, name, total_gb, ...}]}."""
+    """Per-GPU memory in decimal GB (aift.units): {'available', 'device_count', 'devices': [{index, name, total_gb, ...}]}."""
     if not torch.cuda.is_available():
         return {"available": False, "device_count": 0, "devices": []}
     devices = []
@@ -32,10 +34,10 @@ def get_gpu_memory_info() -> dict:
             {
                 "index": i,
                 "name": props.name,
-                "total_gb": total / 1024**3,
-                "allocated_gb": torch.cuda.memory_allocated(i) / 1024**3,
-                "reserved_gb": torch.cuda.memory_reserved(i) / 1024**3,
-                "free_gb": free / 1024**3,
+                "total_gb": to_gb(total),
+                "allocated_gb": to_gb(torch.cuda.memory_allocated(i)),
+                "reserved_gb": to_gb(torch.cuda.memory_reserved(i)),
+                "free_gb": to_gb(free),
                 "multi_processor_count": props.multi_processor_count,
                 "compute_capability": f"{props.major}.{props.minor}",
             }
@@ -86,15 +88,19 @@ def set_memory_fraction(fraction: float = 0.9) -> None:
             torch.cuda.set_per_process_memory_fraction(fraction, i)
 
 
-def peak_memory_gb(device: str = "cpu") -> float:
-    """Peak memory of this process in GB (1e9 bytes): max allocated on CUDA, else peak resident set size.
+def peak_memory_gb(device: str | None = None) -> float:
+    """Peak memory of this process in decimal GB (aift.units): max allocated on CUDA, else peak resident set size.
+
+    device: where the process computes; None: CUDA when there is a GPU, else the CPU.
 
     The one definition of the figure logged as ``peak_mem_gb`` (training logs, summaries, benchmarks).
     """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if str(device).startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 1e9
+        return to_gb(torch.cuda.max_memory_allocated())
     import resource
     import sys
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak * (1 if sys.platform == "darwin" else 1024) / 1e9
+    return to_gb(peak * (1 if sys.platform == "darwin" else 1024))

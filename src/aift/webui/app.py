@@ -171,10 +171,11 @@ def create_app(runs_dir: str | Path = "runs", data_dirs: list[str | Path] | None
     @app.post("/api/runs/{name}/merge")
     def merge(name: str, body: dict = Body(default={})):
         from aift.export.merge import merge_adapter
+        from aift.models.run_folder import is_adapter_dir
 
         path = runs.run_dir(runs_dir, name)
         final = _final_dir(path)
-        if not (final / "adapter_config.json").is_file():
+        if not is_adapter_dir(final):
             raise runs.WebUIError(f"run {name!r} is a full fine-tune: its final/ is already a whole model")
         dtype = _choice(body.get("dtype", "bf16"), "dtype", ("bf16", "fp16", "fp32"))
         base_weights = _choice(body.get("base_weights", "original"), "base_weights", ("original", "dequantized"))
@@ -259,11 +260,12 @@ def _stream(loaded, messages: list[dict], settings) -> Iterator[str]:
 
 def _export_safetensors(path: Path) -> dict:
     from aift.export.merge import merge_adapter, save_plain_folder
+    from aift.models.run_folder import is_adapter_dir
 
     final = _final_dir(path)
     out = path / "exports" / "safetensors"
     out.parent.mkdir(exist_ok=True)
-    if (final / "adapter_config.json").is_file():
+    if is_adapter_dir(final):
         merge_adapter(final, out, dtype="bf16", overwrite=True)
     else:
         save_plain_folder(str(final), out, dtype="bf16", overwrite=True)
@@ -274,6 +276,7 @@ def _export_gguf(path: Path, quant: str) -> dict:
     from aift.export.gguf_writer import export_gguf
     from aift.export.merge import merge_adapter
     from aift.export.verify import verify_gguf
+    from aift.models.run_folder import is_adapter_dir
 
     final = _final_dir(path)
     exports = path / "exports"
@@ -281,7 +284,7 @@ def _export_gguf(path: Path, quant: str) -> dict:
     target = exports / f"{path.name}.{quant}.gguf"
     with tempfile.TemporaryDirectory(prefix=".aift-merge-", dir=exports) as tmp:
         source = final
-        if (final / "adapter_config.json").is_file():  # a GGUF is written from a whole model (as `aift export`)
+        if is_adapter_dir(final):  # a GGUF is written from a whole model (as `aift export`)
             source = merge_adapter(final, Path(tmp) / "merged", dtype="fp32")
         export_gguf(source, target, quant=quant)
         check = verify_gguf(source, target, quant)

@@ -1,5 +1,7 @@
 """From whatever the user passed (prepared folder, datasets.Dataset, TextDataset, texts) to per-epoch batch plans.
 
+A prepared folder is read by :func:`aift.data.prepared.read_prepared`, the one reader of `aift prepare` output.
+
 A plan is the list of micro-batches of one epoch, fixed by (seed, epoch): a resumed run rebuilds the same
 plan and skips the micro-batches already trained on, which is what makes resuming exact.
 """
@@ -22,10 +24,9 @@ from aift.data.packing import (
     packing_efficiency,
 )
 from aift.data.prepared import read_prepared
-from aift.errors import AiftError
 
 
-class DatasetError(AiftError, ValueError):
+class DatasetError(DataError):
     """The training or evaluation data cannot be used; the message says why."""
 
 
@@ -45,21 +46,13 @@ class Examples:
         return sum(count_trained_tokens(ex["labels"]) for ex in self.rows)
 
 
-def load_prepared(path: str | Path) -> tuple[Any, dict]:
-    """A folder written by `aift prepare`: (DatasetDict, prepare.json contents or {})."""
-    try:
-        return read_prepared(path)
-    except DataError as e:
-        raise DatasetError(str(e)) from None
-
-
 def to_examples(source: Any, tokenizer, max_length: int, name: str, split: str = "train") -> Examples:
     """Token ids and labels from a prepared folder, a Dataset/DatasetDict, a TextDataset, texts or dicts."""
     from aift.data.text_dataset import TextDataset
 
     prompt_format = None
     if isinstance(source, (str, Path)):
-        source, meta = load_prepared(source)
+        source, meta = read_prepared(source)
         prompt_format = meta.get("prompt_format") or meta.get("format")
     if hasattr(source, "keys") and hasattr(source, "column_names") and isinstance(source.column_names, dict):
         if split not in source:
