@@ -93,3 +93,12 @@ def trained_lora_run(tmp_path_factory) -> tuple[Path, Path]:
     argv += ["--collect-metrics", "--no-tcmalloc"]
     assert main(argv) == 0
     return dataset, run
+
+
+@pytest.fixture
+def native_cpu_bf16(monkeypatch):
+    """Takes the bf16 path as on a CPU with bf16 instructions, for tests about bf16 itself (on an AVX2-only
+    CPU aift trains in fp32; its bf16 is emulated, slow but correct, so tiny models still run it)."""
+    from aift.utils import gpu
+
+    monkeypatch.setattr(gpu, "cpu_has_native_bf16", lambda: True)

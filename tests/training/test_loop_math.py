@@ -64,7 +64,7 @@ def test_warmup_then_linear_decay_to_zero():
     assert scheduler.get_last_lr()[0] == 0.0
 
 
-def test_precision_choice_on_cpu(fp32_config, caplog):
+def test_precision_choice_on_cpu(fp32_config, caplog, native_cpu_bf16):
     assert resolve_precision(fp32_config(), "cpu") == "no"
     assert resolve_precision(fp32_config(bf16=True), "cpu") == "bf16"
     with caplog.at_level("INFO"):
@@ -72,7 +72,24 @@ def test_precision_choice_on_cpu(fp32_config, caplog):
     assert "fp16 was requested on a CPU" in caplog.text
 
 
-def test_bf16_autocast_and_gradient_checkpointing_train(fp32_config):
+def test_a_cpu_without_bf16_instructions_trains_in_fp32(fp32_config, monkeypatch, caplog):
+    """bf16 emulated in software is far slower than fp32: the run says so and autocasts nothing."""
+    from aift.training import backends
+    from aift.utils import gpu
+
+    monkeypatch.setattr(gpu, "cpu_has_native_bf16", lambda: False)
+    backends._note_emulated_bf16.cache_clear()
+    with caplog.at_level("INFO"):
+        assert resolve_precision(fp32_config(bf16=True), "cpu") == "no"
+        assert resolve_precision(fp32_config(fp16=True), "cpu") == "no"
+    assert caplog.text.count("this CPU has no bf16 instructions") == 1  # said once
+    config = fp32_config(bf16=True, frozen_base_bf16=True)
+    assert not backends.holds_frozen_base_in_bf16(config, "cpu")
+    monkeypatch.setattr(gpu, "cpu_has_native_bf16", lambda: True)
+    assert backends.holds_frozen_base_in_bf16(config, "cpu")
+
+
+def test_bf16_autocast_and_gradient_checkpointing_train(fp32_config, native_cpu_bf16):
     losses, _ = _losses(fp32_config(bf16=True, gradient_checkpointing=True, max_steps=4), lora=True)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]

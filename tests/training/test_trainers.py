@@ -99,7 +99,7 @@ def test_adapter_reloads_and_merges_to_the_same_logits(fp32_config, tiny_model_d
     assert (trainer.result.output_dir / "merged" / "model.safetensors").is_file()
 
 
-def test_frozen_base_in_bf16_with_fp32_adapters(fp32_config):
+def test_frozen_base_in_bf16_with_fp32_adapters(fp32_config, native_cpu_bf16):
     trainer = _lora(fp32_config(max_steps=2, bf16=True, frozen_base_bf16=True))
     model = trainer.train(train_texts=TEXTS)
     dtypes = {(p.requires_grad, p.dtype) for p in model.parameters()}
@@ -117,7 +117,7 @@ def test_missing_logger_package_is_named(fp32_config):
 
 
 @pytest.mark.parametrize("frozen_base_bf16", [False, True])
-def test_lora_with_gradient_checkpointing_under_bf16_autocast(fp32_config, frozen_base_bf16):
+def test_lora_with_gradient_checkpointing_under_bf16_autocast(fp32_config, frozen_base_bf16, native_cpu_bf16):
     """The defaults (gradient checkpointing on, mixed precision) with LoRA: recompute must match the forward,
     and the result must equal the run without checkpointing (checkpointing changes memory, not math)."""
     losses = []

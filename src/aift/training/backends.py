@@ -38,6 +38,7 @@ from aift.training.loss import split_causal_lm
 from aift.training.objectives import to_device
 from aift.training.segment_attention import PackedAttention
 from aift.training.step import lr_factor
+from aift.utils import gpu
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +98,16 @@ class ModelAttention:
 
 
 def resolve_precision(config: TrainingConfig, device_type: str) -> str:
-    """'bf16', 'fp16' or 'no': bf16 wherever the device has it; fp16 (with loss scaling) only on older GPUs."""
+    """'bf16', 'fp16' or 'no': bf16 wherever the device has it; fp16 (with loss scaling) only on older GPUs.
+
+    A CPU without bf16 instructions trains in fp32 (its bf16 is emulated); so does a device without autocast.
+    """
     if not (config.bf16 or config.fp16):
         return "no"
     if device_type == "cpu":
+        if not gpu.cpu_has_native_bf16():
+            _note_emulated_bf16()
+            return "no"
         if not config.bf16:
             log.info("note: fp16 was requested on a CPU, which has no fp16 loss scaling; using bf16 autocast")
         return "bf16"
@@ -112,6 +119,20 @@ def resolve_precision(config: TrainingConfig, device_type: str) -> str:
         return "fp16"
     log.info("note: mixed precision is not used on %s; training in the model's dtype", device_type)
     return "no"
+
+
+@functools.cache
+def _note_emulated_bf16() -> None:
+    """Said once a process: the trainer and the backend both ask."""
+    log.info(
+        "note: this CPU has no bf16 instructions (AVX512-BF16/AMX): bf16 matmuls would be emulated, far slower "
+        "than fp32; training in fp32 (frozen_base_bf16 is not applied either)"
+    )
+
+
+def holds_frozen_base_in_bf16(config: TrainingConfig, device_type: str) -> bool:
+    """frozen_base_bf16 applies where the run autocasts (a CPU without bf16 instructions trains in fp32)."""
+    return config.frozen_base_bf16 and resolve_precision(config, device_type) != "no"
 
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

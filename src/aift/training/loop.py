@@ -214,7 +214,7 @@ class Run:
         identity = ckpt.run_identity(config, self.info, backend.dp_world, self.train_examples.rows)
         if self.resume_from is not None:
             ckpt.check_same_run(self.resume_from, identity, config.resume_force)
-        if config.frozen_base_bf16 and backend.precision == "no":
+        if config.frozen_base_bf16 and not (config.bf16 or config.fp16):  # a CPU's fp32 fallback is no error
             raise AiftError("frozen_base_bf16 needs mixed precision: set bf16: true (or fp16: true)")
         if backend.is_main:
             prepare_output_dir(self.output_dir, config, resuming=self.resume_from is not None)

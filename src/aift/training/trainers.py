@@ -22,6 +22,7 @@ from aift.errors import AiftError
 from aift.lora.model import add_adapters, load_lora_model
 from aift.models.japanese import JapaneseModel
 from aift.models.loading import default_dtype, enable_activation_checkpointing
+from aift.training.backends import holds_frozen_base_in_bf16
 from aift.training.batching import DatasetError, Examples, to_examples
 from aift.training.loop import RunInfo, TrainResult, run_training
 from aift.training.run_guard import output_dir_lock
@@ -217,7 +218,9 @@ class LoRAFinetuningTrainer(_Trainer):
             _enable_checkpointing(model)
             model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
         fused = config.fused_lora and not lc.use_qlora
-        return add_adapters(model, lc, fused=fused, frozen_base_bf16=config.frozen_base_bf16)
+        device_type = (self.model.device or get_available_device()).split(":")[0]
+        frozen_bf16 = holds_frozen_base_in_bf16(config, device_type)
+        return add_adapters(model, lc, fused=fused, frozen_base_bf16=frozen_bf16)
 
     def _load_base(self) -> torch.nn.Module:
         """The base model, (re)loaded quantized when QLoRA asks for it."""
