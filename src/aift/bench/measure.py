@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
 
 from aift.training.loss import fused_linear_cross_entropy, split_causal_lm
 from aift.utils.allocator import tcmalloc_mapped
+from aift.utils.gpu import peak_memory_gb
 
 
 def allocator() -> str:
     return "tcmalloc" if tcmalloc_mapped() else "system"
+
+
+def timed_train(trainer):
+    """A TRL trainer's ``train()``: (its output, seconds it took, this process's peak memory in GB after it)."""
+    started = time.perf_counter()
+    output = trainer.train()
+    return output, time.perf_counter() - started, peak_memory_gb()
 
 
 def process_facts() -> dict:

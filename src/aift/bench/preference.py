@@ -17,13 +17,13 @@ import random
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from aift.bench import measure
 from aift.bench.core import load_average
 from aift.bench.measure import allocator
 from aift.bench.settings import aift_settings, settings_markdown, trl_settings
@@ -309,10 +309,7 @@ def run_trl(spec: dict) -> dict[str, Any]:
     data = trainer.train_dataset
     tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(data["prompt_ids"], data["chosen_ids"],
                                                                  data["rejected_ids"], strict=True))  # fmt: skip
-    started = time.perf_counter()
-    output = trainer.train()
-    train_time = time.perf_counter() - started
-    peak = peak_memory_gb()
+    output, train_time, peak = measure.timed_train(trainer)
     return {
         "tokens": tokens,
         "train_time_s": train_time,

@@ -184,10 +184,7 @@ def run_trl(spec: dict) -> dict[str, Any]:
     lora = None if spec["method"] == "full" else LoraConfig(**LORA, task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
     tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
-    started = time.perf_counter()
-    output = trainer.train()
-    train_time = time.perf_counter() - started
-    peak = peak_memory_gb()
+    output, train_time, peak = measure.timed_train(trainer)
     return {
         "tokens": tokens,
         "tokens_match_aift_tokenization": tokens == sum(map(len, train_ids)),
