@@ -34,6 +34,8 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 
 STRATEGIES = ("ddp", "model_parallel", "pipeline", "fsdp", "deepspeed")
+# What `aift train` and the web UI start from, under the YAML: where the command line and the Python API differ.
+FRONT_DOOR_DEFAULTS = {"gradient_checkpointing": "auto"}
 
 
 @dataclass
@@ -57,7 +59,12 @@ class TrainingConfig:
     logging_steps: int = _f(10, "Log loss, lr, grad norm, tokens/s and memory every this many steps.")
     fp16: bool = _f(True, "Mixed precision; becomes bf16 where the device supports it (CPU, Ampere+).")
     bf16: bool = _f(False, "bf16 autocast (takes precedence over fp16).")
-    gradient_checkpointing: bool = _f(True, "Recompute activations in backward to save memory.")
+    gradient_checkpointing: bool | str = _f(
+        True,
+        "Recompute activations in backward to save memory (about a third more compute per step). 'auto': on "
+        "only where the memory plan (`aift plan`) says the run would not fit the device without it, the "
+        "decision logged; `aift train` and the web UI default to auto.",
+    )
     max_length: int = _f(512, "Tokens per packed row (or the truncation length without packing).")
     packing: bool = _f(True, "Pack examples into full rows with per-example position ids (no cross-attention).")
     seed: int = _f(42, "Seed for model init, data order and dropout.")
@@ -144,6 +151,12 @@ class TrainingConfig:
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}")
         _check_positive(self, "pipeline_parallel_size", "world_size")
+        if isinstance(self.gradient_checkpointing, str):
+            if self.gradient_checkpointing.lower() != "auto":
+                raise ConfigError(
+                    f"gradient_checkpointing must be true, false or auto; got {self.gradient_checkpointing!r}"
+                )
+            self.gradient_checkpointing = "auto"
 
 
 @dataclass
@@ -387,6 +400,7 @@ def resolve_train_configs(
     lora: Mapping[str, Any] | None = None,
     preference: Mapping[str, Any] | None = None,
     method: str | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> TrainConfigs:
     """A YAML config < ``key=value`` overrides < explicit values -> typed configs (what `aift train` runs).
 
@@ -399,11 +413,13 @@ def resolve_train_configs(
         lora: LoRAConfig values that win over both; given, even empty, it turns LoRA on.
         preference: PreferenceConfig values that win over both.
         method: sft, or a preference method (dpo, orpo, simpo, kto); wins over the YAML's ``method:``.
+        defaults: TrainingConfig values under everything else (the CLI's :data:`FRONT_DOOR_DEFAULTS`).
 
     Raises:
         ConfigError: An unknown key (with a suggestion), a bad value, or preference options without a method.
     """
     values = dict(load_yaml(config) if isinstance(config, (str, Path)) else (config or {}))
+    values = {**(defaults or {}), **values}
     lora_values = _section(values, "lora", "LoRAConfig", " (or be left out for full fine-tuning)")
     preference_values = _section(values, "preference", "PreferenceConfig") or {}
     yaml_method = values.pop("method", None)

@@ -119,6 +119,8 @@ def test_form_fields_carry_the_config_help():
     assert "output_dir" not in help_of and "local_rank" not in help_of
     lora_help = {f["name"]: f["help"] for f in fields["lora"]}
     assert lora_help["r"] == field_help(LoRAConfig)["r"] and "use_qlora" not in lora_help
+    default_of = {f["name"]: f["default"] for f in fields["training"]}
+    assert default_of["gradient_checkpointing"] == "auto"  # a run starts as `aift train`, with its defaults
 
 
 def test_data_paths_stay_below_the_data_folders(tmp_path):

@@ -14,8 +14,8 @@ Preference tuning: ``--method dpo|orpo|simpo|kto`` (or ``method: dpo`` in the YA
 ``preference:`` mapping, as ``preference.beta=0.2`` or as flags (``--beta 0.2``); data from
 ``aift prepare --task preference``.
 
-Precedence: YAML < ``key=value`` overrides (``lora.r=8`` for LoRA keys) < flags. Unknown keys are errors
-with a suggestion. ``python scripts/train_sft.py`` takes exactly the same arguments.
+Precedence: the command line's defaults (``gradient_checkpointing: auto``) < YAML < ``key=value`` overrides
+(``lora.r=8`` for LoRA keys) < flags. Unknown keys are errors with a suggestion. ``python scripts/train_sft.py`` takes exactly the same arguments.
 
 This module only maps argparse to the library: :func:`aift.config.resolve_train_configs` resolves, and
 :func:`aift.training.train` picks the trainer, for the web UI and Python callers alike.
@@ -29,6 +29,7 @@ import os
 from typing import Any
 
 from aift.config import (
+    FRONT_DOOR_DEFAULTS,
     ConfigError,
     LoRAConfig,
     PreferenceConfig,
@@ -61,7 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if f.name in _NO_FLAG:
             continue
         flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
+        if f.type in ("bool", bool, "bool | str"):
+            # A bool-or-word field (gradient_checkpointing: auto) keeps --flag / --no-flag: an optional value
+            # would swallow a config file that follows it. The word is a key=value or YAML value.
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_of[f.name])
         else:
             parser.add_argument(flag, default=None, metavar="V", help=help_of[f.name])
@@ -107,6 +110,7 @@ def resolve(args: argparse.Namespace) -> TrainConfigs:
         lora=_lora_flags(args),
         preference=_given(preference),
         method=args.method,
+        defaults=FRONT_DOOR_DEFAULTS,
     )
 
 

@@ -163,7 +163,7 @@ class AdvancedMultiGPUTrainer:
             method=method,
             batch_size=self.config.batch_size,
             max_length=self.config.max_length,
-            gradient_checkpointing=self.config.gradient_checkpointing,
+            gradient_checkpointing=self.config.gradient_checkpointing is not False,  # auto is on for this strategy
             lora_r=lc.r if lc else 16,
             lora_dropout=lc.lora_dropout if lc else 0.0,
             max_memory=budgets,

@@ -40,6 +40,8 @@ class PreferenceTrainer(LoRAFinetuningTrainer):
         merge: As for LoRAFinetuningTrainer.
     """
 
+    rows_per_example = 2  # chosen and rejected go through the model together
+
     def __init__(
         self,
         model: ModelArg,

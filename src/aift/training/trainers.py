@@ -9,6 +9,7 @@ model = trainer.train(train_texts=texts, eval_texts=eval_texts)
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from pathlib import Path
@@ -24,6 +25,7 @@ from aift.models.japanese import JapaneseModel
 from aift.models.loading import default_dtype, enable_activation_checkpointing
 from aift.training.backends import holds_frozen_base_in_bf16
 from aift.training.batching import DatasetError, Examples, to_examples
+from aift.training.checkpointing import resolve_gradient_checkpointing
 from aift.training.loop import RunInfo, TrainResult, run_training
 from aift.training.run_guard import output_dir_lock
 from aift.utils.gpu import get_available_device
@@ -37,6 +39,7 @@ class _Trainer:
     """What both trainers share: the model holder, the data sources, and the call into the loop."""
 
     method = "full"
+    rows_per_example = 1  # rows one example puts through the model (a preference pair: 2)
 
     def __init__(self, model: ModelArg, config: TrainingConfig | None, train_dataset: Any, eval_dataset: Any):
         self.model = model if isinstance(model, JapaneseModel) else JapaneseModel(str(model))
@@ -78,6 +81,7 @@ class _Trainer:
         tokenizer = self.model.load_tokenizer()
         train_examples, eval_examples = self._examples(train_texts, eval_texts, tokenizer)
         set_seed(self.config.seed)
+        self.config = dataclasses.replace(self.config, gradient_checkpointing=self._gradient_checkpointing())
         model = self._prepare_model()
         info = RunInfo(
             method=self.method,
@@ -86,6 +90,21 @@ class _Trainer:
             lora_config=getattr(self, "lora_config", None),
         )
         return model, tokenizer, train_examples, eval_examples, info
+
+    def _gradient_checkpointing(self) -> bool:
+        """The run's gradient checkpointing as a bool (``auto`` decided from the memory plan, and logged)."""
+        lora = getattr(self, "lora_config", None)
+        holder = self.model
+        return resolve_gradient_checkpointing(
+            self.config,
+            holder.model.config if holder.model is not None else holder.model_name,
+            method=self.method,
+            device_type=(holder.device or get_available_device()).split(":")[0],
+            lora_r=lora.r if lora else 16,
+            lora_dropout=lora.lora_dropout if lora else 0.0,
+            rows_per_example=self.rows_per_example,
+            trust_remote_code=holder.trust_remote_code,
+        )
 
     def _examples(self, train_texts, eval_texts, tokenizer) -> tuple[Examples, Examples | None]:
         config = self.config

@@ -22,7 +22,7 @@ from typing import Any
 import psutil
 import yaml
 
-from aift.config import LoRAConfig, TrainingConfig, resolve_train_configs
+from aift.config import FRONT_DOOR_DEFAULTS, LoRAConfig, TrainingConfig, resolve_train_configs
 from aift.errors import AiftError
 
 REQUEST_FILE = "webui_request.yaml"  # what the user asked for (TrainingConfig keys + lora:)
@@ -247,8 +247,11 @@ def config_fields() -> dict[str, list[dict[str, Any]]]:
             rows.append({"name": f.name, "type": str(f.type), "default": default, "help": f.metadata.get("help", "")})
         return rows
 
+    training = describe(TrainingConfig, HIDDEN_FIELDS)
+    for row in training:  # the run starts as `aift train`, from the command line's defaults
+        row["default"] = FRONT_DOOR_DEFAULTS.get(row["name"], row["default"])
     return {
-        "training": describe(TrainingConfig, HIDDEN_FIELDS),
+        "training": training,
         # use_qlora and qlora_4bit follow from the method picked (lora / qlora).
         "lora": describe(LoRAConfig, {"use_qlora", "task_type"}),
     }
