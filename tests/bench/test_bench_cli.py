@@ -48,15 +48,23 @@ def test_bench_against_trl_writes_a_complete_result(tiny_model_dir, tmp_path, ca
     assert aift_settings["gradient checkpointing"] == trl_settings["gradient checkpointing"] == "True"
     assert aift_settings["learning rate"] == trl_settings["learning rate"]
     assert (aift_settings["packing"], trl_settings["packing"]) == ("True", "False")
+    # One precision for both: bf16 only where the device has it in hardware (else both would pay emulation).
+    first_word = {name: s["precision"].split(",")[0] for name, s in (("aift", aift_settings), ("trl", trl_settings))}
+    assert first_word["aift"] == first_word["trl"] == ("bf16 autocast" if result["precision"] == "bf16" else "fp32")
     assert "| packing | True | False | **yes** |" in (out / "results.md").read_text()
     assert (out / "logs" / "aift.log").is_file() and (out / "logs" / "trl.log").is_file()
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
     assert last_line.startswith("bench: aift ") and "speedup" in last_line
 
 
-def test_ablation_switches_each_lever_off_alone(tmp_path, monkeypatch):
+BF16_LEVERS = ({"frozen_base_bf16"}, {"bf16", "frozen_base_bf16"})
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_ablation_switches_each_lever_off_alone(precision, tmp_path, monkeypatch):
     """The orchestration of --ablation (the runs themselves are those of the test above): one run per lever,
-    each with only that lever off, tcmalloc taken away through the worker's environment."""
+    each with only that lever off, tcmalloc taken away through the worker's environment. In fp32 (a CPU
+    without bf16 instructions) the bf16 levers are off in the main run and have no ablation row."""
     from aift.bench import core
 
     calls = []
@@ -71,16 +79,20 @@ def test_ablation_switches_each_lever_off_alone(tmp_path, monkeypatch):
 
     monkeypatch.setattr(core, "_run", fake_run)
     monkeypatch.setattr("aift.models.loading.resolve_model_path", lambda name: "/m")
-    result = core.run_bench(core.BenchOptions(examples=4, ablation=True, output=str(tmp_path / "out")))
+    options = core.BenchOptions(examples=4, ablation=True, output=str(tmp_path / "out"), precision=precision)
+    result = core.run_bench(options)
     main_levers = calls[0][1]["levers"]
-    levers_on = ("bf16", "packing", "frozen_base_bf16", "fused_lora", "segment_attention")
+    levers_on = ("packing", "fused_lora", "segment_attention")
     assert calls[0][0] == "aift" and all(main_levers[k] for k in levers_on)
+    assert main_levers["bf16"] == main_levers["frozen_base_bf16"] == (precision == "bf16")
+    assert all(spec["bf16"] == (precision == "bf16") for _, spec, _ in calls)  # TRL's precision too
     ablated = {tag: (spec["levers"], tcmalloc) for tag, spec, tcmalloc in calls[1:]}
-    assert len(ablated) == 7 == len(result["ablation"])
+    expected = [{"packing"}, {"loss_chunk_size"}, {"tcmalloc"}, {"fused_lora"}, {"segment_attention"}]
+    expected += list(BF16_LEVERS) if precision == "bf16" else []
+    assert len(ablated) == len(expected) == len(result["ablation"])
     for levers, tcmalloc in ablated.values():
         changed = {k for k in levers if levers[k] != main_levers[k]} | ({"tcmalloc"} if not tcmalloc else set())
-        assert changed in ({"packing"}, {"loss_chunk_size"}, {"frozen_base_bf16"}, {"bf16", "frozen_base_bf16"},
-                           {"tcmalloc"}, {"fused_lora"}, {"segment_attention"})  # fmt: skip
+        assert changed in expected
     assert "## Ablation" in (tmp_path / "out" / "results.md").read_text()
 
 
@@ -106,7 +118,8 @@ def test_dpo_bench_against_trl_writes_a_complete_result(tiny_model_dir, tmp_path
         assert 0 <= run["eval_reward_accuracy"] <= 1
     assert result["ratios"]["tokens_per_s"] == pytest.approx(aift["tokens_per_s"] / trl["tokens_per_s"])
     assert result["options"]["gradient_checkpointing"] is True  # both trainers' default, the same for both
-    assert "gradient checkpointing on for both" in (out / "results.md").read_text()
+    assert f"gradient checkpointing on and {result['precision']} for both" in (out / "results.md").read_text()
+    assert aift["settings"]["precision"].split(",")[0] == trl["settings"]["precision"].split(",")[0]
     assert aift["settings"]["beta"] == trl["settings"]["beta"] == "0.1"
     assert aift["settings"]["gradient checkpointing"] == trl["settings"]["gradient checkpointing"] == "True"
     assert "| forward of a pair |" in (out / "results.md").read_text()

@@ -10,7 +10,7 @@ import torch
 from aift.bench.core import BenchOptions, assemble
 from aift.bench.data import BenchDataError, load_rows, synthetic_rows, to_messages, tokenize_conversation
 from aift.bench.peak import matmul_param_counts, matmul_peak_gflops, model_flops
-from aift.bench.report import summary_line, target_rows, write_all
+from aift.bench.report import markdown, summary_line, target_rows, write_all
 from aift.errors import AiftError
 
 
@@ -74,11 +74,31 @@ def fake_run(tokens_per_s, mem, loss):
             "peak_mem_gb": mem, "eval_loss": loss, "allocator": "tcmalloc", "threads": 2}  # fmt: skip
 
 
-def fake_result(**kw):
+def fake_result(precision="bf16"):
     options = BenchOptions(examples=10, compare="trl", ablation=True)
     peak = {"bf16_gflops": 800.0, "fp32_gflops": 200.0, "body_params": 100_000_000, "head_params": 28_000_000}
     ablation = [{"name": "without packing (length-grouped padding)", **fake_run(300, 3.0, 2.01)}]
-    return assemble(options, "/m", peak, fake_run(500, 2.0, 2.0), fake_run(80, 6.0, 2.02), ablation, [0.1, 0.2, 0.3])
+    aift, trl = fake_run(500, 2.0, 2.0), fake_run(80, 6.0, 2.02)
+    return assemble(options, "/m", peak, aift, trl, ablation, [0.1, 0.2, 0.3], precision)
+
+
+def test_mfu_is_of_the_peak_in_the_precision_both_runs_trained_in():
+    bf16, fp32 = fake_result("bf16"), fake_result("fp32")
+    assert fp32["mfu"] == pytest.approx(bf16["mfu"] * 800 / 200)
+    assert fp32["precision"] == "fp32"
+    text = markdown(fp32)
+    assert "fp32 (this device has no bf16 in hardware" in text and "/ fp32 peak" in text
+
+
+def test_the_bench_precision_is_bf16_only_where_the_device_has_it():
+    from aift.bench.measure import bench_precision
+    from aift.utils.gpu import cpu_has_native_bf16
+
+    assert bench_precision("fp32") == "fp32" and bench_precision("bf16") == "bf16"
+    native = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else cpu_has_native_bf16()
+    assert bench_precision() == ("bf16" if native else "fp32")
+    with pytest.raises(AiftError, match="--precision must be one of auto, bf16, fp32"):
+        bench_precision("fp16")
 
 
 def test_assemble_computes_ratios_mfu_and_targets():

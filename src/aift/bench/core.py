@@ -20,6 +20,7 @@ from typing import Any
 
 from aift.bench import report
 from aift.bench.data import load_rows, synthetic_rows
+from aift.bench.measure import bench_precision
 from aift.bench.peak import model_flops
 from aift.errors import AiftError
 
@@ -73,6 +74,8 @@ class BenchOptions:
     # The same for aift and TRL: on is both trainers' default (TRL's SFTConfig, aift train), so the headline
     # measures what users get; `--gradient-checkpointing off` measures both without the recompute.
     gradient_checkpointing: bool = True
+    # Both trainers alike: auto = bf16 where the device has it in hardware, else fp32 (measure.bench_precision).
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         if self.method not in ("lora", "qlora", "full"):
@@ -108,6 +111,7 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
     output = Path(options.output)
     model_dir = resolve_model_path(options.model)
     load_before = load_average()
+    precision = bench_precision(options.precision)
     with tempfile.TemporaryDirectory(prefix="aift-bench-") as tmp:
         work = Path(tmp)
         data_file = _write_data(options, work / "data.json")
@@ -120,11 +124,14 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
             "learning_rate": options.learning_rate,
             "seed": options.seed,
             "gradient_checkpointing": options.gradient_checkpointing,
+            "bf16": precision == "bf16",
         }
         logs = output / "logs"
         levers = {**ALL_LEVERS, "torch_compile": options.compile}
         if options.method == "full":
             levers["frozen_base_bf16"] = False  # a full fine-tune has no frozen base
+        if precision == "fp32":  # the bf16 levers do not apply (and their ablation rows are skipped)
+            levers.update(bf16=False, frozen_base_bf16=False)
         aift_spec = {**base_spec, "trainer": "aift", "levers": levers}
         runs = [_run_aift(n, aift_spec, work, logs, options.tcmalloc) for n in options.nproc]
         peak = next((run.pop("peak") for run in runs if "peak" in run), None)
@@ -134,7 +141,7 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
         aift = runs[0]
         trl = _run("trl", {**base_spec, "trainer": "trl"}, work, logs, tcmalloc=False) if options.compare else None
         ablation = _ablation(options, base_spec, levers, work, logs) if options.ablation else []
-    result = assemble(options, model_dir, peak, aift, trl, ablation, load_before)
+    result = assemble(options, model_dir, peak, aift, trl, ablation, load_before, precision)
     result["scaling"] = scaling_rows(runs)
     report.write_all(result, output)
     return result
@@ -309,15 +316,19 @@ FLOPS_FORMULA = (
 )
 
 
-def assemble(options, model_dir, peak, aift, trl, ablation, load_before) -> dict[str, Any]:
-    """The result dict: every run's figures, the ratios and the targets, settings and environment."""
+def assemble(options, model_dir, peak, aift, trl, ablation, load_before, precision="bf16") -> dict[str, Any]:
+    """The result dict: every run's figures, the ratios and the targets, settings and environment.
+
+    MFU is taken against the matmul peak of the precision both runs trained in.
+    """
     peak_flops = {"bf16": peak["bf16_gflops"], "fp32": peak["fp32_gflops"]}
     scored = aift["tokens"] - options.examples  # each example's first token has no target
     flops = model_flops(peak["body_params"], peak["head_params"], aift["tokens"], scored, options.method == "full")
     result: dict[str, Any] = {
         "aift": aift,
         "trl": trl,
-        "mfu": flops / aift["train_time_s"] / (peak_flops["bf16"] * 1e9),
+        "precision": precision,
+        "mfu": flops / aift["train_time_s"] / (peak_flops[precision] * 1e9),
         "matmul_peak_gflops": peak_flops,
         "flops_formula": FLOPS_FORMULA,
         "model_matmul_params": {"body": peak["body_params"], "head": peak["head_params"]},

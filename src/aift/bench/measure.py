@@ -11,6 +11,27 @@ from aift.training.loss import fused_linear_cross_entropy, split_causal_lm
 from aift.utils.allocator import tcmalloc_mapped
 from aift.utils.gpu import peak_memory_gb
 
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def bench_precision(requested: str = "auto") -> str:
+    """The precision both trainers of a benchmark run in: bf16 where the device multiplies bf16 in hardware.
+
+    "auto" is what aift itself would do (:func:`aift.training.backends.resolve_precision`): bf16 on a GPU with
+    bf16 and on a CPU with AVX512-BF16/AMX; fp32 on a CPU that would emulate bf16 (about 1/60 of its fp32
+    speed). TRL is then given the same, so that neither side pays for the other's precision.
+    """
+    from aift.errors import AiftError
+    from aift.utils.gpu import cpu_has_native_bf16
+
+    if requested not in PRECISIONS:
+        raise AiftError(f"--precision must be one of {', '.join(PRECISIONS)}; got {requested!r}")
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
 
 def allocator() -> str:
     return "tcmalloc" if tcmalloc_mapped() else "system"
@@ -28,18 +49,18 @@ def process_facts() -> dict:
 
 
 @torch.no_grad()
-def held_out_loss(model: torch.nn.Module, examples: list[list[int]]) -> float:
+def held_out_loss(model: torch.nn.Module, examples: list[list[int]], bf16: bool = True) -> float:
     """Mean next-token cross-entropy over every token of the held-out examples (one example at a time).
 
-    Computed identically for both trainers' models, in bf16 autocast (how both trained), through the
-    chunked loss so that evaluation never raises the process's peak memory above training's.
+    Computed identically for both trainers' models, in bf16 autocast when both trained so (else fp32),
+    through the chunked loss so that evaluation never raises the process's peak memory above training's.
     """
     was_training = model.training
     model.eval()
     decoder, head = split_causal_lm(model)
     device = head.weight.device
     total, count = 0.0, 0
-    with torch.autocast(device.type, dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         for ids in examples:
             input_ids = torch.tensor([ids], device=device)
             hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state

@@ -3,10 +3,11 @@
 Each trainer runs in its own process (``python -m aift.bench.preference SPEC.json RESULT.json``), so that peak
 memory is its own. The pairs are a sorting task (the list sorted right is chosen, the same list with a few
 neighbours swapped is rejected; ``task="larger"`` is the older one-number task); both trainers see the same pairs
-in the model's chat template, one epoch, the same LoRA, batch, learning rate, beta and gradient checkpointing
-(on by default: TRL's default and ``aift train``'s), bf16. Reported: tokens/s (real prompt + answer tokens of chosen and rejected), peak memory (GPU
-max-allocated, else the process's peak RSS) and the held-out reward accuracy (chosen reward above rejected,
-rewards = beta * (log pi - log pi_ref)), measured by the same code on both trained models.
+in the model's chat template, one epoch, the same LoRA, batch, learning rate, beta, gradient checkpointing
+(on by default: TRL's default) and precision (bf16 where the device has it in hardware, else fp32).
+Reported: tokens/s (real prompt + answer tokens of chosen and rejected), peak memory (GPU max-allocated, else
+the process's peak RSS) and the held-out reward accuracy (chosen reward above rejected, rewards = beta * (log
+pi - log pi_ref)), measured by the same code on both trained models.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class PreferenceBenchOptions:
     task: str = "sort"  # sort | larger
     numbers: int = 24  # numbers per list in the sort task: ~4 tokens each, so prompt and answers ~100 tokens
     gradient_checkpointing: bool = True  # the same for both trainers; on is the default of TRL and aift train
+    precision: str = "auto"  # both trainers alike: bf16 where the device has it in hardware, else fp32
 
     def __post_init__(self) -> None:
         from aift.errors import AiftError
@@ -107,11 +109,13 @@ def run_bench(options: PreferenceBenchOptions) -> dict:
         json.dumps({"train": pairs[: options.examples], "eval": pairs[options.examples :]}), encoding="utf-8"
     )
     runs, load_before = {}, load_average()
+    precision = measure.bench_precision(options.precision)
     for trainer in ["aift", *([options.compare] if options.compare else [])]:
-        spec = {**asdict(options), "trainer": trainer, "data": str(data)}
+        spec = {**asdict(options), "trainer": trainer, "data": str(data), "bf16": precision == "bf16"}
         runs[trainer] = _run_worker(spec, out / "logs")
     result = {
         "options": asdict(options),
+        "precision": precision,
         "runs": runs,
         "load_average": {"before": load_before, "after": load_average()},
     }
@@ -156,7 +160,8 @@ def markdown(result: dict) -> str:
     o, load = result["options"], result.get("load_average")
     setting = (f"Task {o['task']}, {o['examples']} training pairs (one epoch), {o['eval_examples']} held-out pairs, "
                f"batch {o['batch_size']}, max length {o['max_length']}, lr {o['learning_rate']}, beta {o['beta']}, "
-               f"gradient checkpointing {'on' if o['gradient_checkpointing'] else 'off'} for both, bf16.")  # fmt: skip
+               f"gradient checkpointing {'on' if o['gradient_checkpointing'] else 'off'} and "
+               f"{result.get('precision', 'bf16')} for both.")  # fmt: skip
     if load:
         setting += f" Load average (1, 5, 15 min) before {load['before']}, after {load['after']}."
     runs = result["runs"]
@@ -237,7 +242,7 @@ def run_aift(spec: dict) -> dict[str, Any]:
     config = TrainingConfig(
         model_name=holder.model_name, output_dir=str(work / "run"), learning_rate=spec["learning_rate"],
         batch_size=spec["batch_size"], gradient_accumulation_steps=1, num_epochs=1, warmup_steps=0, eval_steps=0,
-        save_steps=0, logging_steps=1, bf16=True, gradient_checkpointing=spec["gradient_checkpointing"], max_length=spec["max_length"],
+        save_steps=0, logging_steps=1, bf16=spec.get("bf16", True), gradient_checkpointing=spec["gradient_checkpointing"], max_length=spec["max_length"],
         seed=spec["seed"], report_to=["none"], loss_chunk_size=1024,  # fused log-probs, as the SFT bench's lever
     )  # fmt: skip
     preference, lora = PreferenceConfig(method="dpo", beta=spec["beta"]), LoRAConfig(**LORA)
@@ -285,7 +290,8 @@ def _trl_dpo_settings(args) -> dict[str, Any]:
 
 
 def run_trl(spec: dict) -> dict[str, Any]:
-    """TRL's DPOTrainer as a user configures it: its defaults plus bf16, the same LoRA, batch, lr, beta, length."""
+    """TRL's DPOTrainer as a user configures it: its defaults plus the bench's precision, the same LoRA, batch, lr,
+    beta, length."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -300,7 +306,7 @@ def run_trl(spec: dict) -> dict[str, Any]:
     args = DPOConfig(
         output_dir=tempfile.mkdtemp(prefix="trl-dpo-bench-"), per_device_train_batch_size=spec["batch_size"],
         num_train_epochs=1, max_length=spec["max_length"], learning_rate=spec["learning_rate"], beta=spec["beta"],
-        bf16=True, use_cpu=not torch.cuda.is_available(), save_strategy="no", report_to=[], logging_steps=1,
+        bf16=spec.get("bf16", True), use_cpu=not torch.cuda.is_available(), save_strategy="no", report_to=[], logging_steps=1,
         dataloader_num_workers=0, seed=spec["seed"], gradient_checkpointing=spec["gradient_checkpointing"],
     )  # fmt: skip
     lora = LoraConfig(**LORA, task_type="CAUSAL_LM")

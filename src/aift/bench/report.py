@@ -13,7 +13,7 @@ from aift.bench.settings import settings_markdown
 # name -> (how the figure is read, the target, whether higher is better)
 TARGETS = {
     "speedup": ("aift tokens/s over TRL tokens/s", 5.0, True),
-    "mfu": ("aift model FLOPs utilisation of the bf16 matmul peak", 0.40, True),
+    "mfu": ("aift model FLOPs utilisation of the matmul peak in the runs' precision", 0.40, True),
     "memory_ratio": ("aift peak memory over TRL peak memory", 0.6, False),
     "eval_loss_gap": ("abs(aift eval loss / TRL eval loss - 1)", 0.03, False),
 }
@@ -62,7 +62,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"{s['examples']} training examples (one epoch), {s['eval_examples']} held-out, sequence {s['seq_len']}, "
         f"batch {s['batch_size']}, learning rate {s['learning_rate']}, gradient checkpointing "
-        f"{'on' if s['gradient_checkpointing'] else 'off'} for every run; data: {s['data']}.",
+        f"{'on' if s['gradient_checkpointing'] else 'off'} and {_precision(result)} for every run; data: {s['data']}.",
         f"Machine: {env['cpu']}, {env['cores']} cores; torch {env['torch']}, transformers {env['transformers']}, "
         f"peft {env['peft']}, trl {env.get('trl', '-')}; load average {env['load_before']} before, "
         f"{env['load_after']} after.",
@@ -85,7 +85,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [
         "",
         f"Matmul peak (2048x2048 torch.matmul): {peak['bf16']:.0f} GFLOP/s bf16, {peak['fp32']:.0f} GFLOP/s fp32.",
-        f"MFU = model FLOPs / train time / bf16 peak; model FLOPs = {result['flops_formula']}.",
+        f"MFU = model FLOPs / train time / {result.get('precision', 'bf16')} peak; "
+        f"model FLOPs = {result['flops_formula']}.",
     ]
     if result.get("trl") and result["trl"].get("settings") and result["aift"].get("settings"):
         lines += ["", "## Settings of the two runs", ""]
@@ -97,6 +98,16 @@ def markdown(result: dict[str, Any]) -> str:
     if _has_scaling(result):
         lines += ["", "## Scaling over processes", "", *scaling_markdown(result)]
     return "\n".join(lines) + "\n"
+
+
+def _precision(result: dict[str, Any]) -> str:
+    """How the runs computed, and why (a CPU without bf16 instructions trains both in fp32)."""
+    precision = result.get("precision", "bf16")
+    if precision == "bf16":
+        return "bf16 autocast"
+    if result["settings"].get("precision", "auto") == "auto":
+        return "fp32 (this device has no bf16 in hardware: emulated bf16 is far slower than fp32)"
+    return "fp32"
 
 
 def _has_scaling(result: dict[str, Any]) -> bool:

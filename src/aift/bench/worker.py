@@ -110,7 +110,7 @@ def run_aift(spec: dict) -> dict[str, Any]:
         "final_train_loss": summary["final_train_loss"],
         "peak_mem_gb": peak,
         # DDP keeps the ranks' models identical: rank 0 alone evaluates, the others would only repeat it.
-        "eval_loss": measure.held_out_loss(model, eval_ids) if rank() == 0 else None,
+        "eval_loss": measure.held_out_loss(model, eval_ids, spec.get("bf16", True)) if rank() == 0 else None,
         "levers": levers,
         "settings": aift_settings(config, lora, measure.allocator(), ALL_TOKENS),
     }
@@ -150,7 +150,8 @@ def compile_time_s(steps: list[dict]) -> float:
 
 
 def run_trl(spec: dict) -> dict[str, Any]:
-    """TRL's SFTTrainer as a user configures it: its defaults, plus bf16, the same LoRA, batch and learning rate."""
+    """TRL's SFTTrainer as a user configures it: its defaults, plus the bench's precision (bf16 where the device
+    has it), the same LoRA, batch and learning rate."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -172,7 +173,7 @@ def run_trl(spec: dict) -> dict[str, Any]:
         max_length=spec["seq_len"],
         packing=False,
         learning_rate=spec["learning_rate"],
-        bf16=True,
+        bf16=spec.get("bf16", True),
         use_cpu=not torch.cuda.is_available(),
         save_strategy="no",
         report_to=[],
@@ -193,7 +194,7 @@ def run_trl(spec: dict) -> dict[str, Any]:
         "steps": output.global_step,
         "final_train_loss": output.training_loss,
         "peak_mem_gb": peak,
-        "eval_loss": measure.held_out_loss(trainer.model, eval_ids),
+        "eval_loss": measure.held_out_loss(trainer.model, eval_ids, spec.get("bf16", True)),
         "settings": trl_settings(args, lora, trainer.model, measure.allocator(), _trl_trained_tokens(args)),
     }
 
@@ -215,8 +216,12 @@ def measure_peak(spec: dict) -> dict[str, Any]:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     body, head = matmul_param_counts(model)
+    from aift.utils.gpu import cpu_has_native_bf16
+
+    # Emulated bf16 (a CPU without AVX512-BF16/AMX) runs at ~1 GFLOP/s: a smaller matrix says as much, sooner.
+    bf16_size = 2048 if torch.cuda.is_available() or cpu_has_native_bf16() else 512
     return {
-        "bf16_gflops": matmul_peak_gflops(torch.bfloat16),
+        "bf16_gflops": matmul_peak_gflops(torch.bfloat16, size=bf16_size),
         "fp32_gflops": matmul_peak_gflops(torch.float32),
         "body_params": body,
         "head_params": head,

@@ -37,6 +37,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Recompute activations in backward, for aift and TRL alike (default: %(default)s, both trainers' default).",
     )
     parser.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp32"),
+        default=d.precision,
+        help="Both trainers alike; auto: bf16 where the device multiplies bf16 in hardware, else fp32 "
+        "(default: %(default)s).",
+    )
+    parser.add_argument(
         "--task",
         choices=("sort", "larger"),
         default="sort",
@@ -72,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         nproc=args.nproc,
         gradient_checkpointing=args.gradient_checkpointing == "on",
+        precision=args.precision,
     )
     result = run_bench(options)
     charts = "chart.png, scaling.png" if len(result["scaling"]) > 1 or options.nproc[0] > 1 else "chart.png"
@@ -97,6 +105,7 @@ def _run_dpo(args: argparse.Namespace) -> int:
         task=args.task,
         numbers=args.numbers,
         gradient_checkpointing=args.gradient_checkpointing == "on",
+        precision=args.precision,
     )
     result = run_bench(options)
     print(f"wrote {options.output}/result.json, results.md")
