@@ -7,7 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from aift.data import DataError
 from aift.data.formats import FORMATS, get_format
 from aift.data.masking import encode
 from aift.data.packing import IGNORE_INDEX
@@ -167,3 +170,49 @@ def test_bos_added_once_and_no_extra_eos(tokenizer):
     assert both.decode(trained_ids(encoded)) == rendered.trained_text
     chatml = get_format("chatml").render(CONVERSATIONS[0], both)  # starts with its BOS text <|im_start|>
     assert encode(chatml, both, max_length=4096).input_ids.count(both.bos_token_id) == 2  # two turns, no extra
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    tokens=st.lists(st.tuples(st.integers(0, 60), st.integers(0, 8)), max_size=40),
+    spans=st.lists(st.tuples(st.integers(0, 70), st.integers(0, 20)), max_size=5),
+)
+def test_vectorised_labels_equal_testing_every_span(tokens, spans):
+    """trained_labels (binary search over merged spans) == the plain rule: a non-empty token span overlapping
+    any trained span, for any offsets (empty, repeated, overlapping, out of order) and any spans."""
+    from aift.data.masking import trained_labels
+
+    offsets = [(start, start + width) for start, width in tokens]
+    span_list = tuple((start, start + width) for start, width in spans)
+    ids = list(range(100, 100 + len(offsets)))
+    expected = [
+        i if e > s and any(s < b and e > a for a, b in span_list) else IGNORE_INDEX
+        for i, (s, e) in zip(ids, offsets, strict=True)
+    ]
+    assert trained_labels(ids, offsets, span_list) == expected
+
+
+def test_the_rust_encoding_equals_the_transformers_call(tokenizer):
+    """The prepare path reads ids and offsets straight from the backend tokenizer: the same as the wrapper's."""
+    from aift.data.masking import _ids_and_offsets
+
+    texts = [
+        "日本の首都は東京です。",
+        "Hello,  world!\n\n  x",
+        "🙂 emoji and ｶﾀｶﾅ",
+        "<|im_start|>user\nhi<|im_end|>",
+        "",
+    ]
+    wrapped = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
+    expected = list(zip(wrapped["input_ids"], [list(map(tuple, o)) for o in wrapped["offset_mapping"]], strict=True))
+    assert [(list(i), list(map(tuple, o))) for i, o in _ids_and_offsets(tokenizer, texts)] == expected
+
+
+def test_rendering_many_equals_rendering_each_and_isolates_a_bad_row(tokenizer):
+    fmt = get_format("template")
+    good = [CONVERSATIONS[0], CONVERSATIONS[-1]]
+    bad = [{"role": "assistant", "content": "an answer with no question"}]
+    many = fmt.render_many([good[0], bad, good[1]], tokenizer)
+    assert many[0] == fmt.render(good[0], tokenizer) and many[2] == fmt.render(good[1], tokenizer)
+    assert isinstance(many[1], DataError)
+    assert fmt.render_many(good, tokenizer) == [fmt.render(c, tokenizer) for c in good]

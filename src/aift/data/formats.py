@@ -136,6 +136,16 @@ class PromptFormat:
         """The training text of a conversation ending with an assistant answer, and its trained spans."""
         raise NotImplementedError
 
+    def render_many(self, conversations: list[list[dict[str, Any]]], tokenizer=None) -> list[Rendered | DataError]:
+        """``render`` of each conversation; one that cannot be rendered gives its DataError in its place."""
+        out: list[Rendered | DataError] = []
+        for messages in conversations:
+            try:
+                out.append(self.render(messages, tokenizer))
+            except DataError as e:
+                out.append(e)
+        return out
+
     def generation_prompt(self, messages: list[dict[str, Any]], tokenizer=None) -> str:
         """The prompt for answering a conversation that ends with a user message."""
         raise NotImplementedError
@@ -417,11 +427,35 @@ class TemplateFormat(PromptFormat):
         tok = self._check(tokenizer)
         msgs = self._chat(normalize(messages))
         text = _apply_template(tok, msgs)
+        answers = [k for k, m in enumerate(msgs) if m["role"] == "assistant"]
+        prefixes = [_apply_template(tok, msgs[:k], add_generation_prompt=True) for k in answers]
+        return self._located(msgs, text, dict(zip(answers, prefixes, strict=True)), tok)
+
+    def render_many(self, conversations, tokenizer=None) -> list[Rendered | DataError]:
+        """``render`` of many conversations with two batched calls of the chat template (the texts, then every
+        history prefix), instead of one call per text and prefix; the results are the same. If any conversation
+        fails (bad shape, a template that refuses it), each is rendered alone, so that only that one fails."""
+        tok = self._check(tokenizer)
+        try:
+            chats = [self._chat(normalize(m)) for m in conversations]
+            texts = _apply_template(tok, chats) if chats else []
+            wanted = [(i, k) for i, msgs in enumerate(chats) for k, m in enumerate(msgs) if m["role"] == "assistant"]
+            histories = [chats[i][:k] for i, k in wanted]
+            rendered = _apply_template(tok, histories, add_generation_prompt=True) if histories else []
+            prefixes: list[dict[int, str]] = [{} for _ in chats]
+            for (i, k), prefix in zip(wanted, rendered, strict=True):
+                prefixes[i][k] = prefix
+            return [self._located(m, t, p, tok) for m, t, p in zip(chats, texts, prefixes, strict=True)]
+        except DataError:
+            return super().render_many(conversations, tokenizer)
+
+    def _located(self, msgs: list[Message], text: str, prefixes: dict[int, str], tok) -> Rendered:
+        """The rendered text with each answer's span, found after the history prefix rendered before it."""
         spans, prompt_end = [], 0
         for k, message in enumerate(msgs):
             if message["role"] != "assistant":
                 continue
-            prefix = _apply_template(tok, msgs[:k], add_generation_prompt=True)
+            prefix = prefixes[k]
             start = text.find(message["content"], len(prefix)) if text.startswith(prefix) else -1
             if start < 0:
                 raise DataError(
@@ -458,14 +492,16 @@ class TemplateFormat(PromptFormat):
         return [_eos(tokenizer), *_special_tokens(tokenizer)]
 
 
-def _apply_template(tokenizer, messages: list[Message], add_generation_prompt: bool = False) -> str:
-    """apply_chat_template; a template that refuses the conversation (raise_exception) is a DataError."""
+def _apply_template(tokenizer, messages: list, add_generation_prompt: bool = False) -> Any:
+    """apply_chat_template of one conversation (a string) or of a list of them (a list); a template that
+    refuses a conversation (raise_exception) is a DataError."""
     from jinja2.exceptions import TemplateError
 
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except TemplateError as e:
-        roles = ", ".join(m["role"] for m in messages)
+        batched = bool(messages) and isinstance(messages[0], list)
+        roles = "several conversations" if batched else ", ".join(m["role"] for m in messages)
         raise DataError(f"the tokenizer's chat template refuses this conversation ({roles}): {e}") from e
 
 

@@ -7,7 +7,10 @@ tokenized on its own, where merges at the seams would differ.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
+
+import numpy as np
 
 from aift.data import DataError
 from aift.data.formats import Rendered
@@ -28,8 +31,37 @@ class Encoded:
         return count_trained_tokens(self.labels)
 
 
-def _overlaps(start: int, end: int, spans: tuple[tuple[int, int], ...]) -> bool:
-    return end > start and any(start < b and end > a for a, b in spans)
+def trained_labels(ids: list[int], offsets: list, spans: tuple[tuple[int, int], ...]) -> list[int]:
+    """Each token's id where its character span overlaps a trained span (and is not empty), else IGNORE_INDEX.
+
+    Vectorised: with the spans merged into sorted, disjoint ones, the only span a token can overlap first is
+    the first one ending after the token starts (a binary search); it overlaps when it starts before the
+    token ends. The same as testing every span, at a fraction of the Python work per token.
+    """
+    if not ids:
+        return []
+    merged = _merge(spans)
+    if not merged:
+        return [IGNORE_INDEX] * len(ids)
+    # fromiter over the flattened pairs: half the time of asarray on a list of tuples
+    offsets = np.fromiter(itertools.chain.from_iterable(offsets), dtype=np.int64, count=2 * len(ids)).reshape(-1, 2)
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    span_starts, span_ends = np.asarray(merged, dtype=np.int64).T
+    first = np.searchsorted(span_ends, starts, side="right")  # the first span ending after the token starts
+    candidate = np.minimum(first, len(merged) - 1)
+    hit = (ends > starts) & (first < len(merged)) & (span_starts[candidate] < ends)
+    return np.where(hit, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist()
+
+
+def _merge(spans: tuple[tuple[int, int], ...]) -> list[tuple[int, int]]:
+    """Spans sorted by start, overlapping or touching ones joined (an empty span still marks a token around it)."""
+    merged: list[list[int]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(a, b) for a, b in merged]
 
 
 def _adds_bos(tokenizer) -> bool:
@@ -53,12 +85,25 @@ def encode_batch(rendered: list[Rendered], tokenizer, max_length: int, train_on_
     if not getattr(tokenizer, "is_fast", False):
         raise DataError("loss masks need a fast tokenizer (offsets); this model's tokenizer has no fast version")
     texts = [r.text for r in rendered]
-    encoding = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
     bos = tokenizer.bos_token if _adds_bos(tokenizer) else None
     return [
         _mask_and_fit(r, list(ids), list(offsets), bos, tokenizer.bos_token_id, max_length, train_on_prompt)
-        for r, ids, offsets in zip(rendered, encoding["input_ids"], encoding["offset_mapping"], strict=True)
+        for r, (ids, offsets) in zip(rendered, _ids_and_offsets(tokenizer, texts), strict=True)
     ]
+
+
+def _ids_and_offsets(tokenizer, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """Token ids and character offsets of each text, no special tokens added, nothing truncated or padded.
+
+    Straight from the Rust tokenizer (``backend_tokenizer``, the same encoding transformers would call) when it
+    is set to neither truncate nor pad: transformers' wrapper would spend about as long again converting its
+    output. Otherwise through the wrapper, which sets those up per call.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
+    encoding = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
+    return list(zip(encoding["input_ids"], encoding["offset_mapping"], strict=True))
 
 
 def _mask_and_fit(
@@ -70,7 +115,7 @@ def _mask_and_fit(
     if bos is not None and not text.startswith(bos):
         ids, offsets = [bos_id, *ids], [(0, 0), *offsets]
     spans = ((0, len(text)),) if train_on_prompt else rendered.spans
-    labels = [i if _overlaps(s, e, spans) else IGNORE_INDEX for i, (s, e) in zip(ids, offsets, strict=True)]
+    labels = trained_labels(ids, offsets, spans)
     if len(ids) <= max_length:
         return Encoded(ids, labels, text)
     start, stop, kind = _window(labels, max_length)

@@ -14,13 +14,14 @@ import random
 import statistics
 import uuid
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from aift.data import DataError
 from aift.data.formats import PromptFormat, Rendered, default_system, resolve_format
 from aift.data.masking import encode_batch
-from aift.data.packing import best_fit_decreasing, count_trained_tokens, packing_efficiency
+from aift.data.packing import best_fit_decreasing, packing_efficiency
 from aift.data.prepared import write_prepared
 from aift.data.sources import SOURCES, Loaded, load_conversations, source_for_path
 from aift.models.registry import EMBEDDED_MODEL
@@ -62,20 +63,20 @@ class _EncodeRows:
         self.conversations, self.fmt, self.tokenizer = conversations, fmt, tokenizer
         self.max_length, self.train_on_prompt, self.system = max_length, train_on_prompt, system
 
-    def _render(self, row: int) -> Rendered | str:
-        try:
-            return self.fmt.render(_with_system(self.conversations[row], self.system), self.tokenizer)
-        except DataError as e:
-            return f"cannot render: {e}"
-
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        rendered = [self._render(row) for row in batch["row"]]
+        """One batch of rows; a dropped row keeps its place (empty columns, its reason in ``drop``)."""
+        conversations = [_with_system(self.conversations[row], self.system) for row in batch["row"]]
+        rendered = [
+            r if isinstance(r, Rendered) else f"cannot render: {r}"
+            for r in self.fmt.render_many(conversations, self.tokenizer)
+        ]
         ok = [r for r in rendered if isinstance(r, Rendered)]
         encoded = iter(encode_batch(ok, self.tokenizer, self.max_length, self.train_on_prompt) if ok else [])
         out: dict[str, list] = {c: [] for c in _COLUMNS}
         for r in rendered:
             e = next(encoded) if isinstance(r, Rendered) else None
-            drop = r if e is None else ("no trained token" if e.num_trained == 0 else "")
+            trained = e.num_trained if e else 0
+            drop = r if e is None else ("no trained token" if trained == 0 else "")
             ids = e.input_ids if e and not drop else []
             out["input_ids"].append(ids)
             out["attention_mask"].append([1] * len(ids))
@@ -85,10 +86,44 @@ class _EncodeRows:
             out["reference"].append(r.reference if e and not drop else "")
             out["truncated"].append((e.truncated or "") if e and not drop else "")
             out["drop"].append(drop)
+            out["trained"].append(trained if not drop else 0)
         return out
 
 
-_COLUMNS = ("input_ids", "attention_mask", "labels", "text", "prompt", "reference", "truncated", "drop")
+def _features(with_bookkeeping: bool):
+    """The prepared dataset's columns and types; with the map's own bookkeeping (drop reason, truncation, ...)."""
+    from datasets import Features, List, Value
+
+    columns = {
+        "input_ids": List(Value("int32")),
+        "attention_mask": List(Value("int8")),
+        "labels": List(Value("int32")),
+        "text": Value("string"),
+        "prompt": Value("string"),
+        "reference": Value("string"),
+    }
+    if with_bookkeeping:
+        columns.update(truncated=Value("string"), drop=Value("string"), trained=Value("int32"))
+    return Features(columns)
+
+
+_COLUMNS = tuple(_features(with_bookkeeping=True))
+
+
+@dataclass
+class EncodedRows:
+    """Every row rendered and tokenized (an Arrow dataset, dropped rows included), and what was kept of it."""
+
+    rows: Any  # datasets.Dataset with the columns of _features(with_bookkeeping=True), one row per input row
+    kept: list[int]  # indices of the usable rows, in input order
+    lengths: list[int]  # tokens of each kept row
+    trained: int  # trained tokens over the kept rows
+    dropped: Counter
+    truncated: Counter
+
+    def select(self, indices: list[int]):
+        """The given rows with the prepared dataset's columns, still in Arrow (nothing goes through Python)."""
+        return self.rows.select(indices).select_columns(list(_features(with_bookkeeping=False)))
 
 
 def _encode_all(
@@ -99,12 +134,14 @@ def _encode_all(
     train_on_prompt: bool,
     system: str | None,
     num_proc: int | None = None,
-) -> tuple[list[dict[str, Any]], Counter, Counter]:
-    """Rendered and tokenized examples, plus drop reasons and truncation counts.
+) -> EncodedRows:
+    """Rendered and tokenized rows, the usable ones, their lengths, drop reasons and truncation counts.
 
     One batched ``datasets.map`` over ``num_proc`` processes (default: every core); shards are contiguous, so
-    the result is the same for any ``num_proc``. The map shows its progress bar.
+    the result is the same for any ``num_proc``. The map shows its progress bar. The token columns stay in
+    Arrow from the map to the disk: only the bookkeeping columns are read back into Python.
     """
+    import pyarrow.compute as pc
     from datasets import Dataset
 
     rows = len(loaded.conversations)
@@ -117,22 +154,33 @@ def _encode_all(
         batch_size=256,
         num_proc=procs if procs > 1 else None,
         remove_columns=["row"],
+        features=_features(with_bookkeeping=True),
         new_fingerprint=uuid.uuid4().hex,  # hashing the function (it holds every row) would cost more than it saves
         desc="tokenizing",
     )
-    columns = mapped.to_dict()
-    examples, dropped, truncated = [], Counter(), Counter()
+    if not rows:  # map never calls the function on no rows, so it leaves no columns either
+        mapped = Dataset.from_dict({c: [] for c in _COLUMNS}, features=_features(with_bookkeeping=True))
+    drops, kinds, trained = (mapped.data.column(c).to_pylist() for c in ("drop", "truncated", "trained"))
+    lengths = pc.list_value_length(mapped.data.column("input_ids")).to_pylist()  # counted in Arrow
+    kept, dropped, truncated = [], Counter(), Counter()
     for i, where in enumerate(loaded.wheres):
-        if reason := columns["drop"][i]:
+        if reason := drops[i]:
             if reason.startswith("cannot render"):
                 log.warning("%s dropped: %s", where, reason.removeprefix("cannot render: "))
             dropped[reason] += 1
             _note_dropped(loaded, where, reason)
             continue
-        if kind := columns["truncated"][i]:
+        if kind := kinds[i]:
             truncated[kind] += 1
-        examples.append({c: columns[c][i] for c in _COLUMNS[:6]})
-    return examples, dropped, truncated
+        kept.append(i)
+    return EncodedRows(
+        rows=mapped,
+        kept=kept,
+        lengths=[lengths[i] for i in kept],
+        trained=sum(trained[i] for i in kept),
+        dropped=dropped,
+        truncated=truncated,
+    )
 
 
 def _note_dropped(loaded: Loaded, where: str, reason: str) -> None:
@@ -152,7 +200,8 @@ def _check_enough_kept(loaded: Loaded, kept: int, dropped: Counter, origin: str)
     )
 
 
-def _split(examples: list[dict], val_ratio: float, seed: int) -> tuple[list[dict], list[dict]]:
+def _split(examples: list[int], val_ratio: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, test) of the kept rows: a seeded shuffle, the first ``val_ratio`` of it for test."""
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     n_test = round(len(order) * val_ratio)
@@ -175,28 +224,6 @@ def _length_stats(lengths: list[int]) -> dict[str, float]:
 def _template_sha(tokenizer) -> str | None:
     template = getattr(tokenizer, "chat_template", None)
     return hashlib.sha256(template.encode()).hexdigest() if isinstance(template, str) else None
-
-
-def _to_dataset_dict(splits: dict[str, list[dict]]):
-    from datasets import Dataset, DatasetDict, Features, List, Value
-
-    features = Features(
-        {
-            "input_ids": List(Value("int32")),
-            "attention_mask": List(Value("int8")),
-            "labels": List(Value("int32")),
-            "text": Value("string"),
-            "prompt": Value("string"),
-            "reference": Value("string"),
-        }
-    )
-    columns = list(features)
-    return DatasetDict(
-        {
-            name: Dataset.from_dict({c: [e[c] for e in rows] for c in columns}, features=features)
-            for name, rows in splits.items()
-        }
-    )
 
 
 def prepare_dataset(
@@ -246,17 +273,17 @@ def prepare_dataset(
     system = system or default_system(model)
     loaded = load_conversations(source, source_path, num_samples, strict)
     source = source or source_for_path(source_path)
-    examples, dropped, truncated = _encode_all(loaded, fmt, tokenizer, max_length, train_on_prompt, system, num_proc)
+    encoded = _encode_all(loaded, fmt, tokenizer, max_length, train_on_prompt, system, num_proc)
+    dropped, truncated, lengths = encoded.dropped, encoded.truncated, encoded.lengths
     dropped.update(loaded.dropped)
     n_dropped = sum(dropped.values())
-    _check_enough_kept(loaded, len(examples), dropped, str(source_path or source))
+    _check_enough_kept(loaded, len(encoded.kept), dropped, str(source_path or source))
     end_markers = sorted({fmt.end_of_turn(tokenizer, last=True), fmt.end_of_turn(tokenizer, last=False)})
     if not any(m.strip() for m in end_markers):
         log.warning(
             "warning: format %s puts no end-of-turn marker after answers: the model may not learn to stop", fmt.name
         )
-    train, test = _split(examples, val_ratio, seed)
-    lengths = [len(e["input_ids"]) for e in examples]
+    train, test = _split(encoded.kept, val_ratio, seed)
     info = {
         "source": source,
         "source_path": str(source_path) if source_path else None,
@@ -277,7 +304,7 @@ def prepare_dataset(
         "counts": {
             "available": loaded.total_available,
             "read": loaded.read,
-            "kept": len(examples),
+            "kept": len(encoded.kept),
             "dropped": n_dropped,
             "dropped_reasons": dict(dropped),
             "truncated": {"prompt": truncated["prompt"], "answer": truncated["answer"]},
@@ -287,7 +314,7 @@ def prepare_dataset(
         "tokens": {
             "length": _length_stats(lengths),
             "total": sum(lengths),
-            "trained": sum(count_trained_tokens(e["labels"]) for e in examples),
+            "trained": encoded.trained,
             "packing_efficiency": round(
                 packing_efficiency(lengths, best_fit_decreasing(lengths, max_length), max_length), 4
             ),
@@ -295,7 +322,9 @@ def prepare_dataset(
         "aift_version": __version__,
     }
     out = Path(output_dir) if output_dir else default_output_dir(source, model, num_samples)
-    write_prepared(out, _to_dataset_dict({"train": train, "test": test}), info)
+    from datasets import DatasetDict
+
+    write_prepared(out, DatasetDict({"train": encoded.select(train), "test": encoded.select(test)}), info)
     log.info(
         "prepared %s: %d train / %d test examples (%d read, %d dropped, %d truncated), format %s",
         out,
