@@ -66,9 +66,9 @@ def test_padding_positions_continue_the_last_example(packed):
     assert with_mask["position_ids"][1, 155:].eq(0).all()
 
 
-@pytest.mark.parametrize("matmul_max_len", [512, 16], ids=["matmul", "sdpa-for-long-segments"])
+@pytest.mark.parametrize("matmul_max_len", [512, 16, 0], ids=["matmul", "sdpa-for-long-segments", "sdpa-only"])
 def test_logits_and_gradients_equal_sdpa_with_block_mask(model, packed, monkeypatch, matmul_max_len):
-    monkeypatch.setattr(segment_attention, "MATMUL_MAX_LEN", matmul_max_len)
+    monkeypatch.setattr(segment_attention, "MATMUL_MAX_LEN", {torch.float32: matmul_max_len})
     _, with_mask, by_positions, real = packed
     ref_logits, ref_grads = _run(model, "sdpa", with_mask, backward=True)
     logits, grads = _run(model, segment_attention.IMPLEMENTATION, by_positions, backward=True)
