@@ -51,6 +51,9 @@ def test_bench_against_trl_writes_a_complete_result(tiny_model_dir, tmp_path, ca
     # One precision for both: bf16 only where the device has it in hardware (else both would pay emulation).
     first_word = {name: s["precision"].split(",")[0] for name, s in (("aift", aift_settings), ("trl", trl_settings))}
     assert first_word["aift"] == first_word["trl"] == ("bf16 autocast" if result["precision"] == "bf16" else "fp32")
+    if result["precision"] == "fp32":
+        assert aift_settings["precision"] == trl_settings["precision"] == "fp32, weights fp32"
+    assert aift_settings["LoRA"] == trl_settings["LoRA"]  # the adapter as written, all-linear for both
     assert "| packing | True | False | **yes** |" in (out / "results.md").read_text()
     assert (out / "logs" / "aift.log").is_file() and (out / "logs" / "trl.log").is_file()
     last_line = capsys.readouterr().out.strip().splitlines()[-1]

@@ -322,6 +322,7 @@ def assemble(options, model_dir, peak, aift, trl, ablation, load_before, precisi
     MFU is taken against the matmul peak of the precision both runs trained in.
     """
     peak_flops = {"bf16": peak["bf16_gflops"], "fp32": peak["fp32_gflops"]}
+    peak_sizes = {"bf16": peak.get("bf16_size", 2048), "fp32": 2048}
     scored = aift["tokens"] - options.examples  # each example's first token has no target
     flops = model_flops(peak["body_params"], peak["head_params"], aift["tokens"], scored, options.method == "full")
     result: dict[str, Any] = {
@@ -330,6 +331,7 @@ def assemble(options, model_dir, peak, aift, trl, ablation, load_before, precisi
         "precision": precision,
         "mfu": flops / aift["train_time_s"] / (peak_flops[precision] * 1e9),
         "matmul_peak_gflops": peak_flops,
+        "matmul_peak_sizes": peak_sizes,
         "flops_formula": FLOPS_FORMULA,
         "model_matmul_params": {"body": peak["body_params"], "head": peak["head_params"]},
         "ablation": ablation,

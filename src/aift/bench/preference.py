@@ -12,6 +12,7 @@ pi - log pi_ref)), measured by the same code on both trained models.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import random
@@ -310,8 +311,9 @@ def run_trl(spec: dict) -> dict[str, Any]:
         dataloader_num_workers=0, seed=spec["seed"], gradient_checkpointing=spec["gradient_checkpointing"],
     )  # fmt: skip
     lora = LoraConfig(**LORA, task_type="CAUSAL_LM")
+    # peft rewrites the config it is given (all-linear -> the layer names): keep the one the user wrote for the table.
     trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(train), processing_class=tokenizer,
-                         peft_config=lora)  # fmt: skip
+                         peft_config=copy.deepcopy(lora))  # fmt: skip
     data = trainer.train_dataset
     tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(data["prompt_ids"], data["chosen_ids"],
                                                                  data["rejected_ids"], strict=True))  # fmt: skip

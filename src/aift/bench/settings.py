@@ -40,11 +40,14 @@ def aift_settings(config, lora, allocator: str, trained_tokens: str, extra: dict
     precision = "bf16 autocast" if config.bf16 else "fp32"
     if config.bf16 and config.frozen_base_bf16 and lora is not None:
         precision += ", frozen base weights held in bf16"
-    elif config.bf16:
+    else:
         precision += ", weights fp32"
-    attention = "segment attention (each packed example attends to itself)" if config.segment_attention else "sdpa"
-    if config.packing and not config.segment_attention:
-        attention += " with a block-diagonal mask per packed example"
+    if not config.packing:  # segment attention serves packed rows only
+        attention = "sdpa"
+    elif config.segment_attention:
+        attention = "segment attention (each packed example attends to itself)"
+    else:
+        attention = "sdpa with a block-diagonal mask per packed example"
     loss = (
         f"token mean, fused chunked linear cross-entropy (chunks of {config.loss_chunk_size})"
         if config.loss_chunk_size

@@ -10,6 +10,7 @@ each rank takes its share of the cores and writes RESULT.rankR.json with its own
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -183,7 +184,9 @@ def run_trl(spec: dict) -> dict[str, Any]:
         gradient_checkpointing=spec["gradient_checkpointing"],
     )
     lora = None if spec["method"] == "full" else LoraConfig(**LORA, task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+    # peft rewrites the config it is given (all-linear -> the layer names): keep the one the user wrote for the table.
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=copy.deepcopy(lora))  # fmt: skip
     tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
     output, train_time, peak = measure.timed_train(trainer)
     return {
@@ -222,6 +225,7 @@ def measure_peak(spec: dict) -> dict[str, Any]:
     bf16_size = 2048 if torch.cuda.is_available() or cpu_has_native_bf16() else 512
     return {
         "bf16_gflops": matmul_peak_gflops(torch.bfloat16, size=bf16_size),
+        "bf16_size": bf16_size,
         "fp32_gflops": matmul_peak_gflops(torch.float32),
         "body_params": body,
         "head_params": head,
