@@ -66,7 +66,17 @@ def test_param_counts_and_flops_formula(tiny_model_dir):
 
 
 def test_matmul_peak_is_a_positive_rate():
-    assert matmul_peak_gflops(torch.float32, size=128, seconds=0.05) > 0
+    assert matmul_peak_gflops(torch.float32, size=128, seconds=0.05, device="cpu") > 0
+
+
+@pytest.mark.gpu
+def test_matmul_peak_is_measured_on_the_gpu_where_the_bench_trains():
+    """Timed after a synchronize: a CPU-side timing of launches would report an impossible rate."""
+    gpu = matmul_peak_gflops(torch.bfloat16, size=4096, seconds=0.5)
+    cpu = matmul_peak_gflops(torch.float32, size=512, seconds=0.2, device="cpu")
+    name = torch.cuda.get_device_name(0)
+    # 2.5 PFLOP/s is above any GPU's dense bf16 peak; timing only the launches would give ~10 PFLOP/s or more.
+    assert cpu < gpu < 2_500_000, f"{gpu:.0f} GFLOP/s on {name}: above any GPU's bf16 peak, so launches were timed"
 
 
 def fake_run(tokens_per_s, mem, loss):

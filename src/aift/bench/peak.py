@@ -16,20 +16,29 @@ import time
 import torch
 
 
-def matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, seconds: float = 1.5) -> float:
-    """Best sustained GFLOP/s of ``size x size`` torch.matmul in ``dtype`` over about ``seconds``."""
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
-    out = torch.empty(size, size, dtype=dtype)
+def matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, seconds: float = 1.5, device: str | None = None) -> float:
+    """Best sustained GFLOP/s of ``size x size`` torch.matmul in ``dtype`` over about ``seconds``, on ``device``
+    (default: the GPU when there is one, as the bench trains there; else the CPU)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    out = torch.empty(size, size, dtype=dtype, device=device)
     torch.matmul(a, b, out=out)  # warm-up: thread pool, kernel selection
+    _sync(device)
     best = float("inf")
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         start = time.perf_counter()
         for _ in range(3):
             torch.matmul(a, b, out=out)
+        _sync(device)  # a GPU runs the matmuls asynchronously: time them, not their launch
         best = min(best, (time.perf_counter() - start) / 3)
     return 2 * size**3 / best / 1e9
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
 
 
 def matmul_param_counts(model: torch.nn.Module) -> tuple[int, int]:
