@@ -20,6 +20,7 @@ the autograd engine between ops.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -66,38 +67,34 @@ def profile(gradient_checkpointing: bool, steps: int, out: Path) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, schedule
 
-    from aift.bench.core import ALL_LEVERS, load_average
+    from aift.bench.core import BenchOptions, bench_levers, load_average
     from aift.bench.data import synthetic_rows
     from aift.bench.measure import bench_precision
-    from aift.bench.worker import LORA, load_split, set_threads
-    from aift.config import LoRAConfig, TrainingConfig
+    from aift.bench.worker import LORA, aift_config, load_split, set_threads
+    from aift.config import LoRAConfig
     from aift.models.japanese import JapaneseModel
     from aift.models.loading import resolve_model_path
     from aift.training.trainers import LoRAFinetuningTrainer
 
     load_before = load_average()
     threads = set_threads(1)
-    bf16 = bench_precision() == "bf16"
+    precision = bench_precision()
     work = Path(tempfile.mkdtemp(prefix="aift-profile-"))
     data = work / "data.json"
-    rows = synthetic_rows(seed=0)
-    data.write_text(json.dumps({"train": rows[:96], "eval": rows[96:98]}), encoding="utf-8")
-    model_dir = resolve_model_path("smollm2-135m-instruct")
-    spec = {"data": str(data), "seq_len": 512}
+    bench = BenchOptions()  # the bench's defaults: the same data, sequence, batch and learning rate
+    rows = synthetic_rows(seed=bench.seed)
+    data.write_text(json.dumps({"train": rows[: bench.examples], "eval": []}), encoding="utf-8")
+    model_dir = resolve_model_path(bench.model)
+    spec = {
+        "model": model_dir, "data": str(data), "seq_len": bench.seq_len, "batch_size": bench.batch_size,
+        "learning_rate": bench.learning_rate, "seed": bench.seed, "gradient_checkpointing": gradient_checkpointing,
+        "levers": bench_levers("lora", precision),
+    }  # fmt: skip
     holder = JapaneseModel(model_dir, device="cpu")
     _, train_ids, _ = load_split(spec, holder.load_tokenizer())
-    mean_len = sum(map(len, train_ids)) / len(train_ids)
-    levers = {**ALL_LEVERS, **({} if bf16 else {"bf16": False, "frozen_base_bf16": False})}
     # Profiler step 0 is the setup (wait), 1-2 the warm-up training steps; it closes at the step after the last.
     warmup, total_steps = 2, 2 + steps + 1
-    config = TrainingConfig(
-        model_name=model_dir, output_dir=str(work / "run"), learning_rate=2e-4,
-        batch_size=max(1, round(8 * mean_len / 512)), gradient_accumulation_steps=1, max_steps=total_steps,
-        warmup_steps=0, eval_steps=0, save_steps=0, logging_steps=1, bf16=levers["bf16"], fp16=False,
-        gradient_checkpointing=gradient_checkpointing, max_length=512, packing=True, seed=0, report_to=["none"],
-        loss_chunk_size=levers["loss_chunk_size"], frozen_base_bf16=levers["frozen_base_bf16"],
-        fused_lora=levers["fused_lora"], segment_attention=levers["segment_attention"],
-    )  # fmt: skip
+    config = dataclasses.replace(aift_config(spec, train_ids, work / "run"), max_steps=total_steps)
     dataset = [{"input_ids": ids, "labels": ids} for ids in train_ids]
     trainer = LoRAFinetuningTrainer(holder, LoRAConfig(**LORA), config, train_dataset=dataset)
     embedding = holder.load_model().get_input_embeddings()
@@ -130,7 +127,7 @@ def profile(gradient_checkpointing: bool, steps: int, out: Path) -> dict:
     by_category[NOT_IN_AN_OP] = by_category.get(NOT_IN_AN_OP, 0.0) + unprofiled
     result = {
         "gradient_checkpointing": gradient_checkpointing,
-        "precision": "bf16" if bf16 else "fp32",
+        "precision": precision,
         "threads": threads,
         "allocator": "tcmalloc" if "libtcmalloc" in os.environ.get("LD_PRELOAD", "") else "system",
         "profiled_steps": steps,

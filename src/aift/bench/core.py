@@ -48,6 +48,16 @@ ABLATION = {
 }
 
 
+def bench_levers(method: str, precision: str, compile: bool = False) -> dict[str, Any]:
+    """aift's levers in the bench's main run: every one that applies to the method and the precision."""
+    levers = {**ALL_LEVERS, "torch_compile": compile}
+    if method == "full":
+        levers["frozen_base_bf16"] = False  # a full fine-tune has no frozen base
+    if precision == "fp32":  # the bf16 levers do not apply (and their ablation rows are skipped)
+        levers.update(bf16=False, frozen_base_bf16=False)
+    return levers
+
+
 class BenchError(AiftError, RuntimeError):
     """A benchmark run failed; the message names the run and where its log is."""
 
@@ -127,11 +137,7 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
             "bf16": precision == "bf16",
         }
         logs = output / "logs"
-        levers = {**ALL_LEVERS, "torch_compile": options.compile}
-        if options.method == "full":
-            levers["frozen_base_bf16"] = False  # a full fine-tune has no frozen base
-        if precision == "fp32":  # the bf16 levers do not apply (and their ablation rows are skipped)
-            levers.update(bf16=False, frozen_base_bf16=False)
+        levers = bench_levers(options.method, precision, options.compile)
         aift_spec = {**base_spec, "trainer": "aift", "levers": levers}
         runs = [_run_aift(n, aift_spec, work, logs, options.tcmalloc) for n in options.nproc]
         peak = next((run.pop("peak") for run in runs if "peak" in run), None)

@@ -15,22 +15,28 @@ PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def bench_precision(requested: str = "auto") -> str:
-    """The precision both trainers of a benchmark run in: bf16 where the device multiplies bf16 in hardware.
+    """The precision both trainers of a benchmark run in: "auto" is bf16 where aift itself would train in bf16.
 
-    "auto" is what aift itself would do (:func:`aift.training.backends.resolve_precision`): bf16 on a GPU with
-    bf16 and on a CPU with AVX512-BF16/AMX; fp32 on a CPU that would emulate bf16 (about 1/60 of its fp32
-    speed). TRL is then given the same, so that neither side pays for the other's precision.
+    That is :func:`aift.training.backends.resolve_precision`'s rule: bf16 on a GPU with bf16 and on a CPU with
+    AVX512-BF16/AMX; fp32 on a CPU that would emulate bf16 (about 1/60 of its fp32 speed) and, for the bench,
+    on a GPU without bf16. TRL is then given the same, so that neither side pays for the other's precision.
     """
     from aift.errors import AiftError
-    from aift.utils.gpu import cpu_has_native_bf16
 
     if requested not in PRECISIONS:
         raise AiftError(f"--precision must be one of {', '.join(PRECISIONS)}; got {requested!r}")
     if requested != "auto":
         return requested
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_native_bf16() else "fp32"
+    return "bf16" if device_has_bf16() else "fp32"
+
+
+def device_has_bf16() -> bool:
+    """Whether aift trains in bf16 on this machine's device (the GPU if there is one, else the CPU)."""
+    from aift.config import TrainingConfig
+    from aift.training.backends import resolve_precision
+
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve_precision(TrainingConfig(bf16=True), device_type) == "bf16"
 
 
 def allocator() -> str:

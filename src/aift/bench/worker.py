@@ -48,46 +48,17 @@ def load_split(spec: dict, tokenizer) -> tuple[list[dict], list[list[int]], list
 
 def run_aift(spec: dict) -> dict[str, Any]:
     """aift's own trainer (aift.training), with the levers of spec["levers"]."""
-    from aift.config import LoRAConfig, TrainingConfig
+    from aift.config import LoRAConfig
     from aift.models.japanese import JapaneseModel
     from aift.training.trainers import FullFinetuningTrainer, LoRAFinetuningTrainer
 
     levers = spec["levers"]
     holder = JapaneseModel(spec["model"], device="cuda" if torch.cuda.is_available() else "cpu")
     _, train_ids, eval_ids = load_split(spec, holder.load_tokenizer())
-    rows_per_step = spec["batch_size"]
-    if levers["packing"]:
-        # The same number of examples per optimizer step on average as the padded batch: as many optimizer
-        # steps as TRL takes, so that the eval losses compare like with like.
-        mean_len = sum(map(len, train_ids)) / len(train_ids)
-        rows_per_step = max(1, round(spec["batch_size"] * mean_len / spec["seq_len"]))
     # Every rank of a multi-process run must write into the same run folder: the parent names it.
     output_dir = Path(spec.get("output_dir") or tempfile.mkdtemp(prefix="aift-bench-"))
-    config = TrainingConfig(
-        model_name=spec["model"],
-        output_dir=str(output_dir),
-        learning_rate=spec["learning_rate"],
-        batch_size=rows_per_step,
-        gradient_accumulation_steps=1,
-        num_epochs=1,
-        warmup_steps=0,  # TRL's default
-        eval_steps=0,
-        save_steps=0,
-        save_total_limit=1,
-        logging_steps=1,  # per-step times give the compile time of the first step
-        bf16=levers["bf16"],
-        fp16=False,
-        gradient_checkpointing=spec["gradient_checkpointing"],
-        max_length=spec["seq_len"],
-        packing=levers["packing"],
-        seed=spec["seed"],
-        report_to=["none"],
-        loss_chunk_size=levers["loss_chunk_size"],
-        torch_compile=levers["torch_compile"],
-        frozen_base_bf16=levers["frozen_base_bf16"],
-        fused_lora=levers.get("fused_lora", False),
-        segment_attention=levers.get("segment_attention", False),
-    )
+    config = aift_config(spec, train_ids, output_dir)
+    rows_per_step = config.batch_size
     dataset = [{"input_ids": ids, "labels": ids} for ids in train_ids]
     lora = None
     if spec["method"] == "full":
@@ -115,6 +86,44 @@ def run_aift(spec: dict) -> dict[str, Any]:
         "levers": levers,
         "settings": aift_settings(config, lora, measure.allocator(), ALL_TOKENS),
     }
+
+
+def aift_config(spec: dict, train_ids: list[list[int]], output_dir: Path):
+    """aift's TrainingConfig for the bench's spec and levers (also what bench/profile/run.py profiles)."""
+    from aift.config import TrainingConfig
+
+    levers = spec["levers"]
+    rows_per_step = spec["batch_size"]
+    if levers["packing"]:
+        # The same number of examples per optimizer step on average as the padded batch: as many optimizer
+        # steps as TRL takes, so that the eval losses compare like with like.
+        mean_len = sum(map(len, train_ids)) / len(train_ids)
+        rows_per_step = max(1, round(spec["batch_size"] * mean_len / spec["seq_len"]))
+    return TrainingConfig(
+        model_name=spec["model"],
+        output_dir=str(output_dir),
+        learning_rate=spec["learning_rate"],
+        batch_size=rows_per_step,
+        gradient_accumulation_steps=1,
+        num_epochs=1,
+        warmup_steps=0,  # TRL's default
+        eval_steps=0,
+        save_steps=0,
+        save_total_limit=1,
+        logging_steps=1,  # per-step times give the compile time of the first step
+        bf16=levers["bf16"],
+        fp16=False,
+        gradient_checkpointing=spec["gradient_checkpointing"],
+        max_length=spec["seq_len"],
+        packing=levers["packing"],
+        seed=spec["seed"],
+        report_to=["none"],
+        loss_chunk_size=levers["loss_chunk_size"],
+        torch_compile=levers["torch_compile"],
+        frozen_base_bf16=levers["frozen_base_bf16"],
+        fused_lora=levers.get("fused_lora", False),
+        segment_attention=levers.get("segment_attention", False),
+    )
 
 
 def rank() -> int:
@@ -219,10 +228,8 @@ def measure_peak(spec: dict) -> dict[str, Any]:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     body, head = matmul_param_counts(model)
-    from aift.utils.gpu import cpu_has_native_bf16
-
     # Emulated bf16 (a CPU without AVX512-BF16/AMX) runs at ~1 GFLOP/s: a smaller matrix says as much, sooner.
-    bf16_size = 2048 if torch.cuda.is_available() or cpu_has_native_bf16() else 512
+    bf16_size = 2048 if measure.device_has_bf16() else 512
     return {
         "bf16_gflops": matmul_peak_gflops(torch.bfloat16, size=bf16_size),
         "bf16_size": bf16_size,
