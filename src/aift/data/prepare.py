@@ -72,7 +72,7 @@ class _EncodeRows:
         ]
         ok = [r for r in rendered if isinstance(r, Rendered)]
         encoded = iter(encode_batch(ok, self.tokenizer, self.max_length, self.train_on_prompt) if ok else [])
-        out: dict[str, list] = {c: [] for c in _COLUMNS}
+        out: dict[str, list] = {c: [] for c in _features(with_bookkeeping=True)}
         for r in rendered:
             e = next(encoded) if isinstance(r, Rendered) else None
             trained = e.num_trained if e else 0
@@ -105,9 +105,6 @@ def _features(with_bookkeeping: bool):
     if with_bookkeeping:
         columns.update(truncated=Value("string"), drop=Value("string"), trained=Value("int32"))
     return Features(columns)
-
-
-_COLUMNS = tuple(_features(with_bookkeeping=True))
 
 
 @dataclass
@@ -148,18 +145,19 @@ def _encode_all(
     if num_proc is None:  # every core, but no worker for fewer than _MIN_ROWS_PER_PROC rows
         num_proc = min(os.cpu_count() or 1, rows // _MIN_ROWS_PER_PROC or 1)
     procs = max(1, min(num_proc, rows))
+    features = _features(with_bookkeeping=True)
     mapped = Dataset.from_dict({"row": list(range(rows))}).map(
         _EncodeRows(loaded.conversations, fmt, tokenizer, max_length, train_on_prompt, system),
         batched=True,
         batch_size=256,
         num_proc=procs if procs > 1 else None,
         remove_columns=["row"],
-        features=_features(with_bookkeeping=True),
+        features=features,
         new_fingerprint=uuid.uuid4().hex,  # hashing the function (it holds every row) would cost more than it saves
         desc="tokenizing",
     )
     if not rows:  # map never calls the function on no rows, so it leaves no columns either
-        mapped = Dataset.from_dict({c: [] for c in _COLUMNS}, features=_features(with_bookkeeping=True))
+        mapped = Dataset.from_dict({c: [] for c in features}, features=features)
     drops, kinds, trained = (mapped.data.column(c).to_pylist() for c in ("drop", "truncated", "trained"))
     lengths = pc.list_value_length(mapped.data.column("input_ids")).to_pylist()  # counted in Arrow
     kept, dropped, truncated = [], Counter(), Counter()
@@ -200,14 +198,14 @@ def _check_enough_kept(loaded: Loaded, kept: int, dropped: Counter, origin: str)
     )
 
 
-def _split(examples: list[int], val_ratio: float, seed: int) -> tuple[list[int], list[int]]:
+def _split(kept: list[int], val_ratio: float, seed: int) -> tuple[list[int], list[int]]:
     """(train, test) of the kept rows: a seeded shuffle, the first ``val_ratio`` of it for test."""
-    order = list(range(len(examples)))
+    order = list(range(len(kept)))
     random.Random(seed).shuffle(order)
     n_test = round(len(order) * val_ratio)
     if val_ratio > 0 and len(order) >= 2:
         n_test = min(max(1, n_test), len(order) - 1)
-    return [examples[i] for i in order[n_test:]], [examples[i] for i in order[:n_test]]
+    return [kept[i] for i in order[n_test:]], [kept[i] for i in order[:n_test]]
 
 
 def _length_stats(lengths: list[int]) -> dict[str, float]:
