@@ -119,24 +119,16 @@ def memory_budget(device_type: str) -> tuple[float | None, str]:
     if device_type != "cpu":
         return None, device_type
     ram = machine_ram_bytes()
-    if ram is None:
-        return None, "RAM"
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     where = "RAM" if processes == 1 else f"RAM / {processes} processes of this node"
     return ram / processes, where
 
 
-def machine_ram_bytes() -> float | None:
+def machine_ram_bytes() -> float:
     """This machine's RAM, or the container's memory limit (cgroup v2 or v1) when that is lower."""
-    try:
-        import psutil
+    import psutil
 
-        total = float(psutil.virtual_memory().total)
-    except ImportError:
-        try:
-            total = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-        except (ValueError, OSError):
-            return None
+    total = float(psutil.virtual_memory().total)
     for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
         try:
             text = Path(limit_file).read_text().strip()

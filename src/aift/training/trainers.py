@@ -99,12 +99,16 @@ class _Trainer:
             self.config,
             holder.model.config if holder.model is not None else holder.model_name,
             method=self.method,
-            device_type=(holder.device or get_available_device()).split(":")[0],
+            device_type=self._device_type(),
             lora_r=lora.r if lora else 16,
             lora_dropout=lora.lora_dropout if lora else 0.0,
             rows_per_example=self.rows_per_example,
             trust_remote_code=holder.trust_remote_code,
         )
+
+    def _device_type(self) -> str:
+        """ "cuda", "cpu", ...: where the model trains."""
+        return (self.model.device or get_available_device()).split(":")[0]
 
     def _examples(self, train_texts, eval_texts, tokenizer) -> tuple[Examples, Examples | None]:
         config = self.config
@@ -237,8 +241,7 @@ class LoRAFinetuningTrainer(_Trainer):
             _enable_checkpointing(model)
             model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
         fused = config.fused_lora and not lc.use_qlora
-        device_type = (self.model.device or get_available_device()).split(":")[0]
-        frozen_bf16 = holds_frozen_base_in_bf16(config, device_type)
+        frozen_bf16 = holds_frozen_base_in_bf16(config, self._device_type())
         return add_adapters(model, lc, fused=fused, frozen_base_bf16=frozen_bf16)
 
     def _load_base(self) -> torch.nn.Module:
