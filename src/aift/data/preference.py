@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from aift.data import DataError
-from aift.data.formats import Message, PromptFormat, default_system, normalize, resolve_format
+from aift.data.conversation import Message, PromptFormat, normalize
+from aift.data.formats import default_system, resolve_format
 from aift.data.masking import encode
 from aift.data.packing import count_trained_tokens
 from aift.data.prepared import write_prepared

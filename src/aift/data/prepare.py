@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from aift.data import DataError
-from aift.data.formats import PromptFormat, Rendered, default_system, resolve_format
+from aift.data.conversation import PromptFormat, Rendered
+from aift.data.formats import default_system, resolve_format
 from aift.data.masking import encode_batch
 from aift.data.packing import best_fit_decreasing, packing_efficiency
 from aift.data.prepared import write_prepared

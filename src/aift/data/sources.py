@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from aift.data import DataError
-from aift.data.formats import Message, normalize
+from aift.data.conversation import Message, normalize
 
 log = logging.getLogger(__name__)
 
