@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aift.data import DataError
+from aift.data import DataError, DatasetError
 from aift.data.conversation import Message, PromptFormat, normalize
 from aift.data.formats import default_system, resolve_format
 from aift.data.masking import encode
@@ -423,7 +423,6 @@ def load_preference_rows(source: Any, name: str, split: str, method: str, max_le
     Returns (rows, prompt format or None).
     """
     from aift.data.prepared import read_prepared
-    from aift.training.batching import DatasetError
 
     prompt_format = None
     if isinstance(source, (str, Path)):
