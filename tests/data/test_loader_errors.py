@@ -83,8 +83,8 @@ def test_jsonl_records_end_only_at_newline(tmp_path):
     """U+2028 is allowed raw inside a JSON string; str.splitlines() cut the record there."""
     path = _write(tmp_path, "sep.jsonl", '{"prompt": "one\u2028two", "completion": "three\u0085four"}\n')
     loaded = load_conversations("jsonl", path)
-    assert loaded.conversations[0][0]["content"] == "one\u2028two"
-    assert loaded.conversations[0][1]["content"] == "three\u0085four"
+    assert loaded.examples[0][0]["content"] == "one\u2028two"
+    assert loaded.examples[0][1]["content"] == "three\u0085four"
 
 
 @pytest.mark.parametrize(
