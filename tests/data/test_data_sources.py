@@ -155,7 +155,7 @@ def test_parquet(tmp_path):
 
     path = tmp_path / "qa.parquet"
     pq.write_table(pa.table({"instruction": ["質問"], "output": ["回答"]}), path)
-    assert load_conversations("parquet", path).conversations[0][1]["content"] == "回答"
+    assert load_conversations("parquet", path).examples[0][1]["content"] == "回答"
 
 
 def _write(tmp_path: Path, name: str, content: str | bytes) -> Path:
@@ -217,7 +217,7 @@ def test_num_samples_larger_than_data_is_a_note(caplog):
         loaded = load_conversations("json", FIXTURES / "question_answer.json", num_samples=50)
     assert len(loaded.examples) == 2
     assert "more than the 2 rows" in caplog.text
-    assert len(load_conversations("json", FIXTURES / "question_answer.json", num_samples=1).conversations) == 1
+    assert len(load_conversations("json", FIXTURES / "question_answer.json", num_samples=1).examples) == 1
 
 
 def test_user_assistant_strings_become_conversations():

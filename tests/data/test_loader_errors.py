@@ -129,7 +129,7 @@ def test_row_errors_name_row_field_and_expectation(tmp_path, content, reason, de
 
 def test_numbers_are_text_as_written(tmp_path):
     path = _write(tmp_path, "n.json", '[{"question": "6 x 7?", "answer": 42}]')
-    assert load_conversations("json", path).conversations[0][1]["content"] == "42"
+    assert load_conversations("json", path).examples[0][1]["content"] == "42"
 
 
 def test_too_many_dropped_names_the_file_and_first_rows(tmp_path):
