@@ -22,7 +22,7 @@ from aift.data.formats import default_system, resolve_format
 from aift.data.prepared import write_prepared
 from aift.data.shapes import Loaded
 from aift.data.sources import FILE_SOURCES, SFT_SHAPES, SOURCES, load_rows, source_for_path
-from aift.data.task import EncodeOptions, Task
+from aift.data.task import Encoded, EncodeOptions, Task
 from aift.models.registry import EMBEDDED_MODEL
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,24 @@ def _check_enough_kept(loaded: Loaded, kept: int, dropped: Counter, origin: str)
     )
 
 
+def _prepare_json(loaded: Loaded, encoded: Encoded, dropped: Counter, n_train: int, n_test: int) -> dict:
+    """The shape, the counts and the task's own fields of prepare.json (the caller adds the options)."""
+    from aift import __version__
+
+    truncated = encoded.truncated
+    counts = {
+        "available": loaded.total_available,
+        "read": loaded.read,
+        "kept": encoded.kept,
+        "dropped": sum(dropped.values()),
+        "dropped_reasons": dict(dropped),
+        "truncated": {"prompt": truncated["prompt"], "answer": truncated["answer"]},
+        "train": n_train,
+        "test": n_test,
+    }
+    return {"shape": loaded.shape, "counts": counts, "aift_version": __version__, **encoded.info()}
+
+
 def prepare(
     task: str,
     model: str = EMBEDDED_MODEL,
@@ -124,7 +142,6 @@ def prepare(
     num_proc: int | None = None,
 ) -> Path:
     """The pipeline of every task: see `prepare_dataset` for the arguments; ``task`` is a name in ``TASKS``."""
-    from aift import __version__
     from aift.models.loading import load_tokenizer
 
     spec = TASKS[task]
@@ -140,40 +157,26 @@ def prepare(
     dropped = loaded.dropped + encoded.dropped
     _check_enough_kept(loaded, encoded.kept, dropped, str(source_path or source))
     train, test = split(encoded.kept, val_ratio, seed)
-    truncated = encoded.truncated
-    info = {
-        "source": source,
-        "source_path": str(source_path) if source_path else None,
-        "shape": loaded.shape,
-        "model": str(model),
-        "tokenizer": str(model),
-        "format": fmt.name,
-        "prompt_format": fmt.name,
-        "max_length": max_length,
-        "val_ratio": val_ratio,
-        "seed": seed,
-        "num_samples": num_samples,
-        "counts": {
-            "available": loaded.total_available,
-            "read": loaded.read,
-            "kept": encoded.kept,
-            "dropped": sum(dropped.values()),
-            "dropped_reasons": dict(dropped),
-            "truncated": {"prompt": truncated["prompt"], "answer": truncated["answer"]},
-            "train": len(train),
-            "test": len(test),
-        },
-        "aift_version": __version__,
-        **encoded.info(),
-    }
-    out = (
-        Path(output_dir) if output_dir else Path("datasets") / spec.output_name(source, source_path, model, num_samples)
+    info = _prepare_json(loaded, encoded, dropped, len(train), len(test))
+    info.update(
+        source=source,
+        source_path=str(source_path) if source_path else None,
+        model=str(model),
+        tokenizer=str(model),
+        format=fmt.name,
+        prompt_format=fmt.name,
+        max_length=max_length,
+        val_ratio=val_ratio,
+        seed=seed,
+        num_samples=num_samples,
     )
+    default_out = Path("datasets") / spec.output_name(source, source_path, model, num_samples)
+    out = Path(output_dir) if output_dir else default_out
     write_prepared(out, encoded.dataset(train, test), {key: info[key] for key in _INFO_ORDER if key in info})
     log.info(
         "prepared %s: %d train / %d test %s (%d read, %d dropped, %d truncated), format %s",
-        out, len(train), len(test), encoded.noun, loaded.read, sum(dropped.values()), sum(truncated.values()),
-        fmt.name,
+        out, len(train), len(test), encoded.noun, loaded.read, sum(dropped.values()),
+        sum(encoded.truncated.values()), fmt.name,
     )  # fmt: skip
     return out
 
