@@ -34,24 +34,24 @@ def test_hub_schema_through_the_hub_code_path(source, fixture, shape, kept, drop
     rows, detected = hub_rows(source, _hub_dataset(FIXTURES / fixture))
     assert detected == shape
     loaded = to_conversations(rows, detected, source)
-    assert (len(loaded.conversations), sum(loaded.dropped.values())) == (kept, dropped)
+    assert (len(loaded.examples), sum(loaded.dropped.values())) == (kept, dropped)
     # --source alpaca --source-path FILE goes through datasets.load_dataset and the same conversion.
     via_path = load_conversations(source, FIXTURES / fixture)
-    assert via_path.conversations == loaded.conversations
+    assert via_path.examples == loaded.examples
 
 
 def test_hub_schemas_keep_input_and_context():
     alpaca = load_conversations("alpaca", FIXTURES / "alpaca_hub.json")
-    assert alpaca.conversations[1] == [
+    assert alpaca.examples[1] == [
         {"role": "user", "content": "Translate the sentence into French.", "input": "I like tea."},
         {"role": "assistant", "content": "J'aime le thé."},
     ]
     assert alpaca.dropped == {"missing answer": 1}
     dolly = load_conversations("dolly", FIXTURES / "dolly_hub.jsonl")
-    assert dolly.conversations[0][0]["input"].startswith("Virgin Australia commenced")
-    assert dolly.conversations[0][1]["content"] == "Virgin Australia commenced services on 31 August 2000."
+    assert dolly.examples[0][0]["input"].startswith("Virgin Australia commenced")
+    assert dolly.examples[0][1]["content"] == "Virgin Australia commenced services on 31 August 2000."
     v2 = load_conversations("wizardlm", FIXTURES / "wizardlm_v2.jsonl")
-    assert [m["role"] for m in v2.conversations[1]] == ["user", "assistant", "user", "assistant"]
+    assert [m["role"] for m in v2.examples[1]] == ["user", "assistant", "user", "assistant"]
 
 
 def test_hub_source_with_the_wrong_schema_names_the_columns():
@@ -139,14 +139,14 @@ def test_hub_offline_and_not_cached_says_so(tmp_path, monkeypatch):
 def test_local_shapes_are_detected(fixture, shape, first):
     loaded = load_conversations(None, FIXTURES / fixture)
     assert loaded.shape == shape
-    assert loaded.conversations[0] == first
+    assert loaded.examples[0] == first
 
 
 def test_csv_keeps_quoted_newlines_and_a_trailing_question_is_dropped():
     csv_rows = load_conversations("csv", FIXTURES / "qa_ja.csv")
-    assert csv_rows.conversations[1][1]["content"] == "答えも\n二行です。"
+    assert csv_rows.examples[1][1]["content"] == "答えも\n二行です。"
     messages = load_conversations("jsonl", FIXTURES / "messages.jsonl")
-    assert len(messages.conversations) == 2 and messages.dropped == {"missing answer": 1}
+    assert len(messages.examples) == 2 and messages.dropped == {"missing answer": 1}
 
 
 def test_parquet(tmp_path):
@@ -155,7 +155,7 @@ def test_parquet(tmp_path):
 
     path = tmp_path / "qa.parquet"
     pq.write_table(pa.table({"instruction": ["質問"], "output": ["回答"]}), path)
-    assert load_conversations("parquet", path).conversations[0][1]["content"] == "回答"
+    assert load_conversations("parquet", path).examples[0][1]["content"] == "回答"
 
 
 def _write(tmp_path: Path, name: str, content: str | bytes) -> Path:
@@ -207,7 +207,7 @@ def test_missing_path_and_unknown_source(tmp_path):
 def test_row_without_answer_dropped_or_strict_error(tmp_path):
     path = _write(tmp_path, "qa.jsonl", '{"質問": "a", "回答": "b"}\n\n{"質問": "c", "回答": ""}\n')
     loaded = load_conversations("jsonl", path)
-    assert len(loaded.conversations) == 1 and loaded.dropped == {"missing answer": 1}
+    assert len(loaded.examples) == 1 and loaded.dropped == {"missing answer": 1}
     with pytest.raises(DataError, match=r"qa.jsonl line 3: missing answer"):
         load_conversations("jsonl", path, strict=True)
 
@@ -215,15 +215,15 @@ def test_row_without_answer_dropped_or_strict_error(tmp_path):
 def test_num_samples_larger_than_data_is_a_note(caplog):
     with caplog.at_level(logging.INFO, logger=src.__name__):
         loaded = load_conversations("json", FIXTURES / "question_answer.json", num_samples=50)
-    assert len(loaded.conversations) == 2
+    assert len(loaded.examples) == 2
     assert "more than the 2 rows" in caplog.text
-    assert len(load_conversations("json", FIXTURES / "question_answer.json", num_samples=1).conversations) == 1
+    assert len(load_conversations("json", FIXTURES / "question_answer.json", num_samples=1).examples) == 1
 
 
 def test_user_assistant_strings_become_conversations():
     loaded = load_conversations(None, FIXTURES / "user_assistant.jsonl")
     assert loaded.shape == "user_assistant_text"
-    assert loaded.conversations[1] == [
+    assert loaded.examples[1] == [
         {"role": "user", "content": "東京の天気は？"},
         {"role": "assistant", "content": "晴れです。"},
         {"role": "user", "content": "明日は？"},

@@ -83,8 +83,8 @@ def test_jsonl_records_end_only_at_newline(tmp_path):
     """U+2028 is allowed raw inside a JSON string; str.splitlines() cut the record there."""
     path = _write(tmp_path, "sep.jsonl", '{"prompt": "one\u2028two", "completion": "three\u0085four"}\n')
     loaded = load_conversations("jsonl", path)
-    assert loaded.conversations[0][0]["content"] == "one\u2028two"
-    assert loaded.conversations[0][1]["content"] == "three\u0085four"
+    assert loaded.examples[0][0]["content"] == "one\u2028two"
+    assert loaded.examples[0][1]["content"] == "three\u0085four"
 
 
 @pytest.mark.parametrize(
@@ -129,7 +129,7 @@ def test_row_errors_name_row_field_and_expectation(tmp_path, content, reason, de
 
 def test_numbers_are_text_as_written(tmp_path):
     path = _write(tmp_path, "n.json", '[{"question": "6 x 7?", "answer": 42}]')
-    assert load_conversations("json", path).conversations[0][1]["content"] == "42"
+    assert load_conversations("json", path).examples[0][1]["content"] == "42"
 
 
 def test_too_many_dropped_names_the_file_and_first_rows(tmp_path):

@@ -76,7 +76,7 @@ def turns(draw, key: str, huge: bool):
 
 @st.composite
 def rows(draw, shape: str, huge: bool):
-    required, optional, _ = SHAPES[shape]
+    required, optional = SHAPES[shape].required, SHAPES[shape].optional
     row = {}
     for key in (*required, *optional):
         if draw(st.integers(0, 9)) == 0 and key not in required[:1]:
@@ -100,7 +100,7 @@ def _dump(value, ensure_ascii: bool) -> str:
 
 
 def _csv_text(shape: str, data: list[dict]) -> str:
-    header = [*SHAPES[shape][0], *SHAPES[shape][1]]
+    header = [*SHAPES[shape].required, *SHAPES[shape].optional]
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(header)
@@ -153,7 +153,7 @@ def files(draw, fmt: str, huge: bool = True, max_rows: int = 4, shapes=tuple(SHA
     if kind == "bytes":
         return shape, draw(st.binary(max_size=64))
     if kind == "deep":
-        depth, key = draw(DEEP), draw(st.sampled_from(sorted({*SHAPES[shape][0], "x"})))
+        depth, key = draw(DEEP), draw(st.sampled_from(sorted({*SHAPES[shape].required, "x"})))
         nested = "[" * depth + "]" * depth
         row = f'{{"{key}": {nested}}}'
         if fmt == "json":
@@ -173,9 +173,9 @@ def files(draw, fmt: str, huge: bool = True, max_rows: int = 4, shapes=tuple(SHA
 
 
 def _check_conversations(loaded) -> None:
-    assert len(loaded.conversations) + sum(loaded.dropped.values()) == loaded.read
-    assert len(loaded.wheres) == len(loaded.conversations)
-    for conversation in loaded.conversations:
+    assert len(loaded.examples) + sum(loaded.dropped.values()) == loaded.read
+    assert len(loaded.wheres) == len(loaded.examples)
+    for conversation in loaded.examples:
         roles = [m["role"] for m in conversation]
         turns_ = roles[1:] if roles[0] == "system" else roles
         assert turns_ and turns_ == ["user", "assistant"] * (len(turns_) // 2) and len(turns_) % 2 == 0
@@ -193,7 +193,7 @@ def _load_or_clear_error(fmt: str, path: Path, strict: bool):
         event(f"error: {str(e).split(': ', 1)[-1][:40]}")
         return None
     _check_conversations(loaded)
-    event(f"loaded {min(len(loaded.conversations), 2)} kept, {min(sum(loaded.dropped.values()), 2)} dropped")
+    event(f"loaded {min(len(loaded.examples), 2)} kept, {min(sum(loaded.dropped.values()), 2)} dropped")
     return loaded
 
 

@@ -10,7 +10,7 @@ import pytest
 from aift.cli import main
 from aift.data import DataError
 from aift.data.packing import IGNORE_INDEX
-from aift.data.preference import prepare_preference
+from aift.data.prepare import prepare_preference
 
 SYSTEM = {"role": "system", "content": "Be brief."}
 USER = {"role": "user", "content": "What is the capital of France?"}

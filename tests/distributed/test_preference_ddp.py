@@ -17,7 +17,7 @@ def _records(out: Path) -> dict[int, dict]:
 
 
 def test_ddp_dpo_equals_one_process_with_accumulation(tmp_path, tiny_model_dir):
-    from aift.data.preference import prepare_preference
+    from aift.data.prepare import prepare_preference
 
     src = tmp_path / "pairs.jsonl"
     pairs = [{"prompt": f"{a} + {a} = ?", "chosen": str(2 * a), "rejected": str(2 * a + 1)} for a in range(10, 18)]

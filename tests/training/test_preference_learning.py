@@ -38,7 +38,8 @@ def _ranked_right(model, objective, rows) -> float:
 @pytest.mark.slow
 def test_lora_dpo_ranks_held_out_right_answers_above_wrong_ones(tmp_path, embedded_dir):
     from aift import LoRAConfig, PreferenceConfig, PreferenceTrainer, TrainingConfig
-    from aift.data.preference import load_preference_rows, prepare_preference
+    from aift.data.preference import load_preference_rows
+    from aift.data.prepare import prepare_preference
     from aift.training.objectives import PreferenceObjective
 
     src = tmp_path / "larger.jsonl"

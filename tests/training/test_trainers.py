@@ -11,8 +11,8 @@ import yaml
 
 from aift import FullFinetuningTrainer, LoRAConfig, LoRAFinetuningTrainer, TextDataset
 from aift.config import ConfigError, TrainingConfig
+from aift.data import DatasetError
 from aift.errors import NotAvailableError
-from aift.training.batching import DatasetError
 from aift.training.loop import OutputDirError
 
 TEXTS = [f"質問: {i}月の次は?\n回答: {i + 1}月です。" for i in range(1, 7)]

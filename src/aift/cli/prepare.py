@@ -1,6 +1,7 @@
 """`aift prepare`: raw data -> tokenized, loss-masked train/test splits (see aift.data.prepare).
 
-``--task preference`` reads preference pairs (or KTO's labelled examples) instead (see aift.data.preference).
+``--task`` picks one of ``aift.data.prepare.TASKS``: sft (the default) or preference pairs (or KTO's labelled
+examples, see aift.data.preference).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from aift.data.formats import FORMAT_CHOICES
+from aift.data.prepare import TASKS
 from aift.data.sources import SOURCES
 from aift.models.registry import EMBEDDED_MODEL
 
@@ -34,8 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--task",
         default="sft",
-        choices=("sft", "preference"),
-        help="sft (conversations) or preference (chosen/rejected pairs, or KTO rows with a label)",
+        choices=tuple(TASKS),
+        help="; ".join(f"{name}: {task.summary}" for name, task in TASKS.items()) + " (default sft)",
     )
     parser.add_argument(
         "--num-proc", type=int, help="tokenizer worker processes (default: every core; small files use fewer)"
@@ -44,7 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    shared = dict(
+    from aift.data.prepare import prepare
+
+    out = prepare(
+        args.task,
         model=args.model,
         source=args.source,
         source_path=args.source_path,
@@ -54,19 +59,11 @@ def run(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         val_ratio=args.val_ratio,
         seed=args.seed,
+        train_on_prompt=args.train_on_prompt,
         system=args.system,
         strict=args.strict,
         trust_remote_code=args.trust_remote_code,
+        num_proc=args.num_proc,
     )
-    if args.task == "preference":
-        from aift.data import DataError
-        from aift.data.preference import prepare_preference
-
-        if args.source in ("alpaca", "dolly", "wizardlm") or args.train_on_prompt:
-            raise DataError("--task preference reads a local file (--source-path) and trains on the answers only")
-        print(prepare_preference(**shared))
-        return 0
-    from aift.data.prepare import prepare_dataset
-
-    print(prepare_dataset(**shared, train_on_prompt=args.train_on_prompt, num_proc=args.num_proc))
+    print(out)
     return 0

@@ -6,3 +6,7 @@ from aift.errors import AiftError
 
 class DataError(AiftError, ValueError):
     """Bad input data or options: the message names the file, the row and what was expected."""
+
+
+class DatasetError(DataError):
+    """The training or evaluation data cannot be used; the message says why."""

@@ -1,9 +1,8 @@
 """Prompt formats: a conversation -> the training text and the character spans that are trained.
 
-A conversation is a list of messages ``{"role": "system"|"user"|"assistant", "content": str}``: an
-optional system message first, then user and assistant turns in alternation. A user message may carry
-``"input"`` (the alpaca/dolly context), which formats with an input section (alpaca, stablelm-ja) show
-apart and the others append to the content.
+A conversation (aift.data.conversation) is a list of messages: an optional system message first, then user
+and assistant turns in alternation. A user message may carry ``"input"`` (the alpaca/dolly context), which
+formats with an input section (alpaca, stablelm-ja) show apart and the others append to the content.
 
 Every format gives three things:
 
@@ -23,144 +22,18 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from aift.data import DataError
+from aift.data.conversation import Message, PromptFormat, Rendered, chat_content, eos_text, is_japanese, normalize
 
 log = logging.getLogger(__name__)
-
-Message = dict[str, str]
-
-ROLE_ALIASES = {
-    "system": "system",
-    "user": "user",
-    "human": "user",
-    "prompter": "user",
-    "assistant": "assistant",
-    "gpt": "assistant",
-    "bot": "assistant",
-    "model": "assistant",
-    "chatgpt": "assistant",
-}
 
 # Default system prompts from the model cards that give one (used when the data has no system message).
 DEFAULT_SYSTEM = {
     "elyza/Llama-3-ELYZA-JP-8B": "あなたは誠実で優秀な日本人のアシスタントです。特に指示が無い場合は、常に日本語で回答してください。",
 }
-
-_JAPANESE = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uff66-\uff9f]")
-
-
-def is_japanese(text: str) -> bool:
-    """Whether the text contains kana or kanji."""
-    return bool(_JAPANESE.search(text))
-
-
-@dataclass(frozen=True)
-class Rendered:
-    """A rendered conversation.
-
-    Attributes:
-        text: The full training text.
-        spans: Character spans ``(start, end)`` of ``text`` that are trained, in order.
-        prompt: The text before the last answer (the generation prompt for it).
-        reference: The last answer.
-    """
-
-    text: str
-    spans: tuple[tuple[int, int], ...]
-    prompt: str
-    reference: str
-
-    @property
-    def trained_text(self) -> str:
-        return "".join(self.text[s:e] for s, e in self.spans)
-
-
-def normalize(messages: list[dict[str, Any]], *, last_role: str = "assistant") -> list[Message]:
-    """Checks a conversation and returns it with canonical roles and stripped text.
-
-    Raises DataError unless it is: an optional system message, then user/assistant turns in
-    alternation starting with user and ending with ``last_role``, every content non-empty.
-    """
-    if not messages:
-        raise DataError("empty conversation")
-    out: list[Message] = []
-    for i, message in enumerate(messages):
-        role = ROLE_ALIASES.get(str(message.get("role", "")).lower())
-        content = message.get("content")
-        if role is None:
-            raise DataError(f"message {i + 1}: unknown role {message.get('role')!r} (expected system, user, assistant)")
-        if content is not None and not isinstance(content, str):
-            kind = type(content).__name__
-            raise DataError(f"message {i + 1} ({role}): content is a {kind}, expected a string")
-        if not content or not content.strip():
-            raise DataError(f"message {i + 1} ({role}) has no content")
-        clean = {"role": role, "content": content.strip()}
-        if role == "user" and isinstance(message.get("input"), str) and message["input"].strip():
-            clean["input"] = message["input"].strip()
-        out.append(clean)
-    turns = out[1:] if out[0]["role"] == "system" else out
-    expected = ["user", "assistant"] * (len(turns) // 2 + 1)
-    if not turns or [m["role"] for m in turns] != expected[: len(turns)]:
-        raise DataError("turns must alternate user, assistant (after an optional system message), starting with user")
-    if turns[-1]["role"] != last_role:
-        raise DataError(f"the conversation must end with a message from the {last_role}")
-    return out
-
-
-def chat_content(message: Message) -> str:
-    """A user message's content with its input appended (for formats without an input section)."""
-    return f"{message['content']}\n\n{message['input']}" if message.get("input") else message["content"]
-
-
-def _eos(tokenizer, default: str = "</s>") -> str:
-    return getattr(tokenizer, "eos_token", None) or default
-
-
-def _cut(text: str, stops: list[str]) -> str:
-    """Text up to the earliest stop string."""
-    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=len(text))
-    return text[:cut]
-
-
-class PromptFormat:
-    """A prompt format: name, rendering with trained spans, generation prompt, answer parsing."""
-
-    name = ""
-    summary = ""
-
-    def render(self, messages: list[dict[str, Any]], tokenizer=None) -> Rendered:
-        """The training text of a conversation ending with an assistant answer, and its trained spans."""
-        raise NotImplementedError
-
-    def render_many(self, conversations: list[list[dict[str, Any]]], tokenizer=None) -> list[Rendered | DataError]:
-        """``render`` of each conversation; one that cannot be rendered gives its DataError in its place."""
-        out: list[Rendered | DataError] = []
-        for messages in conversations:
-            try:
-                out.append(self.render(messages, tokenizer))
-            except DataError as e:
-                out.append(e)
-        return out
-
-    def generation_prompt(self, messages: list[dict[str, Any]], tokenizer=None) -> str:
-        """The prompt for answering a conversation that ends with a user message."""
-        raise NotImplementedError
-
-    def end_of_turn(self, tokenizer=None, last: bool = True) -> str:
-        """The marker trained after an answer."""
-        return _eos(tokenizer)
-
-    def stop_strings(self, tokenizer=None) -> list[str]:
-        """Strings at which generation stops and the answer is cut."""
-        return [_eos(tokenizer)]
-
-    def parse_answer(self, generated: str, tokenizer=None) -> str:
-        """The answer from generated text: cut at the first stop string, stripped."""
-        return _cut(generated, self.stop_strings(tokenizer)).strip()
 
 
 class _TurnFormat(PromptFormat):
@@ -265,7 +138,7 @@ class AlpacaFormat(_TurnFormat):
         return "" if last else "\n\n"
 
     def stop_strings(self, tokenizer=None):
-        return [_eos(tokenizer), "\n\n### Instruction:", "\n\n### 指示:", "\n### Instruction:", "\n### 指示:"]
+        return [eos_text(tokenizer), "\n\n### Instruction:", "\n\n### 指示:", "\n### Instruction:", "\n### 指示:"]
 
 
 class ChatMLFormat(_TurnFormat):
@@ -285,7 +158,7 @@ class ChatMLFormat(_TurnFormat):
         return "\n"
 
     def stop_strings(self, tokenizer=None):
-        return ["<|im_end|>", "<|im_start|>", _eos(tokenizer)]
+        return ["<|im_end|>", "<|im_start|>", eos_text(tokenizer)]
 
 
 class Llama2Format(_TurnFormat):
@@ -304,7 +177,7 @@ class Llama2Format(_TurnFormat):
         return " </s>"
 
     def stop_strings(self, tokenizer=None):
-        return ["</s>", "[INST]", _eos(tokenizer)]
+        return ["</s>", "[INST]", eos_text(tokenizer)]
 
 
 class StableLMJaFormat(_TurnFormat):
@@ -324,7 +197,7 @@ class StableLMJaFormat(_TurnFormat):
         return text + "\n\n### 応答: \n"
 
     def stop_strings(self, tokenizer=None):
-        return [_eos(tokenizer), "\n\n### 指示:"]
+        return [eos_text(tokenizer), "\n\n### 指示:"]
 
 
 class RinnaFormat(_TurnFormat):
@@ -348,10 +221,10 @@ class RinnaFormat(_TurnFormat):
 
     def end_of_turn(self, tokenizer=None, last=True):
         # Within a dialogue the model card joins utterances with <NL>; the final answer ends with EOS.
-        return _eos(tokenizer) if last else "<NL>"
+        return eos_text(tokenizer) if last else "<NL>"
 
     def stop_strings(self, tokenizer=None):
-        return [_eos(tokenizer), "<NL>ユーザー:", "<NL>システム:"]
+        return [eos_text(tokenizer), "<NL>ユーザー:", "<NL>システム:"]
 
     def parse_answer(self, generated, tokenizer=None):
         return super().parse_answer(generated, tokenizer).replace("<NL>", "\n").strip()
@@ -374,7 +247,7 @@ class UserAssistantFormat(_TurnFormat):
         return "" if last else "\n"
 
     def stop_strings(self, tokenizer=None):
-        return ["<|endoftext|>", "<|user|>", _eos(tokenizer)]
+        return ["<|endoftext|>", "<|user|>", eos_text(tokenizer)]
 
     _TURN = re.compile(
         r"<\|(system|user|assistant)\|>(.*?)(?:<\|endoftext\|>|(?=<\|(?:system|user|assistant)\|>)|$)", re.S
@@ -489,7 +362,7 @@ class TemplateFormat(PromptFormat):
         return self.render(probe, tokenizer).trained_text.removeprefix("Hello")
 
     def stop_strings(self, tokenizer=None):
-        return [_eos(tokenizer), *_special_tokens(tokenizer)]
+        return [eos_text(tokenizer), *_special_tokens(tokenizer)]
 
 
 def _apply_template(tokenizer, messages: list, add_generation_prompt: bool = False) -> Any:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from aift.data import DataError
-from aift.data.formats import Rendered
+from aift.data.conversation import Rendered
 from aift.data.packing import IGNORE_INDEX, count_trained_tokens
 
 

@@ -10,9 +10,9 @@ Accepted row shapes (detected from the columns):
 - Anthropic HH: ``chosen`` / ``rejected`` dialogues as text (``\\n\\nHuman: ... \\n\\nAssistant: ...``) sharing a prefix.
 - KTO (unpaired): ``prompt`` / ``completion`` / ``label`` (bool), or ``messages`` / ``conversations`` + ``label``.
 
-The prompt and each answer are rendered in the model's prompt format (the SFT format registry) and tokenized
-once; labels mark the last answer (and its end-of-turn marker) only. The folder is written atomically with
-a prepare.json that counts what was read, kept, dropped (with reasons) and truncated.
+The shapes are ``PREFERENCE_SHAPES``, the task's table for the one pipeline of aift.data.prepare. The prompt
+and each answer are rendered in the model's prompt format (the SFT format registry) and tokenized once;
+labels mark the last answer (and its end-of-turn marker) only.
 """
 
 from __future__ import annotations
@@ -20,34 +20,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import random
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aift.data import DataError
-from aift.data.formats import Message, PromptFormat, default_system, normalize, resolve_format
+from aift.data import DataError, DatasetError
+from aift.data.conversation import Message, PromptFormat, normalize
 from aift.data.masking import encode
 from aift.data.packing import count_trained_tokens
-from aift.data.prepared import write_prepared
-from aift.data.sources import Row, read_file, source_for_path
-from aift.models.registry import EMBEDDED_MODEL
+from aift.data.shapes import Drop, Loaded, Shape, ShapeTable
+from aift.data.task import EncodeOptions
 
 log = logging.getLogger(__name__)
-
-
-TASKS = ("sft", "preference")
-SHAPE_HELP = (
-    "prompt/chosen/rejected (TRL, strings or messages), chosen/rejected conversations (TRL implicit prompt or "
-    "Anthropic HH text), conversations/chosen/rejected and instruction/input/chosen/rejected (LLaMA-Factory), "
-    "prompt/completion/label or messages/label (KTO)"
-)
-
-
-class Drop(Exception):
-    """A row that cannot be used; the message names the missing or bad field."""
 
 
 @dataclass
@@ -192,50 +179,58 @@ def _kto_conversation(key: str):
     return convert
 
 
-# shape -> (required columns, converter); detection tries them in order.
+def _distinct(convert: Callable[[dict], Sample]) -> Callable[[dict], Sample]:
+    """A pair converter that also drops a pair whose two answers are the same."""
+
+    def checked(row: dict) -> Sample:
+        sample = convert(row)
+        if sample.chosen == sample.rejected:
+            raise Drop("'chosen' and 'rejected' are the same answer")
+        return sample
+
+    return checked
+
+
+# Detection tries the shapes in this order: KTO's label first, then the pair shapes from the most columns down.
 SHAPES = {
-    "kto": (("prompt", "completion", "label"), _kto_prompt_completion),
-    "kto_messages": (("messages", "label"), _kto_conversation("messages")),
-    "kto_conversations": (("conversations", "label"), _kto_conversation("conversations")),
-    "llamafactory_sharegpt": (("conversations", "chosen", "rejected"), _llamafactory_sharegpt),
-    "llamafactory_alpaca": (("instruction", "chosen", "rejected"), _llamafactory_alpaca),
-    "trl": (("prompt", "chosen", "rejected"), _trl),
-    "implicit_prompt": (("chosen", "rejected"), _implicit),  # TRL conversational without prompt, Anthropic HH
+    "kto": Shape(("prompt", "completion", "label"), (), _kto_prompt_completion, "prompt/completion/label (KTO)"),
+    "kto_messages": Shape(("messages", "label"), (), _kto_conversation("messages"), "messages/label (KTO)"),
+    "kto_conversations": Shape(
+        ("conversations", "label"), (), _kto_conversation("conversations"), "conversations/label (KTO)"
+    ),
+    "llamafactory_sharegpt": Shape(
+        ("conversations", "chosen", "rejected"),
+        ("system",),
+        _distinct(_llamafactory_sharegpt),
+        "conversations/chosen/rejected (LLaMA-Factory)",
+    ),
+    "llamafactory_alpaca": Shape(
+        ("instruction", "chosen", "rejected"),
+        ("input", "system"),
+        _distinct(_llamafactory_alpaca),
+        "instruction/input/chosen/rejected (LLaMA-Factory)",
+    ),
+    "trl": Shape(
+        ("prompt", "chosen", "rejected"),
+        ("system",),
+        _distinct(_trl),
+        "prompt/chosen/rejected (TRL, strings or messages)",
+    ),
+    "implicit_prompt": Shape(
+        ("chosen", "rejected"),
+        ("system",),
+        _distinct(_implicit),
+        "chosen/rejected conversations (TRL implicit prompt or Anthropic HH text)",
+    ),
 }
 
 
-def detect_shape(columns: set[str], origin: str) -> str:
-    for shape, (required, _) in SHAPES.items():
-        if set(required) <= columns:
-            return shape
+def _missing_side(columns: set[str]) -> str:
     missing = [c for c in ("chosen", "rejected") if c not in columns]
-    hint = f" (missing '{missing[0]}')" if len(missing) == 1 else ""
-    raise DataError(
-        f"{origin}: cannot tell the preference shape from columns {sorted(columns)}{hint}; expected {SHAPE_HELP}"
-    )
+    return f" (missing '{missing[0]}')" if len(missing) == 1 else ""
 
 
-def to_samples(rows: list[Row], origin: str, strict: bool) -> tuple[list[tuple[Sample, str]], str, Counter]:
-    """(sample, where) for each usable row, the shape, and drop reasons."""
-    shape = detect_shape({k for r in rows[:100] for k in r.data}, origin)
-    convert = SHAPES[shape][1]
-    samples, dropped = [], Counter()
-    for row in rows:
-        try:
-            sample = convert(row.data)
-            if sample.chosen is not None and sample.chosen == sample.rejected:
-                raise Drop("'chosen' and 'rejected' are the same answer")
-        except Drop as e:
-            if strict:
-                raise DataError(
-                    f"{origin} {row.where}: {e} (without --strict such rows are dropped and counted)"
-                ) from e
-            if dropped[str(e)] < 3:
-                log.warning("%s %s dropped: %s", origin, row.where, e)
-            dropped[str(e)] += 1
-            continue
-        samples.append((sample, row.where))
-    return samples, shape, dropped
+PREFERENCE_SHAPES = ShapeTable("preference", SHAPES, _missing_side)
 
 
 # ---------------------------------------------------------------------- samples -> token ids
@@ -251,36 +246,77 @@ def encode_answer(
     return encoded.input_ids, encoded.labels, encoded.truncated
 
 
-def encode_samples(samples, fmt, tokenizer, max_length: int, system: str | None):
+def _encode_sample(sample: Sample, options: EncodeOptions, truncated: Counter) -> dict[str, Any]:
+    """One row of token ids for a pair or a labelled example; Drop when an answer keeps no trained token."""
+    fmt, tokenizer, max_length = options.fmt, options.tokenizer, options.max_length
+    prompt = sample.prompt
+    if options.system and prompt[0]["role"] != "system":
+        prompt = [{"role": "system", "content": options.system}, *prompt]
+    answers = {"completion": sample.completion} if sample.completion is not None else {
+        "chosen": sample.chosen, "rejected": sample.rejected
+    }  # fmt: skip
+    row: dict[str, Any] = {"prompt": fmt.generation_prompt(prompt, tokenizer)}
+    for name, answer in answers.items():
+        ids, labels, cut = encode_answer(fmt, tokenizer, prompt, answer, max_length)
+        if count_trained_tokens(labels) == 0:
+            raise Drop(f"no trained token in '{name}' after truncation to {max_length} tokens")
+        if cut:
+            truncated[cut] += 1
+        prefix = "" if name == "completion" else f"{name}_"
+        row.update({f"{prefix}input_ids": ids, f"{prefix}labels": labels, name: answer})
+    if sample.label is not None:
+        row["label"] = sample.label
+    return row
+
+
+@dataclass
+class EncodedPairs:
+    """The kept pairs (or KTO examples) as rows of token ids, and what was dropped and truncated."""
+
+    rows: list[dict]
+    kto: bool
+    dropped: Counter
+    truncated: Counter
+    options: EncodeOptions
+
+    @property
+    def kept(self) -> int:
+        return len(self.rows)
+
+    @property
+    def noun(self) -> str:
+        return "examples" if self.kto else "pairs"
+
+    def dataset(self, train: list[int], test: list[int]):
+        return to_dataset_dict({"train": [self.rows[i] for i in train], "test": [self.rows[i] for i in test]}, self.kto)
+
+    def info(self) -> dict:
+        fmt, tokenizer = self.options.fmt, self.options.tokenizer
+        return {
+            "task": "kto" if self.kto else "preference",
+            "end_of_turn": sorted({fmt.end_of_turn(tokenizer, last=True)}),
+            "system": self.options.requested_system,
+        }
+
+
+def encode_samples(loaded: Loaded, options: EncodeOptions) -> EncodedPairs:
     """Rows of token ids for pairs or labelled examples; drop reasons and truncation counts."""
     from tqdm.auto import tqdm
 
     rows, dropped, truncated = [], Counter(), Counter()
-    for sample, where in tqdm(samples, desc="tokenizing"):
-        prompt = sample.prompt
-        if system and prompt[0]["role"] != "system":
-            prompt = [{"role": "system", "content": system}, *prompt]
-        answers = {"completion": sample.completion} if sample.completion is not None else {
-            "chosen": sample.chosen, "rejected": sample.rejected
-        }  # fmt: skip
-        row: dict[str, Any] = {"prompt": fmt.generation_prompt(prompt, tokenizer)}
+    for sample, where in tqdm(list(zip(loaded.examples, loaded.wheres, strict=True)), desc="tokenizing"):
         try:
-            for name, answer in answers.items():
-                ids, labels, cut = encode_answer(fmt, tokenizer, prompt, answer, max_length)
-                if count_trained_tokens(labels) == 0:
-                    raise Drop(f"no trained token in '{name}' after truncation to {max_length} tokens")
-                if cut:
-                    truncated[cut] += 1
-                prefix = "" if name == "completion" else f"{name}_"
-                row.update({f"{prefix}input_ids": ids, f"{prefix}labels": labels, name: answer})
+            rows.append(_encode_sample(sample, options, truncated))
         except (Drop, DataError) as e:
             log.warning("%s dropped: %s", where, e)
             dropped[str(e)] += 1
-            continue
-        if sample.label is not None:
-            row["label"] = sample.label
-        rows.append(row)
-    return rows, dropped, truncated
+            loaded.note_first_dropped(where, str(e))
+    return EncodedPairs(rows, loaded.shape.startswith("kto"), dropped, truncated, options)
+
+
+def output_name(source: str, source_path: str | Path | None, model: str, num_samples: int | None) -> str:
+    """``preference_{file stem}_{model basename}``, the folder under datasets/."""
+    return f"preference_{Path(str(source_path)).stem}_{Path(str(model)).name}"
 
 
 # ---------------------------------------------------------------------- writing
@@ -312,106 +348,6 @@ def to_dataset_dict(splits: dict[str, list[dict]], kto: bool):
     )
 
 
-def prepare_preference(
-    model: str = EMBEDDED_MODEL,
-    source: str | None = None,
-    source_path: str | Path | None = None,
-    num_samples: int | None = None,
-    format: str = "auto",
-    output_dir: str | Path | None = None,
-    max_length: int = 1024,
-    val_ratio: float = 0.05,
-    seed: int = 42,
-    system: str | None = None,
-    strict: bool = False,
-    trust_remote_code: bool = False,
-) -> Path:
-    """Preference pairs (or KTO examples) from a local file -> a tokenized train/test DatasetDict on disk.
-
-    Args:
-        model: Registered name, hub id or folder; gives the tokenizer and the default prompt format.
-        source: json, jsonl, csv or parquet; None takes it from the file suffix.
-        source_path: The local file.
-        num_samples: Use only the first N rows.
-        format: ``auto`` or a name from ``aift.data.formats.FORMATS``.
-        output_dir: Default ``datasets/preference_{file stem}_{model basename}``.
-        max_length: Prompt + answer are cut to this many tokens (prompt side first).
-        val_ratio: Share of rows in the test split.
-        seed: Seed of the train/test shuffle.
-        system: System prompt for prompts without one (default: the model card's, if any).
-        strict: Fail on the first unusable row instead of dropping it.
-        trust_remote_code: Allow tokenizers that run code from their hub repository.
-
-    Returns:
-        The output folder.
-    """
-    from aift import __version__
-    from aift.models.loading import load_tokenizer
-
-    if max_length < 8:
-        raise DataError(f"--max-length must be at least 8 tokens, got {max_length}")
-    if not 0 <= val_ratio < 1:
-        raise DataError(f"--val-ratio must be in [0, 1), got {val_ratio}")
-    if source_path is None:
-        raise DataError("--task preference needs --source-path FILE (json, jsonl, csv or parquet)")
-    rows = read_file(source_path, source)
-    total = len(rows)
-    rows = rows[:num_samples] if num_samples else rows
-    origin = str(source_path)
-    samples, shape, dropped = to_samples(rows, origin, strict)
-    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
-    fmt = resolve_format(model, tokenizer, format)
-    examples, encode_dropped, truncated = encode_samples(
-        samples, fmt, tokenizer, max_length, system or default_system(model)
-    )
-    dropped.update(encode_dropped)
-    n_dropped = sum(dropped.values())
-    if not examples or n_dropped > len(rows) / 2:
-        reasons = ", ".join(f"{n} {why}" for why, n in dropped.most_common())
-        raise DataError(f"{origin}: {n_dropped} of {len(rows)} rows were dropped ({reasons}); nothing was written")
-    kto = shape.startswith("kto")
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    n_test = min(max(1, round(len(order) * val_ratio)), len(order) - 1) if val_ratio > 0 and len(order) >= 2 else 0
-    splits = {"train": [examples[i] for i in order[n_test:]], "test": [examples[i] for i in order[:n_test]]}
-    info = {
-        "task": "kto" if kto else "preference",
-        "source": source or source_for_path(source_path),
-        "source_path": origin,
-        "shape": shape,
-        "model": str(model),
-        "tokenizer": str(model),
-        "format": fmt.name,
-        "prompt_format": fmt.name,
-        "end_of_turn": sorted({fmt.end_of_turn(tokenizer, last=True)}),
-        "system": system,
-        "max_length": max_length,
-        "val_ratio": val_ratio,
-        "seed": seed,
-        "num_samples": num_samples,
-        "counts": {
-            "available": total,
-            "read": len(rows),
-            "kept": len(examples),
-            "dropped": n_dropped,
-            "dropped_reasons": dict(dropped),
-            "truncated": {"prompt": truncated["prompt"], "answer": truncated["answer"]},
-            "train": len(splits["train"]),
-            "test": len(splits["test"]),
-        },
-        "aift_version": __version__,
-    }
-    stem = Path(str(source_path)).stem
-    out = Path(output_dir) if output_dir else Path("datasets") / f"preference_{stem}_{Path(str(model)).name}"
-    write_prepared(out, to_dataset_dict(splits, kto), info)
-    log.info(
-        "prepared %s: %d train / %d test %s (%d read, %d dropped, %d truncated answers or prompts), format %s",
-        out, len(splits["train"]), len(splits["test"]), "examples" if kto else "pairs", len(rows), n_dropped,
-        sum(truncated.values()), fmt.name,
-    )  # fmt: skip
-    return out
-
-
 # ---------------------------------------------------------------------- reading back for training
 
 
@@ -422,7 +358,6 @@ def load_preference_rows(source: Any, name: str, split: str, method: str, max_le
     Returns (rows, prompt format or None).
     """
     from aift.data.prepared import read_prepared
-    from aift.training.batching import DatasetError
 
     prompt_format = None
     if isinstance(source, (str, Path)):

@@ -1,45 +1,77 @@
-"""`prepare_dataset`: a source -> a tokenized, loss-masked DatasetDict (train/test) on disk, with prepare.json.
+"""`aift prepare`: a source -> a tokenized, loss-masked DatasetDict (train/test) on disk, with prepare.json.
+
+One pipeline for every task in ``TASKS``: read rows -> detect their shape in the task's shape table -> rows
+to the task's examples -> tokenize and mask (the task's ``encode``) -> seeded train/test split ->
+prepare.json -> atomic write. A new kind of data is a new task entry (or a new shape in a task's table).
 
 The folder is built in a temp dir beside the target and renamed at the end, so a failure leaves nothing
-half-written. prepare.json records what was read, kept, dropped (with reasons) and truncated, token-length
-statistics and the packing efficiency at ``max_length``, and the prompt format that train/eval/generate reuse.
+half-written. prepare.json records what was read, kept, dropped (with reasons) and truncated, and the prompt
+format that train/eval/generate reuse; each task adds its own fields (SFT: token-length statistics and the
+packing efficiency at ``max_length``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import random
-import statistics
-import uuid
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from aift.data import DataError
-from aift.data.formats import PromptFormat, Rendered, default_system, resolve_format
-from aift.data.masking import encode_batch
-from aift.data.packing import best_fit_decreasing, packing_efficiency
+from aift.data import DataError, preference, sft
+from aift.data.formats import default_system, resolve_format
 from aift.data.prepared import write_prepared
-from aift.data.sources import SOURCES, Loaded, load_conversations, source_for_path
+from aift.data.shapes import Loaded
+from aift.data.sources import FILE_SOURCES, SFT_SHAPES, SOURCES, load_rows, source_for_path
+from aift.data.task import Encoded, EncodeOptions, Task
 from aift.models.registry import EMBEDDED_MODEL
 
 log = logging.getLogger(__name__)
-_MIN_ROWS_PER_PROC = 256  # below this a worker process costs more than it saves
+
+TASKS: dict[str, Task] = {
+    "sft": Task(
+        name="sft",
+        summary="conversations, instruction/answer rows",
+        shapes=SFT_SHAPES,
+        sources=SOURCES,
+        encode=sft.encode,
+        output_name=sft.output_name,
+        train_on_prompt=True,
+    ),
+    "preference": Task(
+        name="preference",
+        summary="chosen/rejected pairs, or KTO rows with a label",
+        shapes=preference.PREFERENCE_SHAPES,
+        sources=FILE_SOURCES,
+        encode=preference.encode_samples,
+        output_name=preference.output_name,
+    ),
+}
+
+# prepare.json's keys in the order the file shows them; a task writes those it has.
+_INFO_ORDER = (
+    "task", "source", "source_path", "shape", "model", "tokenizer", "tokenizer_class", "format", "prompt_format",
+    "end_of_turn", "chat_template_sha256", "system", "max_length", "train_on_prompt", "val_ratio", "seed",
+    "num_samples", "counts", "tokens", "aift_version",
+)  # fmt: skip
 
 
-def default_output_dir(source: str, model: str, num_samples: int | None) -> Path:
-    """``datasets/{source}_{model basename}_{num_samples or all}``."""
-    return Path("datasets") / f"{source}_{Path(str(model).rstrip('/')).name}_{num_samples or 'all'}"
-
-
-def _check_options(
-    source: str | None, max_length: int, val_ratio: float, num_samples: int | None, num_proc: int | None = None
+def check_options(
+    task: Task,
+    source: str | None,
+    source_path: str | Path | None,
+    max_length: int,
+    val_ratio: float,
+    num_samples: int | None,
+    num_proc: int | None = None,
+    train_on_prompt: bool = False,
 ) -> None:
-    if source is not None and source not in SOURCES:
-        raise DataError(f"unknown source {source!r}; valid sources: {', '.join(SOURCES)}")
+    """DataError naming the option when one of `aift prepare`'s options cannot be used by the task."""
+    if train_on_prompt and not task.train_on_prompt:
+        raise DataError(f"--task {task.name} trains on the answers only: --train-on-prompt does not apply")
+    if source is not None and source not in task.sources:
+        raise DataError(f"unknown source {source!r}; valid sources: {', '.join(task.sources)}")
+    if source_path is None and set(task.sources) <= set(FILE_SOURCES):
+        raise DataError(f"--task {task.name} needs --source-path FILE ({', '.join(task.sources)})")
     if max_length < 8:
         raise DataError(f"--max-length must be at least 8 tokens, got {max_length}")
     if not 0 <= val_ratio < 1:
@@ -50,140 +82,16 @@ def _check_options(
         raise DataError(f"--num-proc must be positive, got {num_proc}")
 
 
-def _with_system(conversation: list[dict], system: str | None) -> list[dict]:
-    if not system or conversation[0]["role"] == "system":
-        return conversation
-    return [{"role": "system", "content": system}, *conversation]
+def split(n: int, val_ratio: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, test) positions of ``n`` examples: a seeded shuffle, the first ``val_ratio`` of it for test.
 
-
-class _EncodeRows:
-    """The batched map function: row indices -> rendered, tokenized, masked columns (one per worker process)."""
-
-    def __init__(self, conversations, fmt: PromptFormat, tokenizer, max_length: int, train_on_prompt: bool, system):
-        self.conversations, self.fmt, self.tokenizer = conversations, fmt, tokenizer
-        self.max_length, self.train_on_prompt, self.system = max_length, train_on_prompt, system
-
-    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        """One batch of rows; a dropped row keeps its place (empty columns, its reason in ``drop``)."""
-        conversations = [_with_system(self.conversations[row], self.system) for row in batch["row"]]
-        rendered = [
-            r if isinstance(r, Rendered) else f"cannot render: {r}"
-            for r in self.fmt.render_many(conversations, self.tokenizer)
-        ]
-        ok = [r for r in rendered if isinstance(r, Rendered)]
-        encoded = iter(encode_batch(ok, self.tokenizer, self.max_length, self.train_on_prompt) if ok else [])
-        out: dict[str, list] = {c: [] for c in _features(with_bookkeeping=True)}
-        for r in rendered:
-            e = next(encoded) if isinstance(r, Rendered) else None
-            trained = e.num_trained if e else 0
-            drop = r if e is None else ("no trained token" if trained == 0 else "")
-            ids = e.input_ids if e and not drop else []
-            out["input_ids"].append(ids)
-            out["attention_mask"].append([1] * len(ids))
-            out["labels"].append(e.labels if e and not drop else [])
-            out["text"].append(e.text if e and not drop else "")
-            out["prompt"].append(r.prompt if e and not drop else "")
-            out["reference"].append(r.reference if e and not drop else "")
-            out["truncated"].append((e.truncated or "") if e and not drop else "")
-            out["drop"].append(drop)
-            out["trained"].append(trained if not drop else 0)
-        return out
-
-
-def _features(with_bookkeeping: bool):
-    """The prepared dataset's columns and types; with the map's own bookkeeping (drop reason, truncation, ...)."""
-    from datasets import Features, List, Value
-
-    columns = {
-        "input_ids": List(Value("int32")),
-        "attention_mask": List(Value("int8")),
-        "labels": List(Value("int32")),
-        "text": Value("string"),
-        "prompt": Value("string"),
-        "reference": Value("string"),
-    }
-    if with_bookkeeping:
-        columns.update(truncated=Value("string"), drop=Value("string"), trained=Value("int32"))
-    return Features(columns)
-
-
-@dataclass
-class EncodedRows:
-    """Every row rendered and tokenized (an Arrow dataset, dropped rows included), and what was kept of it."""
-
-    rows: Any  # datasets.Dataset with the columns of _features(with_bookkeeping=True), one row per input row
-    kept: list[int]  # indices of the usable rows, in input order
-    lengths: list[int]  # tokens of each kept row
-    trained: int  # trained tokens over the kept rows
-    dropped: Counter
-    truncated: Counter
-
-    def select(self, indices: list[int]):
-        """The given rows with the prepared dataset's columns, still in Arrow (nothing goes through Python)."""
-        return self.rows.select(indices).select_columns(list(_features(with_bookkeeping=False)))
-
-
-def _encode_all(
-    loaded: Loaded,
-    fmt: PromptFormat,
-    tokenizer,
-    max_length: int,
-    train_on_prompt: bool,
-    system: str | None,
-    num_proc: int | None = None,
-) -> EncodedRows:
-    """Rendered and tokenized rows, the usable ones, their lengths, drop reasons and truncation counts.
-
-    One batched ``datasets.map`` over ``num_proc`` processes (default: every core); shards are contiguous, so
-    the result is the same for any ``num_proc``. The map shows its progress bar. The token columns stay in
-    Arrow from the map to the disk: only the bookkeeping columns are read back into Python.
+    With ``val_ratio > 0`` and at least 2 examples the test split has at least one and train keeps at least
+    one; a single example always goes to train (a train split with no rows cannot be trained on).
     """
-    import pyarrow.compute as pc
-    from datasets import Dataset
-
-    rows = len(loaded.conversations)
-    if num_proc is None:  # every core, but no worker for fewer than _MIN_ROWS_PER_PROC rows
-        num_proc = min(os.cpu_count() or 1, rows // _MIN_ROWS_PER_PROC or 1)
-    procs = max(1, min(num_proc, rows))
-    features = _features(with_bookkeeping=True)
-    mapped = Dataset.from_dict({"row": list(range(rows))}).map(
-        _EncodeRows(loaded.conversations, fmt, tokenizer, max_length, train_on_prompt, system),
-        batched=True,
-        batch_size=256,
-        num_proc=procs if procs > 1 else None,
-        remove_columns=["row"],
-        features=features,
-        new_fingerprint=uuid.uuid4().hex,  # hashing the function (it holds every row) would cost more than it saves
-        desc="tokenizing",
-    )
-    if not rows:  # map never calls the function on no rows, so it leaves no columns either
-        mapped = Dataset.from_dict({c: [] for c in features}, features=features)
-    drops, kinds, trained = (mapped.data.column(c).to_pylist() for c in ("drop", "truncated", "trained"))
-    lengths = pc.list_value_length(mapped.data.column("input_ids")).to_pylist()  # counted in Arrow
-    kept, dropped, truncated = [], Counter(), Counter()
-    for i, where in enumerate(loaded.wheres):
-        if reason := drops[i]:
-            if reason.startswith("cannot render"):
-                log.warning("%s dropped: %s", where, reason.removeprefix("cannot render: "))
-            dropped[reason] += 1
-            _note_dropped(loaded, where, reason)
-            continue
-        if kind := kinds[i]:
-            truncated[kind] += 1
-        kept.append(i)
-    return EncodedRows(
-        rows=mapped,
-        kept=kept,
-        lengths=[lengths[i] for i in kept],
-        trained=sum(trained[i] for i in kept),
-        dropped=dropped,
-        truncated=truncated,
-    )
-
-
-def _note_dropped(loaded: Loaded, where: str, reason: str) -> None:
-    if len(loaded.first_dropped) < 3:
-        loaded.first_dropped.append(f"{where}: {reason}")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_test = min(max(1, round(n * val_ratio)), n - 1) if val_ratio > 0 and n >= 2 else 0
+    return order[n_test:], order[:n_test]
 
 
 def _check_enough_kept(loaded: Loaded, kept: int, dropped: Counter, origin: str) -> None:
@@ -198,30 +106,79 @@ def _check_enough_kept(loaded: Loaded, kept: int, dropped: Counter, origin: str)
     )
 
 
-def _split(kept: list[int], val_ratio: float, seed: int) -> tuple[list[int], list[int]]:
-    """(train, test) of the kept rows: a seeded shuffle, the first ``val_ratio`` of it for test."""
-    order = list(range(len(kept)))
-    random.Random(seed).shuffle(order)
-    n_test = round(len(order) * val_ratio)
-    if val_ratio > 0 and len(order) >= 2:
-        n_test = min(max(1, n_test), len(order) - 1)
-    return [kept[i] for i in order[n_test:]], [kept[i] for i in order[:n_test]]
+def _prepare_json(loaded: Loaded, encoded: Encoded, dropped: Counter, n_train: int, n_test: int) -> dict:
+    """The shape, the counts and the task's own fields of prepare.json (the caller adds the options)."""
+    from aift import __version__
 
-
-def _length_stats(lengths: list[int]) -> dict[str, float]:
-    ordered = sorted(lengths)
-    return {
-        "min": ordered[0],
-        "mean": round(statistics.fmean(ordered), 1),
-        "median": statistics.median(ordered),
-        "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
-        "max": ordered[-1],
+    truncated = encoded.truncated
+    counts = {
+        "available": loaded.total_available,
+        "read": loaded.read,
+        "kept": encoded.kept,
+        "dropped": sum(dropped.values()),
+        "dropped_reasons": dict(dropped),
+        "truncated": {"prompt": truncated["prompt"], "answer": truncated["answer"]},
+        "train": n_train,
+        "test": n_test,
     }
+    return {"shape": loaded.shape, "counts": counts, "aift_version": __version__, **encoded.info()}
 
 
-def _template_sha(tokenizer) -> str | None:
-    template = getattr(tokenizer, "chat_template", None)
-    return hashlib.sha256(template.encode()).hexdigest() if isinstance(template, str) else None
+def prepare(
+    task: str,
+    model: str = EMBEDDED_MODEL,
+    source: str | None = None,
+    source_path: str | Path | None = None,
+    num_samples: int | None = None,
+    format: str = "auto",
+    output_dir: str | Path | None = None,
+    max_length: int = 2048,
+    val_ratio: float = 0.05,
+    seed: int = 42,
+    train_on_prompt: bool = False,
+    system: str | None = None,
+    strict: bool = False,
+    trust_remote_code: bool = False,
+    num_proc: int | None = None,
+) -> Path:
+    """The pipeline of every task: see `prepare_dataset` for the arguments; ``task`` is a name in ``TASKS``."""
+    from aift.models.loading import load_tokenizer
+
+    spec = TASKS[task]
+    check_options(spec, source, source_path, max_length, val_ratio, num_samples, num_proc, train_on_prompt)
+    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
+    fmt = resolve_format(model, tokenizer, format)
+    options = EncodeOptions(
+        str(model), tokenizer, fmt, system or default_system(model), system, max_length, train_on_prompt, num_proc
+    )
+    loaded = load_rows(spec.shapes, source, source_path, num_samples, strict)
+    source = source or source_for_path(source_path)
+    encoded = spec.encode(loaded, options)
+    dropped = loaded.dropped + encoded.dropped
+    _check_enough_kept(loaded, encoded.kept, dropped, str(source_path or source))
+    train, test = split(encoded.kept, val_ratio, seed)
+    info = _prepare_json(loaded, encoded, dropped, len(train), len(test))
+    info.update(
+        source=source,
+        source_path=str(source_path) if source_path else None,
+        model=str(model),
+        tokenizer=str(model),
+        format=fmt.name,
+        prompt_format=fmt.name,
+        max_length=max_length,
+        val_ratio=val_ratio,
+        seed=seed,
+        num_samples=num_samples,
+    )
+    default_out = Path("datasets") / spec.output_name(source, source_path, model, num_samples)
+    out = Path(output_dir) if output_dir else default_out
+    write_prepared(out, encoded.dataset(train, test), {key: info[key] for key in _INFO_ORDER if key in info})
+    log.info(
+        "prepared %s: %d train / %d test %s (%d read, %d dropped, %d truncated), format %s",
+        out, len(train), len(test), encoded.noun, loaded.read, sum(dropped.values()),
+        sum(encoded.truncated.values()), fmt.name,
+    )  # fmt: skip
+    return out
 
 
 def prepare_dataset(
@@ -240,7 +197,7 @@ def prepare_dataset(
     trust_remote_code: bool = False,
     num_proc: int | None = None,
 ) -> Path:
-    """Turns raw data into a tokenized, loss-masked train/test DatasetDict on disk.
+    """Turns raw data into a tokenized, loss-masked train/test DatasetDict on disk (`aift prepare --task sft`).
 
     Args:
         model: Registered name, hub id or folder; gives the tokenizer and the default format.
@@ -262,75 +219,48 @@ def prepare_dataset(
     Returns:
         The output folder.
     """
-    from aift import __version__
-    from aift.models.loading import load_tokenizer
+    return prepare(
+        "sft", model, source, source_path, num_samples, format, output_dir, max_length, val_ratio, seed,
+        train_on_prompt, system, strict, trust_remote_code, num_proc,
+    )  # fmt: skip
 
-    _check_options(source, max_length, val_ratio, num_samples, num_proc)
-    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
-    fmt = resolve_format(model, tokenizer, format)
-    system = system or default_system(model)
-    loaded = load_conversations(source, source_path, num_samples, strict)
-    source = source or source_for_path(source_path)
-    encoded = _encode_all(loaded, fmt, tokenizer, max_length, train_on_prompt, system, num_proc)
-    dropped, truncated, lengths = encoded.dropped, encoded.truncated, encoded.lengths
-    dropped.update(loaded.dropped)
-    n_dropped = sum(dropped.values())
-    _check_enough_kept(loaded, len(encoded.kept), dropped, str(source_path or source))
-    end_markers = sorted({fmt.end_of_turn(tokenizer, last=True), fmt.end_of_turn(tokenizer, last=False)})
-    if not any(m.strip() for m in end_markers):
-        log.warning(
-            "warning: format %s puts no end-of-turn marker after answers: the model may not learn to stop", fmt.name
-        )
-    train, test = _split(encoded.kept, val_ratio, seed)
-    info = {
-        "source": source,
-        "source_path": str(source_path) if source_path else None,
-        "shape": loaded.shape,
-        "model": str(model),
-        "tokenizer": str(model),
-        "tokenizer_class": type(tokenizer).__name__,
-        "format": fmt.name,
-        "prompt_format": fmt.name,
-        "end_of_turn": end_markers,
-        "chat_template_sha256": _template_sha(tokenizer),
-        "system": system,
-        "max_length": max_length,
-        "train_on_prompt": train_on_prompt,
-        "val_ratio": val_ratio,
-        "seed": seed,
-        "num_samples": num_samples,
-        "counts": {
-            "available": loaded.total_available,
-            "read": loaded.read,
-            "kept": len(encoded.kept),
-            "dropped": n_dropped,
-            "dropped_reasons": dict(dropped),
-            "truncated": {"prompt": truncated["prompt"], "answer": truncated["answer"]},
-            "train": len(train),
-            "test": len(test),
-        },
-        "tokens": {
-            "length": _length_stats(lengths),
-            "total": sum(lengths),
-            "trained": encoded.trained,
-            "packing_efficiency": round(
-                packing_efficiency(lengths, best_fit_decreasing(lengths, max_length), max_length), 4
-            ),
-        },
-        "aift_version": __version__,
-    }
-    out = Path(output_dir) if output_dir else default_output_dir(source, model, num_samples)
-    from datasets import DatasetDict
 
-    write_prepared(out, DatasetDict({"train": encoded.select(train), "test": encoded.select(test)}), info)
-    log.info(
-        "prepared %s: %d train / %d test examples (%d read, %d dropped, %d truncated), format %s",
-        out,
-        len(train),
-        len(test),
-        loaded.read,
-        n_dropped,
-        sum(truncated.values()),
-        fmt.name,
-    )
-    return out
+def prepare_preference(
+    model: str = EMBEDDED_MODEL,
+    source: str | None = None,
+    source_path: str | Path | None = None,
+    num_samples: int | None = None,
+    format: str = "auto",
+    output_dir: str | Path | None = None,
+    max_length: int = 1024,
+    val_ratio: float = 0.05,
+    seed: int = 42,
+    system: str | None = None,
+    strict: bool = False,
+    trust_remote_code: bool = False,
+) -> Path:
+    """Preference pairs (or KTO examples) from a local file -> a tokenized train/test DatasetDict on disk.
+
+    `aift prepare --task preference`; the accepted shapes are in aift.data.preference.
+
+    Args:
+        model: Registered name, hub id or folder; gives the tokenizer and the default prompt format.
+        source: json, jsonl, csv or parquet; None takes it from the file suffix.
+        source_path: The local file.
+        num_samples: Use only the first N rows.
+        format: ``auto`` or a name from ``aift.data.formats.FORMATS``.
+        output_dir: Default ``datasets/preference_{file stem}_{model basename}``.
+        max_length: Prompt + answer are cut to this many tokens (prompt side first).
+        val_ratio: Share of rows in the test split.
+        seed: Seed of the train/test shuffle.
+        system: System prompt for prompts without one (default: the model card's, if any).
+        strict: Fail on the first unusable row instead of dropping it.
+        trust_remote_code: Allow tokenizers that run code from their hub repository.
+
+    Returns:
+        The output folder.
+    """
+    return prepare(
+        "preference", model, source, source_path, num_samples, format, output_dir, max_length, val_ratio, seed,
+        system=system, strict=strict, trust_remote_code=trust_remote_code,
+    )  # fmt: skip

@@ -1,9 +1,10 @@
-"""Sources -> conversations: hub datasets (alpaca, dolly, wizardlm) and local JSON / JSONL / CSV / parquet files.
+"""Sources -> rows -> a task's examples: hub datasets (alpaca, dolly, wizardlm) and local JSON / JSONL / CSV / parquet.
 
-A local file's shape is detected from its columns (alpaca, dolly, prompt/completion, chat ``messages``,
-ShareGPT ``conversations``, question/answer, 質問/回答). Hub sources have a fixed schema and go through
-``datasets.load_dataset``; with ``--source-path`` the same schema is read from a local copy, which is
-also how the tests exercise each hub schema without a network.
+A local file's shape is detected from its columns in the task's shape table (aift.data.shapes); SFT's table
+is here: alpaca, dolly, prompt/completion, chat ``messages``, ShareGPT ``conversations``, question/answer,
+質問/回答. Hub sources have a fixed schema and go through ``datasets.load_dataset``; with ``--source-path``
+the same schema is read from a local copy, which is also how the tests exercise each hub schema without a
+network.
 """
 
 from __future__ import annotations
@@ -15,14 +16,13 @@ import logging
 import os
 import re
 import sys
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aift.data import DataError
-from aift.data.formats import Message, normalize
+from aift.data.conversation import Message, normalize
+from aift.data.shapes import Drop, Loaded, Row, Shape, ShapeTable, convert_rows
 
 log = logging.getLogger(__name__)
 
@@ -34,46 +34,6 @@ HUB_DATASETS = {
 }
 SOURCES = (*HUB_DATASETS, *FILE_SOURCES)
 _SUFFIX_SOURCE = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
-
-SHAPE_HELP = (
-    "instruction/input/output (alpaca), instruction/context/response (dolly), prompt/completion, "
-    "messages (role/content), conversations (from/value, ShareGPT), question/answer, 質問/回答, "
-    "text (<|user|>...<|endoftext|>\\n<|assistant|>...<|endoftext|> dialogues)"
-)
-
-
-class Drop(Exception):
-    """A row that cannot become a conversation.
-
-    The message is the reason counted in prepare.json; ``detail`` names the field and what was expected,
-    for the row-level messages (``--strict``, and the first rows of a file that drops too many).
-    """
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(reason)
-        self.detail = detail
-
-    def describe(self) -> str:
-        return f"{self}: {self.detail}" if self.detail and self.detail != str(self) else str(self)
-
-
-@dataclass
-class Row:
-    data: dict[str, Any]
-    where: str  # "line 7" or "row 3", for messages
-
-
-@dataclass
-class Loaded:
-    """Conversations read from a source, with what was dropped and why."""
-
-    conversations: list[list[Message]]
-    wheres: list[str]
-    shape: str
-    read: int
-    dropped: Counter = field(default_factory=Counter)
-    total_available: int = 0
-    first_dropped: list[str] = field(default_factory=list)  # "line 3: missing answer: ..." for the first few
 
 
 def _text(value: Any) -> str:
@@ -180,16 +140,34 @@ def _user_assistant_text(data: dict) -> list[Message]:
         raise Drop(f"text is not a <|user|>...<|assistant|>... dialogue: {e}") from e
 
 
-# shape -> (required keys, optional keys, converter). Detection tries them in this order.
-SHAPES: dict[str, tuple[tuple[str, ...], tuple[str, ...], Callable[[dict], list[Message]]]] = {
-    "messages": (("messages",), (), _chat("messages", "role", "content")),
-    "sharegpt": (("conversations",), (), _chat("conversations", "from", "value")),
-    "alpaca": (("instruction", "output"), ("input", "system"), _keyed("instruction", "output", "input")),
-    "dolly": (("instruction", "response"), ("context", "system"), _keyed("instruction", "response", "context")),
-    "prompt_completion": (("prompt", "completion"), ("system",), _keyed("prompt", "completion")),
-    "qa": (("question", "answer"), ("context", "system"), _keyed("question", "answer", "context")),
-    "qa_ja": (("質問", "回答"), ("入力", "system"), _keyed("質問", "回答", "入力")),
-    "user_assistant_text": (("text",), (), _user_assistant_text),
+# Detection tries the shapes in this order.
+SHAPES = {
+    "messages": Shape(("messages",), (), _chat("messages", "role", "content"), "messages (role/content)"),
+    "sharegpt": Shape(
+        ("conversations",), (), _chat("conversations", "from", "value"), "conversations (from/value, ShareGPT)"
+    ),
+    "alpaca": Shape(
+        ("instruction", "output"),
+        ("input", "system"),
+        _keyed("instruction", "output", "input"),
+        "instruction/input/output (alpaca)",
+    ),
+    "dolly": Shape(
+        ("instruction", "response"),
+        ("context", "system"),
+        _keyed("instruction", "response", "context"),
+        "instruction/context/response (dolly)",
+    ),
+    "prompt_completion": Shape(
+        ("prompt", "completion"), ("system",), _keyed("prompt", "completion"), "prompt/completion"
+    ),
+    "qa": Shape(
+        ("question", "answer"), ("context", "system"), _keyed("question", "answer", "context"), "question/answer"
+    ),
+    "qa_ja": Shape(("質問", "回答"), ("入力", "system"), _keyed("質問", "回答", "入力"), "質問/回答"),
+    "user_assistant_text": Shape(
+        ("text",), (), _user_assistant_text, "text (<|user|>...<|endoftext|>\\n<|assistant|>...<|endoftext|> dialogues)"
+    ),
 }
 # The answer column each question column needs, to name what is missing.
 _ANSWER_FOR = {
@@ -198,28 +176,16 @@ _ANSWER_FOR = {
     "question": "'answer'",
     "質問": "'回答'",
 }
+
+
+def _missing_answer(columns: set[str]) -> str:
+    question = next((q for q in _ANSWER_FOR if q in columns), None)
+    return f" (has '{question}' but no answer column {_ANSWER_FOR[question]})" if question else ""
+
+
+SFT_SHAPES = ShapeTable("data", SHAPES, _missing_answer)
 # Hub sources have a fixed schema; wizardlm also comes as ShareGPT conversations (its V2 release).
 HUB_SHAPES = {"alpaca": ("alpaca",), "dolly": ("dolly",), "wizardlm": ("alpaca", "sharegpt")}
-
-
-def detect_shape(columns: list[str], origin: str, allowed: tuple[str, ...] | None = None) -> str:
-    """The shape whose required columns are all present; DataError naming what is missing otherwise."""
-    present = set(columns)
-    for shape in allowed or SHAPES:
-        if set(SHAPES[shape][0]) <= present:
-            return shape
-    if allowed:
-        wanted = " or ".join("/".join(SHAPES[s][0]) for s in allowed)
-        raise DataError(f"{origin}: expected the columns {wanted}; found {sorted(present)}")
-    for question, answer in _ANSWER_FOR.items():
-        if question in present:
-            raise DataError(
-                f"{origin}: has '{question}' but no answer column {answer}; found columns {sorted(present)}. "
-                f"Accepted shapes (columns): {SHAPE_HELP}"
-            )
-    raise DataError(
-        f"{origin}: cannot tell the data shape from columns {sorted(present)}; expected one of: {SHAPE_HELP}"
-    )
 
 
 # ---------------------------------------------------------------------------------------------- local files
@@ -321,7 +287,6 @@ def _read_csv(path: Path) -> list[Row]:
         raise DataError(f"{path}: malformed CSV at line {reader.line_num}: {e}") from e
     if not rows:
         raise DataError(f"{path}: has a header but no rows")
-    detect_shape(columns, str(path))  # names missing columns even when every row would be dropped
     return rows
 
 
@@ -397,7 +362,7 @@ def _check_json_syntax(path: Path, file_source: str) -> None:
 def hub_rows(source: str, dataset, origin: str | None = None) -> tuple[list[Row], str]:
     """Rows and shape of a hub-schema ``datasets.Dataset``; DataError when its columns are not that schema."""
     origin = f"{origin} (--source {source})" if origin else f"--source {source}"
-    shape = detect_shape(list(dataset.column_names), origin, HUB_SHAPES[source])
+    shape = SFT_SHAPES.detect(dataset.column_names, origin, HUB_SHAPES[source])
     return [Row(r, f"row {i}") for i, r in enumerate(dataset, 1)], shape
 
 
@@ -405,41 +370,35 @@ def hub_rows(source: str, dataset, origin: str | None = None) -> tuple[list[Row]
 
 
 def to_conversations(rows: list[Row], shape: str, origin: str, strict: bool = False) -> Loaded:
-    """Converts rows of a shape; rows that cannot be converted are counted by reason (or raise with strict)."""
-    convert = SHAPES[shape][2]
-    loaded = Loaded([], [], shape, read=len(rows))
-    for row in rows:
-        try:
-            conversation = convert(row.data)
-        except Drop as e:
-            if strict:
-                raise DataError(
-                    f"{origin} {row.where}: {e.describe()} (without --strict such rows are dropped and counted)"
-                ) from e
-            if loaded.dropped[str(e)] < 3:
-                log.warning("%s %s dropped: %s", origin, row.where, e.describe())
-            if len(loaded.first_dropped) < 3:
-                loaded.first_dropped.append(f"{row.where}: {e.describe()}")
-            loaded.dropped[str(e)] += 1
-            continue
-        loaded.conversations.append(conversation)
-        loaded.wheres.append(row.where)
-    return loaded
+    """Converts rows of an SFT shape; rows that cannot be converted are counted by reason (or raise with strict)."""
+    return convert_rows(rows, SFT_SHAPES, shape, origin, strict)
 
 
 def load_conversations(
     source: str | None, source_path: str | Path | None = None, num_samples: int | None = None, strict: bool = False
 ) -> Loaded:
-    """Reads a source into conversations.
+    """Reads a source into conversations (``examples``): `load_rows` with SFT's shapes."""
+    return load_rows(SFT_SHAPES, source, source_path, num_samples, strict)
+
+
+def load_rows(
+    table: ShapeTable,
+    source: str | None,
+    source_path: str | Path | None = None,
+    num_samples: int | None = None,
+    strict: bool = False,
+) -> Loaded:
+    """Reads a source, detects its shape in a task's table and converts its rows into the task's examples.
 
     Args:
+        table: The task's shapes.
         source: One of SOURCES, or None to take the file type from ``source_path``.
         source_path: A local file (required for file sources; for hub sources a local copy in the hub schema).
         num_samples: Use only the first N rows.
         strict: Raise on the first row that cannot be used instead of dropping it.
 
     Returns:
-        The conversations, where each came from, the detected shape and counts.
+        The examples, where each came from, the detected shape and counts.
     """
     if source is None:
         source = source_for_path(_check_path(source_path, "json"))
@@ -451,24 +410,23 @@ def load_conversations(
         if num_samples is not None and num_samples < total:
             dataset = dataset.select(range(num_samples))
         origin = HUB_DATASETS[source]
-        rows, shape = hub_rows(source, dataset, origin)
-    elif source in HUB_DATASETS:
-        # A local copy in the hub dataset's columns: read by aift's own readers, like any local file, not by
-        # Arrow's JSON reader through datasets.load_dataset, which can crash the process on a malformed file.
-        rows = read_file(source_path)
-        total = len(rows)
-        origin = str(source_path)
-        columns = sorted({k for r in rows[:100] for k in r.data})
-        shape = detect_shape(columns, f"{origin} (--source {source})", HUB_SHAPES[source])
-        rows = rows[:num_samples] if num_samples is not None else rows
+        shape = table.detect(dataset.column_names, f"{origin} (--source {source})", HUB_SHAPES[source])
+        rows = [Row(r, f"row {i}") for i, r in enumerate(dataset, 1)]
     else:
-        rows = read_file(source_path, source)
+        # A local copy in a hub dataset's columns is read by aift's own readers, like any local file, not by
+        # Arrow's JSON reader through datasets.load_dataset, which can crash the process on a malformed file.
+        hub_copy = source in HUB_DATASETS
+        rows = read_file(source_path, None if hub_copy else source)
         total = len(rows)
         origin = str(source_path)
-        shape = detect_shape(sorted({k for r in rows[:100] for k in r.data}), origin)
+        columns = {k for r in rows[:100] for k in r.data}
+        if hub_copy:
+            shape = table.detect(columns, f"{origin} (--source {source})", HUB_SHAPES[source])
+        else:
+            shape = table.detect(columns, origin)
         rows = rows[:num_samples] if num_samples is not None else rows
     if num_samples is not None and num_samples > total:
         log.info("note: --num-samples %d is more than the %d rows of %s; using all of them", num_samples, total, origin)
-    loaded = to_conversations(rows, shape, origin, strict)
+    loaded = convert_rows(rows, table, shape, origin, strict)
     loaded.total_available = total
     return loaded

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from aift.data.formats import PromptFormat, default_system, resolve_format, stored_format
+from aift.data.conversation import PromptFormat
+from aift.data.formats import default_system, resolve_format, stored_format
 
 log = logging.getLogger(__name__)
 

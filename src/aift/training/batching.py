@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aift.data import DataError
+from aift.data import DatasetError
 from aift.data.packing import (
     PackedCollator,
     PaddedCollator,
@@ -24,11 +24,6 @@ from aift.data.packing import (
     packing_efficiency,
 )
 from aift.data.prepared import read_prepared
-
-
-class DatasetError(DataError):
-    """The training or evaluation data cannot be used; the message says why."""
-
 
 Example = dict[str, list[int]]
 

@@ -80,8 +80,8 @@ class PreferenceTrainer(LoRAFinetuningTrainer):
         return self.result.model
 
     def _examples(self, train_texts, eval_texts, tokenizer) -> tuple[Examples, Examples | None]:
+        from aift.data import DatasetError
         from aift.data.preference import load_preference_rows
-        from aift.training.batching import DatasetError
         from aift.training.trainers import _has_test_split
 
         config, method = self.config, self.preference_config.method
