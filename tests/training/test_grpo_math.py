@@ -24,6 +24,7 @@ from aift.training.grpo_loss import (
     total_rewards,
     truncated_completions,
 )
+from aift.training.grpo_rollout import rollout_metrics
 
 P, T = 3, 7  # prompt and completion positions
 MICRO, B = 2, 4  # micro-batches per step, completions per micro-batch
@@ -265,14 +266,17 @@ def test_advantages_equal_trl(scale_rewards):
     completion_ids = [[7, 2] if i % 3 else [7, 8, 9] for i in range(n)]  # every third truncated (no EOS)
     trainer, trl = _trl_generate_and_score(table, weights, g, scale_rewards, completion_ids)
     ours = group_advantages(table, weights, g, scale_rewards)
+    truncated = truncated_completions(completion_ids, [2, 0])
+    assert torch.equal(~truncated, trl["completion_mask"].bool().any(dim=1))  # TRL's mask_truncated_completions
     assert torch.allclose(ours.advantages, trl["advantages"], atol=1e-5, rtol=0)
     assert ours.advantages[5] == 0 and ours.advantages[8:12].abs().max() == 0
     metrics = trainer._metrics["train"]
-    assert abs(ours.zero_std.float().mean().item() - metrics["frac_reward_zero_std"][0]) < 1e-7
-    assert abs(torch.nanmean(ours.rewards).item() - metrics["reward"][0]) < 1e-6
-
-    truncated = truncated_completions(completion_ids, [2, 0])
-    assert torch.equal(~truncated, trl["completion_mask"].bool().any(dim=1))
+    logged = rollout_metrics(table, ["r0", "r1"], ours, torch.tensor([len(c) for c in completion_ids]), truncated)
+    names = ["reward", "reward_std", "frac_reward_zero_std"] + [
+        f"rewards/r{j}/{s}" for j in (0, 1) for s in ("mean", "std")
+    ]
+    for name in names:
+        assert abs(logged[name] - metrics[name][0]) < 1e-6, name
 
 
 def test_total_rewards_weighted_nansum():

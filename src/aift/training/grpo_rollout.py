@@ -1,0 +1,171 @@
+"""The rollout side of GRPO as plain functions: sampled completions -> a trainable batch, log-probs, step stats.
+
+The GRPO objective (``training/objectives/grpo.py``) samples completions with ``aift.inference.generation``,
+scores them with :mod:`aift.training.rewards` and computes advantages with :mod:`aift.training.grpo_loss`;
+what it needs between those steps is here, independent of the loop:
+
+- :func:`collate_rollout`: prompts (left-padded) and completions (right-padded) in one row each, as TRL does,
+  with the completion mask (truncated completions masked out with ``mask_truncated_completions``);
+- :func:`completion_logps`: per-token log-probs (and entropies) of the completion tokens under the
+  temperature-scaled distribution, as TRL's ``selective_log_softmax_and_entropy``;
+- :func:`sampling_seed`: the seed of a micro-batch's sampling, a function of (seed, epoch, plan index) only, so
+  that 1 process and N processes, and a resumed run, sample the same completions;
+- :func:`rollout_metrics`, :func:`zero_std_warning`, :func:`completion_records`: what is logged each step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+
+import torch
+
+from aift.training.grpo_loss import Advantages, nanstd, truncated_completions
+
+ZERO_STD_WARN_FRACTION = 0.5  # warn when more than this share of a step's groups has no reward spread
+
+
+# ---------------------------------------------------------------------- batch
+
+
+def collate_rollout(
+    prompt_ids: Sequence[Sequence[int]],
+    completion_ids: Sequence[Sequence[int]],
+    pad_token_id: int,
+    stop_ids: Sequence[int],
+    mask_truncated: bool = False,
+) -> dict:
+    """One row per completion: ``[left-padded prompt | right-padded completion]``.
+
+    Keys: ``input_ids``/``attention_mask``/``position_ids`` ``[B, P + C]`` (positions count real tokens from 0,
+    as generation's do), ``completion_mask`` ``[B, C]`` (the trained tokens: the completion including its EOS;
+    all 0 for a truncated completion when ``mask_truncated``), ``truncated`` ``[B]``, ``logits_to_keep`` (C),
+    ``num_tokens`` (real tokens) and ``num_completion_tokens`` (trained tokens).
+    """
+    width_p = max(len(p) for p in prompt_ids)
+    width_c = max(1, max(len(c) for c in completion_ids))
+    rows, attention, completion_mask = [], [], []
+    for p, c in zip(prompt_ids, completion_ids, strict=True):
+        pad_p, pad_c = width_p - len(p), width_c - len(c)
+        rows.append([pad_token_id] * pad_p + list(p) + list(c) + [pad_token_id] * pad_c)
+        attention.append([0] * pad_p + [1] * (len(p) + len(c)) + [0] * pad_c)
+        completion_mask.append([1] * len(c) + [0] * pad_c)
+    attention_mask = torch.tensor(attention, dtype=torch.long)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    truncated = truncated_completions(completion_ids, [*stop_ids, pad_token_id])
+    mask = torch.tensor(completion_mask, dtype=torch.long)
+    if mask_truncated:
+        mask = mask * (~truncated).unsqueeze(1).long()
+    return {
+        "input_ids": torch.tensor(rows, dtype=torch.long),
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "completion_mask": mask,
+        "truncated": truncated,
+        "logits_to_keep": width_c,
+        "num_tokens": int(attention_mask.sum()),
+        "num_completion_tokens": int(mask.sum()),
+    }
+
+
+def completion_logps(
+    logits: torch.Tensor, completion_ids: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs ``[B, C]`` of ``completion_ids`` under ``softmax(logits / temperature)`` (fp32).
+
+    ``logits`` ``[B, C, V]`` are those that predict the completion tokens (positions ``P - 1 .. P + C - 2`` of
+    the rollout row). The entropies (of the same distribution, no gradient) come with ``with_entropy``.
+    Temperature 0 (greedy sampling) scores at temperature 1: greedy decoding has no distribution of its own.
+    """
+    logits = logits.float()
+    if temperature not in (0.0, 1.0):
+        logits = logits / temperature
+    log_norm = torch.logsumexp(logits, dim=-1)
+    logps = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - log_norm
+    if not with_entropy:
+        return logps, None
+    with torch.no_grad():
+        probs = torch.softmax(logits, dim=-1)
+        entropy = log_norm - (probs * logits).sum(-1)
+    return logps, entropy
+
+
+def sampling_seed(seed: int, epoch: int, plan_index: int) -> int:
+    """The sampling seed of micro-batch ``plan_index`` of ``epoch``: the same on any number of processes."""
+    digest = hashlib.sha256(f"grpo-sampling:{seed}:{epoch}:{plan_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+# ---------------------------------------------------------------------- logging
+
+
+def rollout_metrics(
+    rewards_per_func: torch.Tensor,
+    names: Sequence[str],
+    advantages: Advantages,
+    completion_lengths: torch.Tensor,
+    truncated: torch.Tensor,
+) -> dict[str, float]:
+    """The step's reward and completion statistics over the whole global batch (TRL's metric names)."""
+    metrics = {}
+    for j, name in enumerate(names):
+        metrics[f"rewards/{name}/mean"] = torch.nanmean(rewards_per_func[:, j]).item()
+        metrics[f"rewards/{name}/std"] = nanstd(rewards_per_func[:, j]).item()
+    lengths = completion_lengths.float()
+    metrics.update(
+        {
+            "reward": torch.nanmean(advantages.rewards).item(),
+            "reward_std": nanstd(advantages.rewards).item(),
+            "frac_reward_zero_std": advantages.zero_std.float().mean().item(),
+            "completions/mean_length": lengths.mean().item(),
+            "completions/min_length": lengths.min().item(),
+            "completions/max_length": lengths.max().item(),
+            "completions/clipped_ratio": truncated.float().mean().item(),
+        }
+    )
+    return {k: (v if math.isfinite(v) else 0.0) for k, v in metrics.items()}
+
+
+def zero_std_warning(frac_zero_std: float, step: int) -> str | None:
+    """The warning to log when most groups of a step have all-equal rewards (advantage 0: nothing is learnt)."""
+    if frac_zero_std <= ZERO_STD_WARN_FRACTION:
+        return None
+    return (
+        f"step {step}: {frac_zero_std:.0%} of the prompt groups got the same reward for every completion, so their "
+        "advantage is 0 and they teach nothing. Warm-start with a short SFT on the task, or use a graded reward "
+        "(partial credit, a format reward) so that completions of one prompt differ."
+    )
+
+
+def completion_records(
+    step: int,
+    prompts: Sequence,
+    completions: Sequence,
+    rewards_per_func: torch.Tensor,
+    names: Sequence[str],
+    advantages: Advantages,
+    num_generations: int,
+    num_prompts: int,
+) -> list[dict]:
+    """``completions.jsonl`` lines: the first ``num_prompts`` prompts of the step, each with its whole group."""
+    records = []
+    for i in range(min(num_prompts * num_generations, len(completions))):
+        rewards = {n: _json_float(rewards_per_func[i, j]) for j, n in enumerate(names)}
+        records.append(
+            {
+                "step": step,
+                "group": i // num_generations,
+                "prompt": prompts[i],
+                "completion": completions[i],
+                "rewards": rewards,
+                "reward": _json_float(advantages.rewards[i]),
+                "advantage": _json_float(advantages.advantages[i]),
+            }
+        )
+    return records
+
+
+def _json_float(x: torch.Tensor) -> float | None:
+    value = float(x)
+    return value if math.isfinite(value) else None

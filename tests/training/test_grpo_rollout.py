@@ -1,0 +1,79 @@
+"""The rollout helpers of GRPO: the trainable batch, log-probs as TRL scores them, seeds, and what is logged."""
+
+from __future__ import annotations
+
+import torch
+
+from aift.training.grpo_loss import group_advantages
+from aift.training.grpo_rollout import (
+    collate_rollout,
+    completion_logps,
+    completion_records,
+    sampling_seed,
+    zero_std_warning,
+)
+
+PAD, EOS = 0, 2
+
+
+def test_collate_rollout_pads_prompts_left_and_completions_right():
+    batch = collate_rollout([[5, 6, 7], [8]], [[9, EOS], [10, 11, 12]], PAD, [EOS], mask_truncated=False)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 9, EOS, PAD], [PAD, PAD, 8, 10, 11, 12]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 4], [0, 0, 0, 1, 2, 3]]
+    assert batch["completion_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert batch["truncated"].tolist() == [False, True]
+    assert (batch["logits_to_keep"], batch["num_tokens"], batch["num_completion_tokens"]) == (3, 9, 5)
+
+
+def test_collate_rollout_masks_truncated_completions_when_asked():
+    batch = collate_rollout([[5], [6]], [[9, EOS], [10, 11]], PAD, [EOS], mask_truncated=True)
+    assert batch["completion_mask"].tolist() == [[1, 1], [0, 0]]
+    assert batch["num_completion_tokens"] == 2
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 1]]  # the loss mask only: same loss as TRL's
+
+
+def test_completion_logps_equal_trl_selective_log_softmax_and_entropy():
+    from trl.trainer.utils import selective_log_softmax_and_entropy
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 50, generator=g) * 4
+    ids = torch.randint(0, 50, (3, 5), generator=g)
+    for temperature in (1.0, 0.7):
+        ours, our_entropy = completion_logps(logits, ids, temperature, with_entropy=True)
+        theirs, their_entropy = selective_log_softmax_and_entropy(logits, ids, temperature=temperature)
+        assert torch.allclose(ours, theirs, atol=1e-5, rtol=0)
+        assert torch.allclose(our_entropy, their_entropy, atol=1e-5, rtol=0)
+    greedy, _ = completion_logps(logits, ids, 0.0)
+    assert torch.allclose(greedy, completion_logps(logits, ids, 1.0)[0])
+
+
+def test_completion_logps_gradient_flows_to_the_logits():
+    logits = torch.randn(2, 3, 7, requires_grad=True)
+    logps, entropy = completion_logps(logits, torch.zeros(2, 3, dtype=torch.long), with_entropy=True)
+    logps.sum().backward()
+    assert logits.grad.abs().sum() > 0 and not entropy.requires_grad
+
+
+def test_sampling_seed_depends_on_seed_epoch_and_plan_index_only():
+    seeds = {sampling_seed(s, e, j) for s in (1, 2) for e in (0, 1) for j in range(4)}
+    assert len(seeds) == 16
+    assert sampling_seed(42, 1, 3) == sampling_seed(42, 1, 3)
+    assert 0 <= sampling_seed(42, 1, 3) < 2**63
+
+
+def test_zero_std_warning_only_when_most_groups_are_flat():
+    assert zero_std_warning(0.5, 3) is None
+    message = zero_std_warning(0.75, 3)
+    assert "step 3: 75% of the prompt groups" in message and "SFT" in message and "graded reward" in message
+
+
+def test_completion_records_hold_whole_groups():
+    table = torch.tensor([[1.0], [0.0], [float("nan")], [1.0], [0.0], [0.0]])
+    adv = group_advantages(table, [1.0], 2, "group")
+    records = completion_records(7, ["p0", "p0", "p1", "p1", "p2", "p2"], list("abcdef"), table, ["em"], adv, 2, 2)
+    assert [(r["group"], r["prompt"], r["completion"]) for r in records] == [
+        (0, "p0", "a"), (0, "p0", "b"), (1, "p1", "c"), (1, "p1", "d"),
+    ]  # fmt: skip
+    assert records[2]["rewards"] == {"em": None} and records[2]["reward"] is None and records[2]["advantage"] == 0.0
+    assert records[0]["step"] == 7 and records[0]["advantage"] > 0 > records[1]["advantage"]
