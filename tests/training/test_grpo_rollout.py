@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from aift.training.grpo_loss import group_advantages
@@ -9,7 +10,9 @@ from aift.training.grpo_rollout import (
     collate_rollout,
     completion_logps,
     completion_records,
+    rollout_metrics,
     sampling_seed,
+    step_advantages,
     zero_std_warning,
 )
 
@@ -77,3 +80,41 @@ def test_completion_records_hold_whole_groups():
     ]  # fmt: skip
     assert records[2]["rewards"] == {"em": None} and records[2]["reward"] is None and records[2]["advantage"] == 0.0
     assert records[0]["step"] == 7 and records[0]["advantage"] > 0 > records[1]["advantage"]
+
+
+@pytest.mark.parametrize("scale_rewards", ["group", "batch", "none"])
+def test_two_processes_equal_one_process_with_accumulation(scale_rewards):
+    """4 micro-batches of 2 groups of 4: on 1 process, or 2 per process on 2; the last one is epoch padding."""
+    g, weights = 4, [1.0, 0.5]
+    table = torch.randint(0, 4, (32, 2), generator=torch.Generator().manual_seed(0)).float()
+    valid = torch.ones(32, dtype=torch.bool)
+    valid[24:] = False  # micro-batch 3 repeats earlier data: weight 0 in the loop, out of the statistics
+    one, _, _ = step_advantages(table, valid, weights, g, scale_rewards)
+    # the plan deals micro-batches round-robin: rank 0 gets 0 and 2, rank 1 gets 1 and 3
+    rows = {0: [*range(0, 8), *range(16, 24)], 1: [*range(8, 16), *range(24, 32)]}
+    tables = {r: table[idx] for r, idx in rows.items()}
+    valids = {r: valid[idx] for r, idx in rows.items()}
+    passed = {r: tables[r].clone() for r in (0, 1)}  # what each rank hands to all_gather: padding rows NaN
+    for r in (0, 1):
+        passed[r][~valids[r]] = float("nan")
+
+    def all_gather_for(rank):
+        def all_gather(x):
+            parts = valids if x.dtype == torch.bool else passed
+            assert torch.equal(x.nan_to_num(-1), parts[rank].nan_to_num(-1))  # the fake gathers what ranks pass
+            return torch.cat([parts[0], parts[1]])
+
+        return all_gather
+
+    for rank in (0, 1):
+        local, step, step_valid = step_advantages(
+            tables[rank], valids[rank], weights, g, scale_rewards, all_gather_for(rank), rank
+        )
+        assert torch.allclose(local.advantages, one.advantages[rows[rank]], atol=1e-6, rtol=0)
+    assert step_valid.sum() == 24
+    assert (one.advantages[24:] == 0).all()
+    lengths, truncated = torch.arange(32), torch.zeros(32, dtype=torch.bool)
+    _, whole, _ = step_advantages(table, valid, weights, g, scale_rewards)
+    metrics = rollout_metrics(table, ["a", "b"], whole, lengths, truncated, valid)
+    assert metrics["completions/max_length"] == 23  # padding rows left out
+    assert metrics["reward"] == pytest.approx((table[:24] @ torch.tensor(weights)).mean().item())

@@ -10,6 +10,8 @@ what it needs between those steps is here, independent of the loop:
   temperature-scaled distribution, as TRL's ``selective_log_softmax_and_entropy``;
 - :func:`sampling_seed`: the seed of a micro-batch's sampling, a function of (seed, epoch, plan index) only, so
   that 1 process and N processes, and a resumed run, sample the same completions;
+- :func:`step_advantages`: advantages over the whole step (all processes' completions; groups never span
+  processes), so 2 processes equal 1 process with gradient accumulation;
 - :func:`rollout_metrics`, :func:`zero_std_warning`, :func:`completion_records`: what is logged each step.
 """
 
@@ -17,11 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from aift.training.grpo_loss import Advantages, nanstd, truncated_completions
+from aift.training.grpo_loss import Advantages, group_advantages, nanstd, truncated_completions
 
 ZERO_STD_WARN_FRACTION = 0.5  # warn when more than this share of a step's groups has no reward spread
 
@@ -97,6 +99,38 @@ def sampling_seed(seed: int, epoch: int, plan_index: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+# ---------------------------------------------------------------------- advantages over the step
+
+
+def step_advantages(
+    rewards_per_func: torch.Tensor,
+    valid: torch.Tensor,
+    weights: Sequence[float],
+    num_generations: int,
+    scale_rewards: str,
+    all_gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    rank: int = 0,
+) -> tuple[Advantages, Advantages, torch.Tensor]:
+    """(this process's advantages, the whole step's, the whole step's ``valid``) from this process's rewards.
+
+    ``rewards_per_func`` ``[n, F]`` are this process's completions of the step (its micro-batches in plan order,
+    each prompt's group adjacent and whole); ``valid`` ``[n]`` is False on the rows of padding micro-batches (the
+    duplicates that fill the last step of an epoch), which are left out of every mean and std. ``all_gather``
+    concatenates a tensor of every process in rank order (each holds the same ``n``); None: one process.
+    Group statistics do not depend on how the groups are spread over processes, and ``batch`` scaling sees all of
+    them, so the result equals one process running every micro-batch with gradient accumulation.
+    """
+    rewards = rewards_per_func.clone()
+    rewards[~valid] = math.nan
+    if all_gather is not None:
+        rewards, valid = all_gather(rewards), all_gather(valid)
+    step = group_advantages(rewards, weights, num_generations, scale_rewards)
+    n = rewards_per_func.shape[0]
+    mine = slice(rank * n, (rank + 1) * n)
+    local = Advantages(step.advantages[mine], step.rewards[mine], step.std[mine], step.zero_std[mine])
+    return local, step, valid
+
+
 # ---------------------------------------------------------------------- logging
 
 
@@ -106,8 +140,21 @@ def rollout_metrics(
     advantages: Advantages,
     completion_lengths: torch.Tensor,
     truncated: torch.Tensor,
+    valid: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """The step's reward and completion statistics over the whole global batch (TRL's metric names)."""
+    """The step's reward and completion statistics over the whole global batch (TRL's metric names).
+
+    ``valid`` (default: all) leaves the rows of padding micro-batches out.
+    """
+    if valid is not None:
+        rewards_per_func, completion_lengths, truncated = (
+            rewards_per_func[valid],
+            completion_lengths[valid],
+            truncated[valid],
+        )
+        advantages = Advantages(
+            *(x[valid] for x in (advantages.advantages, advantages.rewards, advantages.std, advantages.zero_std))
+        )
     metrics = {}
     for j, name in enumerate(names):
         metrics[f"rewards/{name}/mean"] = torch.nanmean(rewards_per_func[:, j]).item()
