@@ -7,9 +7,12 @@ import torch
 
 from aift.training.grpo_loss import group_advantages
 from aift.training.grpo_rollout import (
+    RolloutCache,
     collate_rollout,
     completion_logps,
     completion_records,
+    generation_index,
+    repeat_steps,
     rollout_metrics,
     sampling_seed,
     step_advantages,
@@ -118,3 +121,26 @@ def test_two_processes_equal_one_process_with_accumulation(scale_rewards):
     metrics = rollout_metrics(table, ["a", "b"], whole, lengths, truncated, valid)
     assert metrics["completions/max_length"] == 23  # padding rows left out
     assert metrics["reward"] == pytest.approx((table[:24] @ torch.tensor(weights)).mean().item())
+
+
+def test_num_iterations_repeats_each_step_and_maps_back_to_its_generation():
+    plan = ["a", "b", "c", "d", "e"]  # micro-batches; 2 per step
+    repeated = repeat_steps(plan, 2, 3)
+    assert repeated == ["a", "b", "a", "b", "a", "b", "c", "d", "c", "d", "c", "d", "e", "e", "e"]
+    mapped = [generation_index(j, len(plan), 2, 3) for j in range(len(repeated))]
+    assert [plan[g] for g, _ in mapped] == repeated
+    assert [it for _, it in mapped] == [0, 0, 1, 1, 2, 2, 0, 0, 1, 1, 2, 2, 0, 1, 2]
+    assert repeat_steps(plan, 2, 1) == plan and generation_index(3, 5, 2, 1) == (3, 0)
+
+
+def test_rollout_cache_round_trips_through_a_checkpoint(tmp_path):
+    cache = RolloutCache()
+    assert cache.get((0, 0)) is None and cache.state_dict() == {}
+    batches = [{"input_ids": torch.tensor([[1, 2]]), "old_logps": torch.tensor([[-0.5]]), "logits_to_keep": 1}]
+    cache.put((0, 4), batches)
+    assert cache.get((0, 4)) is batches and cache.get((0, 6)) is None
+    torch.save(cache.state_dict(), tmp_path / "rollout.pt")
+    restored = RolloutCache()
+    restored.load_state_dict(torch.load(tmp_path / "rollout.pt"))
+    got = restored.get((0, 4))
+    assert torch.equal(got[0]["old_logps"], batches[0]["old_logps"]) and got[0]["logits_to_keep"] == 1

@@ -10,6 +10,9 @@ what it needs between those steps is here, independent of the loop:
   temperature-scaled distribution, as TRL's ``selective_log_softmax_and_entropy``;
 - :func:`sampling_seed`: the seed of a micro-batch's sampling, a function of (seed, epoch, plan index) only, so
   that 1 process and N processes, and a resumed run, sample the same completions;
+- :func:`repeat_steps`, :func:`generation_index`, :class:`RolloutCache`: ``num_iterations`` (μ) as TRL's
+  RepeatSampler does it: each step's micro-batches are planned μ times in a row, generated on the first pass and
+  replayed (with the old log-probs) on the others; the cache goes into checkpoints, so a resume mid-cycle is exact;
 - :func:`step_advantages`: advantages over the whole step (all processes' completions; groups never span
   processes), so 2 processes equal 1 process with gradient accumulation;
 - :func:`rollout_metrics`, :func:`zero_std_warning`, :func:`completion_records`: what is logged each step.
@@ -97,6 +100,56 @@ def sampling_seed(seed: int, epoch: int, plan_index: int) -> int:
     """The sampling seed of micro-batch ``plan_index`` of ``epoch``: the same on any number of processes."""
     digest = hashlib.sha256(f"grpo-sampling:{seed}:{epoch}:{plan_index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+# ---------------------------------------------------------------------- num_iterations (μ)
+
+
+def repeat_steps(plan: list, micro_per_step: int, num_iterations: int) -> list:
+    """The plan with each optimizer step's micro-batches (``micro_per_step`` of them) repeated μ times in a row."""
+    steps = [plan[i : i + micro_per_step] for i in range(0, len(plan), micro_per_step)]
+    return [mb for step in steps for _ in range(num_iterations) for mb in step]
+
+
+def generation_index(plan_index: int, plan_len: int, micro_per_step: int, num_iterations: int) -> tuple[int, int]:
+    """(index in the plan of ``plan_len`` micro-batches before :func:`repeat_steps`, iteration 0..μ-1).
+
+    The first is what :func:`sampling_seed` takes, so μ does not change which completions a prompt gets. The
+    last step of an epoch may hold fewer micro-batches.
+    """
+    cycle_len = micro_per_step * num_iterations
+    last_start = (plan_len // micro_per_step) * micro_per_step  # where a shorter last step starts
+    if plan_index >= last_start * num_iterations:
+        iteration, position = divmod(plan_index - last_start * num_iterations, plan_len - last_start)
+        return last_start + position, iteration
+    cycle, offset = divmod(plan_index, cycle_len)
+    iteration, position = divmod(offset, micro_per_step)
+    return cycle * micro_per_step + position, iteration
+
+
+class RolloutCache:
+    """This process's rollout of the current μ-cycle: generated on iteration 0, replayed on the others."""
+
+    def __init__(self) -> None:
+        self.key: tuple[int, int] | None = None  # (epoch, first generation index of the cycle's step)
+        self.batches: list[dict] | None = None
+
+    def get(self, key: tuple[int, int]) -> list[dict] | None:
+        return self.batches if key == self.key else None
+
+    def put(self, key: tuple[int, int], batches: list[dict]) -> None:
+        self.key, self.batches = key, batches
+
+    def state_dict(self) -> dict:
+        """For the checkpoint: tensors on the CPU (a resumed run replays what this one generated)."""
+        if self.batches is None:
+            return {}
+        cpu = [{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in self.batches]
+        return {"key": list(self.key), "batches": cpu}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.key = tuple(state["key"]) if state else None
+        self.batches = state.get("batches") if state else None
 
 
 # ---------------------------------------------------------------------- advantages over the step
