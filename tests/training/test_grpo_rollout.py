@@ -13,6 +13,7 @@ from aift.training.grpo_rollout import (
     completion_records,
     generation_index,
     repeat_steps,
+    rollout_logps,
     rollout_metrics,
     sampling_seed,
     step_advantages,
@@ -144,3 +145,20 @@ def test_rollout_cache_round_trips_through_a_checkpoint(tmp_path):
     restored.load_state_dict(torch.load(tmp_path / "rollout.pt"))
     got = restored.get((0, 4))
     assert torch.equal(got[0]["old_logps"], batches[0]["old_logps"]) and got[0]["logits_to_keep"] == 1
+
+
+def test_rollout_logps_of_padded_rows_equal_each_sequence_scored_alone(tiny_model_dir):
+    """Left-padded prompts, right-padded completions: each row's completion log-probs are its own."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    prompts, completions = [[5, 6, 7, 8], [9], [10, 11]], [[20, 21, EOS], [22], [23, 24, 25, 26]]
+    batch = collate_rollout(prompts, completions, PAD, [EOS])
+    with torch.no_grad():
+        logps, entropy = rollout_logps(model, batch, temperature=0.8, with_entropy=True)
+        for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+            logits = model(torch.tensor([p + c])).logits[:, len(p) - 1 : -1]
+            alone, alone_entropy = completion_logps(logits, torch.tensor([c]), 0.8, with_entropy=True)
+            assert torch.allclose(logps[i, : len(c)], alone[0], atol=1e-5, rtol=0)
+            assert torch.allclose(entropy[i, : len(c)], alone_entropy[0], atol=1e-5, rtol=0)
+    assert logps.shape == batch["completion_mask"].shape

@@ -96,6 +96,21 @@ def completion_logps(
     return logps, entropy
 
 
+def rollout_logps(
+    model, batch: dict, temperature: float = 1.0, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs ``[B, C]`` of a :func:`collate_rollout` batch's completions under ``model``.
+
+    One forward of the whole rows; only the ``C + 1`` last positions' logits are computed (the position before
+    the first completion token predicts it). Used for the loss (with gradients), and under ``no_grad`` for the
+    old policy (``num_iterations`` > 1) and the reference (``beta`` > 0).
+    """
+    width = batch["logits_to_keep"]
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    logits = model(**inputs, use_cache=False, logits_to_keep=width + 1).logits[:, :-1]
+    return completion_logps(logits, batch["input_ids"][:, -width:], temperature, with_entropy)
+
+
 def sampling_seed(seed: int, epoch: int, plan_index: int) -> int:
     """The sampling seed of micro-batch ``plan_index`` of ``epoch``: the same on any number of processes."""
     digest = hashlib.sha256(f"grpo-sampling:{seed}:{epoch}:{plan_index}".encode()).digest()
