@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from aift.errors import AiftError
+from aift.utils import system_metrics
 from aift.utils.files import FileFormatError, read_json_object, write_json_atomic
 
 # The names inside a run folder, here alone: the loop writes them, the report, the web UI, eval and export read them.
 CONFIG_FILE = "config.yaml"  # the resolved configuration of the run
 METRICS_FILE = "metrics.jsonl"  # one JSON object per train / eval event
 SUMMARY_FILE = "train_summary.json"  # written when the run ends (completed: true when it finished)
-SYSTEM_METRICS_FILE = "system_metrics.jsonl"  # CPU / GPU samples, when collect_metrics is on
+SYSTEM_METRICS_FILE = system_metrics.FILE_NAME  # CPU / GPU samples, when collect_metrics is on
 CHECKPOINTS_DIR = "checkpoints"  # checkpoints/checkpoint-STEP/
 FINAL_DIR = "final"  # the adapter or the whole model, its tokenizer and aift_meta.json
 TENSORBOARD_DIR = "tensorboard"
