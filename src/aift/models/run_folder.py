@@ -27,6 +27,7 @@ SYSTEM_METRICS_FILE = system_metrics.FILE_NAME  # CPU / GPU samples, when collec
 CHECKPOINTS_DIR = "checkpoints"  # checkpoints/checkpoint-STEP/
 FINAL_DIR = "final"  # the adapter or the whole model, its tokenizer and aift_meta.json
 TENSORBOARD_DIR = "tensorboard"
+MERGED_DIR = "merged"  # the adapter folded into its base (the LoRA trainer's save_merged, the web UI's merge)
 EVAL_FILE = "eval.json"  # `aift eval --output RUN/eval.json`, which `aift report` shows
 BENCH_RESULT_FILE = "result.json"  # what `aift bench` writes into its output folder
 META_FILE = "aift_meta.json"  # in final/ and in merged, quantized and exported folders
