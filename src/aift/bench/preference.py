@@ -29,6 +29,7 @@ from aift.bench import measure
 from aift.bench.core import load_average
 from aift.bench.measure import allocator
 from aift.bench.settings import aift_settings, settings_markdown, trl_settings
+from aift.utils.files import write_json_atomic
 from aift.utils.gpu import peak_memory_gb
 
 log = logging.getLogger("aift.bench")
@@ -336,9 +337,7 @@ def main(argv: list[str]) -> int:
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
     torch.manual_seed(spec["seed"])
     result = {"aift": run_aift, "trl": run_trl}[spec["trainer"]](spec)
-    tmp = Path(result_path).with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2), encoding="utf-8")
-    tmp.replace(result_path)
+    write_json_atomic(Path(result_path), result)
     return 0
 
 
