@@ -163,3 +163,14 @@ def test_on_bad_line_skips_and_describes_each_bad_line(tmp_path):
     assert read_jsonl(path, on_bad_line=seen.append) == [{"step": 1}, {"step": 4}]
     assert seen[0].startswith("line 2 is not JSON")
     assert seen[1:] == ["line 3 is not a JSON object", "last line truncated"]
+
+
+def test_a_secret_is_never_readable_by_others(tmp_path, monkeypatch):
+    created = []
+    real_open = os.open
+    monkeypatch.setattr(
+        files.os, "open", lambda p, flags, mode=0o777: created.append(mode) or real_open(p, flags, mode)
+    )
+    write_text_atomic(tmp_path / "token", "hf_x", mode=0o600)
+    assert created[0] == 0o600  # from creation on, not chmod-ed afterwards
+    assert stat.S_IMODE((tmp_path / "token").stat().st_mode) == 0o600

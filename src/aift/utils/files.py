@@ -33,13 +33,16 @@ def _temp_name(path: Path, kind: str) -> Path:
     return path.with_name(f".{path.name}.{kind}-{secrets.token_hex(4)}")
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Writes `data` to a temp file in `path`'s folder, fsyncs it, then renames it onto `path`."""
+def write_bytes_atomic(path: Path, data: bytes, *, mode: int = 0o666) -> None:
+    """Writes `data` to a temp file in `path`'s folder, fsyncs it, then renames it onto `path`.
+
+    mode: the new file's permissions before the umask (0o600 for a secret: it is never readable by others).
+    """
     path = Path(path)
     while True:
         tmp = _temp_name(path, "tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
             break
         except FileExistsError:  # another writer drew the same name: draw again
             continue
@@ -55,9 +58,9 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     _fsync_folder(path.parent)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str, *, mode: int = 0o666) -> None:
     """`text` as UTF-8, written as write_bytes_atomic writes."""
-    write_bytes_atomic(path, text.encode("utf-8"))
+    write_bytes_atomic(path, text.encode("utf-8"), mode=mode)
 
 
 def write_json_atomic(path: Path, obj, **json_kwargs) -> None:
