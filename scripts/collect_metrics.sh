@@ -14,4 +14,4 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 python="$here/../.venv/bin/python"
 [ -x "$python" ] || python="$(command -v python3)"
 # exec: the sampler receives SIGTERM/SIGINT itself and stops cleanly after a last sample.
-exec "$python" -m aift.eval.system_metrics "$@"
+exec "$python" -m aift.utils.system_metrics "$@"

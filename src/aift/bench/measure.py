@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 
@@ -74,11 +73,3 @@ def held_out_loss(model: torch.nn.Module, examples: list[list[int]], bf16: bool 
             count += len(ids) - 1
     model.train(was_training)
     return total / max(count, 1)
-
-
-def read_json_lines(path: Path) -> list[dict]:
-    import json
-
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

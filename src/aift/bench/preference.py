@@ -29,6 +29,8 @@ from aift.bench import measure
 from aift.bench.core import load_average
 from aift.bench.measure import allocator
 from aift.bench.settings import aift_settings, settings_markdown, trl_settings
+from aift.models.run_folder import BENCH_RESULT_FILE
+from aift.utils.files import write_json_atomic, write_text_atomic
 from aift.utils.gpu import peak_memory_gb
 
 log = logging.getLogger("aift.bench")
@@ -127,8 +129,8 @@ def run_bench(options: PreferenceBenchOptions) -> dict:
             "peak_mem": a["peak_mem_gb"] / t["peak_mem_gb"],
             "reward_accuracy_points": 100 * (a["eval_reward_accuracy"] - t["eval_reward_accuracy"]),
         }
-    (out / "result.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-    (out / "results.md").write_text(markdown(result), encoding="utf-8")
+    write_json_atomic(out / BENCH_RESULT_FILE, result, ensure_ascii=True)  # what `aift report` reads
+    write_text_atomic(out / "results.md", markdown(result))
     return result
 
 
@@ -336,9 +338,7 @@ def main(argv: list[str]) -> int:
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
     torch.manual_seed(spec["seed"])
     result = {"aift": run_aift, "trl": run_trl}[spec["trainer"]](spec)
-    tmp = Path(result_path).with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2), encoding="utf-8")
-    tmp.replace(result_path)
+    write_json_atomic(Path(result_path), result)
     return 0
 
 

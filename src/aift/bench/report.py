@@ -3,12 +3,13 @@ counts), and the one-line summary."""
 
 from __future__ import annotations
 
-import json
-import os
+import io
 from pathlib import Path
 from typing import Any
 
 from aift.bench.settings import settings_markdown
+from aift.models.run_folder import BENCH_RESULT_FILE
+from aift.utils.files import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 # name -> (how the figure is read, the target, whether higher is better); issue #17's targets
 TARGETS = {
@@ -220,19 +221,17 @@ def chart(result: dict[str, Any], path: Path) -> None:
 def _save_figure(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, png.getvalue())
 
 
 def write_all(result: dict[str, Any], output_dir: Path) -> None:
     """result.json, results.md and chart.png in output_dir, each written whole or not at all."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in (("result.json", json.dumps(result, indent=2) + "\n"), ("results.md", markdown(result))):
-        tmp = output_dir / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, output_dir / name)
+    write_json_atomic(output_dir / BENCH_RESULT_FILE, result, ensure_ascii=True)
+    write_text_atomic(output_dir / "results.md", markdown(result))
     chart(result, output_dir / "chart.png")
     if _has_scaling(result):
         scaling_chart(result, output_dir / "scaling.png")

@@ -26,6 +26,8 @@ import torch
 from aift.bench import measure
 from aift.bench.data import to_messages, tokenize_conversation
 from aift.bench.settings import aift_settings, trl_settings
+from aift.models.run_folder import METRICS_FILE
+from aift.utils.files import read_jsonl, write_json_atomic
 from aift.utils.gpu import peak_memory_gb
 
 log = logging.getLogger("aift.bench")
@@ -69,7 +71,8 @@ def run_aift(spec: dict) -> dict[str, Any]:
     model = trainer.train()
     peak = peak_memory_gb()
     summary = trainer.result.summary
-    steps = [r for r in measure.read_json_lines(output_dir / "metrics.jsonl") if r.get("type") == "train"]
+    metrics = output_dir / METRICS_FILE  # written by the main process only
+    steps = [r for r in (read_jsonl(metrics) if metrics.is_file() else []) if r.get("type") == "train"]
     compile_s = compile_time_s(steps) if levers["torch_compile"] else 0.0
     train_time = summary["tokens"] / summary["train_tokens_per_s"] - compile_s
     return {
@@ -263,9 +266,7 @@ def main(argv: list[str]) -> int:
     if bad:
         log.warning("non-finite figures: %s", ", ".join(bad))
     target = result_path_of(result_path, rank(), world_size())
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2), encoding="utf-8")
-    tmp.replace(target)
+    write_json_atomic(target, result)
     return 0
 
 

@@ -106,7 +106,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"  reference: {held_out['reference']}")
     print(f"  before:    {before}")
     print(f"  after:     {after}")
-    print(f"output: {out} (adapter in {out / 'final'}); next: aift eval / aift report with this folder")
+    from aift.models.run_folder import FINAL_DIR
+
+    print(f"output: {out} (adapter in {out / FINAL_DIR}); next: aift eval / aift report with this folder")
     return 0
 
 

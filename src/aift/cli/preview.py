@@ -50,11 +50,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _is_preference(path: str) -> bool:
-    import json
-    from pathlib import Path
+    from aift.data.prepared import read_prepare_json
 
-    meta = Path(path) / "prepare.json"
-    return meta.is_file() and json.loads(meta.read_text(encoding="utf-8")).get("task") in ("preference", "kto")
+    return read_prepare_json(path).get("task") in ("preference", "kto")
 
 
 def _preview_pairs(args: argparse.Namespace, console, tty: bool) -> int:

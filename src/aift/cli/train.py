@@ -147,5 +147,7 @@ def run(args: argparse.Namespace) -> int:
         f"trained {s['steps']} steps ({method}), final train loss {s['final_train_loss']:.4f}"
         + (f", eval loss {s['final_eval_loss']:.4f}" if s["final_eval_loss"] is not None else "")
     )
-    print(f"output: {result.output_dir} (final model in {result.output_dir / 'final'})")
+    from aift.models.run_folder import FINAL_DIR
+
+    print(f"output: {result.output_dir} (final model in {result.output_dir / FINAL_DIR})")
     return 0

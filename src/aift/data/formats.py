@@ -19,7 +19,6 @@ tokenizer's chat template, or (for models with none) alpaca, in its Japanese var
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -27,6 +26,9 @@ from typing import Any
 
 from aift.data import DataError
 from aift.data.conversation import Message, PromptFormat, Rendered, chat_content, eos_text, is_japanese, normalize
+from aift.data.prepared import PREPARE_JSON
+from aift.models.run_folder import META_FILE, SUMMARY_FILE
+from aift.utils.files import FileFormatError, read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -413,16 +415,12 @@ def stored_format(model: str | Path) -> str | None:
     folder = Path(model).expanduser()
     if not folder.is_dir():
         return None
-    for name, key in (
-        ("aift_meta.json", "prompt_format"),
-        ("train_summary.json", "prompt_format"),
-        ("prepare.json", "format"),
-    ):
+    for name, key in ((META_FILE, "prompt_format"), (SUMMARY_FILE, "prompt_format"), (PREPARE_JSON, "format")):
         path = folder / name
         if path.is_file():
             try:
-                value = json.loads(path.read_text(encoding="utf-8")).get(key)
-            except (OSError, ValueError, AttributeError):
+                value = read_json_object(path).get(key)
+            except (OSError, FileFormatError):
                 continue
             if value in FORMATS:
                 return value

@@ -6,14 +6,11 @@ folder per split) and ``prepare.json``, which records how it was made (model, pr
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from aift.data import DataError
+from aift.utils.files import FileFormatError, atomic_folder, read_json_object, write_json_atomic
 
 PREPARE_JSON = "prepare.json"
 
@@ -44,9 +41,9 @@ def read_prepare_json(path: str | Path) -> dict:
     if not meta_file.is_file():
         return {}
     try:
-        return json.loads(meta_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{meta_file} is not valid JSON (line {e.lineno}: {e.msg})") from e
+        return read_json_object(meta_file, "record of how the dataset was prepared")
+    except FileFormatError as e:
+        raise DataError(str(e)) from e
 
 
 def read_split(path: str | Path, split: str, with_prepare_json: bool = False) -> tuple[Any, dict]:
@@ -69,23 +66,13 @@ def write_prepared(output_dir: Path, data: Any, info: dict) -> None:
     if output_dir.exists() and not (output_dir / PREPARE_JSON).is_file() and any(output_dir.iterdir()):
         raise DataError(f"{output_dir} exists and is not a prepared dataset; choose another --output-dir")
     try:
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    except OSError as e:
+        with atomic_folder(output_dir, replace=True) as tmp:
+            # An empty split saved with the default (zero) shards cannot be loaded back: give it one.
+            shards = {name: 1 if not len(split) else None for name, split in data.items()}
+            data.save_to_disk(str(tmp), num_shards=shards)
+            write_json_atomic(tmp / PREPARE_JSON, info)
+    except OSError as e:  # disk full, quota, an unwritable folder, a file system that refuses the rename
         raise DataError(
-            f"cannot write the dataset to {output_dir}: {e.strerror or e}; choose another --output-dir"
+            f"cannot write the dataset to {output_dir}: {e.strerror or e}; it was not written, "
+            "choose another --output-dir"
         ) from e
-    try:
-        # An empty split saved with the default (zero) shards cannot be loaded back: give it one.
-        shards = {name: 1 if not len(split) else None for name, split in data.items()}
-        data.save_to_disk(str(tmp), num_shards=shards)
-        (tmp / PREPARE_JSON).write_text(json.dumps(info, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-        old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
-        if output_dir.exists():
-            os.replace(output_dir, old)
-        os.replace(tmp, output_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:  # disk full, quota, a file system that refuses the rename
-        raise DataError(f"cannot write the dataset to {output_dir}: {e.strerror or e}; it was not written") from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

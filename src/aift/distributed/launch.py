@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aift.errors import AiftError
+from aift.utils.files import write_text_atomic
 
 DEFAULT_RDZV_TIMEOUT_S = 600  # torchrun's own default for the static rendezvous
 
@@ -269,9 +270,7 @@ def _port_of(command: list[str]) -> str:
 def write_launch_config(path: Path, text: str) -> Path:
     """The resolved configuration every process reads, written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
     return path
 
 

@@ -11,7 +11,6 @@ same shift as training, weighted per token over the whole split. Generation is g
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -24,6 +23,7 @@ from aift.data import DataError
 from aift.data.prepared import read_prepare_json, read_split
 from aift.errors import AiftError
 from aift.models.run_folder import RunTarget, load_run_model, load_run_tokenizer, resolve_run
+from aift.utils.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -313,14 +313,7 @@ def _samples(rows, scores: dict[str, dict], num_shown: int) -> list[dict[str, st
 
 def write_json(result: dict[str, Any], path: str | Path) -> Path:
     """Writes the result atomically (temp file in the same folder, then rename)."""
-    import os
-    import tempfile
-
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(result, f, ensure_ascii=False, indent=2, allow_nan=True)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private
-    os.replace(tmp, path)
+    write_json_atomic(path, result)
     return path

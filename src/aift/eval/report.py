@@ -14,18 +14,25 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aift.errors import AiftError
+from aift.models.run_folder import (
+    BENCH_RESULT_FILE,
+    EVAL_FILE,
+    FINAL_DIR,
+    META_FILE,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    SYSTEM_METRICS_FILE,
+)
+from aift.utils.files import FileFormatError, read_json_object, read_jsonl, write_bytes_atomic
 
-RUN_FILES = ("metrics.jsonl", "train_summary.json", "eval.json", "result.json", "system_metrics.jsonl")
+RUN_FILES = (METRICS_FILE, SUMMARY_FILE, EVAL_FILE, BENCH_RESULT_FILE, SYSTEM_METRICS_FILE)
 SEARCH_DEPTH = 3  # how deep below a given folder runs are looked for (results/<group>/<run>/)
 
 
@@ -70,14 +77,10 @@ def _read_json(path: Path, run: Run) -> dict | None:
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return read_json_object(path)
+    except (OSError, FileFormatError) as e:
         run.problems.append(f"{path.name} unreadable ({e})")
         return None
-    if not isinstance(data, dict):
-        run.problems.append(f"{path.name} is not a JSON object")
-        return None
-    return data
 
 
 def _read_jsonl(path: Path, run: Run) -> list[dict]:
@@ -85,40 +88,27 @@ def _read_jsonl(path: Path, run: Run) -> list[dict]:
     if not path.is_file():
         return []
     try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        return read_jsonl(path, on_bad_line=lambda problem: run.problems.append(f"{path.name}: {problem}, skipped"))
     except OSError as e:
         run.problems.append(f"{path.name} unreadable ({e})")
         return []
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            where = "last line truncated" if number == len(lines) else f"line {number} is not JSON"
-            run.problems.append(f"{path.name}: {where}, skipped")
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
 
 
 def load_run(path: str | Path, name: str | None = None) -> Run:
     """Reads one run dir; never raises for missing or damaged files (they go to `problems`)."""
     path = Path(path)
-    run = Run(path=path, name=name or path.name, has_metrics_file=(path / "metrics.jsonl").is_file())
-    for record in _read_jsonl(path / "metrics.jsonl", run):
+    run = Run(path=path, name=name or path.name, has_metrics_file=(path / METRICS_FILE).is_file())
+    for record in _read_jsonl(path / METRICS_FILE, run):
         kind = record.get("type")
         if kind == "train" or (kind is None and "loss" in record):
             run.train.append(record)
         elif kind == "eval" or (kind is None and "eval_loss" in record):
             run.evals.append(record)
-    run.summary = _read_json(path / "train_summary.json", run)
-    run.meta = _read_json(path / "final" / "aift_meta.json", run)
-    run.eval_result = _read_json(path / "eval.json", run)
-    run.bench = _read_json(path / "result.json", run)
-    run.system = [s for s in _read_jsonl(path / "system_metrics.jsonl", run) if "timestamp" in s or "time" in s]
+    run.summary = _read_json(path / SUMMARY_FILE, run)
+    run.meta = _read_json(path / FINAL_DIR / META_FILE, run)
+    run.eval_result = _read_json(path / EVAL_FILE, run)
+    run.bench = _read_json(path / BENCH_RESULT_FILE, run)
+    run.system = [s for s in _read_jsonl(path / SYSTEM_METRICS_FILE, run) if "timestamp" in s or "time" in s]
     if run.is_training and run.summary is None:
         run.problems.append("no train_summary.json (the run did not finish)")
     elif run.summary is not None and not run.summary.get("completed", False):
@@ -486,14 +476,6 @@ def render_html(runs: list[Run], charts: dict[str, bytes]) -> str:
     )
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is meant to be shared
-    os.replace(tmp, path)
-
-
 def build_report(paths: list[str | Path], output: str | Path = "report") -> Path:
     """Writes OUTPUT/report.html (self-contained) and the charts as PNGs beside it; returns the HTML path.
 
@@ -506,7 +488,7 @@ def build_report(paths: list[str | Path], output: str | Path = "report") -> Path
     output = Path(output).expanduser()
     output.mkdir(parents=True, exist_ok=True)
     for name, png in charts.items():
-        _write_atomic(output / name, png)
+        write_bytes_atomic(output / name, png)
     page = output / "report.html"
-    _write_atomic(page, render_html(runs, charts).encode("utf-8"))
+    write_bytes_atomic(page, render_html(runs, charts).encode("utf-8"))
     return page

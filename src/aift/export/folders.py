@@ -5,14 +5,12 @@ What a run / adapter / model folder is and its aift_meta.json live in :mod:`aift
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from aift.errors import AiftError
+from aift.utils.files import atomic_folder
 
 # --dtype spellings -> torch dtype names
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
@@ -30,26 +28,12 @@ def torch_dtype(name: str):
 
 @contextmanager
 def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yields a temp folder beside `target`; on success it becomes `target` (old contents replaced only if asked)."""
+    """utils.files.atomic_folder for an export's --output: a non-empty `target` is replaced only with --overwrite."""
     target = Path(target)
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise AiftError(f"{target} exists and is not empty; choose another --output or pass --overwrite")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any other folder
-    try:
+    with atomic_folder(target, replace=True) as tmp:
         yield tmp
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def folder_size(path: str | Path) -> int:

@@ -36,6 +36,7 @@ import numpy as np
 
 from aift.errors import NotAvailableError
 from aift.export.gguf_tokenizer import GGUFExportError, add_tokenizer
+from aift.utils.files import read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def export_gguf(model_dir: str | Path, output: str | Path, quant: str = "f16", *
 
 def _read_config(folder: Path) -> dict:
     """config.json, checked: a supported architecture, no bitsandbytes quantization, no rope scaling we cannot write."""
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config = read_json_object(folder / "config.json", "model config")
     architecture = (config.get("architectures") or ["?"])[0]
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise GGUFExportError(

@@ -20,6 +20,7 @@ from pathlib import Path
 from aift.errors import AiftError
 from aift.export.folders import atomic_dir, torch_dtype
 from aift.models.run_folder import (
+    CONFIG_FILE,
     RunTarget,
     adapter_base,
     adapter_folder,
@@ -84,9 +85,9 @@ def quant_settings(adapter_dir: str | Path, meta: dict | None = None) -> QuantSe
     lora_section = _run_lora_config(adapter_dir)
     if lora_section is not None:
         if not lora_section.get("use_qlora", False):
-            raise AiftError(f"{adapter_dir.parent / 'config.yaml'} says use_qlora: false; use base_weights='original'")
+            raise AiftError(f"{adapter_dir.parent / CONFIG_FILE} says use_qlora: false; use base_weights='original'")
         bits = 4 if lora_section.get("qlora_4bit", True) else 8
-        return QuantSettings(bits=bits, source=str(adapter_dir.parent / "config.yaml"))
+        return QuantSettings(bits=bits, source=str(adapter_dir.parent / CONFIG_FILE))
     log.warning(
         "%s records no quantization settings: assuming aift's QLoRA defaults (4-bit NF4, double quant)", adapter_dir
     )
@@ -113,7 +114,7 @@ def _run_lora_config(adapter_dir: Path) -> dict | None:
     """The LoRAConfig section of the training run's config.yaml (adapter_dir is RUN/final), or None."""
     from aift.config import load_yaml
 
-    path = adapter_dir.parent / "config.yaml"
+    path = adapter_dir.parent / CONFIG_FILE
     if not path.is_file():
         return None
     section = load_yaml(path).get("LoRAConfig")

@@ -11,11 +11,10 @@ import fcntl
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from aift.errors import AiftError
+from aift.utils.files import atomic_folder
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +74,6 @@ def _convert(source: Path, target: Path) -> None:
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    tmp = Path(tempfile.mkdtemp(prefix=f".{FOLDER_NAME}-", dir=target.parent))
-    try:
+    with atomic_folder(target, replace=True) as tmp:  # replace: a folder an interrupted conversion left
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

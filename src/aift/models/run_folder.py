@@ -1,8 +1,8 @@
 """A trained run on disk and how to open it: the run folder, its final/, aift_meta.json, and the model in it.
 
-`aift train` writes RUN/{config.yaml, metrics.jsonl, ..., final/}; final/ holds a LoRA adapter
-(adapter_config.json, no config.json) or a whole model, the tokenizer and aift_meta.json (base_model, method,
-prompt_format, max_length). `aift merge`, `aift quantize` and `aift export` write whole-model folders with
+`aift train` writes RUN/{config.yaml, metrics.jsonl, ..., final/} (their names are the constants below); final/
+holds a LoRA adapter (adapter_config.json, no config.json) or a whole model, the tokenizer and aift_meta.json
+(base_model, method, prompt_format, max_length). `aift merge`, `aift quantize` and `aift export` write whole-model folders with
 their own aift_meta.json. Inference, eval, export and the trainers open all of them here:
 
     run = open_run("runs/ja-lora", device="cpu")   # a run dir, its final/, an adapter or any model folder / name
@@ -11,14 +11,26 @@ their own aift_meta.json. Inference, eval, export and the trainers open all of t
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from aift.errors import AiftError
+from aift.utils import system_metrics
+from aift.utils.files import FileFormatError, read_json_object, write_json_atomic
 
-META_FILE = "aift_meta.json"
+# The names inside a run folder, here alone: the loop writes them, the report, the web UI, eval and export read them.
+CONFIG_FILE = "config.yaml"  # the resolved configuration of the run
+METRICS_FILE = "metrics.jsonl"  # one JSON object per train / eval event
+SUMMARY_FILE = "train_summary.json"  # written when the run ends (completed: true when it finished)
+SYSTEM_METRICS_FILE = system_metrics.FILE_NAME  # CPU / GPU samples, when collect_metrics is on
+CHECKPOINTS_DIR = "checkpoints"  # checkpoints/checkpoint-STEP/
+FINAL_DIR = "final"  # the adapter or the whole model, its tokenizer and aift_meta.json
+TENSORBOARD_DIR = "tensorboard"
+MERGED_DIR = "merged"  # the adapter folded into its base (the LoRA trainer's save_merged, the web UI's merge)
+EVAL_FILE = "eval.json"  # `aift eval --output RUN/eval.json`, which `aift report` shows
+BENCH_RESULT_FILE = "result.json"  # what `aift bench` writes into its output folder
+META_FILE = "aift_meta.json"  # in final/ and in merged, quantized and exported folders
 
 
 class RunFolderError(AiftError, ValueError):
@@ -29,10 +41,11 @@ class RunFolderError(AiftError, ValueError):
 
 
 def read_json(path: Path) -> dict:
+    """The JSON object in `path`; RunFolderError when the file is not one."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise RunFolderError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from e
+        return read_json_object(path)
+    except FileFormatError as e:
+        raise RunFolderError(str(e)) from e
 
 
 def read_meta(folder: str | Path) -> dict:
@@ -45,9 +58,7 @@ def write_meta(folder: Path, meta: dict) -> None:
     """The one writer of aift_meta.json (final/, merged, quantized and exported folders): `meta` plus aift's version."""
     from aift import __version__
 
-    (folder / META_FILE).write_text(
-        json.dumps({**meta, "aift_version": __version__}, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
-    )
+    write_json_atomic(folder / META_FILE, {**meta, "aift_version": __version__})
 
 
 # ---------------------------------------------------------------- which folder is what
@@ -56,7 +67,7 @@ def write_meta(folder: Path, meta: dict) -> None:
 def final_dir(path: str | Path) -> Path:
     """A training output dir stands for its final/ folder; any other path is itself."""
     path = Path(path).expanduser()
-    final = path / "final"
+    final = path / FINAL_DIR
     if path.is_dir() and final.is_dir() and not (path / "config.json").is_file():
         return final
     return path

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 
 from aift.errors import AiftError
+from aift.models.run_folder import CHECKPOINTS_DIR
+from aift.utils.files import read_json_object, write_json_atomic
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
@@ -135,7 +137,7 @@ def writing_folder(tmp: Path, final: Path, fresh: bool = True) -> Iterator[None]
         if not _is_write_failure(e):
             raise
         is_checkpoint = final.name.startswith(PREFIX)
-        found = list_checkpoints(final.parent if is_checkpoint else final.parent / "checkpoints")
+        found = list_checkpoints(final.parent if is_checkpoint else final.parent / CHECKPOINTS_DIR)
         newest = "the previous checkpoint" if is_checkpoint else "the newest checkpoint"
         kept = f"{newest} {found[-1]} is intact" if found else "no earlier checkpoint exists"
         raise CheckpointError(
@@ -210,9 +212,9 @@ def find_checkpoint(output_dir: Path, spec: str) -> Path:
         if problem:
             raise CheckpointError(f"{path.name} is corrupt: {problem} ({path}); resume from another checkpoint")
         return path
-    candidates = _checkpoint_folders(output_dir / "checkpoints")
+    candidates = _checkpoint_folders(output_dir / CHECKPOINTS_DIR)
     if not candidates:
-        raise CheckpointError(f"resume_from_checkpoint='latest' but {output_dir / 'checkpoints'} has no checkpoint")
+        raise CheckpointError(f"resume_from_checkpoint='latest' but {output_dir / CHECKPOINTS_DIR} has no checkpoint")
     damaged = []
     for path in reversed(candidates):
         problem = verify_checkpoint(path)
@@ -220,7 +222,7 @@ def find_checkpoint(output_dir: Path, spec: str) -> Path:
             return path
         log.warning("%s is corrupt: %s; trying the previous checkpoint", path.name, problem)
         damaged.append(f"{path.name} is corrupt: {problem}")
-    raise CheckpointError(f"no intact checkpoint in {output_dir / 'checkpoints'}: " + "; ".join(damaged))
+    raise CheckpointError(f"no intact checkpoint in {output_dir / CHECKPOINTS_DIR}: " + "; ".join(damaged))
 
 
 def _checkpoint_folders(checkpoints_dir: Path) -> list[Path]:
@@ -249,15 +251,13 @@ def write_manifest(folder: Path) -> None:
         "format": 1,
         "files": {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files},
     }
-    tmp = folder / f".{MANIFEST_FILE}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-    tmp.replace(folder / MANIFEST_FILE)
+    write_json_atomic(folder / MANIFEST_FILE, manifest, indent=1)
 
 
 def verify_checkpoint(folder: Path) -> str | None:
     """What is wrong with a checkpoint folder (missing manifest, missing or changed file), or None if intact."""
     try:
-        files = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))["files"]
+        files = read_json_object(folder / MANIFEST_FILE, "checkpoint manifest")["files"]
     except FileNotFoundError:
         return f"no {MANIFEST_FILE} (it was not finished writing, or predates manifests)"
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -318,7 +318,7 @@ def dataset_fingerprint(rows: list[dict]) -> dict[str, Any]:
 
 def check_same_run(path: Path, identity: dict[str, Any], force: bool) -> None:
     """Raises CheckpointError listing what differs from the run that wrote ``path`` (a warning with ``force``)."""
-    state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    state = read_json_object(path / STATE_FILE, "trainer state")
     recorded = state.get("run")
     if recorded is None:
         log.warning("note: %s does not record its run's settings; they cannot be compared", path)

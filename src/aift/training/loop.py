@@ -21,7 +21,6 @@ Accelerate's (one process, DDP, FSDP, DeepSpeed) or the pipeline schedule's
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import shutil
@@ -35,6 +34,7 @@ from tqdm.auto import tqdm
 
 from aift.config import LoRAConfig, TrainingConfig, to_yaml
 from aift.errors import AiftError
+from aift.models import run_folder
 from aift.models.run_folder import write_meta
 from aift.training import checkpoint as ckpt
 from aift.training import run_guard
@@ -57,7 +57,9 @@ from aift.training.step import (
     pad_plan,
     step_window,
 )
+from aift.utils.files import write_json_atomic, write_text_atomic
 from aift.utils.gpu import peak_memory_gb
+from aift.utils.system_metrics import SystemMetricsSampler
 
 __all__ = [
     "OutputDirError",
@@ -71,13 +73,19 @@ __all__ = [
     "resolve_precision",
     "run_training",
     "save_final",
-    "write_atomic",
 ]
 
 log = logging.getLogger(__name__)
 
 # Files and folders that mark an output dir as holding a run.
-RUN_MARKERS = ("config.yaml", "metrics.jsonl", "train_summary.json", "checkpoints", "final", "tensorboard")
+RUN_MARKERS = (
+    run_folder.CONFIG_FILE,
+    run_folder.METRICS_FILE,
+    run_folder.SUMMARY_FILE,
+    run_folder.CHECKPOINTS_DIR,
+    run_folder.FINAL_DIR,
+    run_folder.TENSORBOARD_DIR,
+)
 
 
 class OutputDirError(AiftError, ValueError):
@@ -196,7 +204,7 @@ class Run:
         self.train_examples, self.eval_examples = train_examples, eval_examples
         self.started = time.perf_counter()
         self.output_dir = Path(config.output_dir)
-        self.checkpoints_dir = self.output_dir / "checkpoints"
+        self.checkpoints_dir = self.output_dir / run_folder.CHECKPOINTS_DIR
         self.resume_from = (
             ckpt.find_checkpoint(self.output_dir, config.resume_from_checkpoint)
             if config.resume_from_checkpoint
@@ -242,7 +250,9 @@ class Run:
             resumed_at = self.state.step if self.resume_from else None
             self.logger = MetricsLogger(self.output_dir, config.report_to, flat_config(config, self.info), resumed_at)
             sections = (config, self.info.lora_config, getattr(self.objective, "config", None))  # DPO & co
-            write_atomic(self.output_dir / "config.yaml", to_yaml(*[c for c in sections if c is not None]))
+            write_text_atomic(
+                self.output_dir / run_folder.CONFIG_FILE, to_yaml(*[c for c in sections if c is not None])
+            )
 
     def _log_plan(self) -> None:
         config, backend = self.config, self.backend
@@ -454,9 +464,9 @@ class Run:
         model, full_state = backend.final_model()
         summary = self.summary()
         if backend.is_main:
-            final_dir = self.output_dir / "final"
+            final_dir = self.output_dir / run_folder.FINAL_DIR
             save_final(model, self.tokenizer, final_dir, self.info, self.config.max_length, state_dict=full_state)
-            write_atomic(self.output_dir / "train_summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
+            write_json_atomic(self.output_dir / run_folder.SUMMARY_FILE, summary)
             log.info("done: %d steps, final train loss %.4f; output in %s", state.step, state.last_loss or 0,
                      self.output_dir)  # fmt: skip
         if self.logger is not None:
@@ -481,7 +491,7 @@ def prepare_output_dir(output_dir: Path, config: TrainingConfig, resuming: bool)
             path = output_dir / name
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "train_summary.json").unlink(missing_ok=True)
+    (output_dir / run_folder.SUMMARY_FILE).unlink(missing_ok=True)
 
 
 def save_final(
@@ -531,12 +541,6 @@ def quantization_meta(model: torch.nn.Module) -> dict | None:
     }
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def _mean_metrics(window: list[dict[str, float]]) -> dict[str, float]:
     names = sorted({k for m in window for k in m})
     return {k: sum(m[k] for m in window if k in m) / sum(1 for m in window if k in m) for k in names}
@@ -550,12 +554,7 @@ def flat_config(config: TrainingConfig, info: RunInfo) -> dict[str, Any]:
 
 
 def system_metrics(output_dir: Path, enabled: bool):
-    """The EVAL part's sampler of CPU/GPU use when asked for and available, else nothing."""
+    """The sampler of CPU/GPU use into system_metrics.jsonl when asked for, else nothing."""
     if not enabled:
         return contextlib.nullcontext()
-    try:
-        from aift.eval.system_metrics import SystemMetricsSampler
-    except ImportError:
-        log.warning("collect_metrics: aift.eval.system_metrics is not available in this version; not sampling")
-        return contextlib.nullcontext()
-    return SystemMetricsSampler(output_dir / "system_metrics.jsonl", interval=1.0)
+    return SystemMetricsSampler(output_dir / run_folder.SYSTEM_METRICS_FILE, interval=1.0)

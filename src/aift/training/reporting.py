@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 
 from aift.errors import NotAvailableError
+from aift.models.run_folder import METRICS_FILE, TENSORBOARD_DIR
+from aift.utils.files import read_jsonl, write_text_atomic
 
 _PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
@@ -27,7 +29,7 @@ class MetricsLogger:
     """Appends one JSON object per event to metrics.jsonl and mirrors scalars to the requested loggers."""
 
     def __init__(self, output_dir: Path, report_to: list[str], run_config: dict, resume_step: int | None):
-        self.path = output_dir / "metrics.jsonl"
+        self.path = output_dir / METRICS_FILE
         if resume_step is not None:
             self._drop_after(resume_step)
         elif self.path.exists():
@@ -36,7 +38,7 @@ class MetricsLogger:
         if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+            self._tb = SummaryWriter(log_dir=str(output_dir / TENSORBOARD_DIR))
         if "wandb" in report_to:
             import wandb
 
@@ -54,14 +56,8 @@ class MetricsLogger:
         """On resume, forget the records of steps the interrupted run did after its checkpoint."""
         if not self.path.exists():
             return
-        kept = [
-            line
-            for line in self.path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        kept = [record for record in read_jsonl(self.path) if record.get("step", 0) <= step]
+        write_text_atomic(self.path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def log(self, record: dict) -> None:
         with self.path.open("a", encoding="utf-8") as f:

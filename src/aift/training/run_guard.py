@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from aift.errors import AiftError
+from aift.utils.files import FileFormatError, read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -127,10 +128,9 @@ class OutputDirLock:
 
     def _read(self) -> dict | None:
         try:
-            holder = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            return read_json_object(self.path)
+        except (OSError, FileFormatError):  # gone, or caught between create and write: no holder to name
             return None
-        return holder if isinstance(holder, dict) else None
 
     def _alive(self, other: dict) -> bool:
         if other.get("host") != self.holder["host"]:

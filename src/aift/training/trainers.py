@@ -24,6 +24,7 @@ from aift.errors import AiftError
 from aift.lora.model import add_adapters, load_lora_model
 from aift.models.japanese import JapaneseModel
 from aift.models.loading import default_dtype, enable_activation_checkpointing
+from aift.models.run_folder import FINAL_DIR, MERGED_DIR
 from aift.training.backends import holds_frozen_base_in_bf16
 from aift.training.batching import Examples, to_examples
 from aift.training.checkpointing import resolve_gradient_checkpointing
@@ -261,11 +262,11 @@ class LoRAFinetuningTrainer(_Trainer):
         """
         from aift.export.merge import load_merged, save_merged
 
-        final = self.result.output_dir / "final"
+        final = self.result.output_dir / FINAL_DIR
         device = self.model.device or get_available_device()
         dtype = "fp32" if default_dtype(device) == torch.float32 else "bf16"
         merged, tokenizer, meta = load_merged(final, self.model.model_name, dtype, device)
-        save_merged(merged, tokenizer, meta, final, self.result.output_dir / "merged", dtype, overwrite=True)
+        save_merged(merged, tokenizer, meta, final, self.result.output_dir / MERGED_DIR, dtype, overwrite=True)
         return merged
 
     @staticmethod

@@ -6,11 +6,11 @@ Data prepared from the UI goes to ``RUNS/datasets/NAME`` (always a root).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from aift.data.prepared import PREPARE_JSON  # torch-free, so the UI still starts without importing torch
+from aift.utils.files import FileFormatError, read_json_object
 from aift.webui.runs import DATASETS_DIR, WebUIError, check_name
 
 RAW_SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".parquet")  # the file sources of aift prepare
@@ -69,8 +69,8 @@ def _walk(root: Path, depth: int, top: Path | None = None):
 
 def _prepared_row(path: Path) -> dict[str, Any]:
     try:
-        info = json.loads((path / PREPARE_JSON).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        info = read_json_object(path / PREPARE_JSON)
+    except (OSError, FileFormatError):  # a listing shows the folder with what it has
         info = {}
     counts = info.get("counts") or {}
     return {

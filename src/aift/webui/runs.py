@@ -9,7 +9,6 @@ so a restarted UI, or one opened on runs started with ``aift train``, shows the 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import signal
@@ -24,6 +23,8 @@ import yaml
 
 from aift.config import FRONT_DOOR_DEFAULTS, LoRAConfig, TrainingConfig, resolve_train_configs
 from aift.errors import AiftError
+from aift.models.run_folder import CONFIG_FILE, FINAL_DIR, MERGED_DIR, METRICS_FILE, SUMMARY_FILE
+from aift.utils.files import FileFormatError, read_json_object, read_jsonl, write_text_atomic
 
 REQUEST_FILE = "webui_request.yaml"  # what the user asked for (TrainingConfig keys + lora:)
 LOG_FILE = "webui.log"
@@ -70,28 +71,19 @@ def run_dir(runs_dir: Path, name: str, must_exist: bool = True) -> Path:
 
 def _read_json(path: Path) -> dict | None:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_json_object(path)
+    except (OSError, FileFormatError):
         return None
-    return data if isinstance(data, dict) else None
 
 
 def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
-    """(train records, eval records) of RUN/metrics.jsonl; a half-written last line is skipped."""
-    train, evals = [], []
+    """(train records, eval records) of RUN/metrics.jsonl; a half-written last line, or any bad one, is skipped."""
     try:
-        lines = (path / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+        records = read_jsonl(path / METRICS_FILE, on_bad_line=lambda problem: None)  # a live view: show the rest
     except OSError:
-        return train, evals
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("type") == "train":
-            train.append(record)
-        elif isinstance(record, dict) and record.get("type") == "eval":
-            evals.append(record)
+        return [], []
+    train = [r for r in records if r.get("type") == "train"]
+    evals = [r for r in records if r.get("type") == "eval"]
     return train, evals
 
 
@@ -119,7 +111,7 @@ def run_status(path: Path) -> str:
 
     incomplete: no summary and not started by this UI (a run of `aift train` that crashed or runs elsewhere).
     """
-    if (_read_json(path / "train_summary.json") or {}).get("completed"):
+    if (_read_json(path / SUMMARY_FILE) or {}).get("completed"):
         return "done"
     if _live_pid(path) is not None:
         return "running"
@@ -139,7 +131,7 @@ def _request(path: Path) -> dict:
 def _resolved_config(path: Path) -> dict:
     """config.yaml as the loop wrote it: {"TrainingConfig": {...}, "LoRAConfig": {...}}."""
     try:
-        data = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+        data = yaml.safe_load((path / CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
         return {}
     return data if isinstance(data, dict) else {}
@@ -170,7 +162,7 @@ def log_tail(path: Path, lines: int = 40) -> str:
 
 
 def method_of(path: Path) -> str | None:
-    summary = _read_json(path / "train_summary.json") or {}
+    summary = _read_json(path / SUMMARY_FILE) or {}
     if summary.get("method"):
         return summary["method"]
     lora = _resolved_config(path).get("LoRAConfig") or _request(path).get("lora")
@@ -182,7 +174,7 @@ def method_of(path: Path) -> str | None:
 def run_summary(path: Path) -> dict[str, Any]:
     """One row of the runs list."""
     train, evals = read_metrics(path)
-    summary = _read_json(path / "train_summary.json") or {}
+    summary = _read_json(path / SUMMARY_FILE) or {}
     training = _resolved_config(path).get("TrainingConfig") or _request(path)
     return {
         "name": path.name,
@@ -194,8 +186,8 @@ def run_summary(path: Path) -> dict[str, Any]:
         "total_steps": total_steps(path),
         "loss": train[-1].get("loss") if train else None,
         "eval_loss": evals[-1].get("eval_loss") if evals else None,
-        "has_final": (path / "final").is_dir(),
-        "is_adapter": (path / "final" / "adapter_config.json").is_file(),
+        "has_final": (path / FINAL_DIR).is_dir(),
+        "is_adapter": (path / FINAL_DIR / "adapter_config.json").is_file(),
         "modified": max((p.stat().st_mtime for p in path.iterdir()), default=path.stat().st_mtime),
     }
 
@@ -206,12 +198,12 @@ def run_detail(path: Path) -> dict[str, Any]:
         **run_summary(path),
         "train": [{k: r.get(k) for k in ("step", "loss", "lr", "tokens_per_s", "epoch")} for r in train],
         "eval": [{k: r.get(k) for k in ("step", "eval_loss", "eval_ppl")} for r in evals],
-        "summary": _read_json(path / "train_summary.json"),
+        "summary": _read_json(path / SUMMARY_FILE),
         "config": _resolved_config(path) or _request(path),
         "exit_code": _exit_code(path),
         "log": log_tail(path),
         "exports": sorted(p.name for p in (path / "exports").iterdir()) if (path / "exports").is_dir() else [],
-        "merged": (path / "merged").is_dir(),
+        "merged": (path / MERGED_DIR).is_dir(),
     }
 
 
@@ -227,7 +219,7 @@ def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
         if p.is_dir()
         and p.name != DATASETS_DIR
         and _NAME.match(p.name)
-        and (is_run_dir(p) or any((p / m).exists() for m in (REQUEST_FILE, "config.yaml")))
+        and (is_run_dir(p) or any((p / m).exists() for m in (REQUEST_FILE, CONFIG_FILE)))
     ]
     return sorted(rows, key=lambda r: r["modified"], reverse=True)
 
@@ -278,19 +270,13 @@ def build_request(method: str, training: dict[str, Any], lora: dict[str, Any] | 
     return request
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def start_run(runs_dir: Path, name: str, request: dict[str, Any]) -> subprocess.Popen:
     """Starts `python -m aift train` for a new run folder in its own process group; returns the process."""
     path = run_dir(runs_dir, name, must_exist=False)
     if path.exists() and any(path.iterdir()):
         raise WebUIError(f"a run named {name!r} exists already in {runs_dir}; choose another name")
     path.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path / REQUEST_FILE, yaml.safe_dump(request, sort_keys=False, allow_unicode=True))
+    write_text_atomic(path / REQUEST_FILE, yaml.safe_dump(request, sort_keys=False, allow_unicode=True))
     command = [sys.executable, "-m", "aift", "train", str(path / REQUEST_FILE), f"output_dir={path}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with (path / LOG_FILE).open("ab") as log:
@@ -300,7 +286,7 @@ def start_run(runs_dir: Path, name: str, request: dict[str, Any]) -> subprocess.
             command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env
         )
     created = psutil.Process(process.pid).create_time()
-    _write_atomic(path / PID_FILE, f"{process.pid} {created}")
+    write_text_atomic(path / PID_FILE, f"{process.pid} {created}")
     threading.Thread(target=_record_exit, args=(process, path), daemon=True).start()
     return process
 
@@ -308,7 +294,7 @@ def start_run(runs_dir: Path, name: str, request: dict[str, Any]) -> subprocess.
 def _record_exit(process: subprocess.Popen, path: Path) -> None:
     """Reaps the process (no zombie) and writes its exit code next to its pid."""
     code = process.wait()
-    _write_atomic(path / EXIT_FILE, str(130 if code == -signal.SIGINT else code))
+    write_text_atomic(path / EXIT_FILE, str(130 if code == -signal.SIGINT else code))
 
 
 def stop_run(path: Path) -> bool:

@@ -5,9 +5,9 @@
 
 From the shell (what scripts/collect_metrics.sh runs):
 
-    python -m aift.eval.system_metrics out/run1 -- aift train ...   # samples until the command ends
-    python -m aift.eval.system_metrics out/run1 --pid 1234          # samples until killed or pid 1234 ends
-    python -m aift.eval.system_metrics out/run1                     # machine-wide figures until killed
+    python -m aift.utils.system_metrics out/run1 -- aift train ...   # samples until the command ends
+    python -m aift.utils.system_metrics out/run1 --pid 1234          # samples until killed or pid 1234 ends
+    python -m aift.utils.system_metrics out/run1                     # machine-wide figures until killed
 
 Each line: `timestamp` (unix seconds), `time` (seconds since sampling began), `cpu_percent` (whole machine,
 0-100), `mem_used_gb` (whole machine), `proc_cpu_percent` and `rss_gb` (the watched process and its
@@ -36,7 +36,7 @@ from aift.units import to_gb
 
 log = logging.getLogger(__name__)
 
-FILE_NAME = "system_metrics.jsonl"
+FILE_NAME = "system_metrics.jsonl"  # models.run_folder.SYSTEM_METRICS_FILE names it for a run folder (utils is below)
 
 
 def metrics_path(path: str | Path) -> Path:

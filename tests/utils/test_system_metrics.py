@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from aift.eval.system_metrics import SystemMetricsSampler, metrics_path
+from aift.utils.system_metrics import SystemMetricsSampler, metrics_path
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "collect_metrics.sh"
 
