@@ -8,16 +8,15 @@ import pytest
 from transformers import LlamaConfig
 
 from aift.cli import main
-from aift.distributed.memory import dropout_width, gradient_in_flight
-from aift.distributed.planning import (
+from aift.distributed.planning import GB, PlanningError, plan_training
+from aift.training.memory import (
     CUDA_CONTEXT_BYTES,
-    GB,
-    PlanningError,
     activation_model,
+    dropout_width,
     empty_model,
+    gradient_in_flight,
     load_model_config,
     parameter_bytes,
-    plan_training,
 )
 
 
@@ -88,6 +87,36 @@ def test_lora_dropout_keeps_each_adapted_input(llama8b):
     with_dropout = activation_model(llama8b, 1, 1024, False, "bf16", dropout_width(model, "lora", 0.05))
     without = activation_model(llama8b, 1, 1024, False, "bf16")
     assert with_dropout.full_layer - without.full_layer == 1024 * (2 + 1) * (6 * 4096 + 14336)  # bf16 copy + bool mask
+
+
+def test_a_plan_adapts_the_target_modules_it_is_given(llama8b):
+    """q_proj,v_proj only: fewer adapter parameters, bytes and dropout copies than all-linear."""
+
+    def lora_plan(targets):
+        return plan_training(llama8b, gpus=1, gpu_memory_gb=1000, method="lora", max_length=512, lora_targets=targets)
+
+    every, qv = lora_plan(None), lora_plan(["q_proj", "v_proj"])
+    assert lora_plan("all-linear").to_dict() == every.to_dict()
+    layers, r = 32, 16
+    assert qv.trainable_params == layers * r * ((4096 + 4096) + (4096 + 1024))  # q: h -> h, v: h -> kv width
+    every_layer = 2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336)  # q, o; k, v; gate, up, down
+    assert every.trainable_params == layers * r * every_layer > qv.trainable_params
+    assert qv.devices[0].estimate.total < every.devices[0].estimate.total
+    model = empty_model(llama8b)
+    assert dropout_width(model, "lora", 0.05, ["q_proj", "v_proj"]) == 2 * 4096
+    assert parameter_bytes(model, "lora", lora_targets="q_proj,v_proj") == parameter_bytes(
+        model, "lora", lora_targets=["q_proj", "v_proj"]
+    )
+
+
+def test_cli_plan_passes_the_target_modules(embedded_dir, capsys):
+    def trained(*extra: str) -> int:
+        assert main(["plan", "--model", str(embedded_dir), "--method", "lora", "--json", *extra]) == 0
+        return json.loads(capsys.readouterr().out)["trainable_params"]
+
+    every = trained()
+    assert trained("--lora-target-modules", "all-linear") == every
+    assert 0 < trained("--lora-target-modules", "q_proj,v_proj") < every
 
 
 def test_gradients_in_flight_largest_one_and_two_for_a_tied_head(llama8b, embedded_dir):

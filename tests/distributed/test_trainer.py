@@ -181,7 +181,7 @@ def test_deepspeed_outside_a_launcher_is_refused(monkeypatch, tiny_model_dir, tm
 def test_the_front_door_passes_trust_remote_code(monkeypatch, config):
     """The multi-GPU front door used to drop trust_remote_code; the model holder must receive it, on every path."""
     import aift.models.japanese
-    from aift.training.entry import train
+    from aift.distributed.entry import train
 
     seen = {}
 

@@ -52,6 +52,35 @@ def test_the_decision_follows_the_plan_and_the_headroom(ram_16gb):
     assert pair > needed  # chosen and rejected both hold activations
 
 
+def test_the_plan_adapts_only_the_target_modules(ram_16gb):
+    config = TrainingConfig(gradient_checkpointing="auto", batch_size=8, max_length=1024)
+
+    def needed(targets):
+        return planned_bytes_without_checkpointing(
+            config, MODEL, method="lora", device_type="cpu", lora_r=16, lora_dropout=0.05, rows_per_example=1,
+            trust_remote_code=False, lora_targets=targets,
+        )  # fmt: skip
+
+    assert needed(["q_proj", "v_proj"]) < needed(None) == needed("all-linear")
+
+
+def test_a_trainer_asks_auto_about_its_own_target_modules(ram_16gb, monkeypatch):
+    from aift.config import LoRAConfig
+    from aift.training import trainers
+
+    asked = {}
+
+    def record(config, model, **kwargs):
+        asked.update(kwargs)
+        return False
+
+    monkeypatch.setattr(trainers, "resolve_gradient_checkpointing", record)
+    lora = LoRAConfig(r=8, target_modules="q_proj,v_proj", lora_dropout=0.1)
+    trainers.LoRAFinetuningTrainer(MODEL, lora, TrainingConfig(gradient_checkpointing="auto"))._gradient_checkpointing()
+    assert asked["lora_targets"] == ["q_proj", "v_proj"]
+    assert asked["lora_r"] == 8 and asked["lora_dropout"] == 0.1 and asked["method"] == "lora"
+
+
 def test_processes_of_a_node_share_its_ram(ram_16gb, monkeypatch):
     assert checkpointing.memory_budget("cpu") == (16e9, "RAM")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")

@@ -6,11 +6,14 @@ import argparse
 
 from aift.bench.core import BenchOptions, run_bench
 from aift.bench.report import summary_line
+from aift.cli.flags import add_field_flag
+from aift.config import TrainingConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = BenchOptions()
     parser.add_argument("--model", default=d.model, help="Model alias or folder (default: %(default)s).")
+    # Not `aift train --method`: which weights train (as `aift plan --method`), or the DPO bench.
     parser.add_argument(
         "--method",
         choices=("lora", "qlora", "full", "dpo"),
@@ -23,7 +26,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--eval-examples", type=int, default=None, help="Held-out examples (default: examples/3, <=32)."
     )
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="Examples per optimizer step.")
-    parser.add_argument("--learning-rate", type=float, default=d.learning_rate)
+    add_field_flag(
+        parser,
+        TrainingConfig,
+        "learning_rate",
+        default=d.learning_rate,
+        differs_because="the committed result's (a LoRA rate); --method dpo takes the DPO bench's own unless given.",
+    )
     parser.add_argument("--compare", choices=("trl",), default=None, help="Also train with TRL's SFTTrainer.")
     parser.add_argument("--output", default=d.output, help="Folder for result.json, results.md, chart.png, logs/.")
     parser.add_argument("--data", default=None, help="JSON/JSONL rows (alpaca or messages) instead of synthetic data.")

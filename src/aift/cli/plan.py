@@ -14,8 +14,10 @@ import json
 
 import yaml
 
-from aift.distributed.memory import DTYPE_BYTES, METHODS
+from aift.cli.flags import add_field_flag
+from aift.config import LoRAConfig, TrainingConfig
 from aift.distributed.planning import PlanningError, plan_training
+from aift.training.memory import DTYPE_BYTES, METHODS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,11 +32,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Per-device budgets instead of --gpus/--gpu-memory, e.g. '{0: 22GB, 1: 22GB}'.",
     )
     parser.add_argument("--cpu-memory", type=float, default=64, help="CPU RAM in GB for offloaded modules.")
-    parser.add_argument("--method", choices=METHODS, default="lora")
+    # Not `aift train --method` (sft or a preference method): what the memory model tells apart is which weights
+    # train, which `aift train` sets with a lora: mapping (lora) and lora.use_qlora=true (qlora).
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        default="lora",
+        help="Which weights train: full (every weight), lora (adapters on a frozen base) or qlora (adapters on a "
+        "4-bit base); as `aift train` without / with a lora: mapping, and with lora.use_qlora=true "
+        "(default: %(default)s).",
+    )
     parser.add_argument("--batch-size", type=int, default=1, help="Micro-batch size per forward pass.")
-    parser.add_argument("--max-length", type=int, default=2048, help="Tokens per row.")
-    parser.add_argument("--lora-r", type=int, default=16)
-    parser.add_argument("--lora-dropout", type=float, default=0.05, help="Adapter dropout (keeps a copy of inputs).")
+    add_field_flag(
+        parser,
+        TrainingConfig,
+        "max_length",
+        type=int,
+        default=2048,
+        differs_because="plans are for the long rows of GPU runs, where memory runs out (docs/scaling.md).",
+    )
+    add_field_flag(parser, LoRAConfig, "r", flag="--lora-r")
+    add_field_flag(parser, LoRAConfig, "lora_dropout", flag="--lora-dropout")
+    add_field_flag(parser, LoRAConfig, "target_modules", flag="--lora-target-modules", metavar="V")
     parser.add_argument(
         "--dtype",
         choices=tuple(DTYPE_BYTES),
@@ -71,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         gradient_checkpointing=args.gradient_checkpointing,
         lora_r=args.lora_r,
         lora_dropout=args.lora_dropout,
+        lora_targets=LoRAConfig(target_modules=args.lora_target_modules).target_modules,  # checked as training does
         dtype=args.dtype,
         max_memory=_max_memory(args.max_memory),
         cpu_memory_gb=args.cpu_memory,

@@ -18,7 +18,7 @@ Precedence: the command line's defaults (``gradient_checkpointing: auto``) < YAM
 (``lora.r=8`` for LoRA keys) < flags. Unknown keys are errors with a suggestion. ``python scripts/train_sft.py`` takes exactly the same arguments.
 
 This module only maps argparse to the library: :func:`aift.config.resolve_train_configs` resolves, and
-:func:`aift.training.train` picks the trainer, for the web UI and Python callers alike.
+:func:`aift.distributed.entry.train` picks the trainer, for the web UI and Python callers alike.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import dataclasses
 import os
 from typing import Any
 
+from aift.cli.flags import add_field_flag
 from aift.config import (
     FRONT_DOOR_DEFAULTS,
     ConfigError,
@@ -57,22 +58,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="CONFIG.yaml | key=value",
         help="a YAML config and/or key=value overrides (lora.KEY=value for LoRA keys)",
     )
-    help_of = field_help(TrainingConfig)
     for f in dataclasses.fields(TrainingConfig):
         if f.name in _NO_FLAG:
             continue
-        flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool, "bool | str"):
             # A bool-or-word field (gradient_checkpointing: auto) keeps --flag / --no-flag: an optional value
             # would swallow a config file that follows it. The word is a key=value or YAML value.
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_of[f.name])
+            add_field_flag(parser, TrainingConfig, f.name, default=None, action=argparse.BooleanOptionalAction)
         else:
-            parser.add_argument(flag, default=None, metavar="V", help=help_of[f.name])
+            add_field_flag(parser, TrainingConfig, f.name, default=None, metavar="V")
     lora_help = field_help(LoRAConfig)
     lora = parser.add_argument_group("LoRA / QLoRA")
     lora.add_argument("--use-lora", action="store_true", default=None, help="Train LoRA adapters (peft).")
     for flag, name in _LORA_FLAGS.items():
-        lora.add_argument("--" + flag.replace("_", "-"), default=None, metavar="V", help=lora_help[name])
+        add_field_flag(lora, LoRAConfig, name, flag="--" + flag.replace("_", "-"), default=None, metavar="V")
     lora.add_argument("--use-4bit", action="store_true", default=None, help="QLoRA: base in 4-bit NF4.")
     lora.add_argument("--use-8bit", action="store_true", default=None, help="QLoRA: base in 8-bit.")
     lora.add_argument("--use-dora", action="store_true", default=None, help=lora_help["use_dora"])
@@ -135,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         from aift.distributed.launch import launch_options, launch_training
 
         return launch_training(launch_options(args), configs, merge=args.merge)
-    from aift.training.entry import train
+    from aift.distributed.entry import train
 
     result = train(configs.training, configs.lora, configs.preference, merge=args.merge)
     s = result.summary

@@ -6,7 +6,7 @@ accelerate's ``infer_auto_device_map``, the same function ``device_map="auto"`` 
 the budgets you give (``{0: "22GB", 1: "22GB"}``): nothing here asks the machine what it has.
 
 What each byte is for (weights, gradients, optimizer states, activations, logits) is the memory model of
-:mod:`aift.distributed.memory`; this module places it on devices and budgets.
+:mod:`aift.training.memory`; this module places it on devices and budgets.
 """
 
 from __future__ import annotations
@@ -17,22 +17,25 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from aift.distributed.memory import (
+from aift.config import LoRAConfig
+from aift.training.memory import (
+    CUDA_CONTEXT_BYTES,
     ActivationModel,
     MemoryEstimate,
     PlanningError,
     activation_model,
     dropout_width,
+    empty_model,
     gradient_in_flight,
     head_param_name,
     layer_prefix_of,
+    load_model_config,
     parameter_bytes,
     trainable_count,
     unique_parameters,
 )
 
 GB = 1024**3
-CUDA_CONTEXT_BYTES = 0.5 * GB  # CUDA context, cuBLAS workspace and allocator slack on every GPU
 
 
 @dataclass
@@ -170,22 +173,6 @@ def _device_name(device: Any) -> str:
     return str(device)
 
 
-def load_model_config(model: Any, trust_remote_code: bool = False):
-    """A transformers config from a config object, a registered alias, a folder or a hub id."""
-    from transformers import AutoConfig, PretrainedConfig
-
-    if isinstance(model, PretrainedConfig):
-        return model
-    from aift.models.loading import check_trust_remote_code, explain_load_failure, resolve_model_path
-
-    check_trust_remote_code(str(model), trust_remote_code)
-    path = resolve_model_path(str(model))
-    try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise explain_load_failure(str(model), e) from e
-
-
 @contextmanager
 def _quiet_accelerate():
     """infer_auto_device_map warns that the planned GPUs are absent; here that is the point."""
@@ -196,17 +183,6 @@ def _quiet_accelerate():
         yield
     finally:
         logger.setLevel(level)
-
-
-def empty_model(config):
-    """The model of ``config`` on the meta device, with tied weights tied (so they count once)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
-    model.tie_weights()
-    return model
 
 
 def _module_of(param_name: str, device_map: Mapping[str, Any]) -> str:
@@ -336,8 +312,9 @@ def plan_training(
     batch_size: int = 1,
     max_length: int = 2048,
     gradient_checkpointing: bool = True,
-    lora_r: int = 16,
-    lora_dropout: float = 0.05,
+    lora_r: int = LoRAConfig.r,
+    lora_dropout: float = LoRAConfig.lora_dropout,
+    lora_targets: str | list[str] | None = None,
     dtype: str = "bf16",
     max_memory: Mapping[Any, Any] | None = None,
     cpu_memory_gb: float = 64,
@@ -354,8 +331,9 @@ def plan_training(
         max_length: Tokens per row.
         gradient_checkpointing: Recompute activations in backward.
         lora_r: Adapter rank (lora, qlora).
-        lora_dropout: Adapter dropout (LoRAConfig's default 0.05); above 0 it keeps a copy of each adapted
+        lora_dropout: Adapter dropout (LoRAConfig's default); above 0 it keeps a copy of each adapted
             layer's input for backward.
+        lora_targets: The adapted modules, as LoRAConfig's ``target_modules`` (names, or all-linear / None).
         dtype: What aift holds the weights and computes in: bf16 on CUDA GPUs (the default), fp32 on a CPU
             with mixed precision off.
         max_memory: Per-device budgets as accelerate takes them, e.g. ``{0: "22GB", 1: "22GB", "cpu": "64GB"}``.
@@ -372,8 +350,8 @@ def plan_training(
     config = load_model_config(model, trust_remote_code)
     budgets = _budgets(max_memory, gpus, gpu_memory_gb, cpu_memory_gb)
     meta = empty_model(config)
-    per_param = parameter_bytes(meta, method, lora_r, dtype=dtype)
-    width = dropout_width(meta, method, lora_dropout)
+    per_param = parameter_bytes(meta, method, lora_r, lora_targets, dtype=dtype)
+    width = dropout_width(meta, method, lora_dropout, lora_targets)
     acts = activation_model(config, batch_size, max_length, gradient_checkpointing, dtype, width)
     device_map = infer_device_map(meta, budgets, per_param, acts)
     estimates = per_device_estimates(meta, device_map, per_param, acts)
@@ -398,7 +376,7 @@ def plan_training(
         gradient_checkpointing=gradient_checkpointing,
         dtype=dtype,
         params=sum(p.numel() for p in unique_parameters(meta).values()),
-        trainable_params=trainable_count(meta, method, lora_r),
+        trainable_params=trainable_count(meta, method, lora_r, lora_targets),
         device_map=device_map,
         devices=devices,
         per_gpu_by_strategy=(

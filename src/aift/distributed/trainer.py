@@ -164,8 +164,9 @@ class AdvancedMultiGPUTrainer:
             batch_size=self.config.batch_size,
             max_length=self.config.max_length,
             gradient_checkpointing=self.config.gradient_checkpointing is not False,  # auto is on for this strategy
-            lora_r=lc.r if lc else 16,
+            lora_r=lc.r if lc else LoRAConfig.r,
             lora_dropout=lc.lora_dropout if lc else 0.0,
+            lora_targets=lc.target_modules if lc else None,
             max_memory=budgets,
             trust_remote_code=self.model.trust_remote_code,
         )
@@ -190,7 +191,7 @@ class AdvancedMultiGPUTrainer:
 
     def _no_split_modules(self) -> list[str]:
         """The decoder-layer class names (FSDP wraps each), read from a meta-device copy of the model."""
-        from aift.distributed.planning import empty_model, load_model_config
+        from aift.training.memory import empty_model, load_model_config
 
         meta = empty_model(load_model_config(self.model.model_name, self.model.trust_remote_code))
         return list(getattr(meta, "_no_split_modules", None) or [])

@@ -56,11 +56,14 @@ class _Plan:
     qtype: object  # gguf.GGMLQuantizationType
 
 
+GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0")  # the --quant choices everywhere; 1-D tensors always stay f32
+
+
 def quant_types() -> dict[str, object]:
     """The --quant choices and their GGML types."""
-    from gguf import GGMLQuantizationType as T
+    from gguf import GGMLQuantizationType
 
-    return {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0}
+    return {quant: GGMLQuantizationType[quant.upper()] for quant in GGUF_QUANTS}
 
 
 def export_gguf(model_dir: str | Path, output: str | Path, quant: str = "f16", *, name: str | None = None) -> Path:

@@ -1,8 +1,5 @@
 """Training: the one loop (`loop.py`), the trainers around it, data plans, checkpoints and metrics.
 
-:func:`train` is the one entry every front door calls (CLI, web UI runs, Python): typed configs -> the trainer.
+The entry every front door calls (CLI, web UI runs, Python), typed configs -> the trainer, is
+:func:`aift.distributed.entry.train`: it may pick the multi-device trainer, which sits above this package.
 """
-
-from aift.training.entry import train
-
-__all__ = ["train"]

@@ -3,7 +3,7 @@
 Checkpointing trades about a third more compute per step for activation memory. A 135M model at batch 8 x 512
 fits a laptop without it, a 7B model at 4 x 2048 does not fit a 24 GB GPU with it off: the right setting
 depends on the run, so `aift train` decides it from the same memory model as `aift plan`
-(:mod:`aift.distributed.memory`, checked against measured peaks in ``bench/results/plan``) and says what it
+(:mod:`aift.training.memory`, checked against measured peaks in ``bench/results/plan``) and says what it
 decided and why. ``TrainingConfig``'s Python default stays ``True``; a bool is never second-guessed.
 
 The budget is the device's total memory (a GPU's, or this machine's RAM, cgroup limit included, shared by the
@@ -19,6 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from aift.config import TrainingConfig
+from aift.training.memory import (
+    CUDA_CONTEXT_BYTES,
+    LORA_R,
+    activation_model,
+    dropout_width,
+    empty_model,
+    load_model_config,
+    one_device_estimate,
+    parameter_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +44,9 @@ def resolve_gradient_checkpointing(
     *,
     method: str,
     device_type: str,
-    lora_r: int = 16,
+    lora_r: int = LORA_R,
     lora_dropout: float = 0.0,
+    lora_targets: str | list[str] | None = None,
     rows_per_example: int = 1,
     trust_remote_code: bool = False,
 ) -> bool:
@@ -48,6 +59,7 @@ def resolve_gradient_checkpointing(
         device_type: "cuda" or "cpu" (anything else: on, since its memory is unknown here).
         lora_r: Adapter rank (lora, qlora).
         lora_dropout: Adapter dropout (its copies of the inputs are activations too).
+        lora_targets: The adapted modules, as LoRAConfig's ``target_modules`` (None: all-linear).
         rows_per_example: Rows one example puts through the model (2 for a preference pair: chosen and rejected).
         trust_remote_code: As for loading the model's config.
     """
@@ -64,7 +76,7 @@ def resolve_gradient_checkpointing(
         return True
     needed = planned_bytes_without_checkpointing(
         config, model, method=method, device_type=device_type, lora_r=lora_r, lora_dropout=lora_dropout,
-        rows_per_example=rows_per_example, trust_remote_code=trust_remote_code,
+        lora_targets=lora_targets, rows_per_example=rows_per_example, trust_remote_code=trust_remote_code,
     )  # fmt: skip
     decision = needed > HEADROOM * budget
     log.info(
@@ -84,29 +96,22 @@ def planned_bytes_without_checkpointing(
     lora_dropout: float,
     rows_per_example: int,
     trust_remote_code: bool,
+    lora_targets: str | list[str] | None = None,
 ) -> float:
     """What `aift plan` says one process of this run holds at its peak with checkpointing off, in bytes."""
     import torch
 
-    from aift.distributed.planning import plan_training
     from aift.models.loading import default_dtype
 
     dtype = "fp32" if default_dtype(device_type) == torch.float32 else "bf16"
-    plan = plan_training(
-        model,
-        gpus=1,
-        gpu_memory_gb=1e6,  # everything on one device: the question is how much, not where
-        method=method,
-        batch_size=config.batch_size * rows_per_example,
-        max_length=config.max_length,
-        gradient_checkpointing=False,
-        lora_r=lora_r,
-        lora_dropout=lora_dropout,
-        dtype=dtype,
-        trust_remote_code=trust_remote_code,
-    )
-    device = plan.devices[0]
-    return device.needed if device_type == "cuda" else device.estimate.total
+    model_config = load_model_config(model, trust_remote_code)
+    meta = empty_model(model_config)
+    per_param = parameter_bytes(meta, method, lora_r, lora_targets, dtype=dtype)
+    width = dropout_width(meta, method, lora_dropout, lora_targets)
+    rows = config.batch_size * rows_per_example
+    acts = activation_model(model_config, rows, config.max_length, False, dtype, width)
+    total = one_device_estimate(meta, per_param, acts).total
+    return total + CUDA_CONTEXT_BYTES if device_type == "cuda" else total
 
 
 def memory_budget(device_type: str) -> tuple[float | None, str]:

@@ -102,8 +102,9 @@ class _Trainer:
             holder.model.config if holder.model is not None else holder.model_name,
             method=self.method,
             device_type=self._device_type(),
-            lora_r=lora.r if lora else 16,
+            lora_r=lora.r if lora else LoRAConfig.r,
             lora_dropout=lora.lora_dropout if lora else 0.0,
+            lora_targets=lora.target_modules if lora else None,
             rows_per_example=self.rows_per_example,
             trust_remote_code=holder.trust_remote_code,
         )

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from fastapi import Body, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
 from aift.errors import AiftError
+from aift.export.run import FORMATS, GGUF_QUANTS, run_export
 from aift.webui import data as webdata
 from aift.webui import runs
 
@@ -185,10 +185,10 @@ def create_app(runs_dir: str | Path = "runs", data_dirs: list[str | Path] | None
     @app.post("/api/runs/{name}/export")
     def export(name: str, body: dict = Body(default={})):
         path = runs.run_dir(runs_dir, name)
-        fmt = _choice(body.get("format", "gguf"), "format", ("gguf", "safetensors"))
+        fmt = _choice(body.get("format", "gguf"), "format", FORMATS)
         if fmt == "safetensors":
             return _export_safetensors(path)
-        return _export_gguf(path, _choice(body.get("quant", "f16"), "quant", ("f32", "f16", "bf16", "q8_0")))
+        return _export_gguf(path, _choice(body.get("quant", "f16"), "quant", GGUF_QUANTS))
 
     @app.get("/runs/{name}/exports/{file}")
     def download(name: str, file: str):
@@ -259,40 +259,21 @@ def _stream(loaded, messages: list[dict], settings) -> Iterator[str]:
 
 
 def _export_safetensors(path: Path) -> dict:
-    from aift.export.merge import merge_adapter, save_plain_folder
-    from aift.models.run_folder import is_adapter_dir
-
-    final = _final_dir(path)
     out = path / "exports" / "safetensors"
     out.parent.mkdir(exist_ok=True)
-    if is_adapter_dir(final):
-        merge_adapter(final, out, dtype="bf16", overwrite=True)
-    else:
-        save_plain_folder(str(final), out, dtype="bf16", overwrite=True)
+    run_export(_final_dir(path), out, format="safetensors", dtype="bf16", overwrite=True)
     return {"path": str(out)}
 
 
 def _export_gguf(path: Path, quant: str) -> dict:
-    from aift.export.gguf_writer import export_gguf
-    from aift.export.merge import merge_adapter
-    from aift.export.verify import verify_gguf
-    from aift.models.run_folder import is_adapter_dir
-
-    final = _final_dir(path)
     exports = path / "exports"
     exports.mkdir(exist_ok=True)
-    target = exports / f"{path.name}.{quant}.gguf"
-    with tempfile.TemporaryDirectory(prefix=".aift-merge-", dir=exports) as tmp:
-        source = final
-        if is_adapter_dir(final):  # a GGUF is written from a whole model (as `aift export`)
-            source = merge_adapter(final, Path(tmp) / "merged", dtype="fp32")
-        export_gguf(source, target, quant=quant)
-        check = verify_gguf(source, target, quant)
+    result = run_export(_final_dir(path), exports / f"{path.name}.{quant}.gguf", quant=quant)
     return {
-        "path": str(target),
-        "file": target.name,
-        "size_mb": round(target.stat().st_size / 1e6, 1),
-        "passed": bool(check["passed"]),
-        "greedy_match": bool(check["greedy_match"]),
-        "max_abs_logit_diff": float(check["max_abs_logit_diff"]),
+        "path": str(result.path),
+        "file": result.path.name,
+        "size_mb": round(result.size_mb, 1),
+        "passed": result.passed,
+        "greedy_match": bool(result.check["greedy_match"]),
+        "max_abs_logit_diff": float(result.check["max_abs_logit_diff"]),
     }

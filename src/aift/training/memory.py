@@ -16,6 +16,10 @@ input (h) is kept, plus one layer being recomputed. The logits cost d + 8 bytes 
 entry (the logits, the fp32 log-softmax cross-entropy keeps, and its fp32 gradient). With gradient
 accumulation, the largest gradient is also in flight before it is added (two for a tied head). Each GPU
 also loses about 0.5 GB to the CUDA context. bench/results/plan/ checks these terms against measured peaks.
+
+The adapted layers are the run's ``target_modules`` (LoRAConfig's): module names such as ``q_proj``, or
+``all-linear`` (None) for every linear layer of the decoder blocks. `aift plan` places these bytes on devices
+(:mod:`aift.distributed.planning`); ``gradient_checkpointing: auto`` asks :func:`one_device_estimate`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from aift.config import ALL_LINEAR, LoRAConfig
 from aift.errors import AiftError
 
 METHODS = ("full", "lora", "qlora")
@@ -33,7 +38,8 @@ DTYPE_BYTES = {"bf16": 2, "fp32": 4}  # bf16: aift's dtype on CUDA GPUs; fp32: o
 # Per element dropout zeroes: CUDA's fused dropout keeps a bool mask; the CPU's multiplies by a noise tensor
 # of the input's dtype and keeps that.
 DROPOUT_MASK_BYTES = {"bf16": 1, "fp32": 4}
-DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CUDA_CONTEXT_BYTES = 0.5 * 1024**3  # CUDA context, cuBLAS workspace and allocator slack on every GPU
+LORA_R = LoRAConfig.r  # what a LoRA run adapts with unless told otherwise
 
 
 class PlanningError(AiftError, ValueError):
@@ -87,6 +93,18 @@ def _in_decoder_layers(name: str, layer_prefix: str) -> bool:
     return name.startswith(layer_prefix + ".")
 
 
+def _is_target(weight_name: str, lora_targets) -> bool:
+    """Whether a decoder linear's weight is adapted: every one for all-linear (None), else by module name."""
+    if lora_targets is None or (isinstance(lora_targets, str) and lora_targets.lower() in ALL_LINEAR):
+        return True
+    names = lora_targets.split(",") if isinstance(lora_targets, str) else lora_targets
+    return weight_name.split(".")[-2] in {n.strip() for n in names}
+
+
+def _adapted(name: str, linears, prefix: str, lora_targets) -> bool:
+    return name in linears and _in_decoder_layers(name, prefix) and _is_target(name, lora_targets)
+
+
 def layer_prefix_of(model) -> str:
     """The module path of the decoder-layer list (``model.layers`` for llama; others vary)."""
     import torch.nn as nn
@@ -105,7 +123,7 @@ def dtype_bytes(dtype: str) -> int:
 
 
 def parameter_bytes(
-    model, method: str, lora_r: int = 16, lora_targets=DEFAULT_LORA_TARGETS, dtype: str = "bf16"
+    model, method: str, lora_r: int = LORA_R, lora_targets=None, dtype: str = "bf16"
 ) -> dict[str, MemoryEstimate]:
     """Parameter name -> memory of that parameter (with its adapter, if any) during training."""
     if method not in METHODS:
@@ -118,7 +136,7 @@ def parameter_bytes(
         if method == "full":
             out[name] = MemoryEstimate(weights=d * n, gradients=d * n, optimizer=2 * d * n)
             continue
-        adapted = name in linears and _in_decoder_layers(name, prefix) and name.split(".")[-2] in lora_targets
+        adapted = _adapted(name, linears, prefix, lora_targets)
         quantized = method == "qlora" and name in linears and _in_decoder_layers(name, prefix)
         base = MemoryEstimate(weights=(NF4_BYTES if quantized else d) * n)
         if adapted:
@@ -128,16 +146,12 @@ def parameter_bytes(
     return out
 
 
-def trainable_count(model, method: str, lora_r: int = 16, lora_targets=DEFAULT_LORA_TARGETS) -> int:
+def trainable_count(model, method: str, lora_r: int = LORA_R, lora_targets=None) -> int:
     params = unique_parameters(model)
     if method == "full":
         return sum(p.numel() for p in params.values())
     linears, prefix = _linear_shapes(model), layer_prefix_of(model)
-    return sum(
-        lora_r * sum(linears[n])
-        for n in params
-        if n in linears and _in_decoder_layers(n, prefix) and n.split(".")[-2] in lora_targets
-    )
+    return sum(lora_r * sum(linears[n]) for n in params if _adapted(n, linears, prefix, lora_targets))
 
 
 @dataclass(frozen=True)
@@ -195,7 +209,7 @@ def activation_model(
     )
 
 
-def dropout_width(model, method: str, lora_dropout: float, lora_targets=DEFAULT_LORA_TARGETS) -> int:
+def dropout_width(model, method: str, lora_dropout: float, lora_targets=None) -> int:
     """Input features of one decoder layer's adapted linears: what LoRA dropout copies per token (0 without)."""
     if method == "full" or lora_dropout == 0:
         return 0
@@ -203,7 +217,7 @@ def dropout_width(model, method: str, lora_dropout: float, lora_targets=DEFAULT_
     return sum(
         n_in
         for name, (n_in, _) in _linear_shapes(model).items()
-        if name.startswith(first_layer) and name.split(".")[-2] in lora_targets
+        if name.startswith(first_layer) and _is_target(name, lora_targets)
     )
 
 
@@ -228,3 +242,42 @@ def head_param_name(model) -> str:
         if head is not None and p is head.weight:
             return name
     return next(reversed(params))
+
+
+def one_device_estimate(model, per_param: Mapping[str, MemoryEstimate], acts: ActivationModel) -> MemoryEstimate:
+    """Memory of training the whole model on one device: every parameter, layer, the logits and a gradient in flight.
+
+    The sum in the order the planner's per-device estimate takes it, so that both give the same bytes.
+    """
+    total = MemoryEstimate()
+    for est in per_param.values():
+        total = total + est
+    total = total + MemoryEstimate(activations=acts.layers(len(model.get_submodule(layer_prefix_of(model)))))
+    return total + MemoryEstimate(gradients=gradient_in_flight(model, per_param), activations=acts.logits)
+
+
+def load_model_config(model: Any, trust_remote_code: bool = False):
+    """A transformers config from a config object, a registered alias, a folder or a hub id."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(model, PretrainedConfig):
+        return model
+    from aift.models.loading import check_trust_remote_code, explain_load_failure, resolve_model_path
+
+    check_trust_remote_code(str(model), trust_remote_code)
+    path = resolve_model_path(str(model))
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise explain_load_failure(str(model), e) from e
+
+
+def empty_model(config):
+    """The model of ``config`` on the meta device, with tied weights tied (so they count once)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()
+    return model

@@ -2,14 +2,15 @@
 
 ```python
 from aift.config import resolve_train_configs
-from aift.training import train
+from aift.distributed.entry import train
 configs = resolve_train_configs("configs/smollm2-135m-instruct/lora.yaml", ["max_steps=10"])
 result = train(configs.training, configs.lora, configs.preference)
 ```
 
 Which trainer: a preference config -> PreferenceTrainer; a strategy other than plain DDP, a DeepSpeed config,
 an expected world size or a launcher's environment -> AdvancedMultiGPUTrainer (it sets Accelerate up for
-several devices); otherwise FullFinetuningTrainer, or LoRAFinetuningTrainer with a LoRA config.
+several devices); otherwise FullFinetuningTrainer, or LoRAFinetuningTrainer with a LoRA config. It lives here,
+above `aift.training`, because one of its answers is the multi-device trainer.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import os
 
 from aift.config import LoRAConfig, PreferenceConfig, TrainingConfig
+from aift.distributed.launch import under_launcher
 from aift.errors import AiftError
 
 
@@ -60,8 +62,6 @@ def train(
 
 def needs_device_setup(config: TrainingConfig) -> bool:
     """Whether AdvancedMultiGPUTrainer must set Accelerate up, rather than a plain one-process trainer."""
-    from aift.distributed.launch import under_launcher
-
     return config.strategy != "ddp" or bool(config.deepspeed) or config.world_size > 1 or under_launcher()
 
 

@@ -1,12 +1,12 @@
-"""`aift.training.train` picks the trainer from the configs alone: the same choice for the CLI, web UI and Python."""
+"""`aift.distributed.entry.train` picks the trainer from the configs alone: one choice for the CLI, web UI, Python."""
 
 from __future__ import annotations
 
 import pytest
 
 from aift.config import PreferenceConfig, TrainingConfig
+from aift.distributed.entry import check_preference_strategy, needs_device_setup
 from aift.errors import AiftError
-from aift.training.entry import check_preference_strategy, needs_device_setup
 
 
 @pytest.fixture
