@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from aift.config import LoRAConfig, TrainingConfig
-from aift.models.japanese import JapaneseModel
+from aift.inference.japanese import JapaneseModel
 from aift.training.loop import run_training
 from aift.training.objectives import SFTObjective
 from aift.training.trainers import FullFinetuningTrainer, LoRAFinetuningTrainer

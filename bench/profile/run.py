@@ -72,7 +72,7 @@ def profile(gradient_checkpointing: bool, steps: int, out: Path) -> dict:
     from aift.bench.measure import bench_precision
     from aift.bench.worker import LORA, aift_config, load_split, set_threads
     from aift.config import LoRAConfig
-    from aift.models.japanese import JapaneseModel
+    from aift.inference.japanese import JapaneseModel
     from aift.models.loading import resolve_model_path
     from aift.training.trainers import LoRAFinetuningTrainer
 

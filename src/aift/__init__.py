@@ -11,8 +11,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "JapaneseModel": "aift.models.japanese",
-    "BaseModel": "aift.models.japanese",
+    "JapaneseModel": "aift.inference.japanese",
+    "BaseModel": "aift.inference.japanese",
     "SUPPORTED_MODELS": "aift.models.registry",
     "EMBEDDED_MODEL": "aift.models.registry",
     "ModelNotAvailableError": "aift.models.loading",

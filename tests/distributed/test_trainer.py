@@ -180,7 +180,7 @@ def test_deepspeed_outside_a_launcher_is_refused(monkeypatch, tiny_model_dir, tm
 @pytest.mark.parametrize("config", [{"world_size": 2}, {"strategy": "fsdp"}, {}])
 def test_the_front_door_passes_trust_remote_code(monkeypatch, config):
     """The multi-GPU front door used to drop trust_remote_code; the model holder must receive it, on every path."""
-    import aift.models.japanese
+    import aift.inference.japanese
     from aift.distributed.entry import train
 
     seen = {}
@@ -192,7 +192,7 @@ def test_the_front_door_passes_trust_remote_code(monkeypatch, config):
         seen.update(kwargs, name=name)
         raise Stop
 
-    monkeypatch.setattr(aift.models.japanese, "JapaneseModel", holder)
+    monkeypatch.setattr(aift.inference.japanese, "JapaneseModel", holder)
     with pytest.raises(Stop):
         train(TrainingConfig(model_name="some/model", trust_remote_code=True, **config))
     assert seen["trust_remote_code"] is True and seen["name"] == "some/model"

@@ -122,7 +122,7 @@ def test_a_real_aift_qlora_run_merges_to_its_trained_model(tmp_path, tiny_model_
     """aift's own QLoRA training (settings read back from the aift_meta.json it writes), fp32 compute."""
     from peft import PeftModel
 
-    from aift.models.japanese import JapaneseModel
+    from aift.inference.japanese import JapaneseModel
     from aift.models.loading import load_causal_lm
     from aift.training.trainers import LoRAFinetuningTrainer
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from aift.models.japanese import JapaneseModel
+from aift.inference.japanese import JapaneseModel
 from aift.quant.optimizer import QuantizationOptimizer
 
 TEXTS = ["日本の首都は東京です。", "The capital of France is Paris."]

@@ -231,7 +231,7 @@ def _right_pairs(model, rows: list[dict], pad_token_id: int) -> int:
 def run_aift(spec: dict) -> dict[str, Any]:
     from aift.config import LoRAConfig, PreferenceConfig, TrainingConfig
     from aift.data.prepare import prepare_preference
-    from aift.models.japanese import JapaneseModel
+    from aift.inference.japanese import JapaneseModel
     from aift.training.preference import PreferenceTrainer
 
     holder = JapaneseModel(spec["model"])

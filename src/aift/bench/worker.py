@@ -51,7 +51,7 @@ def load_split(spec: dict, tokenizer) -> tuple[list[dict], list[list[int]], list
 def run_aift(spec: dict) -> dict[str, Any]:
     """aift's own trainer (aift.training), with the levers of spec["levers"]."""
     from aift.config import LoRAConfig
-    from aift.models.japanese import JapaneseModel
+    from aift.inference.japanese import JapaneseModel
     from aift.training.trainers import FullFinetuningTrainer, LoRAFinetuningTrainer
 
     levers = spec["levers"]

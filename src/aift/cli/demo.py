@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from aift.config import LoRAConfig
     from aift.data.prepare import prepare_dataset
     from aift.data.prepared import read_prepared
-    from aift.models.japanese import JapaneseModel
+    from aift.inference.japanese import JapaneseModel
     from aift.models.registry import EMBEDDED_MODEL
     from aift.training.trainers import LoRAFinetuningTrainer
 
@@ -127,9 +127,10 @@ def run(args: argparse.Namespace) -> int:
 @torch.no_grad()
 def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
     """The greedy continuation of a rendered prompt (under bf16 autocast, as the adapter was trained)."""
-    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    from aift.inference.generation import SamplingParams, eos_token_ids, generate_batch
+
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    params = SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=eos_token_ids(model, tokenizer))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        output = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-        )
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        (completion,) = generate_batch(model, [ids], params, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(completion, skip_special_tokens=True).strip()

@@ -36,7 +36,7 @@ def train(
         preference: DPO / ORPO / SimPO / KTO settings; None is supervised fine-tuning.
         merge: With LoRA, also save the base with the adapter merged into ``OUTPUT/merged``.
     """
-    from aift.models.japanese import JapaneseModel
+    from aift.inference.japanese import JapaneseModel
 
     holder = JapaneseModel(
         config.model_name, use_flash_attention=config.use_flash_attention, trust_remote_code=config.trust_remote_code

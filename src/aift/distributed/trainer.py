@@ -33,7 +33,7 @@ from aift.config import LoRAConfig, TrainingConfig
 from aift.distributed.launch import check_world_size, under_launcher
 from aift.distributed.pipeline_backend import check_pipeline_config, train_pipeline
 from aift.errors import AiftError, NotAvailableError
-from aift.models.japanese import JapaneseModel
+from aift.inference.japanese import JapaneseModel
 from aift.training.trainers import FullFinetuningTrainer, LoRAFinetuningTrainer, _Trainer
 
 log = logging.getLogger(__name__)

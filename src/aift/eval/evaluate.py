@@ -22,6 +22,7 @@ import torch
 from aift.data import DataError
 from aift.data.prepared import read_prepare_json, read_split
 from aift.errors import AiftError
+from aift.inference.generation import SamplingParams, eos_token_ids, generate_batch
 from aift.models.run_folder import RunTarget, load_run_model, load_run_tokenizer, resolve_run
 from aift.utils.files import write_json_atomic
 
@@ -118,14 +119,6 @@ def _perplexity(loss: float) -> float:
 # ---------------------------------------------------------------- generation
 
 
-def _stop_ids(model, tokenizer) -> list[int]:
-    """EOS of the tokenizer and of the generation config (chat models often end turns with their own token)."""
-    ids = {tokenizer.eos_token_id}
-    configured = getattr(model.generation_config, "eos_token_id", None)
-    ids.update(configured if isinstance(configured, list) else [configured])
-    return sorted(i for i in ids if i is not None)
-
-
 def _prompt_ids(tokenizer, prompt: str, first_input_id: int) -> list[int]:
     """The prompt's tokens, with BOS in front when the training sequence began with it."""
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -135,41 +128,20 @@ def _prompt_ids(tokenizer, prompt: str, first_input_id: int) -> list[int]:
     return ids
 
 
-@torch.no_grad()
 def generate_answers(model, tokenizer, rows, max_new_tokens: int = 64, batch_size: int = 8, desc: str = "generate"):
     """Greedy answers to each row's `prompt`, decoded without special tokens and stripped."""
-    device = next(model.parameters()).device
     prompts = [_prompt_ids(tokenizer, p, ids[0]) for p, ids in zip(rows["prompt"], rows["input_ids"], strict=True)]
-    stop = _stop_ids(model, tokenizer)
+    params = SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=eos_token_ids(model, tokenizer))
     answers: list[str] = []
     with _progress(len(prompts), desc) as bar:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
-            input_ids, attention_mask = _left_pad(chunk, tokenizer.pad_token_id)
-            out = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=stop,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            new_tokens = out[:, input_ids.shape[1] :]
-            texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            completions = generate_batch(model, chunk, params, pad_token_id=tokenizer.pad_token_id)
+            texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
             # U+FFFD at the end: a multi-byte character cut by max_new_tokens, not part of the answer
             answers += [t.strip().rstrip("\ufffd") for t in texts]
             bar.update(len(chunk))
     return answers
-
-
-def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    longest = max(map(len, sequences))
-    input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    for row, seq in enumerate(sequences):
-        input_ids[row, longest - len(seq) :] = torch.as_tensor(seq)
-        mask[row, longest - len(seq) :] = 1
-    return input_ids, mask
 
 
 # ---------------------------------------------------------------- one model, then base vs fine-tuned

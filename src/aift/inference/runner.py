@@ -7,15 +7,15 @@ answer = stream_answer(loaded, [{"role": "user", "content": "日本の首都は?
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from aift.data.conversation import PromptFormat
 from aift.data.formats import default_system, resolve_format, stored_format
+from aift.inference.generation import SamplingParams, eos_token_ids, generate_batch
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +43,11 @@ class GenerationSettings:
     top_p: float = 0.9
     top_k: int = 50
     greedy: bool = False
-    extra: dict = field(default_factory=dict)
 
-    def kwargs(self) -> dict:
-        if self.greedy or self.temperature <= 0:
-            return {"do_sample": False, "max_new_tokens": self.max_new_tokens, **self.extra}
-        sampling = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
-        return {"do_sample": True, "max_new_tokens": self.max_new_tokens, **sampling, **self.extra}
+    def params(self, stop_token_ids: tuple[int, ...] = ()) -> SamplingParams:
+        """The token-level sampling these settings mean (temperature 0 is greedy)."""
+        temperature = 0.0 if self.greedy else max(self.temperature, 0.0)
+        return SamplingParams(self.max_new_tokens, temperature, self.top_p, self.top_k, stop_token_ids)
 
 
 def load_for_inference(
@@ -119,6 +117,22 @@ class _AnswerStream:
             self.shown = answer
 
 
+class _TokenText:
+    """The text of tokens as they arrive, one new piece per token (empty while a multi-byte character is spelled
+    out by byte tokens). Special tokens are kept: the format's parse_answer cuts at them."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.tokens, self.text = tokenizer, [], ""
+
+    def add(self, token: int) -> str:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=False)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.text = text[len(self.text) :], text
+        return piece
+
+
 @torch.inference_mode()
 def stream_answer(
     loaded: LoadedModel,
@@ -131,37 +145,20 @@ def stream_answer(
     Returns:
         The whole answer (cut at the format's end markers).
     """
-    from transformers import TextIteratorStreamer
-
     settings = settings or GenerationSettings()
     tokenizer, model = loaded.tokenizer, loaded.model
-    prompt = build_prompt(loaded, messages)
-    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=False)
-    kwargs = {
-        **inputs,
-        **settings.kwargs(),
-        "streamer": streamer,
-        "pad_token_id": tokenizer.pad_token_id,
-        "stop_strings": [s for s in loaded.prompt_format.stop_strings(tokenizer) if s],
-        "tokenizer": tokenizer,
-    }
-    errors: list[BaseException] = []
+    ids = tokenizer(build_prompt(loaded, messages), add_special_tokens=False)["input_ids"]
+    stops = [s for s in loaded.prompt_format.stop_strings(tokenizer) if s]
+    answer, text = _AnswerStream(loaded, on_text), _TokenText(tokenizer)
 
-    def work() -> None:
-        try:
-            with torch.inference_mode():
-                model.generate(**kwargs)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-            errors.append(e)
-            streamer.end()
+    def on_token(_: int, token: int) -> bool:
+        answer.feed(text.add(token))
+        return any(stop in answer.raw for stop in stops)  # the format's end marker: the answer is complete
 
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    answer = _AnswerStream(loaded, on_text)
-    for piece in streamer:
-        answer.feed(piece)
-    thread.join()
-    if errors:
-        raise errors[0]
+    params = settings.params(eos_token_ids(model, tokenizer))
+    generate_batch(model, [ids], params, pad_token_id=_pad_id(tokenizer), on_token=on_token)
     return answer.finish()
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -1,6 +1,6 @@
-"""Models: the registry, loading by name, the embedded default, JapaneseModel, and the run folder.
+"""Models: the registry, loading by name, the embedded default and the run folder (JapaneseModel is in aift.inference).
 
-The names below are imported on first use: JapaneseModel needs torch, and `aift.models.run_folder` (the run
+The names below are imported on first use: loading needs torch, and `aift.models.run_folder` (the run
 folder's layout, read by the report and the web UI) must not load it.
 """
 
@@ -9,15 +9,13 @@ from __future__ import annotations
 import importlib
 
 _MODULE_OF = {
-    "BaseModel": "aift.models.japanese",
-    "JapaneseModel": "aift.models.japanese",
     "ModelNotAvailableError": "aift.models.loading",
     "EMBEDDED_MODEL": "aift.models.registry",
     "SUPPORTED_MODELS": "aift.models.registry",
     "ModelSpec": "aift.models.registry",
 }
 
-__all__ = ["EMBEDDED_MODEL", "SUPPORTED_MODELS", "BaseModel", "JapaneseModel", "ModelNotAvailableError", "ModelSpec"]
+__all__ = ["EMBEDDED_MODEL", "SUPPORTED_MODELS", "ModelNotAvailableError", "ModelSpec"]
 
 
 def __getattr__(name: str):

@@ -132,12 +132,15 @@ def pick_attention(use_flash_attention: bool, device: str) -> str:
 
 
 def default_dtype(device: str):
-    """fp32 on CPU and MPS; bf16 on CUDA where supported, else fp16."""
+    """The dtype weights load in: bf16 where the device computes it in hardware (utils.gpu.supports_bf16),
+    fp16 on older CUDA GPUs, else fp32 (an AVX2-only CPU, MPS)."""
     import torch
 
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    from aift.utils.gpu import supports_bf16  # here, not at the top: this module imports without torch
+
+    if supports_bf16(device):
+        return torch.bfloat16
+    return torch.float16 if device.startswith("cuda") else torch.float32
 
 
 def bnb_config(
@@ -202,19 +205,6 @@ def load_causal_lm(
     if "device_map" not in kwargs:
         model.to(device)
     return model
-
-
-def enable_activation_checkpointing(model) -> None:
-    """Non-reentrant activation checkpointing (works with frozen inputs; what torch recommends).
-
-    transformers 5 renamed ``gradient_checkpointing_enable`` (the old name now warns on every call) to
-    ``activation_checkpointing_enable``; the releases before the rename only have the old name.
-    """
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def eval_mode(model):

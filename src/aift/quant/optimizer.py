@@ -19,6 +19,7 @@ import torch
 from aift.data.packing import IGNORE_INDEX
 from aift.errors import NotAvailableError
 from aift.export.folders import atomic_dir, folder_size
+from aift.inference.generation import SamplingParams, generate_batch
 from aift.models.run_folder import read_meta, write_meta
 
 log = logging.getLogger(__name__)
@@ -200,11 +201,9 @@ def _measure(model, inputs: dict, num_runs: int, pad_token_id: int) -> tuple[dic
     labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, IGNORE_INDEX)
     loss = model(**inputs, labels=labels).loss.item()
     new_tokens = 16
-    first = {k: v[:1] for k, v in inputs.items()}
+    first = inputs["input_ids"][0][inputs["attention_mask"][0].bool()].tolist()
     start = time.perf_counter()
-    model.generate(
-        **first, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_token_id
-    )
+    generate_batch(model, [first], SamplingParams(max_new_tokens=new_tokens), pad_token_id=pad_token_id)
     generation_s = time.perf_counter() - start
     stats = {
         "latency_ms_mean": sum(times) / len(times) if times else None,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import queue
 import threading
@@ -30,6 +29,7 @@ import torch
 from aift.data import DataError
 from aift.data.formats import resolve_format, stored_format
 from aift.errors import AiftError
+from aift.inference.generation import SamplingParams, decode, eos_token_ids, pick_token
 from aift.inference.runner import _EXTRA_MARKERS, LoadedModel, _held_back, build_prompt, load_for_inference
 from aift.models.run_folder import RunTarget, adapter_folder, is_adapter_dir, load_run_tokenizer
 
@@ -234,14 +234,8 @@ class _Job:
 
     def pick(self, logits: torch.Tensor) -> int:
         """The next token from this row's last logits."""
-        if self.sampling.temperature == 0:
-            return int(logits.argmax())
-        probs = torch.softmax(logits.float() / self.sampling.temperature, dim=-1)
-        if self.sampling.top_p < 1:
-            sorted_probs, order = probs.sort(descending=True)
-            outside = sorted_probs.cumsum(-1) - sorted_probs > self.sampling.top_p  # keeps the token crossing top_p
-            probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        params = SamplingParams(self.max_tokens, self.sampling.temperature, self.sampling.top_p)
+        return pick_token(logits, params, self.generator)
 
     def advance(self, token: int, eos_ids: set[int]) -> str | None:
         """Takes the next token and streams its text; returns the finish reason once the request is done."""
@@ -449,10 +443,22 @@ class Engine:
             self._jobs.discard(job)
 
     def _run_batch(self, batch: list[_Job]) -> None:
-        served = batch[0].served
-        with _adapter_active(served), torch.inference_mode():
-            for job, reason in _decode(served.loaded, batch):
+        """Decodes the batch together; each request finishes (and streams its end) as soon as it is done."""
+        loaded = batch[0].served.loaded
+        eos_ids = set(eos_token_ids(loaded.model, loaded.tokenizer))
+        pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+
+        def next_token(row: int, logits: torch.Tensor) -> int | None:
+            job = batch[row]
+            token = job.pick(logits)
+            reason = job.advance(token, eos_ids)
+            if reason:
                 self._finish(job, reason)
+                return None
+            return token
+
+        with _adapter_active(batch[0].served):
+            decode(loaded.model, [job.prompt_ids for job in batch], next_token, pad_token_id=pad_id)
 
 
 @contextlib.contextmanager
@@ -467,67 +473,3 @@ def _adapter_active(served: ServedModel):
             yield
     else:
         yield
-
-
-def _eos_ids(loaded: LoadedModel) -> set[int]:
-    ids = getattr(loaded.model.generation_config, "eos_token_id", None)
-    ids = set(ids if isinstance(ids, list) else [ids])
-    return {i for i in (*ids, loaded.tokenizer.eos_token_id) if i is not None}
-
-
-def _cache_argument(model) -> str:
-    """The forward argument that takes the KV cache: recent transformers call it `cache` and warn on the older
-    `past_key_values` (still accepted until 5.40); the floor of our range (5.0) knows only `past_key_values`."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
-
-
-def _left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) with each row padded on the left to the longest."""
-    width = max(map(len, rows))
-    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
-
-
-def _decode(loaded: LoadedModel, batch: list[_Job]) -> Iterator[tuple[_Job, str]]:
-    """Decodes a batch token by token with one KV cache; yields (job, finish reason) as each request ends.
-
-    Rows are left-padded: the attention mask hides the padding and the position ids count only real tokens,
-    so a batched row computes what it would alone. Finished rows leave the batch (and the cache) at once.
-    """
-    from transformers import DynamicCache
-
-    model, tokenizer = loaded.model, loaded.tokenizer
-    eos_ids = _eos_ids(loaded)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    inputs, mask = _left_padded([job.prompt_ids for job in batch], pad_id)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    device = model.device
-    inputs, mask, positions = inputs.to(device), mask.to(device), positions.to(device)
-    cache = DynamicCache(config=model.config)
-    cache_kwarg = _cache_argument(model)
-    active = list(batch)
-    while active:
-        step = {"input_ids": inputs, "attention_mask": mask, "position_ids": positions, cache_kwarg: cache}
-        out = model(**step, use_cache=True)
-        logits = out.logits[:, -1, :]
-        tokens, keep = [], []
-        for row, job in enumerate(active):
-            token = job.pick(logits[row])
-            reason = job.advance(token, eos_ids)
-            if reason:
-                yield job, reason
-            else:
-                keep.append(row)
-                tokens.append(token)
-        if len(keep) < len(active):
-            if not keep:
-                return
-            rows = torch.tensor(keep, device=device)
-            cache.batch_select_indices(rows)
-            mask, positions = mask[rows], positions[rows]
-            active = [active[row] for row in keep]
-        inputs = torch.tensor(tokens, device=device).unsqueeze(1)
-        mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
-        positions = positions[:, -1:] + 1

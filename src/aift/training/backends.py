@@ -105,14 +105,14 @@ def resolve_precision(config: TrainingConfig, device_type: str) -> str:
     if not (config.bf16 or config.fp16):
         return "no"
     if device_type == "cpu":
-        if not gpu.cpu_has_native_bf16():
+        if not gpu.supports_bf16("cpu"):
             _note_emulated_bf16()
             return "no"
         if not config.bf16:
             log.info("note: fp16 was requested on a CPU, which has no fp16 loss scaling; using bf16 autocast")
         return "bf16"
     if device_type == "cuda":
-        if torch.cuda.is_bf16_supported():
+        if gpu.supports_bf16("cuda"):
             return "bf16"
         if config.bf16:
             log.info("note: this GPU has no bf16; using fp16 autocast with loss scaling")

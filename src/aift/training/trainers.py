@@ -21,16 +21,16 @@ from aift.config import LoRAConfig, TrainingConfig
 from aift.data import DatasetError
 from aift.data.prepared import read_prepared
 from aift.errors import AiftError
+from aift.inference.japanese import JapaneseModel
 from aift.lora.model import add_adapters, load_lora_model
-from aift.models.japanese import JapaneseModel
-from aift.models.loading import default_dtype, enable_activation_checkpointing
+from aift.models.loading import default_dtype
 from aift.models.run_folder import FINAL_DIR, MERGED_DIR
 from aift.training.backends import holds_frozen_base_in_bf16
 from aift.training.batching import Examples, to_examples
 from aift.training.checkpointing import resolve_gradient_checkpointing
 from aift.training.loop import RunInfo, TrainResult, run_training
 from aift.training.run_guard import output_dir_lock
-from aift.utils.gpu import get_available_device
+from aift.utils.gpu import enable_activation_checkpointing, get_available_device
 
 log = logging.getLogger(__name__)
 

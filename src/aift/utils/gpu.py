@@ -48,10 +48,18 @@ def get_gpu_memory_info() -> dict:
 
 
 def supports_bf16(device: str) -> bool:
-    """bf16 autocast is worth it on CPUs and on CUDA GPUs of compute capability 8.0+."""
-    if device.startswith("cuda"):
+    """Whether `device` computes bf16 in hardware: CUDA GPUs of compute capability 8.0+, and CPUs with
+    AVX512-BF16 or AMX (cpu_has_native_bf16). Elsewhere bf16 is emulated or missing, and fp32 is faster.
+
+    The one precision rule: training's autocast (training.backends.resolve_precision) and the dtype models
+    load in (models.loading.default_dtype) both ask it.
+    """
+    kind = device.split(":")[0]
+    if kind == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return device == "cpu"
+    if kind == "cpu":
+        return cpu_has_native_bf16()
+    return False
 
 
 def optimize_model_for_gpu(
@@ -65,12 +73,23 @@ def optimize_model_for_gpu(
         torch.backends.cudnn.allow_tf32 = True
     model = model.to(device)
     if gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        from aift.models.loading import enable_activation_checkpointing
-
         enable_activation_checkpointing(model)
         if getattr(model.config, "use_cache", False):
             model.config.use_cache = False
     return model
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing (works with frozen inputs; what torch recommends).
+
+    transformers 5 renamed ``gradient_checkpointing_enable`` (the old name now warns on every call) to
+    ``activation_checkpointing_enable``; the releases before the rename only have the old name.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def clear_gpu_memory() -> None:

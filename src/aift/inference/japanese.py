@@ -8,9 +8,12 @@ from typing import Any
 
 import torch
 
+from aift.data.conversation import PromptFormat
+from aift.data.formats import default_system, resolve_format
+from aift.inference.runner import GenerationSettings, LoadedModel, build_prompt, stream_answer
 from aift.models import loading
 from aift.models.registry import EMBEDDED_MODEL, SUPPORTED_MODELS, ModelSpec
-from aift.utils.gpu import get_available_device
+from aift.utils.gpu import enable_activation_checkpointing, get_available_device
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +101,7 @@ class JapaneseModel(BaseModel):
                 trust_remote_code=self.trust_remote_code,
             )
             if self.gradient_checkpointing:
-                loading.enable_activation_checkpointing(self.model)
+                enable_activation_checkpointing(self.model)
         return self.model
 
     def load(self) -> JapaneseModel:
@@ -120,22 +123,14 @@ class JapaneseModel(BaseModel):
         self.model, self.tokenizer = None, None
         return False
 
-    def resolved_format(self):
+    def resolved_format(self) -> PromptFormat:
         """The PromptFormat for ``self.prompt_format`` (see the class attribute)."""
-        from aift.data.formats import resolve_format
-
         return resolve_format(self.model_name, self.load_tokenizer(), self.prompt_format)
 
     def build_prompt(self, instruction: str, input_text: str | None = None) -> str:
         """The generation prompt in this model's format (stored with a fine-tune, registered, or its chat template)."""
-        from aift.data.formats import default_system
+        return build_prompt(self._loaded(), [_user_message(instruction, input_text)])
 
-        system = default_system(self.model_name)
-        user = {"role": "user", "content": instruction, **({"input": input_text} if input_text else {})}
-        messages = [{"role": "system", "content": system}, user] if system else [user]
-        return self.resolved_format().generation_prompt(messages, self.load_tokenizer())
-
-    @torch.inference_mode()
     def generate_japanese(
         self,
         instruction: str,
@@ -145,23 +140,17 @@ class JapaneseModel(BaseModel):
         top_p: float = 0.9,
         top_k: int = 50,
         do_sample: bool = True,
-        **kwargs: Any,
     ) -> str:
         """Answers an instruction; returns only the answer (cut at the format's end markers, rinna <NL> -> newline)."""
-        tokenizer, model = self.load_tokenizer(), self.load_model()
+        self.load_model()
+        settings = GenerationSettings(max_new_tokens, temperature, top_p, top_k, greedy=not do_sample)
+        return stream_answer(self._loaded(), [_user_message(instruction, input_text)], settings)
+
+    def _loaded(self) -> LoadedModel:
+        """This model as the inference runner takes it (the model itself is loaded only when generating)."""
         fmt = self.resolved_format()
-        prompt = self.build_prompt(instruction, input_text)
-        inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
-        sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
-        output = model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            pad_token_id=tokenizer.pad_token_id,
-            stop_strings=fmt.stop_strings(tokenizer),
-            tokenizer=tokenizer,
-            **sampling,
-            **kwargs,
-        )
-        generated = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=False)
-        return fmt.parse_answer(generated, tokenizer)
+        return LoadedModel(self.model, self.load_tokenizer(), fmt, self.model_name, default_system(self.model_name))
+
+
+def _user_message(instruction: str, input_text: str | None) -> dict:
+    return {"role": "user", "content": instruction, **({"input": input_text} if input_text else {})}
