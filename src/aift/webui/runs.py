@@ -68,6 +68,14 @@ def run_dir(runs_dir: Path, name: str, must_exist: bool = True) -> Path:
     return path
 
 
+def final_dir(path: Path) -> Path:
+    """RUN/final, or WebUIError saying the run has no final model yet."""
+    final = path / "final"
+    if not final.is_dir():
+        raise WebUIError(f"run {path.name!r} has no final model yet (status: {run_status(path)})")
+    return final
+
+
 def _read_json(path: Path) -> dict | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
