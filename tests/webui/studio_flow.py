@@ -18,6 +18,21 @@ CHROMIUM_ARGS = [
 ]
 
 
+PAIRS = [  # small preference data: the Japanese answer over an English or a wrong one
+    {"prompt": "日本の首都はどこですか？", "chosen": "東京です。", "rejected": "大阪です。"},
+    {"prompt": "富士山の高さは？", "chosen": "3776メートルです。", "rejected": "I do not know."},
+    {"prompt": "一年は何日ですか？", "chosen": "365日です。", "rejected": "100日です。"},
+    {"prompt": "水の化学式は？", "chosen": "H2Oです。", "rejected": "CO2です。"},
+    {"prompt": "日本の通貨は？", "chosen": "円です。", "rejected": "ドルです。"},
+    {"prompt": "一週間は何日？", "chosen": "7日です。", "rejected": "10日です。"},
+]
+
+
+def write_pairs(path: Path) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in PAIRS), encoding="utf-8")
+    return path
+
+
 def chromium_path() -> str | None:
     return CHROMIUM if Path(CHROMIUM).is_file() else shutil.which("chromium")
 
