@@ -198,6 +198,15 @@ def test_aift_webui_command_serves_the_page_and_the_runs_on_disk(tmp_path):
         process.wait(timeout=30)
 
 
+def test_the_page_its_script_and_style_are_served(server):
+    status, page = server.request("/")
+    assert status == 200 and '<script src="/static/studio.js">' in page and "/static/studio.css" in page
+    status, script = server.request("/static/studio.js")
+    assert status == 200 and 'api("/api/options")' in script
+    assert server.request("/static/studio.css")[0] == 200
+    assert server.request("/static/%2e%2e/app.py")[0] == 404  # nothing outside static/
+
+
 def test_the_prepared_marker_is_the_one_prepare_writes():
     from aift.data.prepared import PREPARE_JSON
     from aift.webui import data

@@ -1,4 +1,5 @@
-"""The `aift webui` studio: a JSON API over aift's library and one static page (static/index.html).
+"""The `aift webui` studio: a JSON API over aift's library and one static page (static/: index.html, its
+studio.js and studio.css).
 
     from aift.webui.app import create_app
     app = create_app(runs_dir="runs")          # then: uvicorn.run(app, host="127.0.0.1", port=7860)
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
 
 from aift.errors import AiftError
 from aift.webui.data import DataRoots
@@ -43,6 +45,7 @@ def create_app(runs_dir: str | Path = "runs", data_dirs: list[str | Path] | None
     app.middleware("http")(_local_json_only(host))
     app.add_exception_handler(AiftError, _aift_error)
     app.get("/")(_index)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")  # the page's studio.js and studio.css
     for router in ROUTERS:
         app.include_router(router)
     return app
