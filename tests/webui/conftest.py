@@ -1,17 +1,27 @@
-"""The `server` fixture: a real `aift webui` on a temporary runs dir, reading the repo's data/."""
+"""The `server` fixture: a real `aift webui` on a temporary runs dir, reading the repo's data/ and a scratch
+folder; `pairs_file`: small preference data in that folder."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from studio_flow import write_pairs
 from webui_server import REPO, Server
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with Server(tmp_path_factory.mktemp("webui") / "runs", [REPO / "data"]) as running:
+    """The UI on the repo's data/ and a scratch data folder (``server.data_dirs[-1]``) that tests write to."""
+    scratch = tmp_path_factory.mktemp("webui-data")
+    with Server(tmp_path_factory.mktemp("webui") / "runs", [REPO / "data", scratch]) as running:
         yield running
+
+
+@pytest.fixture
+def pairs_file(server) -> Path:
+    """studio_flow.PAIRS as JSONL in the server's scratch data folder."""
+    return write_pairs(server.data_dirs[-1] / "pairs.jsonl")
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,21 @@ CHROMIUM_ARGS = [
 ]
 
 
+PAIRS = [  # small preference data: the Japanese answer over an English or a wrong one
+    {"prompt": "日本の首都はどこですか？", "chosen": "東京です。", "rejected": "大阪です。"},
+    {"prompt": "富士山の高さは？", "chosen": "3776メートルです。", "rejected": "I do not know."},
+    {"prompt": "一年は何日ですか？", "chosen": "365日です。", "rejected": "100日です。"},
+    {"prompt": "水の化学式は？", "chosen": "H2Oです。", "rejected": "CO2です。"},
+    {"prompt": "日本の通貨は？", "chosen": "円です。", "rejected": "ドルです。"},
+    {"prompt": "一週間は何日？", "chosen": "7日です。", "rejected": "10日です。"},
+]
+
+
+def write_pairs(path: Path) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in PAIRS), encoding="utf-8")
+    return path
+
+
 def chromium_path() -> str | None:
     return CHROMIUM if Path(CHROMIUM).is_file() else shutil.which("chromium")
 
@@ -27,32 +42,53 @@ def launch(playwright):
 
 
 def prepare_from_page(
-    page, url: str, source: str, name: str, shots: Path | None, num_samples: str = "8", max_length: str = "48"
+    page,
+    url: str,
+    source: str,
+    name: str,
+    shots: Path | None,
+    num_samples: str = "8",
+    max_length: str = "48",
+    task: str = "sft",
 ) -> None:
-    """Data view: prepare a raw file, then see its preview with the trained tokens highlighted."""
+    """Data view: prepare a raw file, then see its preview with the trained tokens highlighted (preference
+    data: each pair's chosen answer beside its rejected one)."""
     page.goto(url + "/#data")
     page.wait_for_selector("body[data-ready='1']")
     page.fill("#prep-source", source)
     page.fill("#prep-name", name)
+    page.select_option("#prep-task", task)
     page.fill("#prep-num-samples", num_samples)
     page.fill("#prep-max-length", max_length)
     page.fill("#prep-val-ratio", "0.25")
     page.click("#prep-button")
-    page.wait_for_selector("#preview .example .t", timeout=120_000)
+    trained = "#preview .pair .example .t" if task == "preference" else "#preview .example .t"
+    page.wait_for_selector(trained, timeout=120_000)
     if shots:
-        page.screenshot(path=str(shots / "webui-data.png"), full_page=True)
+        shot = "webui-data.png" if task == "sft" else f"webui-data-{task}.png"
+        page.screenshot(path=str(shots / shot), full_page=True)
 
 
 def start_run_from_page(
-    page, url: str, run: str, model: str, dataset: str, options: dict[str, str], method: str, shots: Path | None
+    page,
+    url: str,
+    run: str,
+    model: str,
+    dataset: str,
+    options: dict[str, str],
+    adapter: str,
+    shots: Path | None,
+    method: str = "sft",
 ) -> None:
-    """Train view: pick model, data and method, set options, look at the preview, start."""
+    """Train view: pick model, data, method (sft, dpo, ...) and adapter (lora, qlora, full), set options
+    (``group.name`` for LoRA's and the method's own, e.g. ``lora.r``, ``dpo.beta``), look at the preview, start."""
     page.goto(url + "/#train")
     page.wait_for_selector("body[data-ready='1']")
     page.fill("#run-name", run)
     page.fill("#model-name", model)
-    page.select_option("#dataset-path", label=None, value=dataset)
     page.select_option("#method", method)
+    page.select_option("#adapter", adapter)
+    page.select_option("#dataset-path", label=None, value=dataset)
     page.click("#train-preview-button")
     page.wait_for_selector("#train-preview .example .t", timeout=60_000)
     if not page.locator("#view-train details").evaluate("d => d.open"):
@@ -96,8 +132,9 @@ def send_chat(page, message: str, timeout_s: float = 120) -> str:
     return page.locator("#chat-log .msg.assistant").last.inner_text()
 
 
-def chart_points(page) -> int:
-    return page.locator("#loss-chart circle.train-point").count()
+def chart_points(page, chart: str = "loss") -> int:
+    """Train points drawn on a curve of the run's detail: loss, margins, accuracies, rewards, kl, reward."""
+    return page.locator(f"#{chart}-chart circle.train-point").count()
 
 
 def metrics_steps(run_dir: Path) -> list[int]:

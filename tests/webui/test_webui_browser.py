@@ -1,5 +1,6 @@
 """`aift webui` in headless Chromium: prepare and preview data, train from the page until the loss curve is
-drawn, open the report, merge, export, chat, stop a run, and see the same runs after a restart."""
+drawn, open the report, merge, export, chat, stop a run, and see the same runs after a restart; prepare
+preference pairs and train DPO from the page until its reward curves are drawn."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from studio_flow import (
     prepare_from_page,
     start_run_from_page,
     wait_for_status,
+    write_pairs,
 )
 from webui_server import REPO, Server, wait_for
 
@@ -96,6 +98,48 @@ def test_studio_end_to_end_in_chromium(server, untied_tiny_model_dir, tmp_path):
     with Server(runs_dir, [REPO / "data"]) as restarted:  # a new UI on the same folder: the same runs
         _, listing = restarted.request("/api/runs")
         assert {r["name"]: r["status"] for r in listing["runs"]} == {"tiny-lora": "done", "tiny-stop": "stopped"}
+
+
+def test_a_dpo_run_from_the_page_draws_its_reward_curves(untied_tiny_model_dir, tmp_path):
+    import yaml
+    from playwright.sync_api import sync_playwright
+
+    from aift.training.methods import METHODS
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_pairs(data / "pairs.jsonl")
+    with Server(tmp_path / "runs", [data]) as server, sync_playwright() as playwright:
+        browser = launch(playwright)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+
+        prepare_from_page(page, server.url, "pairs.jsonl", "pairs", tmp_path, num_samples="6", task="preference")
+        chosen, rejected = page.locator("#preview .pair").first.locator(".side").all()
+        assert chosen.locator(".side-head").inner_text().startswith("chosen")
+        assert rejected.locator(".side-head").inner_text().startswith("rejected")
+        assert chosen.locator(".t").inner_text().strip().endswith("<|im_end|>")  # the answer is trained
+
+        page.goto(server.url + "/#train")
+        page.wait_for_selector("body[data-ready='1']")
+        offered = page.locator("#method option").evaluate_all("options => options.map(o => o.value)")
+        assert offered == list(METHODS)  # every registered method is on the form
+        options = {**SHORT_RUN, "max_steps": "2", "eval_steps": "0", "dpo.beta": "0.2"}
+        dataset = server.runs_dir / "datasets" / "pairs"
+        start_run_from_page(
+            page, server.url, "tiny-dpo", str(untied_tiny_model_dir), str(dataset), options, "lora", tmp_path, "dpo"
+        )
+        wait_for_status(page, "done", timeout_s=180)
+        run = server.runs_dir / "tiny-dpo"
+        assert metrics_steps(run) == [1, 2]
+        assert yaml.safe_load((run / "config.yaml").read_text())["PreferenceConfig"]["beta"] == 0.2
+        wait_for(lambda: chart_points(page, "margins") == 2, 10, "2 train points on the reward margin curve")
+        assert chart_points(page, "accuracies") == 2 and chart_points(page, "loss") == 2
+        assert "DPO · lora" in page.inner_text("#run-detail")
+        page.screenshot(path=str(tmp_path / "webui-runs-dpo.png"), full_page=True)
+        assert not errors, errors
+        browser.close()
 
 
 def _library_answer(final, question: str) -> str:

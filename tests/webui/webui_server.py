@@ -25,7 +25,7 @@ class Server:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.runs_dir = runs_dir
+        self.runs_dir, self.data_dirs = runs_dir, data_dirs
         config = uvicorn.Config(
             create_app(runs_dir, data_dirs), host="127.0.0.1", port=self.port, log_level="warning", lifespan="off"
         )

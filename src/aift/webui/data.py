@@ -11,7 +11,7 @@ from typing import Any
 
 from aift.data.prepared import PREPARE_JSON  # torch-free, so the UI still starts without importing torch
 from aift.utils.files import FileFormatError, read_json_object
-from aift.webui.runs import DATASETS_DIR, WebUIError, check_name
+from aift.webui.runs import DATASETS_DIR, WebUIError, check_name, data_task, data_tasks
 
 RAW_SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".parquet")  # the file sources of aift prepare
 _SEARCH_DEPTH = 3  # data/<group>/<dataset>/
@@ -68,15 +68,13 @@ def _walk(root: Path, depth: int, top: Path | None = None):
 
 
 def _prepared_row(path: Path) -> dict[str, Any]:
-    try:
-        info = read_json_object(path / PREPARE_JSON)
-    except (OSError, FileFormatError):  # a listing shows the folder with what it has
-        info = {}
+    info = _info(path)
     counts = info.get("counts") or {}
     return {
         "path": str(path),
         "name": path.name,
         "model": info.get("model"),
+        "task": data_task(path),
         "format": info.get("format"),
         "max_length": info.get("max_length"),
         "train": counts.get("train"),
@@ -85,16 +83,23 @@ def _prepared_row(path: Path) -> dict[str, Any]:
 
 
 def preview(path: Path, n: int, split: str) -> dict[str, Any]:
-    """aift preview's view as JSON: each example as runs of (text, trained); the page escapes and highlights."""
-    from aift.data.preview import preview_dataset
+    """aift preview's view as JSON: each example as runs of (text, trained); the page escapes and highlights.
 
+    Preference data comes as pairs, chosen beside rejected (KTO's labelled rows: one side and the label).
+    """
     if split not in ("train", "test"):
         raise WebUIError(f"split must be train or test, got {split!r}")
-    result = preview_dataset(path, n=max(1, min(int(n), 20)), split=split)
+    n = max(1, min(int(n), 20))
+    if data_task(path) == "preference":
+        return _preview_pairs(path, n, split)
+    from aift.data.preview import preview_dataset
+
+    result = preview_dataset(path, n=n, split=split)
     total = result.trained + result.masked
     return {
         "path": str(path),
         "split": split,
+        "kind": "sft",
         "info": {k: result.info.get(k) for k in ("format", "model", "max_length", "train_on_prompt", "counts")},
         "examples": [
             {
@@ -113,17 +118,50 @@ def preview(path: Path, n: int, split: str) -> dict[str, Any]:
     }
 
 
-def prepare(roots: DataRoots, source_path: str, name: str, options: dict[str, Any]) -> Path:
-    """`aift prepare` on a raw file below the roots, into RUNS/datasets/NAME."""
-    from aift.data.prepare import prepare_dataset
+def _preview_pairs(path: Path, n: int, split: str) -> dict[str, Any]:
+    """`aift preview` of a preference dataset: each pair's sides, trained runs marked, as JSON."""
+    from aift.data.preference import preview_pairs
+    from aift.data.prepared import read_split
+    from aift.models.loading import load_tokenizer
 
+    dataset, info = read_split(path, split, with_prepare_json=True)
+    pairs = preview_pairs(dataset, load_tokenizer(info["tokenizer"]), n)
+    return {
+        "path": str(path),
+        "split": split,
+        "kind": "pairs",
+        "info": {k: info.get(k) for k in ("task", "shape", "format", "model", "max_length", "counts")},
+        "rows": len(dataset),
+        "pairs": [
+            {
+                "index": p.index,
+                "label": p.label,
+                "sides": [
+                    {"name": side, "runs": [[text, trained] for text, trained in runs], "trained": p.trained[side]}
+                    for side, runs in p.sides.items()
+                ],
+            }
+            for p in pairs
+        ],
+    }
+
+
+def _info(path: Path) -> dict[str, Any]:
+    try:
+        return read_json_object(path / PREPARE_JSON)
+    except (OSError, FileFormatError):  # a listing shows the folder with what it has
+        return {}
+
+
+def prepare(roots: DataRoots, source_path: str, name: str, options: dict[str, Any]) -> Path:
+    """`aift prepare` (``task``: sft or preference) on a raw file below the roots, into RUNS/datasets/NAME."""
     source = roots.resolve(source_path)
     if not source.is_file() or source.suffix.lower() not in RAW_SUFFIXES:
         raise WebUIError(f"{source_path} is not a data file ({', '.join(RAW_SUFFIXES)})")
     output = roots.prepared_path(name)
     if output.exists():
         raise WebUIError(f"a dataset named {name!r} exists already in {roots.prepared_dir}; choose another name")
-    allowed = {"model", "format", "max_length", "val_ratio", "num_samples", "train_on_prompt", "system", "seed"}
+    allowed = {"task", "model", "format", "max_length", "val_ratio", "num_samples", "train_on_prompt", "system", "seed"}
     unknown = set(options) - allowed
     if unknown:
         raise WebUIError(f"unknown prepare option(s) {sorted(unknown)}; known: {', '.join(sorted(allowed))}")
@@ -134,5 +172,21 @@ def prepare(roots: DataRoots, source_path: str, name: str, options: dict[str, An
                 kwargs[key] = kind(kwargs[key])
             except (TypeError, ValueError) as e:
                 raise WebUIError(f"{key}: expected a number, got {kwargs[key]!r}") from e
+    task = kwargs.pop("task", "sft")
+    if task not in data_tasks():
+        raise WebUIError(f"task must be one of {', '.join(data_tasks())}; got {task!r}")
     roots.prepared_dir.mkdir(parents=True, exist_ok=True)
+    if task == "preference":
+        return _prepare_preference(source, output, kwargs)
+    from aift.data.prepare import prepare_dataset
+
     return prepare_dataset(source=None, source_path=source, output_dir=output, **kwargs)
+
+
+def _prepare_preference(source: Path, output: Path, kwargs: dict[str, Any]) -> Path:
+    """`aift prepare --task preference`: pairs (or KTO's labelled rows), trained on the answers only."""
+    from aift.data.preference import prepare_preference
+
+    if kwargs.pop("train_on_prompt", False):
+        raise WebUIError("preference data trains on the answers only: train_on_prompt does not apply")
+    return prepare_preference(source_path=source, output_dir=output, **kwargs)

@@ -22,6 +22,7 @@ import psutil
 import yaml
 
 from aift.config import FRONT_DOOR_DEFAULTS, LoRAConfig, TrainingConfig, resolve_train_configs
+from aift.data.prepared import PREPARE_JSON
 from aift.errors import AiftError
 from aift.models.run_folder import CONFIG_FILE, FINAL_DIR, MERGED_DIR, METRICS_FILE, SUMMARY_FILE
 from aift.utils.files import FileFormatError, read_json_object, read_jsonl, write_text_atomic
@@ -45,7 +46,23 @@ HIDDEN_FIELDS = {
     "pipeline_parallel_size",
     "pipeline_schedule",
 }
-METHODS = ("lora", "qlora", "full")
+# How a run trains, crossed with the registered method (aift.training.methods.METHODS) it trains with.
+ADAPTERS = {
+    "lora": "LoRA: small adapters on a frozen base",
+    "qlora": "QLoRA: LoRA on a 4-bit (or 8-bit) base",
+    "full": "Full fine-tuning: every weight",
+}
+# The Runs view's charts: (id, title, metric keys of metrics.jsonl). Each method shows its own, as it logs
+# them: SFT the loss; DPO, ORPO and SimPO reward margins and accuracies (training/objectives.py); KTO its
+# rewards and KL; GRPO its reward and rewards/<fn>.
+CURVES = (
+    ("loss", "Loss", ("loss",)),
+    ("margins", "Reward margin (chosen - rejected)", ("rewards/margins",)),
+    ("accuracies", "Reward accuracy (share of pairs with chosen > rejected)", ("rewards/accuracies",)),
+    ("rewards", "Implicit rewards", ("rewards/chosen", "rewards/rejected")),
+    ("kl", "KL to the reference", ("kl",)),
+    ("reward", "Reward", ("reward", "rewards/<fn>")),
+)
 
 
 class WebUIError(AiftError, ValueError):
@@ -67,6 +84,14 @@ def run_dir(runs_dir: Path, name: str, must_exist: bool = True) -> Path:
     if must_exist and not path.is_dir():
         raise WebUIError(f"no run named {name!r} in {runs_dir}")
     return path
+
+
+def final_dir(path: Path) -> Path:
+    """RUN/final, or WebUIError saying the run has no final model yet."""
+    final = path / FINAL_DIR
+    if not final.is_dir():
+        raise WebUIError(f"run {path.name!r} has no final model yet (status: {run_status(path)})")
+    return final
 
 
 def _read_json(path: Path) -> dict | None:
@@ -161,7 +186,8 @@ def log_tail(path: Path, lines: int = 40) -> str:
     return "\n".join(line.rsplit("\r", 1)[-1] for line in text.splitlines()[-lines:])
 
 
-def method_of(path: Path) -> str | None:
+def adapter_of(path: Path) -> str | None:
+    """lora | qlora | full: how the run trains (train_summary.json calls it its method)."""
     summary = _read_json(path / SUMMARY_FILE) or {}
     if summary.get("method"):
         return summary["method"]
@@ -169,6 +195,19 @@ def method_of(path: Path) -> str | None:
     if not isinstance(lora, dict):
         return "full" if _resolved_config(path) or _request(path) else None
     return "qlora" if lora.get("use_qlora") else "lora"
+
+
+def method_of(path: Path) -> str | None:
+    """The registered method the run trains with (sft, dpo, ...): its request, else a method: of config.yaml."""
+    from aift.training.methods import METHODS
+
+    request, config = _request(path), _resolved_config(path)
+    if request.get("method") in METHODS:
+        return request["method"]
+    for section in config.values():  # a method's options section, as the loop wrote it (PreferenceConfig)
+        if isinstance(section, dict) and section.get("method") in METHODS:
+            return section["method"]
+    return "sft" if adapter_of(path) is not None else None  # a run without a method's options: SFT
 
 
 def run_summary(path: Path) -> dict[str, Any]:
@@ -180,6 +219,7 @@ def run_summary(path: Path) -> dict[str, Any]:
         "name": path.name,
         "status": run_status(path),
         "method": method_of(path),
+        "adapter": adapter_of(path),
         "model": summary.get("model") or (training or {}).get("model_name"),
         "dataset": (training or {}).get("dataset_path"),
         "step": train[-1]["step"] if train else 0,
@@ -198,6 +238,7 @@ def run_detail(path: Path) -> dict[str, Any]:
         **run_summary(path),
         "train": [{k: r.get(k) for k in ("step", "loss", "lr", "tokens_per_s", "epoch")} for r in train],
         "eval": [{k: r.get(k) for k in ("step", "eval_loss", "eval_ppl")} for r in evals],
+        "curves": curves(train, evals),
         "summary": _read_json(path / SUMMARY_FILE),
         "config": _resolved_config(path) or _request(path),
         "exit_code": _exit_code(path),
@@ -205,6 +246,33 @@ def run_detail(path: Path) -> dict[str, Any]:
         "exports": sorted(p.name for p in (path / "exports").iterdir()) if (path / "exports").is_dir() else [],
         "merged": (path / MERGED_DIR).is_dir(),
     }
+
+
+def curves(train: list[dict], evals: list[dict]) -> list[dict[str, Any]]:
+    """The Runs view's charts: loss always; each other one when the run logged its metrics.
+
+    Each chart draws its keys from the train records and, as ``eval_KEY``, from the eval records.
+    """
+    logged = {k for r in train for k in r}
+    charts = []
+    for chart_id, title, keys in CURVES:
+        keys = _reward_keys(logged) if keys == ("reward", "rewards/<fn>") else keys
+        series = [
+            {"key": key, "split": split, "points": points}
+            for key in keys
+            for split, rows, name in (("train", train, key), ("eval", evals, f"eval_{key}"))
+            if (points := [[r["step"], r[name]] for r in rows if isinstance(r.get(name), (int, float))])
+        ]
+        if series or chart_id == "loss":
+            charts.append({"id": chart_id, "title": title, "series": series})
+    return charts
+
+
+def _reward_keys(logged: set[str]) -> tuple[str, ...]:
+    """GRPO's curve: its mean reward, and one per reward function (rewards/<fn>) beside it."""
+    if "reward" not in logged:
+        return ()
+    return ("reward", *sorted(k for k in logged if k.startswith("rewards/")))
 
 
 def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
@@ -227,47 +295,123 @@ def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- starting and stopping
 
 
+def _describe(cls: type, hidden: set[str]) -> list[dict[str, Any]]:
+    """A config dataclass's fields as the form shows them: name, type, default and the field's own help."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        if f.name in hidden:
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        rows.append({"name": f.name, "type": str(f.type), "default": default, "help": f.metadata.get("help", "")})
+    return rows
+
+
 def config_fields() -> dict[str, list[dict[str, Any]]]:
-    """The TrainingConfig and LoRAConfig fields the form shows: name, type, default and the field's own help."""
-
-    def describe(cls: type, hidden: set[str]) -> list[dict[str, Any]]:
-        rows = []
-        for f in dataclasses.fields(cls):
-            if f.name in hidden:
-                continue
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            rows.append({"name": f.name, "type": str(f.type), "default": default, "help": f.metadata.get("help", "")})
-        return rows
-
-    training = describe(TrainingConfig, HIDDEN_FIELDS)
+    """The TrainingConfig and LoRAConfig fields the form shows."""
+    training = _describe(TrainingConfig, HIDDEN_FIELDS)
     for row in training:  # the run starts as `aift train`, from the command line's defaults
         row["default"] = FRONT_DOOR_DEFAULTS.get(row["name"], row["default"])
     return {
         "training": training,
-        # use_qlora and qlora_4bit follow from the method picked (lora / qlora).
-        "lora": describe(LoRAConfig, {"use_qlora", "task_type"}),
+        # use_qlora and qlora_4bit follow from the adapter picked (lora / qlora).
+        "lora": _describe(LoRAConfig, {"use_qlora", "task_type"}),
     }
 
 
-def build_request(method: str, training: dict[str, Any], lora: dict[str, Any] | None) -> dict[str, Any]:
-    """The YAML mapping `aift train` reads, checked by the resolution the CLI uses (unknown keys are errors)."""
+def method_choices() -> list[dict[str, Any]]:
+    """Every registered method, in the registry's order, with its own options (its config dataclass's fields)."""
+    from aift.training.methods import METHODS
+
+    return [
+        {
+            "name": m.name,
+            "summary": m.summary,
+            "task": m.task,
+            "section": m.section,
+            "config": m.config_cls.__name__ if m.config_cls else None,
+            "fields": _describe(m.config_cls, {"method"}) if m.config_cls else [],  # method: the form's select
+        }
+        for m in METHODS.values()
+    ]
+
+
+def data_tasks() -> list[str]:
+    """The `aift prepare --task` kinds of data the registered methods train on, in the registry's order."""
+    from aift.training.methods import METHODS
+
+    return list(dict.fromkeys(m.task for m in METHODS.values()))
+
+
+def build_request(
+    adapter: str,
+    training: dict[str, Any],
+    lora: dict[str, Any] | None,
+    method: str = "sft",
+    options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The YAML mapping `aift train` reads, checked by the resolution the CLI uses (unknown keys are errors).
+
+    Args:
+        adapter: lora, qlora or full.
+        training: TrainingConfig values (strings from the form are typed by the resolution).
+        lora: LoRAConfig values (ignored for full fine-tuning).
+        method: A registered method (sft, dpo, orpo, simpo, kto).
+        options: The method's own options (its config section, e.g. ``preference:`` for DPO).
+    """
+    from aift.training.methods import METHODS
+
+    if adapter not in ADAPTERS:
+        raise WebUIError(f"adapter must be one of {', '.join(ADAPTERS)}; got {adapter!r}")
     if method not in METHODS:
-        raise WebUIError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-    training = {k.replace("-", "_"): v for k, v in (training or {}).items() if v not in ("", None)}
+        hint = " (LoRA, QLoRA and full are the adapter)" if method in ADAPTERS else ""
+        raise WebUIError(f"method must be one of {', '.join(METHODS)}; got {method!r}{hint}")
+    training, options = _given(training), _given(options)
     hidden = HIDDEN_FIELDS & training.keys()
     if hidden:
         raise WebUIError(f"{', '.join(sorted(hidden))} cannot be set here (the UI sets output_dir to the run folder)")
     if not training.get("dataset_path"):
         raise WebUIError("pick a prepared dataset (dataset_path) first")
+    spec = METHODS[method]
+    if options and (spec.section is None or "method" in options):
+        raise WebUIError(f"options {sorted(options)} are not options of method {method}")
+    check_data_task(method, spec.task, Path(training["dataset_path"]))
     lora_values = None
-    if method != "full":
-        lora_values = {k.replace("-", "_"): v for k, v in (lora or {}).items() if v not in ("", None)}
-        lora_values.update({"use_qlora": True} if method == "qlora" else {})
-    checked = resolve_train_configs(training=training, lora=lora_values)  # ConfigError names the field
+    if adapter != "full":
+        lora_values = {**_given(lora), **({"use_qlora": True} if adapter == "qlora" else {})}
+    sections = {spec.section: options} if spec.section else {}  # preference=... for DPO & co
+    checked = resolve_train_configs(training=training, lora=lora_values, method=method, **sections)  # ConfigError
     request: dict[str, Any] = {k: getattr(checked.training, k) for k in training}
     if checked.lora is not None:
         request["lora"] = {k: getattr(checked.lora, k) for k in lora_values}
+    if method != "sft":
+        request["method"] = method
+    if options:
+        request[spec.section] = {k: getattr(getattr(checked, spec.section), k) for k in options}
     return request
+
+
+def _given(values: dict[str, Any] | None) -> dict[str, Any]:
+    """The values the form filled in, with field names in snake_case."""
+    return {k.replace("-", "_"): v for k, v in (values or {}).items() if v not in ("", None)}
+
+
+def data_task(dataset: Path) -> str | None:
+    """The `aift prepare --task` a prepared folder was written by (KTO's labelled rows: preference too)."""
+    try:
+        info = read_json_object(dataset / PREPARE_JSON)
+    except (OSError, FileFormatError):
+        return None
+    task = info.get("task", "sft")
+    return "preference" if task == "kto" else task
+
+
+def check_data_task(method: str, task: str, dataset: Path) -> None:
+    """A clear error before starting, rather than a failed run, when the data is not of the method's task."""
+    found = data_task(dataset)
+    if found is not None and found != task:
+        raise WebUIError(
+            f"method {method} trains on {task} data (aift prepare --task {task}); {dataset.name} holds {found} data"
+        )
 
 
 def start_run(runs_dir: Path, name: str, request: dict[str, Any]) -> subprocess.Popen:
