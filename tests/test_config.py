@@ -9,8 +9,8 @@ from aift.config import (
     from_dict,
     load_yaml,
     parse_overrides,
-    resolve_train_configs,
 )
+from aift.training.configs import resolve_train_configs
 
 
 def test_defaults_match_the_documented_api():

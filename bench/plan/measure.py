@@ -33,7 +33,7 @@ import torch
 from aift.config import LoRAConfig, TrainingConfig
 from aift.inference.japanese import JapaneseModel
 from aift.training.loop import run_training
-from aift.training.objectives import SFTObjective
+from aift.training.objectives.sft import SFTObjective
 from aift.training.trainers import FullFinetuningTrainer, LoRAFinetuningTrainer
 from aift.utils.allocator import find_tcmalloc, tcmalloc_mapped
 

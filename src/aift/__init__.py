@@ -19,7 +19,7 @@ _EXPORTS = {
     "TrainingConfig": "aift.config",
     "LoRAConfig": "aift.config",
     "MultiGPUTrainingConfig": "aift.config",
-    "PreferenceConfig": "aift.config",
+    "PreferenceConfig": "aift.training.objectives.pairs",
     "ConfigError": "aift.config",
     "AiftError": "aift.errors",
     "TextDataset": "aift.data.text_dataset",

@@ -1,9 +1,10 @@
-"""Typed configuration: TrainingConfig (strategy fields included), LoRAConfig, PreferenceConfig.
+"""Typed configuration: TrainingConfig (strategy fields included), LoRAConfig, and how config dataclasses are read.
 
 Each option is documented once, on its field (``metadata["help"]``); YAML files and ``key=value``
 overrides from the CLI go through :func:`from_dict`, which rejects unknown keys with a suggestion.
-:func:`resolve_train_configs` is the one resolution of a training run (YAML < overrides < flags) that
-`aift train`, the web UI and Python callers share.
+ The config of each training method (``PreferenceConfig`` for dpo..kto) lives with its objective in
+:mod:`aift.training.objectives`, and :func:`aift.training.configs.resolve_train_configs`, the one resolution of a
+run (YAML < overrides < flags), reads the method registry there: this module is the bottom layer.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,10 +27,14 @@ class ConfigError(AiftError, ValueError):
     """A configuration value or key is invalid; the message names the field."""
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
+def option(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with its documentation (``metadata["help"]``), read by --help, YAML comments and docs."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
     return field(default=default, metadata={"help": help}, **kw)
+
+
+_f = option  # the short name the fields below use
 
 
 STRATEGIES = ("ddp", "model_parallel", "pipeline", "fsdp", "deepspeed")
@@ -135,8 +139,8 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         _check_positive(self, "batch_size", "gradient_accumulation_steps", "max_length")
-        _check_non_negative(self, "warmup_steps", "max_grad_norm", "eval_steps", "save_steps", "logging_steps")
-        _check_non_negative(self, "skip_nonfinite_steps")
+        check_non_negative(self, "warmup_steps", "max_grad_norm", "eval_steps", "save_steps", "logging_steps")
+        check_non_negative(self, "skip_nonfinite_steps")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.num_epochs <= 0 and self.max_steps <= 0:
@@ -205,69 +209,6 @@ def _target_modules(value: str | list[str]) -> str | list[str]:
     return "all-linear"
 
 
-PREFERENCE_METHODS = ("dpo", "orpo", "simpo", "kto")
-DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
-# TRL's defaults: DPOConfig / ORPOConfig / KTOConfig beta 0.1; SimPO's paper and TRL's docs beta 2.0.
-_DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "simpo": 2.0, "kto": 0.1}
-
-
-@dataclass
-class PreferenceConfig:
-    """Preference tuning after SFT (`aift train --method dpo|orpo|simpo|kto`); defaults are TRL 1.16's."""
-
-    method: str = _f("dpo", "dpo, orpo, simpo (no reference model) or kto (unpaired examples with a label).")
-    beta: float | None = _f(
-        None,
-        "Strength of the preference term: DPO/KTO the deviation from the reference (0.1), IPO its regulariser "
-        "tau, ORPO the odds-ratio weight lambda (0.1), SimPO the reward scale (2.0). None: that default.",
-    )
-    loss_type: str = _f(
-        "sigmoid",
-        "DPO loss: sigmoid (DPO), robust (DPO with label_smoothing), hinge (SLiC) or ipo (IPO, length-normalised).",
-    )
-    label_smoothing: float = _f(
-        0.0, "Probability that a preference label is flipped, in [0, 0.5): used by loss_type=robust and SimPO."
-    )
-    simpo_gamma: float = _f(0.5, "SimPO target reward margin gamma.")
-    rpo_alpha: float | None = _f(
-        None, "DPO/SimPO: add this weight times the chosen answer's per-token NLL (RPO / CPO); None adds none."
-    )
-    desirable_weight: float = _f(1.0, "KTO weight of the desirable (label true) examples.")
-    undesirable_weight: float = _f(1.0, "KTO weight of the undesirable (label false) examples.")
-    precompute_ref_log_probs: bool = _f(
-        False,
-        "Compute the reference log-probs once, before training, instead of a reference forward per step "
-        "(always so for full fine-tuning; LoRA otherwise uses the base with the adapter disabled).",
-    )
-    disable_dropout: bool = _f(True, "Turn dropout off in the model (TRL's default: rewards need deterministic logps).")
-    share_prompt: bool = _f(
-        True,
-        "Run a pair's shared prompt once: one row prompt+chosen+rejected with a mask that hides the chosen answer "
-        "from the rejected one (same log-probs, fewer tokens; SDPA/eager attention only, else off).",
-    )
-
-    def __post_init__(self) -> None:
-        if self.method not in PREFERENCE_METHODS:
-            raise ConfigError(f"method must be one of {', '.join(PREFERENCE_METHODS)}; got {self.method!r}")
-        if self.loss_type not in DPO_LOSS_TYPES:
-            raise ConfigError(f"loss_type must be one of {', '.join(DPO_LOSS_TYPES)}; got {self.loss_type!r}")
-        if self.loss_type != "sigmoid" and self.method != "dpo":
-            raise ConfigError(f"loss_type={self.loss_type!r} applies to method dpo, not {self.method}")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.label_smoothing and not (self.loss_type == "robust" or self.method == "simpo"):
-            raise ConfigError("label_smoothing is used by loss_type=robust (DPO) and by SimPO only (as in TRL)")
-        if self.beta is not None and self.beta <= 0:
-            raise ConfigError(f"beta must be > 0, got {self.beta}")
-        if self.rpo_alpha is not None and self.method in ("orpo", "kto"):
-            raise ConfigError(f"rpo_alpha applies to dpo and simpo, not {self.method}")
-        _check_non_negative(self, "desirable_weight", "undesirable_weight")
-
-    @property
-    def resolved_beta(self) -> float:
-        return self.beta if self.beta is not None else _DEFAULT_BETA[self.method]
-
-
 # Kept so that code written for the separate multi-GPU config keeps working: the strategy fields are
 # TrainingConfig's own, so every front door (CLI, Python, web UI) builds one config shape.
 MultiGPUTrainingConfig = TrainingConfig
@@ -280,7 +221,7 @@ def _check_positive(obj: Any, *names: str) -> None:
             raise ConfigError(f"{name} must be a positive number, got {value!r}")
 
 
-def _check_non_negative(obj: Any, *names: str) -> None:
+def check_non_negative(obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
@@ -381,83 +322,6 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
     return data
-
-
-@dataclass
-class TrainConfigs:
-    """Everything one training run is made of, as every front door (CLI, Python, web UI) resolves it."""
-
-    training: TrainingConfig
-    lora: LoRAConfig | None = None  # None: full fine-tuning
-    preference: PreferenceConfig | None = None  # None: supervised fine-tuning
-
-
-def resolve_train_configs(
-    config: str | Path | Mapping[str, Any] | None = None,
-    overrides: Iterable[str] = (),
-    *,
-    training: Mapping[str, Any] | None = None,
-    lora: Mapping[str, Any] | None = None,
-    preference: Mapping[str, Any] | None = None,
-    method: str | None = None,
-    defaults: Mapping[str, Any] | None = None,
-) -> TrainConfigs:
-    """A YAML config < ``key=value`` overrides < explicit values -> typed configs (what `aift train` runs).
-
-    Args:
-        config: A YAML file, or its mapping: TrainingConfig keys at the top level, LoRAConfig keys under
-            ``lora:`` (its presence means LoRA; ``lora: {use_qlora: true}`` QLoRA), ``method:`` and
-            ``preference:`` (PreferenceConfig keys) for preference tuning.
-        overrides: ``key=value`` items; ``lora.KEY=value``, ``preference.KEY=value`` and ``method=dpo`` too.
-        training: TrainingConfig values that win over both (the CLI's flags).
-        lora: LoRAConfig values that win over both; given, even empty, it turns LoRA on.
-        preference: PreferenceConfig values that win over both.
-        method: sft, or a preference method (dpo, orpo, simpo, kto); wins over the YAML's ``method:``.
-        defaults: TrainingConfig values under everything else (the CLI's :data:`FRONT_DOOR_DEFAULTS`).
-
-    Raises:
-        ConfigError: An unknown key (with a suggestion), a bad value, or preference options without a method.
-    """
-    values = dict(load_yaml(config) if isinstance(config, (str, Path)) else (config or {}))
-    values = {**(defaults or {}), **values}
-    lora_values = _section(values, "lora", "LoRAConfig", " (or be left out for full fine-tuning)")
-    preference_values = _section(values, "preference", "PreferenceConfig") or {}
-    yaml_method = values.pop("method", None)
-    for key, value in parse_overrides(list(overrides)).items():
-        if key == "method":
-            yaml_method = value
-        elif key.startswith("preference."):
-            preference_values[key.removeprefix("preference.")] = value
-        elif key.startswith("lora."):
-            lora_values = {**(lora_values or {}), key.removeprefix("lora."): value}
-        else:
-            values[key] = value
-    values.update(training or {})
-    if lora is not None:
-        lora_values = {**(lora_values or {}), **lora}
-    return TrainConfigs(
-        training=from_dict(TrainingConfig, values),
-        lora=from_dict(LoRAConfig, lora_values) if lora_values is not None else None,
-        preference=_resolve_preference({**preference_values, **(preference or {})}, method or yaml_method),
-    )
-
-
-def _section(values: dict[str, Any], name: str, cls_name: str, hint: str = "") -> dict[str, Any] | None:
-    """Pops the ``name:`` mapping of a YAML config (None when absent or empty)."""
-    section = values.pop(name, None)
-    if section is not None and not isinstance(section, dict):
-        raise ConfigError(f"'{name}:' must be a mapping of {cls_name} keys{hint}")
-    return dict(section) if section is not None else None
-
-
-def _resolve_preference(section: dict[str, Any], method: str | None) -> PreferenceConfig | None:
-    method = method or section.pop("method", None) or "sft"
-    section.pop("method", None)
-    if method == "sft":
-        if section:
-            raise ConfigError(f"preference options {sorted(section)} need --method dpo|orpo|simpo|kto")
-        return None
-    return from_dict(PreferenceConfig, {**section, "method": method})
 
 
 def to_yaml(*configs: Any) -> str:

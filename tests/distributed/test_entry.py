@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from aift.config import PreferenceConfig, TrainingConfig
+from aift.config import TrainingConfig
 from aift.distributed.entry import check_preference_strategy, needs_device_setup
 from aift.errors import AiftError
+from aift.training.objectives.pairs import PreferenceConfig
 
 
 @pytest.fixture

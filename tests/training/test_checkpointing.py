@@ -8,9 +8,10 @@ import logging
 import pytest
 import yaml
 
-from aift.config import ConfigError, TrainingConfig, resolve_train_configs
+from aift.config import ConfigError, TrainingConfig
 from aift.training import checkpointing
 from aift.training.checkpointing import planned_bytes_without_checkpointing, resolve_gradient_checkpointing
+from aift.training.configs import resolve_train_configs
 
 MODEL = "smollm2-135m-instruct"  # only its config is read
 

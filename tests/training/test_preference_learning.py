@@ -25,7 +25,7 @@ def _pairs(n: int, seed: int) -> list[dict]:
 
 
 def _ranked_right(model, objective, rows) -> float:
-    from aift.training.objectives import sequence_logps
+    from aift.training.objectives.logps import sequence_logps
 
     batch = objective.collate(rows)
     with torch.no_grad():
@@ -40,7 +40,7 @@ def test_lora_dpo_ranks_held_out_right_answers_above_wrong_ones(tmp_path, embedd
     from aift import LoRAConfig, PreferenceConfig, PreferenceTrainer, TrainingConfig
     from aift.data.preference import load_preference_rows
     from aift.data.prepare import prepare_preference
-    from aift.training.objectives import PreferenceObjective
+    from aift.training.objectives.pairs import PairObjective
 
     src = tmp_path / "larger.jsonl"
     src.write_text("".join(json.dumps(p) + "\n" for p in _pairs(64, seed=1)), encoding="utf-8")
@@ -67,7 +67,7 @@ def test_lora_dpo_ranks_held_out_right_answers_above_wrong_ones(tmp_path, embedd
     )  # fmt: skip
     model = trainer.train().eval()
     # Measured on two plain rows per pair (the model's own forward), whatever layout training used.
-    objective = PreferenceObjective(
+    objective = PairObjective(
         PreferenceConfig(share_prompt=False), pad_token_id=trainer.model.load_tokenizer().pad_token_id
     )
     after = _ranked_right(model, objective, held_out)

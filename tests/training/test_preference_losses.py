@@ -14,16 +14,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from aift.config import PreferenceConfig
-from aift.training.objectives import (
-    PreferenceObjective,
-    dpo_loss,
-    kto_loss,
-    orpo_loss,
-    reference_mode,
-    sequence_logps,
-    simpo_loss,
-)
+from aift.training.objectives.kto import kto_loss
+from aift.training.objectives.logps import reference_mode, sequence_logps
+from aift.training.objectives.pairs import PairObjective, PreferenceConfig, dpo_loss, orpo_loss, simpo_loss
 
 B, T = 4, 9
 
@@ -206,7 +199,7 @@ def test_reference_with_the_adapter_disabled_equals_a_frozen_copy(tiny_model_dir
     policy = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
     policy.train()
     # Two rows per pair, so that the frozen copy below reads the same batch (prompt sharing: test_prompt_sharing).
-    objective = PreferenceObjective(PreferenceConfig(method="dpo", share_prompt=False), pad_token_id=0)
+    objective = PairObjective(PreferenceConfig(method="dpo", share_prompt=False), pad_token_id=0)
     rows = [
         {"chosen_input_ids": [5, 6, 7, 8, 9], "chosen_labels": [-100, -100, 7, 8, 9],
          "rejected_input_ids": [5, 6, 7, 10], "rejected_labels": [-100, -100, 7, 10]},

@@ -7,8 +7,8 @@ import contextlib
 import pytest
 import torch
 
-from aift.config import PreferenceConfig
-from aift.training.objectives import PreferenceObjective, _forward_logps, dpo_loss
+from aift.training.objectives.logps import forward_logps
+from aift.training.objectives.pairs import PairObjective, PreferenceConfig, dpo_loss
 from aift.training.prompt_sharing import collate_shared, shared_prefix_length
 
 # Prompts of different lengths, answers of different lengths, one pair whose answers share a first token.
@@ -29,8 +29,8 @@ def test_shared_prefix_stops_at_the_answer_or_the_first_difference():
 
 
 def test_one_row_per_pair_holds_fewer_tokens_and_counts_the_same():
-    shared = PreferenceObjective(PreferenceConfig(), pad_token_id=0).collate(ROWS)
-    plain = PreferenceObjective(PreferenceConfig(share_prompt=False), pad_token_id=0).collate(ROWS)
+    shared = PairObjective(PreferenceConfig(), pad_token_id=0).collate(ROWS)
+    plain = PairObjective(PreferenceConfig(share_prompt=False), pad_token_id=0).collate(ROWS)
     assert shared["input_ids"].shape[0] == len(ROWS) and plain["input_ids"].shape[0] == 2 * len(ROWS)
     assert shared["input_ids"].numel() < plain["input_ids"].numel()
     assert (
@@ -54,8 +54,8 @@ def test_shared_log_probs_and_dpo_gradients_equal_two_rows(tiny_model_dir, chunk
     results = {}
     for share in (True, False):
         policy.zero_grad()
-        batch = PreferenceObjective(PreferenceConfig(share_prompt=share), pad_token_id=0).collate(ROWS)
-        logps, lengths = _forward_logps(policy, batch, contextlib.nullcontext, chunk)
+        batch = PairObjective(PreferenceConfig(share_prompt=share), pad_token_id=0).collate(ROWS)
+        logps, lengths = forward_logps(policy, batch, contextlib.nullcontext, chunk)
         n = len(ROWS)
         ref = logps.detach() - 0.3  # any fixed reference
         dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta=0.1).losses.sum().backward()

@@ -12,7 +12,7 @@ from aift.training.backends import AccelerateBackend
 from aift.training.batching import Examples
 from aift.training.loop import Run, RunInfo
 from aift.training.loss import shifted_cross_entropy_sum
-from aift.training.objectives import SFTObjective
+from aift.training.objectives.sft import SFTObjective
 
 TEXTS = [f"質問: {i} たす {i} は?\n回答: {2 * i} です。" + "ね" * (i % 5) for i in range(8)]
 

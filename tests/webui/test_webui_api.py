@@ -12,7 +12,8 @@ import pytest
 import yaml
 from studio_flow import PAIRS
 
-from aift.config import ConfigError, LoRAConfig, TrainingConfig, field_help, resolve_train_configs
+from aift.config import ConfigError, LoRAConfig, TrainingConfig, field_help
+from aift.training.configs import resolve_train_configs
 from aift.webui import runs
 from aift.webui.data import DataRoots
 

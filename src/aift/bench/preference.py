@@ -211,10 +211,10 @@ def reward_accuracy(model, rows: list[dict], pad_token_id: int, batch_pairs: int
 
 
 def _right_pairs(model, rows: list[dict], pad_token_id: int) -> int:
-    from aift.config import PreferenceConfig
-    from aift.training.objectives import PreferenceObjective, sequence_logps
+    from aift.training.objectives.logps import sequence_logps
+    from aift.training.objectives.pairs import PairObjective, PreferenceConfig
 
-    batch = PreferenceObjective(PreferenceConfig(share_prompt=False), pad_token_id).collate(rows)
+    batch = PairObjective(PreferenceConfig(share_prompt=False), pad_token_id).collate(rows)
     inputs = {
         "input_ids": batch["input_ids"].to(model.device),
         "attention_mask": batch["attention_mask"].to(model.device),
@@ -229,9 +229,10 @@ def _right_pairs(model, rows: list[dict], pad_token_id: int) -> int:
 
 
 def run_aift(spec: dict) -> dict[str, Any]:
-    from aift.config import LoRAConfig, PreferenceConfig, TrainingConfig
+    from aift.config import LoRAConfig, TrainingConfig
     from aift.data.prepare import prepare_preference
     from aift.inference.japanese import JapaneseModel
+    from aift.training.objectives.pairs import PreferenceConfig
     from aift.training.preference import PreferenceTrainer
 
     holder = JapaneseModel(spec["model"])

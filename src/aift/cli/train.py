@@ -17,7 +17,7 @@ Preference tuning: ``--method dpo|orpo|simpo|kto`` (or ``method: dpo`` in the YA
 Precedence: the command line's defaults (``gradient_checkpointing: auto``) < YAML < ``key=value`` overrides
 (``lora.r=8`` for LoRA keys) < flags. Unknown keys are errors with a suggestion. ``python scripts/train_sft.py`` takes exactly the same arguments.
 
-This module only maps argparse to the library: :func:`aift.config.resolve_train_configs` resolves, and
+This module only maps argparse to the library: :func:`aift.training.configs.resolve_train_configs` resolves, and
 :func:`aift.distributed.entry.train` picks the trainer, for the web UI and Python callers alike.
 """
 
@@ -33,12 +33,11 @@ from aift.config import (
     FRONT_DOOR_DEFAULTS,
     ConfigError,
     LoRAConfig,
-    PreferenceConfig,
-    TrainConfigs,
     TrainingConfig,
     field_help,
-    resolve_train_configs,
 )
+from aift.training.configs import TrainConfigs, resolve_train_configs
+from aift.training.methods import METHODS, sections
 
 # Set only through YAML or key=value (--strategy and --max-memory-per-gpu come with the launch flags).
 _NO_FLAG = {"world_size", "strategy", "max_memory_per_gpu", "pipeline_parallel_size", "pipeline_schedule"}
@@ -77,21 +76,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lora.add_argument("--use-dora", action="store_true", default=None, help=lora_help["use_dora"])
     lora.add_argument("--use-rslora", action="store_true", default=None, help=lora_help["use_rslora"])
     lora.add_argument("--merge", action="store_true", help="After LoRA training, also save a merged model.")
-    pref_help = field_help(PreferenceConfig)
-    pref = parser.add_argument_group("preference tuning (--method)")
-    pref.add_argument("--method", default=None, choices=("sft", "dpo", "orpo", "simpo", "kto"), help=(
-        "sft (default) or a preference method: " + pref_help["method"]))  # fmt: skip
-    for f in dataclasses.fields(PreferenceConfig):
-        if f.name == "method":
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            pref.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=pref_help[f.name])
-        else:
-            pref.add_argument(flag, default=None, metavar="V", help=pref_help[f.name])
+    _add_method_arguments(parser)
     from aift.distributed.launch import add_launch_arguments
 
     add_launch_arguments(parser)
+
+
+def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    """--method from the registry (aift.training.methods), then each options section's flags (--beta ...)."""
+    methods = parser.add_argument_group("method (--method)")
+    listing = "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
+    methods.add_argument("--method", default=None, choices=list(METHODS), help=f"sft (default). {listing}")
+    for section, cls in sections().items():
+        names = "|".join(m.name for m in METHODS.values() if m.section == section)
+        group = parser.add_argument_group(f"{section} options (--method {names})")
+        help_of = field_help(cls)
+        for f in _option_fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            if f.type in ("bool", bool):
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_of[f.name])
+            else:
+                group.add_argument(flag, default=None, metavar="V", help=help_of[f.name])
+
+
+def _option_fields(cls: type) -> list[dataclasses.Field]:
+    """A method config's fields that are flags (``method`` itself is --method)."""
+    return [f for f in dataclasses.fields(cls) if f.name != "method"]
 
 
 def resolve(args: argparse.Namespace) -> TrainConfigs:
@@ -101,7 +111,7 @@ def resolve(args: argparse.Namespace) -> TrainConfigs:
         raise ConfigError(f"expected one config file, got {yaml_files}; overrides are key=value")
     training = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingConfig) if f.name not in _NO_FLAG}
     training.update(strategy=args.strategy, max_memory_per_gpu=args.max_memory_per_gpu)
-    preference = {f.name: getattr(args, f.name) for f in dataclasses.fields(PreferenceConfig) if f.name != "method"}
+    preference = {f.name: getattr(args, f.name) for f in _option_fields(sections()["preference"])}
     return resolve_train_configs(
         yaml_files[0] if yaml_files else None,
         [i for i in args.items if "=" in i],

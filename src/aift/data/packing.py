@@ -28,6 +28,11 @@ def count_trained_tokens(labels: Sequence[int]) -> int:
     return sum(1 for label in labels[1:] if label != IGNORE_INDEX)
 
 
+def answer_start(labels: Sequence[int]) -> int:
+    """Index of the first trained token (the length when none is trained)."""
+    return next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), len(labels))
+
+
 def trained_positions(labels: torch.Tensor) -> torch.Tensor:
     """The same rule on a ``[..., T]`` label tensor: a ``[..., T-1]`` mask of the trained targets (position 0 never)."""
     return labels[..., 1:] != IGNORE_INDEX

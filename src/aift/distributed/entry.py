@@ -1,7 +1,7 @@
 """`train`: typed configs -> the trainer that serves them. What `aift train` and the web UI's runs call.
 
 ```python
-from aift.config import resolve_train_configs
+from aift.training.configs import resolve_train_configs
 from aift.distributed.entry import train
 configs = resolve_train_configs("configs/smollm2-135m-instruct/lora.yaml", ["max_steps=10"])
 result = train(configs.training, configs.lora, configs.preference)
@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import os
 
-from aift.config import LoRAConfig, PreferenceConfig, TrainingConfig
+from aift.config import LoRAConfig, TrainingConfig
 from aift.distributed.launch import under_launcher
 from aift.errors import AiftError
+from aift.training.objectives.pairs import PreferenceConfig
 
 
 def train(

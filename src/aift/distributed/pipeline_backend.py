@@ -55,6 +55,7 @@ from aift.training.batching import Examples
 from aift.training.checkpoint import CheckpointError, TrainerState
 from aift.training.loop import run_training
 from aift.training.loss import shifted_cross_entropy_sum
+from aift.training.objectives import Objective
 from aift.training.run_guard import output_dir_lock
 
 log = logging.getLogger(__name__)
@@ -198,7 +199,7 @@ class PipelineBackend:
         return [self.train_rows.train([items]) for items in micro_batches]
 
     def forward_backward(
-        self, objective: Any, batches: list[dict], weights: list[float], scale: float, rngs: list
+        self, objective: Objective, batches: list[dict], weights: list[float], scale: float, rngs: list
     ) -> tuple[torch.Tensor, list[dict]]:
         """One pass of the schedule over the step's micro-batches (weights are all 1: no data parallelism).
 
@@ -233,10 +234,12 @@ class PipelineBackend:
         finally:
             self.stage_module.train()
 
-    def eval_batches(self, objective: Any, examples: Examples, batch_size: int, pad_token_id: int) -> Iterator[dict]:
+    def eval_batches(
+        self, objective: Objective, examples: Examples, batch_size: int, pad_token_id: int
+    ) -> Iterator[dict]:
         return self.eval_rows.eval(examples)
 
-    def eval_loss_sum(self, objective: Any, batch: dict) -> tuple[torch.Tensor, dict]:
+    def eval_loss_sum(self, objective: Objective, batch: dict) -> tuple[torch.Tensor, dict]:
         return self._run_schedule(batch, normalizer=1.0, train=False), {}
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:

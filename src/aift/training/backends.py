@@ -35,7 +35,7 @@ from aift.models.loading import eval_mode
 from aift.training import checkpoint as ckpt
 from aift.training.checkpoint import TrainerState
 from aift.training.loss import split_causal_lm
-from aift.training.objectives import to_device
+from aift.training.objectives import Objective, to_device
 from aift.training.segment_attention import PackedAttention
 from aift.training.step import lr_factor
 from aift.utils import gpu
@@ -66,11 +66,13 @@ class Backend(Protocol):
     def autocast(self) -> contextlib.AbstractContextManager: ...
     def collate(self, planner: Any, micro_batches: list) -> list[dict]: ...
     def forward_backward(
-        self, objective: Any, batches: list[dict], weights: list[float], scale: float, rngs: list
+        self, objective: Objective, batches: list[dict], weights: list[float], scale: float, rngs: list
     ) -> tuple[torch.Tensor, list[Metrics]]: ...
     def evaluating(self) -> contextlib.AbstractContextManager: ...
-    def eval_batches(self, objective: Any, examples: Any, batch_size: int, pad_token_id: int) -> Iterable[dict]: ...
-    def eval_loss_sum(self, objective: Any, batch: dict) -> tuple[torch.Tensor, Metrics]: ...
+    def eval_batches(
+        self, objective: Objective, examples: Any, batch_size: int, pad_token_id: int
+    ) -> Iterable[dict]: ...
+    def eval_loss_sum(self, objective: Objective, batch: dict) -> tuple[torch.Tensor, Metrics]: ...
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor: ...
     def optimizer_step(self) -> None: ...
     def skip_step(self) -> None: ...
@@ -234,7 +236,7 @@ class AccelerateBackend:
         return [planner.collate(items) for items in micro_batches]
 
     def forward_backward(
-        self, objective: Any, batches: list[dict], weights: list[float], scale: float, rngs: list
+        self, objective: Objective, batches: list[dict], weights: list[float], scale: float, rngs: list
     ) -> tuple[torch.Tensor, list[Metrics]]:
         """Forward and backward of this process's micro-batches; gradients sync on the last one only."""
         loss_sum, metrics = torch.zeros((), device=self.device), []
@@ -267,10 +269,10 @@ class AccelerateBackend:
         finally:
             self.model.train()
 
-    def eval_batches(self, objective: Any, examples: Any, batch_size: int, pad_token_id: int) -> Iterable[dict]:
+    def eval_batches(self, objective: Objective, examples: Any, batch_size: int, pad_token_id: int) -> Iterable[dict]:
         return objective.eval_batches(examples, batch_size, pad_token_id, self.dp_rank, self.dp_world)
 
-    def eval_loss_sum(self, objective: Any, batch: dict) -> tuple[torch.Tensor, Metrics]:
+    def eval_loss_sum(self, objective: Objective, batch: dict) -> tuple[torch.Tensor, Metrics]:
         return objective.loss_sum(self.model, to_device(batch, self.device), self.autocast)
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:

@@ -46,7 +46,8 @@ from aift.training.backends import (  # make_optimizer, linear_warmup_then_decay
     resolve_precision,
 )
 from aift.training.batching import Examples
-from aift.training.objectives import SFTObjective
+from aift.training.objectives import Objective
+from aift.training.objectives.sft import SFTObjective
 from aift.training.reporting import MetricsLogger, check_loggers
 from aift.training.step import (
     count_step,
@@ -117,7 +118,7 @@ def run_training(
     eval_examples: Examples | None,
     info: RunInfo,
     accelerator_kwargs: dict[str, Any] | None = None,
-    objective: Any = None,
+    objective: Objective | None = None,
     backend: Backend | None = None,
 ) -> TrainResult:
     """Trains ``model`` (already LoRA-wrapped / quantized / checkpointed by the trainer) and saves the run.
@@ -195,7 +196,7 @@ class Run:
         config: TrainingConfig,
         info: RunInfo,
         backend: Backend,
-        objective: Any,
+        objective: Objective,
         train_examples: Examples,
         eval_examples: Examples | None,
     ) -> None:

@@ -1,50 +1,59 @@
-"""The training methods `aift train --method` knows: one registry that the CLI, the web UI and the docs read.
+"""The one registry of training methods: what `aift train --method`, its option flags, the web UI and the docs read.
 
-Placeholder until the objectives branch lands: it follows Contract B of the session plan (Method, METHODS,
-get_method) over today's objectives (:func:`aift.training.objectives.make_objective`, one
-:class:`aift.config.PreferenceConfig` for the four preference methods); the real registry replaces it.
+A method is an objective family (:mod:`aift.training.objectives`), the data task it trains on (an
+``aift prepare --task``), and the dataclass of its options with the YAML mapping / ``key=value`` prefix they go
+under. Adding a method is a family file plus a line here. Insertion order is the order every list shows.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-from aift.config import ConfigError, PreferenceConfig
+from aift.config import ConfigError
+from aift.training.objectives import Objective, kto, pairs, sft
 
 
 @dataclass(frozen=True)
 class Method:
-    name: str  # "sft", "dpo", "orpo", "simpo", "kto"
+    """One ``--method``: ``build(method_config, *, pad_token_id, is_peft, loss_chunk_size, tokenizer)``."""
+
+    name: str
     summary: str  # one line, shown by `aift train --help`, the web UI and the docs
     task: str  # the `aift prepare --task` its data comes from: "sft" | "preference"
-    section: str | None  # its YAML mapping and key=value prefix ("preference" for dpo..kto)
-    config_cls: type | None  # dataclass of its options (field metadata["help"] documents each); None: none
-    build: Callable[..., Any]  # build(method_config, *, pad_token_id, is_peft, loss_chunk_size, tokenizer)
-
-
-def _build(method_config, *, pad_token_id: int, is_peft: bool, loss_chunk_size: int = 0, tokenizer=None):
-    from aift.training.objectives import make_objective  # torch: only when a run is built
-
-    return make_objective(method_config, pad_token_id, is_peft, loss_chunk_size)
-
-
-def _preference(name: str, summary: str) -> Method:
-    return Method(name, summary, "preference", "preference", PreferenceConfig, _build)
+    section: str | None  # its YAML mapping and key=value prefix; None: no options of its own
+    config_cls: type | None  # dataclass of its options (field metadata["help"] documents each)
+    build: Callable[..., Objective]
 
 
 METHODS: dict[str, Method] = {
-    "sft": Method("sft", "Supervised fine-tuning: next-token loss on the answers.", "sft", None, None, _build),
-    "dpo": _preference("dpo", "DPO: prefer the chosen answer over the rejected one, against a frozen reference."),
-    "orpo": _preference("orpo", "ORPO: the SFT loss plus an odds-ratio preference term; no reference model."),
-    "simpo": _preference("simpo", "SimPO: a length-normalised reward margin with a target gap; no reference model."),
-    "kto": _preference("kto", "KTO: single answers labelled desirable or not (pairs too), against a reference."),
-}
+    m.name: m
+    for m in (
+        Method("sft", "supervised fine-tuning: cross-entropy on the answer tokens", "sft", None, None, sft.build),
+        Method("dpo", "DPO on preference pairs, against the reference model", "preference", "preference",
+               pairs.PreferenceConfig, pairs.build),
+        Method("orpo", "ORPO on preference pairs: chosen NLL plus an odds-ratio term, no reference", "preference",
+               "preference", pairs.PreferenceConfig, pairs.build),
+        Method("simpo", "SimPO on preference pairs: length-normalised rewards with a margin, no reference",
+               "preference", "preference", pairs.PreferenceConfig, pairs.build),
+        Method("kto", "KTO on unpaired examples labelled desirable or not, against the reference model",
+               "preference", "preference", pairs.PreferenceConfig, kto.build),
+    )
+}  # fmt: skip
 
 
 def get_method(name: str) -> Method:
-    """The registered method ``name``; ConfigError listing the known names."""
+    """The registered method ``name``; ConfigError listing the known names otherwise."""
     if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+        raise ConfigError(f"method must be one of {', '.join(METHODS)}; got {name!r}")
     return METHODS[name]
+
+
+def sections() -> dict[str, type]:
+    """Each options mapping (``preference``, ...) and the dataclass it holds, in registry order."""
+    return {m.section: m.config_cls for m in METHODS.values() if m.section is not None}
+
+
+def methods_of(section: str) -> list[str]:
+    """The methods whose options go under ``section``."""
+    return [m.name for m in METHODS.values() if m.section == section]

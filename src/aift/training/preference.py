@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import torch
 
-from aift.config import LoRAConfig, PreferenceConfig, TrainingConfig
+from aift.config import LoRAConfig, TrainingConfig
 from aift.errors import AiftError
 from aift.training.batching import Examples
 from aift.training.loop import run_training
-from aift.training.objectives import make_objective
+from aift.training.methods import get_method
+from aift.training.objectives.pairs import PreferenceConfig
 from aift.training.trainers import FullFinetuningTrainer, LoRAFinetuningTrainer, ModelArg
 
 
@@ -65,11 +66,12 @@ class PreferenceTrainer(LoRAFinetuningTrainer):
             )
         self.config.packing = False  # pairs are padded per micro-batch, never packed (config.yaml says so)
         model, tokenizer, train_examples, eval_examples, info = self.prepare(None, None, resume_from_checkpoint)
-        objective = make_objective(
+        objective = get_method(self.preference_config.method).build(
             self.preference_config,
-            tokenizer.pad_token_id,
+            pad_token_id=tokenizer.pad_token_id,
             is_peft=self.lora_config is not None,
             loss_chunk_size=self.config.loss_chunk_size,  # fused log-probs: no full-vocabulary logits
+            tokenizer=tokenizer,
         )
         self.result = run_training(
             model, tokenizer, self.config, train_examples, eval_examples, info,

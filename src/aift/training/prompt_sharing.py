@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import torch
 
-from aift.data.packing import IGNORE_INDEX
+from aift.data.packing import IGNORE_INDEX, answer_start
 
 
 def shared_prefix_length(chosen: list[int], rejected: list[int], chosen_labels: list[int]) -> int:
     """Tokens both sequences start with, at most up to the chosen answer's first trained token."""
-    from aift.training.objectives import answer_start  # objectives imports this module lazily
-
     limit = min(answer_start(chosen_labels), len(chosen), len(rejected))
     n = 0
     while n < limit and chosen[n] == rejected[n]:

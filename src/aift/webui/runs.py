@@ -21,10 +21,11 @@ from typing import Any
 import psutil
 import yaml
 
-from aift.config import FRONT_DOOR_DEFAULTS, LoRAConfig, TrainingConfig, resolve_train_configs
+from aift.config import FRONT_DOOR_DEFAULTS, LoRAConfig, TrainingConfig
 from aift.data.prepared import PREPARE_JSON
 from aift.errors import AiftError
 from aift.models.run_folder import CONFIG_FILE, FINAL_DIR, MERGED_DIR, METRICS_FILE, SUMMARY_FILE
+from aift.training.configs import resolve_train_configs
 from aift.utils.files import FileFormatError, read_json_object, read_jsonl, write_text_atomic
 
 REQUEST_FILE = "webui_request.yaml"  # what the user asked for (TrainingConfig keys + lora:)
