@@ -6,9 +6,13 @@ The public API is imported lazily so that ``import aift`` (and ``aift --help``) 
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("aift")  # pyproject.toml's, the one place the version is written
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "unknown (not installed)"
 
 _EXPORTS = {
     "JapaneseModel": "aift.inference.japanese",

@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from importlib.metadata import version
 
 from aift.cli import main
 
@@ -49,4 +50,4 @@ def test_login_stores_token_0600_and_never_echoes(tmp_path):
 
 def test_python_m_and_missing_model_error():
     p = run_cli("--version")
-    assert p.returncode == 0 and "aift" in p.stdout
+    assert p.returncode == 0 and p.stdout == f"aift {version('aift')}\n"

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import warnings
 
-import pytest
+from optional_pieces import import_optional
 
 from aift.cli.library_noise import install_filters
 
@@ -41,7 +41,7 @@ def test_only_the_known_messages_are_dropped(caplog):
 
 def test_deepspeed_import_says_nothing_on_a_cpu():
     """DeepSpeed logs its accelerator choice to stdout when it is imported (aift imports it for strategy=deepspeed)."""
-    pytest.importorskip("deepspeed")
+    import_optional("deepspeed", "DeepSpeed is not installed (make test installs it)")
     code = "from aift.cli.library_noise import install_filters; install_filters(); import deepspeed; print('ok')"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from dist_helpers import RUN_TIMEOUT_S, clean_env, run_aift, run_with_timeout, train_args, train_losses
+from optional_pieces import import_optional
 
 pytestmark = pytest.mark.slow
 TOLERANCE = 1e-4
@@ -135,7 +136,7 @@ def test_two_nodes_on_loopback_train_together(full_runs, tiny_model_dir, tiny_pr
 def test_deepspeed_zero2_one_process_on_cpu_matches_and_resumes(full_runs, tiny_model_dir, tiny_prepared, tmp_path):
     """DeepSpeed runs on this CPU in one process (Accelerate miscounts several): ZeRO-2 through the same loop gives
     the plain loop's losses, writes a sharded checkpoint, and resumes from it exactly."""
-    pytest.importorskip("deepspeed")
+    import_optional("deepspeed", "DeepSpeed is not installed (make test installs it)")
     _, one = full_runs
     ds = ["--nproc-per-node=1", "--strategy=deepspeed", "--deepspeed=zero2"]
     out = _train(tiny_model_dir, tiny_prepared, tmp_path / "ds", *ds, **{"gradient-accumulation-steps": 2})

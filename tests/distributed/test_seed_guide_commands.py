@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from optional_pieces import import_optional
 
 from aift.config import TrainingConfig
 from aift.distributed.launch import WorldSizeMismatchError, check_local_rank_has_a_gpu
@@ -102,7 +103,7 @@ def test_multi_node_command_resolves_the_7b_config_for_64_gpus(monkeypatch):
 
 
 def test_ds_config_7b_passes_deepspeeds_own_parser():
-    pytest.importorskip("deepspeed")
+    import_optional("deepspeed", "DeepSpeed is not installed (make test installs it)")
     from deepspeed.runtime.config import DeepSpeedConfig
 
     config = TrainingConfig(batch_size=16, gradient_accumulation_steps=1)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from optional_pieces import import_optional
 
 from aift.config import ConfigError, LoRAConfig, MultiGPUTrainingConfig, TrainingConfig
 from aift.distributed.trainer import (
@@ -37,7 +38,7 @@ def test_every_preset_resolves_and_passes_accelerates_plugin(preset):
 
 @pytest.mark.parametrize("preset", DEEPSPEED_PRESETS)
 def test_every_preset_passes_deepspeeds_own_config_parser(preset):
-    pytest.importorskip("deepspeed")
+    import_optional("deepspeed", "DeepSpeed is not installed (make test installs it)")
     from deepspeed.runtime.config import DeepSpeedConfig
 
     parsed = DeepSpeedConfig(resolve_deepspeed_config(preset, CONFIG, world_size=1))
@@ -143,7 +144,7 @@ def test_two_gpu_strategies_train(strategy, tmp_path, tiny_model_dir, tiny_prepa
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 @pytest.mark.parametrize("preset", ["zero2", "zero3"])
 def test_two_gpu_deepspeed_trains(preset, tmp_path, tiny_model_dir, tiny_prepared):
-    pytest.importorskip("deepspeed")
+    import_optional("deepspeed", "DeepSpeed is not installed (make test installs it)")
     losses = _gpu_train(
         tmp_path, tiny_model_dir, tiny_prepared, "--nproc-per-node=2", "--strategy=deepspeed", f"--deepspeed={preset}"
     )

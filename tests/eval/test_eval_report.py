@@ -11,6 +11,7 @@ import subprocess
 import numpy as np
 import pytest
 from eval_fixtures import BENCH_RESULT, write_run
+from optional_pieces import require
 from PIL import Image
 
 from aift.eval.report import ReportError, build_report, discover_runs, load_run, run_row
@@ -119,8 +120,8 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
-@pytest.mark.skipif(_chromium() is None, reason="headless Chromium is not installed (apt-get install -y chromium)")
 def test_report_renders_in_headless_chromium(report, tmp_path):
+    require(_chromium() is not None, "headless Chromium is not installed (apt-get install -y chromium)")
     flags = [
         "--headless",
         "--no-sandbox",

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from optional_pieces import import_optional
 from post_helpers import PROBE
 
 from aift.export.gguf_writer import export_gguf
 from aift.export.verify import default_prompt, llama_cpp_run, reference_run
 
-pytest.importorskip(
-    "llama_cpp", reason="llama-cpp-python is not installed (make setup builds it: setup/build_llama_cpp.sh)"
-)
+import_optional("llama_cpp", "llama-cpp-python is not installed (make test builds it: setup/build_llama_cpp.sh)")
 
 # Tokenized by llama.cpp beside the chat prompt: Japanese, digits, special tokens, runs of spaces and newlines.
 HARD_TEXT = PROBE + "日本語のテキスト 123 and English, with <|im_start|> tokens\n\n  spaces<|im_end|>"

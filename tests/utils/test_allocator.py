@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from optional_pieces import require
 
 from aift.utils.allocator import describe_allocator, find_tcmalloc, physical_cores, should_reexec, tcmalloc_mapped
 
@@ -58,8 +59,8 @@ def run_probe(mode: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.skipif(find_tcmalloc() is None, reason="libtcmalloc.so.4 is not installed")
 def test_subprocess_reexecs_onto_tcmalloc_and_says_so():
+    require(find_tcmalloc() is not None, "libtcmalloc.so.4 is not installed (setup/install_system_libs.sh)")
     out = run_probe("on")
     assert out.stdout.strip() == "MAPPED"
     assert "allocator: tcmalloc" in out.stderr

@@ -5,6 +5,7 @@ preference pairs and train DPO from the page until its reward curves are drawn."
 from __future__ import annotations
 
 import pytest
+from optional_pieces import require
 from studio_flow import (
     chart_points,
     chat_from_page,
@@ -18,10 +19,8 @@ from studio_flow import (
 )
 from webui_server import REPO, Server, wait_for
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(chromium_path() is None, reason="/usr/bin/chromium is absent (setup/install_system_libs.sh)"),
-]
+pytestmark = pytest.mark.slow
+require(chromium_path() is not None, "/usr/bin/chromium is absent (setup/install_system_libs.sh)")
 
 SHORT_RUN = {
     "max_steps": "4",
