@@ -10,9 +10,10 @@ import torch
 
 from aift.training.backends import AccelerateBackend
 from aift.training.batching import Examples
-from aift.training.loop import Run, RunInfo
+from aift.training.loop import Run
 from aift.training.loss import shifted_cross_entropy_sum
 from aift.training.objectives.sft import SFTObjective
+from aift.training.run_files import RunInfo
 
 TEXTS = [f"質問: {i} たす {i} は?\n回答: {2 * i} です。" + "ね" * (i % 5) for i in range(8)]
 

@@ -13,7 +13,7 @@ from aift import FullFinetuningTrainer, LoRAConfig, LoRAFinetuningTrainer, TextD
 from aift.config import ConfigError, TrainingConfig
 from aift.data import DatasetError
 from aift.errors import NotAvailableError
-from aift.training.loop import OutputDirError
+from aift.training.run_files import OutputDirError
 
 TEXTS = [f"質問: {i}月の次は?\n回答: {i + 1}月です。" for i in range(1, 7)]
 TRAIN_KEYS = {

@@ -28,7 +28,8 @@ from aift.models.run_folder import FINAL_DIR, MERGED_DIR
 from aift.training.backends import holds_frozen_base_in_bf16
 from aift.training.batching import Examples, to_examples
 from aift.training.checkpointing import resolve_gradient_checkpointing
-from aift.training.loop import RunInfo, TrainResult, run_training
+from aift.training.loop import TrainResult, run_training
+from aift.training.run_files import RunInfo
 from aift.training.run_guard import output_dir_lock
 from aift.utils.gpu import enable_activation_checkpointing, get_available_device
 
