@@ -185,7 +185,7 @@ def prepare(roots: DataRoots, source_path: str, name: str, options: dict[str, An
 
 def _prepare_preference(source: Path, output: Path, kwargs: dict[str, Any]) -> Path:
     """`aift prepare --task preference`: pairs (or KTO's labelled rows), trained on the answers only."""
-    from aift.data.preference import prepare_preference
+    from aift.data.prepare import prepare_preference
 
     if kwargs.pop("train_on_prompt", False):
         raise WebUIError("preference data trains on the answers only: train_on_prompt does not apply")
