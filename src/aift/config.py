@@ -97,9 +97,11 @@ class TrainingConfig:
         "summary; they do not count toward max_steps); 0 stops the run at the first one.",
     )
     loss_chunk_size: int = _f(
-        0,
+        1024,
         "Fused linear cross-entropy over this many tokens at a time, never holding the full-vocabulary "
-        "logits of the batch; 0 uses the model's own loss.",
+        "logits of the batch (about a quarter less peak memory, same speed and loss); 0 uses the model's own "
+        "loss. Where it cannot work (a biased or soft-capped head, an adapter on lm_head, FSDP, DeepSpeed "
+        "ZeRO-3, pipeline stages) it steps aside by itself, with a log line.",
     )
     torch_compile: bool = _f(False, "torch.compile the model (pays ~100 s of compile on 2 CPU cores; long runs only).")
     frozen_base_bf16: bool = _f(False, "LoRA: hold the frozen base weights in bf16 while adapters stay fp32.")

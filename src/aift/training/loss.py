@@ -11,11 +11,16 @@ masked prompt tokens, the last position of each row) are skipped entirely.
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import torch
 from torch import nn
 
 from aift.data.packing import IGNORE_INDEX
 from aift.errors import NotAvailableError
+
+log = logging.getLogger(__name__)
 
 
 def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -178,3 +183,35 @@ def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_s
     out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
     hidden = out.hidden_states[-1]  # the final norm's output (transformers ties it to last_hidden_state)
     return fused_linear_cross_entropy(hidden, head.weight, batch["labels"], chunk_size=chunk_size)
+
+
+def usable_loss_chunk(model: nn.Module, chunk_size: int, accelerator_kwargs: dict[str, Any] | None = None) -> int:
+    """``chunk_size`` where the fused cross-entropy can run on ``model``, else 0, with a log line saying why.
+
+    The fused loss is on by default, so a model or strategy it cannot serve must not stop the run: it steps
+    aside for a head that is more than ``hidden @ W.T`` (a bias, soft-capping, logit scaling, an adapter on
+    lm_head) and for weights sharded outside forward (FSDP, DeepSpeed ZeRO-3), which ``accelerator_kwargs``
+    (the Accelerator's plugins) announce before the model is wrapped. Pipeline stages say so in their backend.
+    """
+    if chunk_size <= 0:
+        return 0
+    sharding = _sharding_strategy(accelerator_kwargs or {})
+    reason = f"{sharding} shards lm_head outside forward" if sharding else None
+    if reason is None:
+        try:
+            split_causal_lm(model)
+        except NotAvailableError as err:
+            reason = str(err).split(" (set loss_chunk_size=0)")[0]
+    if reason is not None:
+        log.info("fused cross-entropy off, the model's own loss instead: %s", reason)
+        return 0
+    return chunk_size
+
+
+def _sharding_strategy(accelerator_kwargs: dict[str, Any]) -> str | None:
+    if accelerator_kwargs.get("fsdp_plugin") is not None:
+        return "FSDP"
+    deepspeed = accelerator_kwargs.get("deepspeed_plugin")
+    if deepspeed is not None and getattr(deepspeed, "zero_stage", 0) == 3:
+        return "DeepSpeed ZeRO-3"
+    return None

@@ -29,6 +29,7 @@ from aift.training.backends import holds_frozen_base_in_bf16
 from aift.training.batching import Examples, to_examples
 from aift.training.checkpointing import resolve_gradient_checkpointing
 from aift.training.loop import TrainResult, run_training
+from aift.training.loss import usable_loss_chunk
 from aift.training.run_files import RunInfo
 from aift.training.run_guard import output_dir_lock
 from aift.utils.gpu import enable_activation_checkpointing, get_available_device
@@ -86,6 +87,8 @@ class _Trainer:
         set_seed(self.config.seed)
         self.config = dataclasses.replace(self.config, gradient_checkpointing=self._gradient_checkpointing())
         model = self._prepare_model()
+        chunk = usable_loss_chunk(model, self.config.loss_chunk_size, self.accelerator_kwargs)
+        self.config = dataclasses.replace(self.config, loss_chunk_size=chunk)  # config.yaml records what ran
         info = RunInfo(
             method=self.method,
             model_name=self.model.model_name,
