@@ -13,8 +13,8 @@ from aift.serve.engine import (
     QueueFullError,
     Sampling,
     UnknownModelError,
-    load_served_models,
 )
+from aift.serve.models import load_served_models
 
 # Different lengths, so a batch of them is padded.
 PROMPTS = [
