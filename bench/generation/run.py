@@ -20,7 +20,8 @@ import torch
 
 from aift.inference.runner import build_prompt
 from aift.models.embedded import embedded_model_dir
-from aift.serve.engine import Engine, Sampling, load_served_models
+from aift.serve.engine import Engine, Sampling
+from aift.serve.models import load_served_models
 
 HERE = Path(__file__).parent
 # Open-ended prompts of different lengths, so a batch is padded and answers rarely end early.

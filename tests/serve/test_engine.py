@@ -1,5 +1,6 @@
 """The batching engine on the embedded model: batched greedy equals one at a time (left padding, mask and positions
-right), seeded sampling repeats whatever it is batched with, stops, cancellation, the bounded queue, the context."""
+right), seeded sampling repeats whatever it is batched with, requests joining a running batch answer as alone,
+stops, cancellation, the bounded queue, the context."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from aift.serve.engine import (
     QueueFullError,
     Sampling,
     UnknownModelError,
-    load_served_models,
 )
+from aift.serve.models import load_served_models
 
 # Different lengths, so a batch of them is padded.
 PROMPTS = [
@@ -115,3 +116,32 @@ def test_queue_is_bounded_and_requests_are_checked(served):
         engine.submit_chat("smol", _chat("Hi"), Sampling(max_tokens=9000))
     engine.close()
     assert first.result().finish_reason == "cancelled" and engine.pending == 0
+
+
+CONTINUED = ["The weather today is", "Once upon a time, in a small village by the sea, there lived", "1, 2, 3,", "Hi"]
+# A long, B short: B leaves after 3 tokens and C takes its slot while A runs; D takes the next free slot. A and D
+# are greedy, B and C sampled with a seed, so each kind joins a running batch.
+MAX_TOKENS = [16, 3, 6, 4]
+
+
+def _answers(served, max_batch: int):
+    """Every request queued before the worker starts: with max_batch 2, C and D can only join the running batch."""
+    engine = Engine(served, max_batch=max_batch)
+    samplings = [Sampling(max_tokens=n, temperature=i % 2, seed=i) for i, n in enumerate(MAX_TOKENS)]
+    handles = [engine.submit_text("smol", p, s) for p, s in zip(CONTINUED, samplings, strict=True)]
+    engine.start()
+    try:
+        return [(e.answer, e.completion_tokens, e.finish_reason) for e in (h.result() for h in handles)], engine.stats
+    finally:
+        engine.close()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_requests_joining_mid_batch_answer_as_alone(served):
+    alone, alone_stats = _answers(served, max_batch=1)
+    joined, stats = _answers(served, max_batch=2)
+    assert [tokens for _, tokens, _ in alone] == MAX_TOKENS  # all run to max_tokens: the schedule is as planned
+    assert joined == alone
+    assert alone_stats.largest_batch == 1 and stats.largest_batch == 2
+    assert stats.joined == 2 and stats.batches == 1  # C and D joined the one running batch
+    assert stats.completed == 4 and stats.cancelled == 0

@@ -14,7 +14,8 @@ from post_helpers import make_lora_adapter
 from serve_helpers import serve_subprocess
 
 from aift.data.formats import get_format
-from aift.serve.engine import Engine, Sampling, load_served_models
+from aift.serve.engine import Engine, Sampling
+from aift.serve.models import load_served_models
 
 KEY = f"sk-aift-test-{secrets.token_hex(8)}"
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]

@@ -42,6 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="require 'Authorization: Bearer KEY' (default: $AIFT_API_KEY, better: ps shows the command line)",
     )
     parser.add_argument("--max-batch", type=int, default=8, help="requests of one model decoded together")
+    parser.add_argument(
+        "--batching",
+        default="continuous",
+        choices=["continuous", "static"],
+        help="continuous: requests join and leave the running batch at each token; static: a batch runs to its "
+        "last request (the old behaviour, to compare)",
+    )
     parser.add_argument("--max-pending", type=int, default=256, help="requests waiting or running before 429")
     parser.add_argument("--max-tokens", type=int, default=512, help="answer length when a request sets none")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: best available)")
@@ -71,7 +78,13 @@ def run(args: argparse.Namespace) -> int:
         prompt_format=args.format,
         trust_remote_code=args.trust_remote_code,
     )
-    engine = Engine(models, max_batch=args.max_batch, max_pending=args.max_pending, default_max_tokens=args.max_tokens)
+    engine = Engine(
+        models,
+        max_batch=args.max_batch,
+        max_pending=args.max_pending,
+        default_max_tokens=args.max_tokens,
+        batching=args.batching,
+    )
     if not args.api_key and not _is_loopback(args.host):
         log.warning("warning: listening on %s with no --api-key: anyone who can reach it can use it", args.host)
     names = ", ".join(engine.models)

@@ -8,7 +8,8 @@ The HTTP app needs the `serve` extra (fastapi, uvicorn); the engine does not.
 
 from __future__ import annotations
 
-from aift.serve.engine import Engine, Event, Handle, Sampling, ServedModel, load_served_models
+from aift.serve.engine import Engine, Event, Handle, Sampling
+from aift.serve.models import ServedModel, load_served_models
 
 __all__ = ["Engine", "Event", "Handle", "Sampling", "ServedModel", "create_app", "load_served_models"]
 

@@ -14,7 +14,6 @@ process (a UI) can submit to the same engine or hold `engine.model_lock` to use 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import queue
 import threading
@@ -22,16 +21,15 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from aift.data import DataError
-from aift.data.formats import resolve_format, stored_format
 from aift.errors import AiftError
+from aift.inference.batching import RunningBatch, supports_running_batch
 from aift.inference.generation import SamplingParams, decode, eos_token_ids, pick_token
-from aift.inference.runner import _EXTRA_MARKERS, LoadedModel, _held_back, build_prompt, load_for_inference
-from aift.models.run_folder import RunTarget, adapter_folder, is_adapter_dir, load_run_tokenizer
+from aift.inference.runner import _EXTRA_MARKERS, _held_back, build_prompt
+from aift.serve.models import ServedModel, adapter_active
 
 log = logging.getLogger(__name__)
 
@@ -46,70 +44,6 @@ class QueueFullError(AiftError):
 
 class ContextLengthError(DataError):
     """The prompt (plus the tokens asked for) does not fit in the model's context."""
-
-
-@dataclass
-class ServedModel:
-    """One name requests can ask for: a model, or one adapter of a shared base (adapter=None: the base itself)."""
-
-    name: str
-    loaded: LoadedModel
-    adapter: str | None = None
-
-
-def load_served_models(
-    model: str,
-    adapters: dict[str, str] | None = None,
-    *,
-    name: str | None = None,
-    device: str | None = None,
-    prompt_format: str = "auto",
-    trust_remote_code: bool = False,
-) -> list[ServedModel]:
-    """Loads a model (base, merged, quantized or adapter folder), or a base with several LoRA adapters on it.
-
-    With adapters the base is loaded once and each adapter is added to it with peft; the base is served too,
-    under `name` (default: `model` as given), and each adapter under its key. Each answers in the prompt
-    format it was trained with (its aift_meta.json), unless `prompt_format` names one.
-    """
-    base_name = name or model
-    if not adapters:
-        return [ServedModel(base_name, load_for_inference(model, None, device, prompt_format, trust_remote_code))]
-    if is_adapter_dir(model):
-        raise AiftError(f"{model} is an adapter folder; pass its base model as --model and it as --adapter NAME=PATH")
-    if base_name in adapters:
-        raise AiftError(f"adapter name {base_name!r} is also the base model's name; choose another")
-    from peft import PeftModel
-
-    folders = {adapter_name: _adapter_dir(adapter_name, path) for adapter_name, path in adapters.items()}
-    base = load_for_inference(model, None, device, prompt_format, trust_remote_code)
-    (first, first_dir), *rest = folders.items()
-    peft_model = PeftModel.from_pretrained(base.model, first_dir, adapter_name=first)
-    for adapter_name, folder in rest:
-        peft_model.load_adapter(str(folder), adapter_name=adapter_name)
-    peft_model.eval()
-    served = [
-        ServedModel(base_name, LoadedModel(peft_model, base.tokenizer, base.prompt_format, base_name, base.system))
-    ]
-    for adapter_name, path in folders.items():
-        tokenizer = load_run_tokenizer(RunTarget(base=model, adapter=str(path)), trust_remote_code)
-        if len(tokenizer) != len(base.tokenizer):
-            raise AiftError(
-                f"adapter {adapter_name!r} ({path}) has a different vocabulary than {model}; "
-                "merge it (aift merge) and serve the merged folder on its own"
-            )
-        fmt = resolve_format(path if stored_format(path) else model, tokenizer, prompt_format)
-        log.info("adapter %s: prompt format %s", adapter_name, fmt.name)
-        loaded = LoadedModel(peft_model, tokenizer, fmt, adapter_name, base.system)
-        served.append(ServedModel(adapter_name, loaded, adapter=adapter_name))
-    return served
-
-
-def _adapter_dir(name: str, path: str) -> Path:
-    try:
-        return adapter_folder(path)
-    except AiftError as e:
-        raise AiftError(f"adapter {name!r}: {e}") from None
 
 
 @dataclass
@@ -266,11 +200,15 @@ class _Job:
 class EngineStats:
     """Counters, for /health and tests."""
 
-    batches: int = 0
+    batches: int = 0  # continuous: times the batch started from empty
     largest_batch: int = 0
+    joined: int = 0  # continuous: requests that joined a batch already running
     completed: int = 0
     cancelled: int = 0
     failed: int = 0
+
+
+BATCHING = ("continuous", "static")
 
 
 class Engine:
@@ -281,18 +219,36 @@ class Engine:
         max_batch: Requests of the same model decoded together.
         max_pending: Requests admitted at once (waiting or generating); one more raises QueueFullError.
         default_max_tokens: Tokens generated when a request gives no max_tokens (within the context).
+        batching: "continuous": a queued request joins the running batch at the next token and a finished one
+            leaves it at once; "static": a batch is formed from the queue and runs until its last request ends
+            (the behaviour before continuous batching, kept to compare). A model whose KV cache cannot be
+            realigned per row (sliding-window or linear-attention layers) is served static.
     """
 
-    def __init__(self, models: list[ServedModel], max_batch: int = 8, max_pending: int = 256, default_max_tokens=512):
+    def __init__(
+        self,
+        models: list[ServedModel],
+        max_batch: int = 8,
+        max_pending: int = 256,
+        default_max_tokens: int = 512,
+        batching: str = "continuous",
+    ):
         if not models:
             raise AiftError("no model to serve")
         if max_batch < 1 or max_pending < 1:
             raise AiftError(f"max_batch and max_pending must be at least 1 (got {max_batch}, {max_pending})")
+        if batching not in BATCHING:
+            raise AiftError(f"batching must be one of {', '.join(BATCHING)}, got {batching!r}")
         self.models = {m.name: m for m in models}
         self.max_batch, self.max_pending, self.default_max_tokens = max_batch, max_pending, default_max_tokens
+        if batching == "continuous" and not supports_running_batch(models[0].loaded.model):
+            log.info("this model's KV cache has layers a running batch cannot realign: batching is static")
+            batching = "static"
+        self.batching = batching
         self.created = int(time.time())
         self.stats = EngineStats()
-        self.model_lock = threading.Lock()  # held by the worker while it decodes a batch
+        # held by the worker while it runs the model: a whole batch (static) or one step (continuous)
+        self.model_lock = threading.Lock()
         self._queue: deque[_Job] = deque()
         self._pending = 0
         self._jobs: set[_Job] = set()  # admitted and not finished
@@ -395,6 +351,9 @@ class Engine:
         self._queue.clear()
 
     def _work(self) -> None:
+        if self.batching == "continuous":
+            self._work_continuous()
+            return
         while (batch := self._next_batch()) is not None:
             with self.model_lock:
                 self.stats.batches += 1
@@ -457,19 +416,77 @@ class Engine:
                 return None
             return token
 
-        with _adapter_active(batch[0].served):
+        with adapter_active(batch[0].served):
             decode(loaded.model, [job.prompt_ids for job in batch], next_token, pad_token_id=pad_id)
 
+    # -- continuous batching ------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _adapter_active(served: ServedModel):
-    """Selects the served adapter on a shared peft model; the base answers with all adapters disabled."""
-    model = served.loaded.model
-    if served.adapter is not None:
-        model.set_adapter(served.adapter)
-        yield
-    elif hasattr(model, "disable_adapter"):
-        with model.disable_adapter():
-            yield
-    else:
-        yield
+    def _work_continuous(self) -> None:
+        """One running batch: at each token boundary queued requests join it and finished ones leave it."""
+        rows: list[_Job] = []
+        batch, eos_ids, logits = None, set(), None
+        while (joining := self._joining(rows)) is not None:
+            served = (rows or joining)[0].served
+            try:
+                if not rows:
+                    (batch, eos_ids), logits = self._start_batch(served), None
+                if joining:
+                    with self.model_lock, adapter_active(served):
+                        new = batch.add([job.prompt_ids for job in joining])
+                    logits = new if logits is None else torch.cat([logits, new])
+                    self.stats.joined += len(joining) if rows else 0
+                    rows += joining
+                    self.stats.largest_batch = max(self.stats.largest_batch, len(rows))
+                tokens, keep = self._pick(rows, logits, eos_ids)
+                batch.keep(keep)
+                rows = [rows[row] for row in keep]
+                if rows:
+                    with self.model_lock, adapter_active(served):
+                        logits = batch.step(tokens)
+            except Exception as e:  # noqa: BLE001 - the requests get the error; the server keeps serving
+                log.exception("generation failed")
+                for job in {*rows, *joining}:
+                    self._finish(job, "error", e)
+                rows = []
+
+    def _joining(self, rows: list[_Job]) -> list[_Job] | None:
+        """The queued requests that join the running batch now, up to max_batch rows in all: in arrival order, for
+        the running batch's model, up to the first request for another (which waits for this batch to drain, so
+        no model starves). With no rows, waits for a request; None once the engine is closing and nothing runs."""
+        with self._wake:
+            while not rows and not self._queue and not self._closing:
+                self._wake.wait()
+            if self._closing:
+                return [] if rows else None  # the running rows were cancelled: the next step ends them
+            model = rows[0].served.name if rows else None
+            joining: list[_Job] = []
+            while self._queue and len(rows) + len(joining) < self.max_batch:
+                job = self._queue[0]
+                if job.handle.cancelled.is_set():
+                    self._finish(self._queue.popleft(), "cancelled")
+                    continue
+                if model is not None and job.served.name != model:
+                    break
+                model = job.served.name
+                joining.append(self._queue.popleft())
+            return joining
+
+    def _start_batch(self, served: ServedModel) -> tuple[RunningBatch, set[int]]:
+        """An empty batch for the served model, and its EOS ids."""
+        self.stats.batches += 1
+        loaded = served.loaded
+        pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+        return RunningBatch(loaded.model, pad_token_id=pad_id), set(eos_token_ids(loaded.model, loaded.tokenizer))
+
+    def _pick(self, rows: list[_Job], logits: torch.Tensor, eos_ids: set[int]) -> tuple[list[int], list[int]]:
+        """Each row's next token; finished rows end here. (tokens of the rows that go on, their indices)"""
+        tokens, keep = [], []
+        for row, job in enumerate(rows):
+            token = job.pick(logits[row])
+            reason = job.advance(token, eos_ids)
+            if reason:
+                self._finish(job, reason)
+            else:
+                tokens.append(token)
+                keep.append(row)
+        return tokens, keep
