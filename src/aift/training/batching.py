@@ -35,6 +35,8 @@ class Examples:
     rows: list[Example]
     name: str
     prompt_format: str | None = None
+    # Rows `aift prepare --task pretrain` packed itself: each block's row indices, in order (None: none such).
+    blocks: list[list[int]] | None = None
 
     @property
     def trained_tokens(self) -> int:
@@ -56,7 +58,28 @@ def to_examples(source: Any, tokenizer, max_length: int, name: str, split: str =
     if isinstance(source, (list, tuple)) and source and isinstance(source[0], str):
         source = TextDataset(source, tokenizer, max_length=max_length)
     rows = [_example(source[i], i, name, max_length) for i in range(len(source))]
-    return Examples(rows=rows, name=name, prompt_format=prompt_format)
+    blocks = _prepared_blocks(source, name, max_length)
+    return Examples(rows=rows, name=name, prompt_format=prompt_format, blocks=blocks)
+
+
+def _prepared_blocks(source: Any, name: str, max_length: int) -> list[list[int]] | None:
+    """The blocks of a pretrain dataset (its ``block`` column; -1 for rows packed by the trainer), or None."""
+    if "block" not in getattr(source, "column_names", ()):
+        return None
+    blocks: dict[int, list[int]] = {}
+    sizes: dict[int, int] = {}
+    for i, (block, ids) in enumerate(zip(source["block"], source["input_ids"], strict=True)):
+        if block >= 0:
+            blocks.setdefault(block, []).append(i)
+            sizes[block] = sizes.get(block, 0) + len(ids)
+    longest = max(sizes.values(), default=0)
+    if longest > max_length:
+        raise DatasetError(
+            f"the {name} dataset holds blocks of {longest} tokens packed by `aift prepare --task pretrain`, more "
+            f"than max_length={max_length}: train with --max-length {longest} or prepare it again with "
+            f"--max-length {max_length}"
+        )
+    return [blocks[b] for b in sorted(blocks)]
 
 
 def _example(item: Any, index: int, name: str, max_length: int) -> Example:
@@ -100,11 +123,19 @@ class BatchPlanner:
         lengths = [len(ex["input_ids"]) for ex in self.examples.rows]
         self._lengths = lengths
         # Packing into rows is deterministic; only the order of rows changes between epochs.
-        self._rows = best_fit_decreasing(lengths, self.max_length) if self.packing else None
+        self._rows = self._packed_rows(lengths) if self.packing else None
         if self.packing:
             self._collate = PackedCollator(self.pad_token_id, self.max_length, mask=self.mask)
         else:
             self._collate = PaddedCollator(self.pad_token_id)
+
+    def _packed_rows(self, lengths: list[int]) -> list[list[int]]:
+        """The blocks `aift prepare` packed (pretrain), then the other examples packed best-fit decreasing."""
+        blocks = self.examples.blocks or []
+        in_blocks = {i for block in blocks for i in block}
+        rest = [i for i in range(len(lengths)) if i not in in_blocks]
+        packed = best_fit_decreasing([lengths[i] for i in rest], self.max_length)
+        return [*blocks, *[[rest[k] for k in row] for row in packed]]
 
     @property
     def efficiency(self) -> float:

@@ -406,9 +406,15 @@ def data_task(dataset: Path) -> str | None:
     return "preference" if task == "kto" else task
 
 
+# Data the token-sum objective of SFT trains on besides sft's: raw text, and mixtures of text and SFT rows.
+SFT_TRAINED = ("pretrain", "mixture")
+
+
 def check_data_task(method: str, task: str, dataset: Path) -> None:
     """A clear error before starting, rather than a failed run, when the data is not of the method's task."""
     found = data_task(dataset)
+    if task == "sft" and found in SFT_TRAINED:
+        return
     if found is not None and found != task:
         raise WebUIError(
             f"method {method} trains on {task} data (aift prepare --task {task}); {dataset.name} holds {found} data"
