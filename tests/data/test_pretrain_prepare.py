@@ -98,3 +98,6 @@ def test_cli_pretrain_errors(tmp_path, embedded_dir, capsys):
     assert code == 0, "duplicates are a filter: 4 of 5 dropped is not a broken file"
     assert main([*argv, "--task", "pretrain", "--source-path", str(tmp_path / "nothing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "prose.jsonl").write_text('{"text": "ただの文章。"}\n{"text": "もう一つ。"}\n', encoding="utf-8")
+    assert main([*argv, "--source-path", str(tmp_path / "prose.jsonl")]) == 2  # SFT reads `text` as a dialogue
+    assert "for raw text (continued pretraining) use --task pretrain" in capsys.readouterr().err

@@ -13,7 +13,6 @@ import yaml
 from aift.cli import build_parser, main
 from aift.cli.train import resolve
 from aift.config import LoRAConfig
-from aift.data import DatasetError
 from aift.data.prepare import prepare
 from aift.training.batching import BatchPlanner, to_examples
 
@@ -73,9 +72,16 @@ def test_a_block_keeps_its_documents_apart(pretrain_data, tiny_model_dir, tokeni
     assert int(batch["num_trained_tokens"]) == sum(len(examples.rows[i]["input_ids"]) - 1 for i in block)
 
 
-def test_blocks_longer_than_max_length_are_refused(pretrain_data, tokenizer):
-    with pytest.raises(DatasetError, match="blocks of 64 tokens .* --max-length 64 or prepare it again"):
-        to_examples(pretrain_data, tokenizer, 32, "training")
+def test_blocks_longer_than_the_run_are_packed_again_training_the_same_tokens(pretrain_data, tokenizer):
+    as_prepared = to_examples(pretrain_data, tokenizer, 64, "training")
+    shorter = to_examples(pretrain_data, tokenizer, 24, "training")
+    assert all(sum(len(shorter.rows[i]["input_ids"]) for i in block) <= 24 for block in shorter.blocks)
+    assert len(shorter.blocks) > len(as_prepared.blocks)
+
+    def targets(examples):  # a piece's first token is never a target
+        return sorted(t for block in examples.blocks for i in block for t in examples.rows[i]["labels"][1:])
+
+    assert targets(shorter) == targets(as_prepared) and shorter.trained_tokens == as_prepared.trained_tokens
 
 
 def test_modules_to_save_reads_the_same_from_flag_key_value_and_yaml(tmp_path):
@@ -116,3 +122,15 @@ def test_continued_pretraining_lowers_held_out_perplexity(pretrain_data, tiny_mo
     with safe_open(run / "final" / "adapter_model.safetensors", "pt") as adapter:
         saved = list(adapter.keys())
     assert any("embed_tokens" in key for key in saved), saved  # the embeddings are saved with the adapter
+
+
+def test_the_web_ui_trains_sft_on_text_and_mixtures_only(tmp_path):
+    from aift.webui import runs
+
+    for task in ("pretrain", "mixture"):
+        folder = tmp_path / task
+        folder.mkdir()
+        (folder / "prepare.json").write_text(json.dumps({"task": task}))
+        assert runs.build_request("lora", {"dataset_path": str(folder)}, None)["dataset_path"] == str(folder)
+        with pytest.raises(runs.WebUIError, match=f"method dpo trains on preference data .* holds {task} data"):
+            runs.build_request("lora", {"dataset_path": str(folder)}, None, "dpo")

@@ -8,6 +8,7 @@ plan and skips the micro-batches already trained on, which is what makes resumin
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from dataclasses import dataclass
@@ -24,8 +25,10 @@ from aift.data.packing import (
     packing_efficiency,
 )
 from aift.data.prepared import read_prepared
+from aift.data.pretrain import pack
 
 Example = dict[str, list[int]]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,28 +61,38 @@ def to_examples(source: Any, tokenizer, max_length: int, name: str, split: str =
     if isinstance(source, (list, tuple)) and source and isinstance(source[0], str):
         source = TextDataset(source, tokenizer, max_length=max_length)
     rows = [_example(source[i], i, name, max_length) for i in range(len(source))]
-    blocks = _prepared_blocks(source, name, max_length)
+    blocks = None
+    if "block" in getattr(source, "column_names", ()):
+        rows, blocks = _prepared_blocks(source, rows, name, max_length)
     return Examples(rows=rows, name=name, prompt_format=prompt_format, blocks=blocks)
 
 
-def _prepared_blocks(source: Any, name: str, max_length: int) -> list[list[int]] | None:
-    """The blocks of a pretrain dataset (its ``block`` column; -1 for rows packed by the trainer), or None."""
-    if "block" not in getattr(source, "column_names", ()):
-        return None
+def _prepared_blocks(source: Any, rows: list[Example], name: str, max_length: int):
+    """(rows, blocks) of a pretrain dataset: each block's row indices, from its ``block`` column (-1: a row
+    the trainer packs, an SFT example of a mixture).
+
+    Blocks longer than this run's ``max_length`` are packed again at it, their pieces taken as documents (a
+    piece's first token is no target either way), so every token is still trained exactly once.
+    """
+    block_of, full_ids = source["block"], source["input_ids"]
     blocks: dict[int, list[int]] = {}
-    sizes: dict[int, int] = {}
-    for i, (block, ids) in enumerate(zip(source["block"], source["input_ids"], strict=True)):
+    for i, block in enumerate(block_of):
         if block >= 0:
             blocks.setdefault(block, []).append(i)
-            sizes[block] = sizes.get(block, 0) + len(ids)
-    longest = max(sizes.values(), default=0)
-    if longest > max_length:
-        raise DatasetError(
-            f"the {name} dataset holds blocks of {longest} tokens packed by `aift prepare --task pretrain`, more "
-            f"than max_length={max_length}: train with --max-length {longest} or prepare it again with "
-            f"--max-length {max_length}"
-        )
-    return [blocks[b] for b in sorted(blocks)]
+    ordered = [blocks[b] for b in sorted(blocks)]
+    longest = max((sum(len(full_ids[i]) for i in block) for block in ordered), default=0)
+    if longest <= max_length:
+        return rows, ordered
+    log.info("%s: blocks of up to %d tokens packed again at max_length %d", name, longest, max_length)
+    pieces = [_as_list(full_ids[i]) for block in ordered for i in block]
+    kept = [row for row, block in zip(rows, block_of, strict=True) if block < 0]
+    repacked = pack(pieces, max_length)
+    new_blocks, start = [], len(kept)
+    for block in repacked:
+        new_blocks.append(list(range(start, start + len(block))))
+        start += len(block)
+    kept += [{"input_ids": piece, "labels": list(piece)} for block in repacked for piece in block]
+    return kept, new_blocks
 
 
 def _example(item: Any, index: int, name: str, max_length: int) -> Example:

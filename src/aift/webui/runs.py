@@ -343,6 +343,11 @@ def data_tasks() -> list[str]:
     return list(dict.fromkeys(m.task for m in METHODS.values()))
 
 
+def prepare_tasks() -> list[str]:
+    """The `aift prepare --task` choices of the data page: the methods' tasks, then raw text (trained by sft)."""
+    return [*data_tasks(), "pretrain"]
+
+
 def build_request(
     adapter: str,
     training: dict[str, Any],
