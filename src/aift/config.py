@@ -177,6 +177,11 @@ class LoRAConfig:
         "writes it) for every linear layer but the output head; None means all-linear.",
     )
     lora_dropout: float = _f(0.05, "Dropout on the adapter input.")
+    modules_to_save: list[str] | None = _f(
+        None,
+        "Modules trained in full beside the adapters and saved with them: a comma list such as "
+        "embed_tokens,lm_head, as is usual for continued pretraining (tied embeddings stay tied).",
+    )
     bias: str = _f("none", "Which biases to train: none, all or lora_only.")
     task_type: str = _f("CAUSAL_LM", "peft task type.")
     use_qlora: bool = _f(False, "Load the frozen base quantized with bitsandbytes (QLoRA).")
@@ -192,6 +197,8 @@ class LoRAConfig:
             raise ConfigError(f"bias must be one of none, all, lora_only; got {self.bias!r}")
         if self.target_modules is not None:
             self.target_modules = _target_modules(self.target_modules)
+        if self.modules_to_save is not None:
+            self.modules_to_save = _module_names(self.modules_to_save, "modules_to_save")
 
 
 # Names that mean "every linear layer but the output head" (peft's "all-linear"); "all" is LLaMA-Factory's.
@@ -209,6 +216,14 @@ def _target_modules(value: str | list[str]) -> str | list[str]:
     if len(names) > 1:
         raise ConfigError(f"target_modules: {value!r} mixes all-linear with module names; give one or the other")
     return "all-linear"
+
+
+def _module_names(value: str | list[str], name: str) -> list[str] | None:
+    """'a,b' or ['a', 'b'] -> ['a', 'b'] (None when empty); ConfigError for anything but names."""
+    names = value.split(",") if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"{name} must be a comma list of module names, got {value!r}")
+    return [n.strip() for n in names if n.strip()] or None
 
 
 # Kept so that code written for the separate multi-GPU config keeps working: the strategy fields are

@@ -225,7 +225,7 @@ def test_every_registered_method_is_offered_with_its_own_options(server):
     assert status == 200
     assert [m["name"] for m in body["methods"]] == list(METHODS)  # sft, dpo, orpo, simpo, kto: the registry's order
     assert [a["name"] for a in body["adapters"]] == ["lora", "qlora", "full"]
-    assert body["tasks"] == ["sft", "preference"]
+    assert body["tasks"] == ["sft", "preference", "pretrain"]  # the methods' tasks, then raw text
     for offered in body["methods"]:
         method = METHODS[offered["name"]]
         assert (offered["summary"], offered["task"], offered["section"]) == (

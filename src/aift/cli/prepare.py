@@ -43,11 +43,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--num-proc", type=int, help="tokenizer worker processes (default: every core; small files use fewer)"
     )
     parser.add_argument("--trust-remote-code", action="store_true", help="allow tokenizers with code from the hub")
+    pretrain = parser.add_argument_group("--task pretrain (raw text)")
+    pretrain.add_argument(
+        "--text-column", help="the column of JSONL/CSV/Parquet rows holding a document (default text)"
+    )
+    pretrain.add_argument("--min-doc-tokens", type=int, help="drop documents with fewer tokens (EOS included)")
+    mix = parser.add_argument_group("several sources")
+    mix.add_argument(
+        "--mix",
+        metavar="PATH:WEIGHT,... | MIX.yaml",
+        help="mix sources (each of --task), or a YAML 'datasets:' list of {path, task, weight | samples, split}",
+    )
+    mix.add_argument("--streaming", action="store_true", help="tokenize and pack on the fly (not implemented yet)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from aift.data import DataError
     from aift.data.prepare import prepare
 
+    if args.streaming:
+        raise DataError(
+            "--streaming is not implemented yet: prepare the corpus without it (it is tokenized in memory), "
+            "or split it into parts that fit"
+        )
+    if args.mix:
+        return _run_mix(args)
     out = prepare(
         args.task,
         model=args.model,
@@ -64,6 +84,35 @@ def run(args: argparse.Namespace) -> int:
         strict=args.strict,
         trust_remote_code=args.trust_remote_code,
         num_proc=args.num_proc,
+        min_doc_tokens=args.min_doc_tokens,
+        text_column=args.text_column,
+    )
+    print(out)
+    return 0
+
+
+def _run_mix(args: argparse.Namespace) -> int:
+    from aift.data import DataError
+    from aift.data.mixture import prepare_mixture
+
+    if args.source or args.source_path:
+        raise DataError("--mix names its sources: leave out --source and --source-path")
+    if args.num_samples or args.train_on_prompt:
+        raise DataError("--mix: give each source its samples in the YAML; --num-samples/--train-on-prompt do not apply")
+    out = prepare_mixture(
+        args.mix,
+        model=args.model,
+        task=args.task,
+        format=args.format,
+        output_dir=args.output_dir,
+        max_length=args.max_length,
+        val_ratio=args.val_ratio,
+        seed=args.seed,
+        system=args.system,
+        strict=args.strict,
+        trust_remote_code=args.trust_remote_code,
+        num_proc=args.num_proc,
+        min_doc_tokens=args.min_doc_tokens,
     )
     print(out)
     return 0

@@ -29,6 +29,10 @@ def run(args: argparse.Namespace) -> int:
         f"max_length {info.get('max_length')}",
         markup=False,
     )
+    from aift.data.mixture import describe
+
+    for line in describe(info):  # a mixture's sources and their counts
+        console.print(line, markup=False)
     legend = "trained tokens in green" if tty else "trained tokens in [[...]]"
     for example in preview.examples:
         console.print(

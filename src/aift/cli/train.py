@@ -47,6 +47,7 @@ _LORA_FLAGS = {
     "lora_alpha": "lora_alpha",
     "lora_dropout": "lora_dropout",
     "lora_target_modules": "target_modules",
+    "lora_modules_to_save": "modules_to_save",
 }
 
 

@@ -17,12 +17,13 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from aift.data import DataError, preference, sft
+from aift.data import DataError, preference, pretrain, sft
 from aift.data.formats import default_system, resolve_format
 from aift.data.prepared import write_prepared
 from aift.data.shapes import Loaded
 from aift.data.sources import FILE_SOURCES, SFT_SHAPES, SOURCES, load_rows, source_for_path
 from aift.data.task import Encoded, EncodeOptions, Task
+from aift.data.text_sources import TEXT_SOURCES, text_table
 from aift.models.registry import EMBEDDED_MODEL
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,16 @@ TASKS: dict[str, Task] = {
         encode=preference.encode_samples,
         output_name=preference.output_name,
     ),
+    "pretrain": Task(
+        name="pretrain",
+        summary="raw text (.txt/.md files, folders, globs; rows with a text column) packed into blocks",
+        shapes=text_table(),
+        sources=TEXT_SOURCES,
+        encode=pretrain.encode,
+        output_name=pretrain.output_name,
+        read=pretrain.read,
+        filters=pretrain.FILTERS,
+    ),
 }
 
 # prepare.json's keys in the order the file shows them; a task writes those it has.
@@ -52,6 +63,7 @@ _INFO_ORDER = (
     "task", "source", "source_path", "shape", "model", "tokenizer", "tokenizer_class", "format", "prompt_format",
     "end_of_turn", "chat_template_sha256", "system", "max_length", "train_on_prompt", "val_ratio", "seed",
     "num_samples", "counts", "tokens", "aift_version",
+    "text_column", "min_doc_tokens", "documents", "blocks",
 )  # fmt: skip
 
 
@@ -64,8 +76,12 @@ def check_options(
     num_samples: int | None,
     num_proc: int | None = None,
     train_on_prompt: bool = False,
+    pretrain_options: dict | None = None,
 ) -> None:
     """DataError naming the option when one of `aift prepare`'s options cannot be used by the task."""
+    for flag, value in (pretrain_options or {}).items():
+        if value is not None and task.name != "pretrain":
+            raise DataError(f"--{flag} applies to --task pretrain only")
     if train_on_prompt and not task.train_on_prompt:
         raise DataError(f"--task {task.name} trains on the answers only: --train-on-prompt does not apply")
     if source is not None and source not in task.sources:
@@ -94,15 +110,19 @@ def split(n: int, val_ratio: float, seed: int) -> tuple[list[int], list[int]]:
     return order[n_test:], order[:n_test]
 
 
-def _check_enough_kept(loaded: Loaded, kept: int, dropped: Counter, origin: str) -> None:
-    """Fails, naming the file and its first dropped rows, when nothing or less than half the rows is usable."""
-    n_dropped = sum(dropped.values())
+def _check_enough_kept(loaded: Loaded, kept: int, dropped: Counter, origin: str, filters: tuple = ()) -> None:
+    """Fails, naming the file and its first dropped rows, when nothing or less than half the rows is usable.
+
+    Rows dropped by the user's own filters (``filters``: pretrain's duplicates and short documents) are not
+    unusable: they count only when nothing is left.
+    """
+    n_dropped = sum(n for why, n in dropped.items() if why not in filters)
     if kept and n_dropped <= loaded.read / 2:
         return
     reasons = ", ".join(f"{n} {why}" for why, n in dropped.most_common())
     first = f" First dropped: {'; '.join(loaded.first_dropped)}." if loaded.first_dropped else ""
     raise DataError(
-        f"{origin}: {n_dropped} of {loaded.read} rows were dropped ({reasons}); nothing was written.{first}"
+        f"{origin}: {sum(dropped.values())} of {loaded.read} rows were dropped ({reasons}); nothing was written.{first}"
     )
 
 
@@ -140,23 +160,29 @@ def prepare(
     strict: bool = False,
     trust_remote_code: bool = False,
     num_proc: int | None = None,
+    min_doc_tokens: int | None = None,
+    text_column: str | None = None,
 ) -> Path:
-    """The pipeline of every task: see `prepare_dataset` for the arguments; ``task`` is a name in ``TASKS``."""
+    """The pipeline of every task: see `prepare_dataset` for the arguments; ``task`` is a name in ``TASKS``.
+
+    pretrain only: ``min_doc_tokens`` drops shorter documents; ``text_column`` names the column of a document.
+    """
     from aift.models.loading import load_tokenizer
 
     spec = TASKS[task]
-    check_options(spec, source, source_path, max_length, val_ratio, num_samples, num_proc, train_on_prompt)
+    pretrain_options = {"min-doc-tokens": min_doc_tokens, "text-column": text_column}
+    check_options(
+        spec, source, source_path, max_length, val_ratio, num_samples, num_proc, train_on_prompt, pretrain_options
+    )
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
     fmt = resolve_format(model, tokenizer, format)
     options = EncodeOptions(
-        str(model), tokenizer, fmt, system or default_system(model), system, max_length, train_on_prompt, num_proc
-    )
-    loaded = load_rows(spec.shapes, source, source_path, num_samples, strict)
-    source = source or source_for_path(source_path)
-    encoded = spec.encode(loaded, options)
-    dropped = loaded.dropped + encoded.dropped
-    _check_enough_kept(loaded, encoded.kept, dropped, str(source_path or source))
+        str(model), tokenizer, fmt, system or default_system(model), system, max_length, train_on_prompt, num_proc,
+        min_doc_tokens or 0, text_column or "text",
+    )  # fmt: skip
+    source, loaded, encoded, dropped = encode_source(spec, source, source_path, num_samples, strict, options)
     train, test = split(encoded.kept, val_ratio, seed)
+    data = encoded.dataset(train, test)
     info = _prepare_json(loaded, encoded, dropped, len(train), len(test))
     info.update(
         source=source,
@@ -170,15 +196,32 @@ def prepare(
         seed=seed,
         num_samples=num_samples,
     )
+    if task == "pretrain":
+        info.update(text_column=options.text_column)
     default_out = Path("datasets") / spec.output_name(source, source_path, model, num_samples)
     out = Path(output_dir) if output_dir else default_out
-    write_prepared(out, encoded.dataset(train, test), {key: info[key] for key in _INFO_ORDER if key in info})
+    write_prepared(out, data, {key: info[key] for key in _INFO_ORDER if key in info})
     log.info(
         "prepared %s: %d train / %d test %s (%d read, %d dropped, %d truncated), format %s",
         out, len(train), len(test), encoded.noun, loaded.read, sum(dropped.values()),
         sum(encoded.truncated.values()), fmt.name,
     )  # fmt: skip
     return out
+
+
+def encode_source(
+    spec: Task, source: str | None, source_path, num_samples: int | None, strict: bool, options: EncodeOptions
+) -> tuple[str, Loaded, Encoded, Counter]:
+    """One source read, shaped and encoded by a task: (source name, rows read, encoded, every drop reason)."""
+    if spec.read is not None:
+        source, loaded = spec.read(source, source_path, num_samples, strict, options)
+    else:
+        loaded = load_rows(spec.shapes, source, source_path, num_samples, strict)
+        source = source or source_for_path(source_path)
+    encoded = spec.encode(loaded, options)
+    dropped = loaded.dropped + encoded.dropped
+    _check_enough_kept(loaded, encoded.kept, dropped, str(source_path or source), spec.filters)
+    return source, loaded, encoded, dropped
 
 
 def prepare_dataset(

@@ -137,7 +137,8 @@ def _user_assistant_text(data: dict) -> list[Message]:
     try:
         return UserAssistantFormat().parse_conversation(text)
     except DataError as e:
-        raise Drop(f"text is not a <|user|>...<|assistant|>... dialogue: {e}") from e
+        hint = "for raw text (continued pretraining) use --task pretrain"
+        raise Drop(f"text is not a <|user|>...<|assistant|>... dialogue: {e}", hint) from e
 
 
 # Detection tries the shapes in this order.

@@ -29,6 +29,8 @@ class EncodeOptions:
     max_length: int
     train_on_prompt: bool = False
     num_proc: int | None = None
+    min_doc_tokens: int = 0  # pretrain: documents with fewer tokens are dropped
+    text_column: str = "text"  # pretrain: the column of JSONL/CSV/Parquet rows that holds a document
 
 
 class Encoded(Protocol):
@@ -40,7 +42,7 @@ class Encoded(Protocol):
     noun: str  # "examples", "pairs": what the log line counts
 
     def info(self) -> dict:
-        """The task's own prepare.json fields (``end_of_turn``, ``system``, ``tokens``, ...)."""
+        """The task's own prepare.json fields (``end_of_turn``, ``system``, ``tokens``, ...); after ``dataset``."""
 
     def dataset(self, train: list[int], test: list[int]) -> Any:
         """The train/test DatasetDict of the kept examples at these positions."""
@@ -57,3 +59,7 @@ class Task:
     encode: Callable[[Loaded, EncodeOptions], Encoded]
     output_name: Callable[[str, str | Path | None, str, int | None], str]  # (source, path, model, num_samples)
     train_on_prompt: bool = False  # whether --train-on-prompt applies (a preference pair trains its answers only)
+    # Reads the source itself, (source, path, num_samples, strict, options) -> (source name, Loaded), instead of
+    # aift.data.sources.load_rows with the task's shapes (pretrain: text files, folders, globs).
+    read: Callable[..., tuple[str, Loaded]] | None = None
+    filters: tuple[str, ...] = ()  # drop reasons that are the user's filters: not counted as unusable rows

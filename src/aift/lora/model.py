@@ -26,6 +26,9 @@ def peft_config(lc: LoRAConfig, fused: bool = False):
         task_type=lc.task_type,
         use_dora=lc.use_dora,
         use_rslora=lc.use_rslora,
+        modules_to_save=lc.modules_to_save,
+        # A tied embedding and head trained in full stay one matrix (else the saved head is lost on reload).
+        ensure_weight_tying=bool(lc.modules_to_save),
     )
     if fused:
         from aift.lora.layer import register_fused_lora

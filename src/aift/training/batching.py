@@ -8,6 +8,7 @@ plan and skips the micro-batches already trained on, which is what makes resumin
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from dataclasses import dataclass
@@ -24,8 +25,10 @@ from aift.data.packing import (
     packing_efficiency,
 )
 from aift.data.prepared import read_prepared
+from aift.data.pretrain import pack
 
 Example = dict[str, list[int]]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,6 +38,8 @@ class Examples:
     rows: list[Example]
     name: str
     prompt_format: str | None = None
+    # Rows `aift prepare --task pretrain` packed itself: each block's row indices, in order (None: none such).
+    blocks: list[list[int]] | None = None
 
     @property
     def trained_tokens(self) -> int:
@@ -56,7 +61,38 @@ def to_examples(source: Any, tokenizer, max_length: int, name: str, split: str =
     if isinstance(source, (list, tuple)) and source and isinstance(source[0], str):
         source = TextDataset(source, tokenizer, max_length=max_length)
     rows = [_example(source[i], i, name, max_length) for i in range(len(source))]
-    return Examples(rows=rows, name=name, prompt_format=prompt_format)
+    blocks = None
+    if "block" in getattr(source, "column_names", ()):
+        rows, blocks = _prepared_blocks(source, rows, name, max_length)
+    return Examples(rows=rows, name=name, prompt_format=prompt_format, blocks=blocks)
+
+
+def _prepared_blocks(source: Any, rows: list[Example], name: str, max_length: int):
+    """(rows, blocks) of a pretrain dataset: each block's row indices, from its ``block`` column (-1: a row
+    the trainer packs, an SFT example of a mixture).
+
+    Blocks longer than this run's ``max_length`` are packed again at it, their pieces taken as documents (a
+    piece's first token is no target either way), so every token is still trained exactly once.
+    """
+    block_of, full_ids = source["block"], source["input_ids"]
+    blocks: dict[int, list[int]] = {}
+    for i, block in enumerate(block_of):
+        if block >= 0:
+            blocks.setdefault(block, []).append(i)
+    ordered = [blocks[b] for b in sorted(blocks)]
+    longest = max((sum(len(full_ids[i]) for i in block) for block in ordered), default=0)
+    if longest <= max_length:
+        return rows, ordered
+    log.info("%s: blocks of up to %d tokens packed again at max_length %d", name, longest, max_length)
+    pieces = [_as_list(full_ids[i]) for block in ordered for i in block]
+    kept = [row for row, block in zip(rows, block_of, strict=True) if block < 0]
+    repacked = pack(pieces, max_length)
+    new_blocks, start = [], len(kept)
+    for block in repacked:
+        new_blocks.append(list(range(start, start + len(block))))
+        start += len(block)
+    kept += [{"input_ids": piece, "labels": list(piece)} for block in repacked for piece in block]
+    return kept, new_blocks
 
 
 def _example(item: Any, index: int, name: str, max_length: int) -> Example:
@@ -100,11 +136,19 @@ class BatchPlanner:
         lengths = [len(ex["input_ids"]) for ex in self.examples.rows]
         self._lengths = lengths
         # Packing into rows is deterministic; only the order of rows changes between epochs.
-        self._rows = best_fit_decreasing(lengths, self.max_length) if self.packing else None
+        self._rows = self._packed_rows(lengths) if self.packing else None
         if self.packing:
             self._collate = PackedCollator(self.pad_token_id, self.max_length, mask=self.mask)
         else:
             self._collate = PaddedCollator(self.pad_token_id)
+
+    def _packed_rows(self, lengths: list[int]) -> list[list[int]]:
+        """The blocks `aift prepare` packed (pretrain), then the other examples packed best-fit decreasing."""
+        blocks = self.examples.blocks or []
+        in_blocks = {i for block in blocks for i in block}
+        rest = [i for i in range(len(lengths)) if i not in in_blocks]
+        packed = best_fit_decreasing([lengths[i] for i in rest], self.max_length)
+        return [*blocks, *[[rest[k] for k in row] for row in packed]]
 
     @property
     def efficiency(self) -> float:

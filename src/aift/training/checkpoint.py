@@ -292,6 +292,7 @@ def run_identity(config, info, world_size: int, rows: list[dict]) -> dict[str, A
             "target_modules": lora.target_modules,
             "use_dora": lora.use_dora,
             "use_rslora": lora.use_rslora,
+            **({"modules_to_save": lora.modules_to_save} if lora.modules_to_save else {}),
         },
         "batch_size": config.batch_size,
         # Micro-batches are split over processes one by one: 2 processes x 1 equal 1 process x 2 exactly.

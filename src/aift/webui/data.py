@@ -11,7 +11,7 @@ from typing import Any
 
 from aift.data.prepared import PREPARE_JSON  # torch-free, so the UI still starts without importing torch
 from aift.utils.files import FileFormatError, read_json_object
-from aift.webui.runs import DATASETS_DIR, WebUIError, check_name, data_task, data_tasks
+from aift.webui.runs import DATASETS_DIR, WebUIError, check_name, data_task, prepare_tasks
 
 RAW_SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".parquet")  # the file sources of aift prepare
 _SEARCH_DEPTH = 3  # data/<group>/<dataset>/
@@ -173,14 +173,26 @@ def prepare(roots: DataRoots, source_path: str, name: str, options: dict[str, An
             except (TypeError, ValueError) as e:
                 raise WebUIError(f"{key}: expected a number, got {kwargs[key]!r}") from e
     task = kwargs.pop("task", "sft")
-    if task not in data_tasks():
-        raise WebUIError(f"task must be one of {', '.join(data_tasks())}; got {task!r}")
+    if task not in prepare_tasks():
+        raise WebUIError(f"task must be one of {', '.join(prepare_tasks())}; got {task!r}")
     roots.prepared_dir.mkdir(parents=True, exist_ok=True)
     if task == "preference":
         return _prepare_preference(source, output, kwargs)
+    if task == "pretrain":
+        return _prepare_text(source, output, kwargs)
     from aift.data.prepare import prepare_dataset
 
     return prepare_dataset(source=None, source_path=source, output_dir=output, **kwargs)
+
+
+def _prepare_text(source: Path, output: Path, kwargs: dict[str, Any]) -> Path:
+    """`aift prepare --task pretrain`: a file with a ``text`` column, packed into blocks, every token trained."""
+    from aift.data.prepare import prepare
+
+    for key in ("train_on_prompt", "system", "format"):
+        if kwargs.pop(key, None) not in (None, False, "auto"):
+            raise WebUIError(f"raw text trains on every token, with no prompt format: {key} does not apply")
+    return prepare("pretrain", source_path=source, output_dir=output, **kwargs)
 
 
 def _prepare_preference(source: Path, output: Path, kwargs: dict[str, Any]) -> Path:

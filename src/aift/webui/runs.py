@@ -343,6 +343,11 @@ def data_tasks() -> list[str]:
     return list(dict.fromkeys(m.task for m in METHODS.values()))
 
 
+def prepare_tasks() -> list[str]:
+    """The `aift prepare --task` choices of the data page: the methods' tasks, then raw text (trained by sft)."""
+    return [*data_tasks(), "pretrain"]
+
+
 def build_request(
     adapter: str,
     training: dict[str, Any],
@@ -406,9 +411,15 @@ def data_task(dataset: Path) -> str | None:
     return "preference" if task == "kto" else task
 
 
+# Data the token-sum objective of SFT trains on besides sft's: raw text, and mixtures of text and SFT rows.
+SFT_TRAINED = ("pretrain", "mixture")
+
+
 def check_data_task(method: str, task: str, dataset: Path) -> None:
     """A clear error before starting, rather than a failed run, when the data is not of the method's task."""
     found = data_task(dataset)
+    if task == "sft" and found in SFT_TRAINED:
+        return
     if found is not None and found != task:
         raise WebUIError(
             f"method {method} trains on {task} data (aift prepare --task {task}); {dataset.name} holds {found} data"

@@ -19,7 +19,7 @@ def options(s: Studio = Depends(studio)):
         "fields": runs.config_fields(),
         "methods": runs.method_choices(),
         "adapters": [{"name": k, "help": v} for k, v in runs.ADAPTERS.items()],
-        "tasks": runs.data_tasks(),
+        "tasks": runs.prepare_tasks(),
         "models": [EMBEDDED_MODEL, *(m for m in SUPPORTED_MODELS if m != EMBEDDED_MODEL)],
         "formats": list(FORMAT_CHOICES),
         "runs_dir": str(s.runs_dir),
