@@ -16,7 +16,9 @@ from aift.training.configs import resolve_train_configs
 def test_defaults_match_the_documented_api():
     c = TrainingConfig()
     assert (c.learning_rate, c.batch_size, c.gradient_accumulation_steps, c.num_epochs) == (2e-5, 4, 4, 3)
-    assert (c.warmup_steps, c.max_grad_norm, c.eval_steps, c.save_steps, c.logging_steps) == (100, 1.0, 100, 500, 10)
+    # Warmup is a ratio of the run (#26.5: a fixed 100 steps left short runs below their learning rate).
+    assert (c.warmup_steps, c.warmup_ratio, c.optimizer, c.lr_scheduler) == (None, 0.03, "adamw", "linear")
+    assert (c.max_grad_norm, c.eval_steps, c.save_steps, c.logging_steps) == (1.0, 100, 500, 10)
     assert (c.output_dir, c.fp16, c.gradient_checkpointing, c.world_size) == ("./outputs", True, True, 1)
     lc = LoRAConfig()
     assert (lc.r, lc.lora_alpha, lc.target_modules, lc.lora_dropout, lc.bias, lc.task_type) == (

@@ -38,6 +38,12 @@ _f = option  # the short name the fields below use
 
 
 STRATEGIES = ("ddp", "model_parallel", "pipeline", "fsdp", "deepspeed")
+# The optimizers and learning-rate schedules of aift.training.optimizers (built there; named here to check configs).
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "muon", "schedule_free_adamw", "sgd")
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_min_lr", "constant_with_warmup", "wsd")
+# Warmup when warmup_steps is unset: 3% of the run, the ratio of the Alpaca, Vicuna and QLoRA recipes. Enough
+# steps for Adam's second-moment estimates to settle, and a short run still spends 97% of it at useful rates.
+DEFAULT_WARMUP_RATIO = 0.03
 # What `aift train` and the web UI start from, under the YAML: where the command line and the Python API differ.
 FRONT_DOOR_DEFAULTS = {"gradient_checkpointing": "auto"}
 
@@ -49,13 +55,36 @@ class TrainingConfig:
     model_name: str = _f("smollm2-135m-instruct", "Model alias, local folder or Hugging Face id.")
     dataset_path: str | None = _f(None, "Folder written by `aift prepare` (DatasetDict with train/test).")
     output_dir: str = _f("./outputs", "Where checkpoints, logs and the final model go.")
-    learning_rate: float = _f(2e-5, "Peak learning rate of AdamW.")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    learning_rate: float = _f(2e-5, "Peak learning rate (of every parameter group, Muon's included).")
+    weight_decay: float = _f(
+        0.0, "Weight decay of the matrices (decoupled for AdamW, Muon, schedule-free; L2 for SGD)."
+    )
+    optimizer: str = _f(
+        "adamw",
+        "adamw (torch, fused where supported), adamw_8bit, paged_adamw_8bit (bitsandbytes), muon (Muon on hidden "
+        "matrices, AdamW on embeddings, head and 1-D parameters), schedule_free_adamw (needs the schedulefree "
+        "package) or sgd (momentum 0.9). See docs/optimizers.md.",
+    )
+    lr_scheduler: str | None = _f(
+        None,
+        "linear (warmup, then linear decay to 0), cosine (to 0), cosine_with_min_lr (to min_lr_ratio), "
+        "constant_with_warmup, or wsd (warmup, stable, then a 1-sqrt decay to 0 over the last wsd_decay_ratio of "
+        "the run). None: linear, or constant_with_warmup for schedule_free_adamw (which takes no decay).",
+    )
+    min_lr_ratio: float = _f(0.1, "cosine_with_min_lr: the final learning rate, as a fraction of the peak.")
+    wsd_decay_ratio: float = _f(
+        0.2, "wsd: the fraction of the run spent decaying (the last 20%, as Hagele et al. 2024 found to match cosine)."
+    )
     batch_size: int = _f(4, "Micro-batch size per process (rows per forward pass).")
     gradient_accumulation_steps: int = _f(4, "Micro-batches accumulated per optimizer step.")
     num_epochs: float = _f(3, "Passes over the training data (ignored when max_steps > 0).")
     max_steps: int = _f(-1, "Stop after this many optimizer steps; -1 means run num_epochs.")
-    warmup_steps: int = _f(100, "Linear warmup steps, then linear decay to 0.")
+    warmup_steps: int | None = _f(None, "Linear warmup steps from 0 to the peak; when set, wins over warmup_ratio.")
+    warmup_ratio: float = _f(
+        DEFAULT_WARMUP_RATIO,
+        "Warmup as a fraction of the run's optimizer steps (rounded up), when warmup_steps is unset. 0.03: the "
+        "Alpaca/QLoRA recipes' ratio; a warning says when warmup covers the whole run.",
+    )
     max_grad_norm: float = _f(1.0, "Clip gradients to this global L2 norm; 0 disables clipping.")
     eval_steps: int = _f(100, "Evaluate on the test split every this many optimizer steps; 0 disables.")
     save_steps: int = _f(500, "Write a checkpoint every this many optimizer steps; 0 saves only at the end.")
@@ -103,6 +132,11 @@ class TrainingConfig:
         "loss. Where it cannot work (a biased or soft-capped head, an adapter on lm_head, FSDP, DeepSpeed "
         "ZeRO-3, pipeline stages) it steps aside by itself, with a log line.",
     )
+    neftune_noise_alpha: float = _f(
+        0.0,
+        "SFT: NEFTune, uniform noise of scale alpha/sqrt(tokens x hidden) added to the input embeddings in "
+        "training forwards only (5 is the paper's usual value); 0 disables.",
+    )
     torch_compile: bool = _f(False, "torch.compile the model (pays ~100 s of compile on 2 CPU cores; long runs only).")
     frozen_base_bf16: bool = _f(False, "LoRA: hold the frozen base weights in bf16 while adapters stay fp32.")
     fused_lora: bool = _f(
@@ -141,8 +175,11 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         _check_positive(self, "batch_size", "gradient_accumulation_steps", "max_length")
-        check_non_negative(self, "warmup_steps", "max_grad_norm", "eval_steps", "save_steps", "logging_steps")
-        check_non_negative(self, "skip_nonfinite_steps")
+        check_non_negative(self, "max_grad_norm", "eval_steps", "save_steps", "logging_steps")
+        check_non_negative(self, "skip_nonfinite_steps", "neftune_noise_alpha")
+        if self.warmup_steps is not None:
+            check_non_negative(self, "warmup_steps")
+        self._check_schedule()
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.num_epochs <= 0 and self.max_steps <= 0:
@@ -163,6 +200,22 @@ class TrainingConfig:
                     f"gradient_checkpointing must be true, false or auto; got {self.gradient_checkpointing!r}"
                 )
             self.gradient_checkpointing = "auto"
+
+    def _check_schedule(self) -> None:
+        """The optimizer and schedule are known names; schedule-free AdamW gets (and takes only) a constant one."""
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        if self.lr_scheduler is None:
+            self.lr_scheduler = "constant_with_warmup" if self.optimizer == "schedule_free_adamw" else "linear"
+        check_choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
+        if self.optimizer == "schedule_free_adamw" and self.lr_scheduler != "constant_with_warmup":
+            raise ConfigError(
+                f"optimizer schedule_free_adamw replaces the schedule's decay with its averaging: use "
+                f"lr_scheduler constant_with_warmup (or leave it unset), not {self.lr_scheduler!r}"
+            )
+        for name in ("warmup_ratio", "min_lr_ratio", "wsd_decay_ratio"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+                raise ConfigError(f"{name} must be in [0, 1], got {value!r}")
 
 
 @dataclass
@@ -236,6 +289,11 @@ def _check_positive(obj: Any, *names: str) -> None:
         value = getattr(obj, name)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
             raise ConfigError(f"{name} must be a positive number, got {value!r}")
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
 def check_non_negative(obj: Any, *names: str) -> None:

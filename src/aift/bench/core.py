@@ -1,7 +1,9 @@
 """`aift bench`: the same data trained by aift and by TRL, each in a fresh process, measured the same way.
 
 `--nproc N` runs aift's training in N processes (torchrun, DDP over gloo on CPU); `--nproc 1,2` runs each count
-on the same data and adds a scaling table (tokens/s, speedup, efficiency).
+on the same data and adds a scaling table (tokens/s, speedup, efficiency). `--optimizer muon` trains aift's run
+with that optimizer; `--optimizer adamw,adamw_8bit,muon` runs each on the same data and adds a table of speed,
+peak memory and optimizer state per optimizer.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from aift.bench import report
 from aift.bench.data import load_rows, synthetic_rows
 from aift.bench.measure import bench_precision
 from aift.bench.peak import model_flops
+from aift.config import OPTIMIZERS
 from aift.errors import AiftError
 
 log = logging.getLogger(__name__)
@@ -86,6 +89,8 @@ class BenchOptions:
     gradient_checkpointing: bool = True
     # Both trainers alike: auto = bf16 where the device has it in hardware, else fp32 (measure.bench_precision).
     precision: str = "auto"
+    # aift's optimizer (TrainingConfig.optimizer); a list (e.g. "adamw,muon") runs each and a table per optimizer.
+    optimizer: list[str] | str = "adamw"
 
     def __post_init__(self) -> None:
         if self.method not in ("lora", "qlora", "full"):
@@ -98,6 +103,7 @@ class BenchOptions:
         if self.eval_examples is None:
             self.eval_examples = max(2, min(32, self.examples // 3))
         self.nproc = parse_nproc(self.nproc)
+        self.optimizer = parse_optimizers(self.optimizer)
         if self.compare and self.nproc[0] != 1:
             raise AiftError("--compare trl trains TRL in one process: start --nproc with 1 (e.g. --nproc 1,2)")
 
@@ -112,6 +118,15 @@ def parse_nproc(value: list[int] | int | str) -> list[int]:
     if not counts or min(counts) < 1 or len(set(counts)) != len(counts):
         raise AiftError(f"--nproc needs distinct process counts >= 1; got {value!r}")
     return counts
+
+
+def parse_optimizers(value: list[str] | str) -> list[str]:
+    """--optimizer muon or --optimizer adamw,muon -> ["muon"] or ["adamw", "muon"]: known, distinct, in order."""
+    names = [n.strip() for n in value.split(",")] if isinstance(value, str) else list(value)
+    unknown = [n for n in names if n not in OPTIMIZERS]
+    if not names or unknown or len(set(names)) != len(names):
+        raise AiftError(f"--optimizer takes distinct names of {', '.join(OPTIMIZERS)}; got {value!r}")
+    return names
 
 
 def run_bench(options: BenchOptions) -> dict[str, Any]:
@@ -135,6 +150,7 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
             "seed": options.seed,
             "gradient_checkpointing": options.gradient_checkpointing,
             "bf16": precision == "bf16",
+            "optimizer": options.optimizer[0],
         }
         logs = output / "logs"
         levers = bench_levers(options.method, precision, options.compile)
@@ -145,10 +161,15 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
             peak = _run("peak", {**base_spec, "trainer": "none", "measure_peak": True}, work, logs, options.tcmalloc)
             peak = peak["peak"]
         aift = runs[0]
+        by_optimizer = [aift] + [
+            _run_aift(options.nproc[0], {**aift_spec, "optimizer": name}, work, logs, options.tcmalloc)
+            for name in options.optimizer[1:]
+        ]  # fmt: skip
         trl = _run("trl", {**base_spec, "trainer": "trl"}, work, logs, tcmalloc=False) if options.compare else None
         ablation = _ablation(options, base_spec, levers, work, logs) if options.ablation else []
     result = assemble(options, model_dir, peak, aift, trl, ablation, load_before, precision)
     result["scaling"] = scaling_rows(runs)
+    result["optimizers"] = optimizer_rows(by_optimizer)
     report.write_all(result, output)
     return result
 
@@ -156,6 +177,8 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
 def _run_aift(nproc: int, spec: dict, work: Path, logs: Path, tcmalloc: bool) -> dict[str, Any]:
     """aift's run in `nproc` processes, the ranks' figures combined; a 1-process run also measures the peak."""
     tag = "aift" if nproc == 1 else f"aift-nproc{nproc}"
+    if spec["optimizer"] != "adamw":
+        tag += f"-{spec['optimizer']}"
     spec = {**spec, "nproc": nproc, "output_dir": str(work / f"run-{tag}"), "measure_peak": nproc == 1}
     return combine_ranks(_run_ranks(tag, spec, work, logs, tcmalloc, nproc))
 
@@ -219,6 +242,24 @@ def scaling_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "ranks": run["ranks"],
         })  # fmt: skip
     return rows
+
+
+OPTIMIZER_FIELDS = ("tokens_per_s", "peak_mem_gb", "optimizer_state_mb", "train_time_s", "steps", "final_train_loss",
+                    "eval_loss")  # fmt: skip
+
+
+def optimizer_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Speed, peak memory and optimizer state per optimizer; tokens/s and memory also relative to the first."""
+    base = runs[0]
+    return [
+        {
+            "optimizer": run["optimizer"],
+            **{k: run.get(k) for k in OPTIMIZER_FIELDS},
+            "speed_vs_first": run["tokens_per_s"] / base["tokens_per_s"],
+            "memory_vs_first": run["peak_mem_gb"] / base["peak_mem_gb"] if base["peak_mem_gb"] else None,
+        }
+        for run in runs
+    ]
 
 
 def _ablation(options: BenchOptions, base_spec: dict, levers: dict, work: Path, logs: Path) -> list[dict]:

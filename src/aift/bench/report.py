@@ -42,6 +42,8 @@ def summary_line(result: dict[str, Any]) -> str:
         parts.append(f"TRL {t['tokens_per_s']:.0f} tok/s, {t['peak_mem_gb']:.2f} GB, eval loss {t['eval_loss']:.4f}")
         parts.append(f"speedup {result['speedup']:.2f}x, memory ratio {result['memory_ratio']:.2f}")
     parts.append(f"MFU {result['mfu']:.2f}")
+    for row in (result.get("optimizers") or [])[1:]:
+        parts.append(f"{row['optimizer']} {row['tokens_per_s']:.0f} tok/s, {row['peak_mem_gb']:.2f} GB")
     for row in result.get("scaling") or []:
         if row["nproc"] != row["speedup_vs_nproc"]:
             parts.append(f"{row['nproc']} processes {row['tokens_per_s']:.0f} tok/s ({row['speedup']:.2f}x)")
@@ -101,6 +103,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", "## Ablation: each lever switched off alone", "", *ablation_markdown(result)]
     if _has_scaling(result):
         lines += ["", "## Scaling over processes", "", *scaling_markdown(result)]
+    if len(result.get("optimizers") or []) > 1:
+        lines += ["", "## Optimizers", "", *optimizers_markdown(result)]
     return "\n".join(lines) + "\n"
 
 
@@ -167,6 +171,27 @@ def scaling_chart(result: dict[str, Any], path: Path) -> None:
     ax.set_title(f"aift {s['method']} on {Path(str(s['model_name'])).name}, seq {s['seq_len']}", fontsize=9)
     fig.tight_layout()
     _save_figure(fig, path)
+
+
+def optimizers_markdown(result: dict[str, Any]) -> list[str]:
+    """Speed and memory per optimizer (aift's run, same data, same settings otherwise)."""
+    rows = result["optimizers"]
+    first = rows[0]["optimizer"]
+    lines = [
+        "Optimizer state: the size of optimizer.pt in the run's last checkpoint (what the optimizer holds beside the "
+        "model).",
+        "",
+        f"| optimizer | tokens/s | vs {first} | peak memory GB | vs {first} | optimizer state MB | final train loss | "
+        "eval loss |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['optimizer']} | {r['tokens_per_s']:.0f} | {r['speed_vs_first']:.2f}x | {r['peak_mem_gb']:.2f} | "
+            f"{_fmt(r['memory_vs_first'])}x | {_fmt(r['optimizer_state_mb'], 1)} | {_fmt(r['final_train_loss'], 4)} | "
+            f"{_fmt(r['eval_loss'], 4)} |"
+        )
+    return lines
 
 
 def ablation_markdown(result: dict[str, Any]) -> list[str]:

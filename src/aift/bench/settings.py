@@ -9,6 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
+# aift's optimizers (TrainingConfig.optimizer) as results.md names them.
+AIFT_OPTIMIZERS = {
+    "adamw": "AdamW (torch, fused where supported), no decay on 1-D params",
+    "adamw_8bit": "AdamW 8-bit (bitsandbytes), no decay on 1-D params",
+    "paged_adamw_8bit": "paged AdamW 8-bit (bitsandbytes), no decay on 1-D params",
+    "muon": "Muon (torch) on hidden matrices, AdamW on embeddings, head and 1-D params",
+    "schedule_free_adamw": "schedule-free AdamW (schedulefree), no decay on 1-D params",
+    "sgd": "SGD, momentum 0.9, no decay on 1-D params",
+}
+
 # The settings every trainer reports, in the order results.md lists them.
 SETTING_NAMES = (
     "learning rate",
@@ -55,10 +65,10 @@ def aift_settings(config, lora, allocator: str, trained_tokens: str, extra: dict
     )
     settings = {
         "learning rate": config.learning_rate,
-        "lr schedule": "linear",  # aift's only schedule: linear warmup, then linear decay to 0
-        "warmup steps": config.warmup_steps,
-        "optimizer": "AdamW (torch, fused where supported), no decay on 1-D params",
-        "adam betas, eps": "(0.9, 0.999), 1e-08",  # torch.optim.AdamW's defaults, which aift keeps
+        "lr schedule": config.lr_scheduler,
+        "warmup steps": config.warmup_steps if config.warmup_steps is not None else f"{config.warmup_ratio} of the run",
+        "optimizer": AIFT_OPTIMIZERS[config.optimizer],
+        "adam betas, eps": "(0.9, 0.999), 1e-08",  # torch's (and bitsandbytes', schedulefree's) defaults, kept
         "weight decay": config.weight_decay,
         "max grad norm": config.max_grad_norm,
         "epochs": config.num_epochs,

@@ -87,8 +87,21 @@ def run_aift(spec: dict) -> dict[str, Any]:
         # DDP keeps the ranks' models identical: rank 0 alone evaluates, the others would only repeat it.
         "eval_loss": measure.held_out_loss(model, eval_ids, spec.get("bf16", True)) if rank() == 0 else None,
         "levers": levers,
+        "optimizer": config.optimizer,
+        "optimizer_state_mb": optimizer_state_mb(output_dir),
         "settings": aift_settings(config, lora, measure.allocator(), ALL_TOKENS),
     }
+
+
+def optimizer_state_mb(output_dir: Path) -> float | None:
+    """The optimizer state's size on disk in the run's last checkpoint (MB): what the optimizer holds beside the
+    model (None when no single-file state was written, as under FSDP / DeepSpeed)."""
+    from aift.models.run_folder import CHECKPOINTS_DIR
+    from aift.training.checkpoint import list_checkpoints
+
+    checkpoints = list_checkpoints(output_dir / CHECKPOINTS_DIR)
+    state = checkpoints[-1] / "optimizer.pt" if checkpoints else None
+    return round(state.stat().st_size / 1e6, 3) if state is not None and state.is_file() else None
 
 
 def aift_config(spec: dict, train_ids: list[list[int]], output_dir: Path):
@@ -106,6 +119,7 @@ def aift_config(spec: dict, train_ids: list[list[int]], output_dir: Path):
         model_name=spec["model"],
         output_dir=str(output_dir),
         learning_rate=spec["learning_rate"],
+        optimizer=spec.get("optimizer", "adamw"),
         batch_size=rows_per_step,
         gradient_accumulation_steps=1,
         num_epochs=1,

@@ -7,7 +7,8 @@ import argparse
 from aift.bench.core import BenchOptions, run_bench
 from aift.bench.report import summary_line
 from aift.cli.flags import add_field_flag
-from aift.config import TrainingConfig
+from aift.config import OPTIMIZERS, TrainingConfig
+from aift.errors import AiftError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +33,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "learning_rate",
         default=d.learning_rate,
         differs_because="the committed result's (a LoRA rate); --method dpo takes the DPO bench's own unless given.",
+    )
+    parser.add_argument(
+        "--optimizer",
+        default=",".join(d.optimizer),
+        metavar="NAME[,NAME...]",
+        help="aift's optimizer (TrainingConfig.optimizer: " + ", ".join(OPTIMIZERS) + "). A list such as "
+        "adamw,adamw_8bit,muon trains aift once per optimizer and adds a table of tokens/s, peak memory and "
+        "optimizer state (default: %(default)s).",
     )
     parser.add_argument("--compare", choices=("trl",), default=None, help="Also train with TRL's SFTTrainer.")
     parser.add_argument("--output", default=d.output, help="Folder for result.json, results.md, chart.png, logs/.")
@@ -89,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         nproc=args.nproc,
         gradient_checkpointing=args.gradient_checkpointing == "on",
         precision=args.precision,
+        optimizer=args.optimizer,
     )
     result = run_bench(options)
     charts = "chart.png, scaling.png" if len(result["scaling"]) > 1 or options.nproc[0] > 1 else "chart.png"
@@ -100,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
 def _run_dpo(args: argparse.Namespace) -> int:
     from aift.bench.preference import PreferenceBenchOptions, run_bench, summary_line
 
+    if args.optimizer != ",".join(BenchOptions().optimizer):
+        raise AiftError("--optimizer is for the SFT bench (--method lora, qlora or full), not --method dpo")
     d = PreferenceBenchOptions()
     options = PreferenceBenchOptions(
         model=args.model,

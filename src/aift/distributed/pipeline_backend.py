@@ -15,7 +15,7 @@ same model as in one process:
   stages are not data-parallel: to the loop the pipeline is one data-parallel replica);
 - the loss is the sum of per-token cross-entropy (fp32) over the trained tokens of the whole step divided by
   their count (``scale_grads=False``: the schedule must not average micro-batch losses again);
-- each stage's AdamW updates its own trainable parameters (LoRA adapters or every weight), with the same
+- each stage's optimizer (AdamW by default) updates its own trainable parameters (LoRA adapters or every weight), with the same
   warmup/decay schedule; clipping uses the global norm (squared norms all-reduced over stages), a tied
   embedding's two gradients (first and last stage) are summed first;
 - the last stage computes the loss; the step loss and eval loss reach every rank, rank 0 alone writes; every
@@ -50,12 +50,13 @@ from aift.data.packing import IGNORE_INDEX, PackedCollator, PaddedCollator
 from aift.distributed.pipeline import mark_tied_embeddings, split_stages, sum_tied_gradients, tied_embedding_weight
 from aift.errors import AiftError, NotAvailableError
 from aift.training import checkpoint as ckpt
-from aift.training.backends import ModelAttention, optimizer_and_schedule, resolve_precision
+from aift.training.backends import ModelAttention, resolve_precision
 from aift.training.batching import Examples
 from aift.training.checkpoint import CheckpointError, TrainerState
 from aift.training.loop import run_training
 from aift.training.loss import shifted_cross_entropy_sum
 from aift.training.objectives import Objective
+from aift.training.optimizers import optimizer_and_schedule
 from aift.training.run_guard import output_dir_lock
 
 log = logging.getLogger(__name__)

@@ -5,8 +5,8 @@ A backend owns where the model lives and how one optimizer step runs on it:
 
 - the rank layout: ``is_main``, ``barrier``, the data-parallel ``dp_rank`` / ``dp_world`` (which micro-batches
   this process runs) and ``reduce_sum`` over data-parallel replicas;
-- ``prepare``: the model, its AdamW and the learning-rate schedule (``model``, ``scheduler``), given the
-  data plan the steps collate from;
+- ``prepare``: the model, its optimizer and learning-rate schedule (``model``, ``optimizer``, ``scheduler``,
+  from :mod:`aift.training.optimizers`), given the data plan the steps collate from;
 - ``collate`` / ``forward_backward``: one optimizer step's micro-batches, forward and backward, returning the
   loss sum; ``eval_batches`` / ``eval_loss_sum``: the same without gradients;
 - ``clip_grad_norm``, ``optimizer_step`` / ``skip_step``;
@@ -30,14 +30,13 @@ import torch
 from peft.helpers import disable_input_dtype_casting
 
 from aift.config import TrainingConfig
-from aift.errors import AiftError
 from aift.models.loading import eval_mode
 from aift.training import checkpoint as ckpt
 from aift.training.checkpoint import TrainerState
 from aift.training.loss import split_causal_lm
 from aift.training.objectives import Objective, to_device
+from aift.training.optimizers import optimizer_and_schedule
 from aift.training.segment_attention import PackedAttention
-from aift.training.step import lr_factor
 from aift.utils import gpu
 
 log = logging.getLogger(__name__)
@@ -57,6 +56,7 @@ class Backend(Protocol):
     can_skip: bool  # a non-finite step can still be dropped when its gradients are known
     checks_grad_norm: bool  # False when a loss scaler (fp16) handles inf gradients itself
     model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
 
     def barrier(self) -> None: ...
@@ -138,36 +138,6 @@ def holds_frozen_base_in_bf16(config: TrainingConfig, device_type: str) -> bool:
 
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def make_optimizer(model: torch.nn.Module, config: TrainingConfig, device_type: str) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; no weight decay on biases and norms (1-D tensors); fused if possible."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise AiftError("the model has no trainable parameters")
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
-    fused = device_type in ("cuda", "cpu") and all(
-        p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params
-    )
-    try:
-        return torch.optim.AdamW(groups, lr=config.learning_rate, fused=fused or None)
-    except RuntimeError:  # fused kernels are not built for every device/dtype
-        return torch.optim.AdamW(groups, lr=config.learning_rate)
-
-
-def linear_warmup_then_decay(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
-    """The learning rate climbs linearly over warmup_steps, then falls linearly to 0 at total_steps."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, warmup_steps, total_steps))
-
-
-def optimizer_and_schedule(module: torch.nn.Module, config: TrainingConfig, device_type: str, total_steps: int):
-    """AdamW over ``module``'s trainable parameters and its warmup-then-decay schedule over the run."""
-    optimizer = make_optimizer(module, config, device_type)
-    return optimizer, linear_warmup_then_decay(optimizer, config.warmup_steps, total_steps)
 
 
 # ---------------------------------------------------------------------- Accelerate

@@ -299,7 +299,12 @@ def run_identity(config, info, world_size: int, rows: list[dict]) -> dict[str, A
         "gradient_accumulation_steps x world_size": config.gradient_accumulation_steps * world_size,
         "max_length": config.max_length,
         "packing": config.packing,
+        "optimizer": config.optimizer,  # another optimizer's state would not fit (or silently mean else)
     }
+
+
+# What a checkpoint's recorded run means by a key it lacks (written before aift recorded it).
+RECORDED_BEFORE = {"optimizer": "adamw"}
 
 
 def dataset_fingerprint(rows: list[dict]) -> dict[str, Any]:
@@ -324,6 +329,7 @@ def check_same_run(path: Path, identity: dict[str, Any], force: bool) -> None:
     if recorded is None:
         log.warning("note: %s does not record its run's settings; they cannot be compared", path)
         return
+    recorded = {**RECORDED_BEFORE, **recorded}
     changes = [f"{key}: {old!r} -> {new!r}" for key, (old, new) in _differences(recorded, identity).items()]
     if not changes:
         return

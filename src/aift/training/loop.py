@@ -12,8 +12,9 @@ Accelerate's (one process, DDP, FSDP, DeepSpeed) or the pipeline schedule's
   dropout), and 2 processes x batch 2 equal 1 process x batch 2 x 2 accumulation steps;
 - each micro-batch draws its dropout masks from a seed of (seed, epoch, its index in the plan), so the
   last equality holds with dropout on too;
-- AdamW (fused where supported), linear warmup then linear decay to 0, clipping, bf16 autocast
-  (fp16 with loss scaling on GPUs without bf16), all prepared by the backend;
+- the optimizer and learning-rate schedule of :mod:`aift.training.optimizers` (AdamW, fused where supported,
+  and linear warmup then linear decay to 0 by default), clipping, bf16 autocast (fp16 with loss scaling on GPUs
+  without bf16), all prepared by the backend; NEFTune noise on the input embeddings when asked (SFT);
 - eval, logging, checkpoints (exactly resumable, verified on resume), Ctrl-C and SIGTERM save a checkpoint
   first, a NaN/inf loss or gradient stops the run (or is skipped, counted) and NaN weights are never saved.
 """
@@ -31,21 +32,16 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from aift.config import TrainingConfig, to_yaml
+from aift.config import ConfigError, TrainingConfig, to_yaml
 from aift.errors import AiftError
 from aift.models import run_folder
 from aift.training import checkpoint as ckpt
-from aift.training import run_guard
-from aift.training.backends import (  # make_optimizer, linear_warmup_then_decay, resolve_precision: public here
-    AccelerateBackend,
-    Backend,
-    linear_warmup_then_decay,
-    make_optimizer,
-    resolve_precision,
-)
+from aift.training import optimizers, run_guard
+from aift.training.backends import AccelerateBackend, Backend, resolve_precision  # resolve_precision: public here
 from aift.training.batching import Examples
 from aift.training.objectives import Objective
 from aift.training.objectives.sft import SFTObjective
+from aift.training.optimizers import linear_warmup_then_decay, make_optimizer  # public here
 from aift.training.reporting import MetricsLogger, check_loggers
 from aift.training.run_files import RunInfo, flat_config, prepare_output_dir, save_final
 from aift.training.step import (
@@ -100,6 +96,9 @@ def run_training(
     # ------------------------------------------------------------------ setup
     objective = objective or SFTObjective(config.loss_chunk_size)
     objective.check(train_examples)
+    if config.neftune_noise_alpha and objective.name != "sft":
+        raise ConfigError(f"neftune_noise_alpha is for supervised fine-tuning, not {objective.name}")
+    optimizers.check_available(config)
     check_loggers(config.report_to)
     if eval_examples is not None and not eval_examples.rows:
         eval_examples = None
@@ -110,7 +109,8 @@ def run_training(
     # ------------------------------------------------------------------ loop
     stop = run_guard.StopOnSignal()
     sampler = system_metrics(run.output_dir, config.collect_metrics and backend.is_main)
-    with stop, sampler, run.attention, run.progress:  # the bar closes on an error too: its message starts a line
+    noise = optimizers.neftune(model, config.neftune_noise_alpha)
+    with stop, sampler, noise, run.attention, run.progress:  # the bar closes on an error too: its message starts a line
         if eval_examples is not None and run.resume_from is None:
             run.state.initial_eval_loss = run.evaluate()
         while run.state.step < run.total_steps:
@@ -210,6 +210,7 @@ class Run:
         )
         self._log_plan()
         backend.prepare(model, self.planner, self.total_steps)
+        optimizers.training_mode(backend.optimizer, config)
         if getattr(self.objective, "precompute", False):  # before a checkpoint is loaded: the reference is the start
             self._precompute_reference()
         self.state = self._initial_state(identity)
@@ -227,12 +228,13 @@ class Run:
 
     def _log_plan(self) -> None:
         config, backend = self.config, self.backend
-        if config.warmup_steps >= self.total_steps:
+        warmup = optimizers.warmup_steps(config, self.total_steps)
+        if warmup >= self.total_steps:
+            given = "" if config.warmup_steps is not None else f" (warmup_ratio={config.warmup_ratio})"
             log.warning(
-                "warmup_steps=%d >= total steps %d: the learning rate never reaches its peak",
-                config.warmup_steps,
-                self.total_steps,
-            )
+                "warmup_steps=%d%s >= total steps %d: warmup covers the whole run, the learning rate never reaches "
+                "its peak", warmup, given, self.total_steps,
+            )  # fmt: skip
         device = backend.device.type
         log.info(
             "training %d steps (%d per epoch), %d examples, %s on %s, precision %s, packing efficiency %.1f%%, "
@@ -260,6 +262,7 @@ class Run:
         if self.resume_from is None:
             return ckpt.TrainerState(seed=self.config.seed, total_steps=self.total_steps, run=identity)
         state = self.backend.load_checkpoint(self.resume_from)
+        optimizers.training_mode(self.backend.optimizer, self.config)  # saved with the averaged weights
         state.total_steps, state.run = self.total_steps, identity
         log.info("resumed from %s at step %d", self.resume_from, state.step)
         return state
@@ -375,7 +378,7 @@ class Run:
         backend, objective = self.backend, self.objective
         totals = torch.zeros(2, dtype=torch.float64, device=backend.device)  # loss sum, count (tokens / pairs)
         metrics: list[dict[str, torch.Tensor]] = []
-        with backend.evaluating():
+        with optimizers.averaged_weights(backend.optimizer, self.config), backend.evaluating():
             batches = backend.eval_batches(objective, self.eval_examples, self.config.batch_size,
                                            self.tokenizer.pad_token_id)  # fmt: skip
             for batch in batches:
@@ -403,8 +406,9 @@ class Run:
         """A checkpoint of the current step (collective); NaN weights are never saved."""
         rng = ckpt.capture_rng()
         backend = self.backend
-        run_guard.check_finite_weights(backend.model, backend.all_ranks, self.state.step, self.checkpoints_dir)
-        backend.save_checkpoint(self.checkpoints_dir, self.state, rng, self.config.save_total_limit)
+        with optimizers.averaged_weights(backend.optimizer, self.config):
+            run_guard.check_finite_weights(backend.model, backend.all_ranks, self.state.step, self.checkpoints_dir)
+            backend.save_checkpoint(self.checkpoints_dir, self.state, rng, self.config.save_total_limit)
 
     def summary(self) -> dict[str, Any]:
         state = self.state
@@ -432,6 +436,7 @@ class Run:
     def finish(self) -> TrainResult:
         """final/ and train_summary.json (main process), then cleanup; the trained model on every process."""
         backend, state = self.backend, self.state
+        optimizers.final_weights(backend.optimizer, self.config)
         model, full_state = backend.final_model()
         summary = self.summary()
         if backend.is_main:
