@@ -36,6 +36,7 @@ TASKS: dict[str, Task] = {
         encode=sft.encode,
         output_name=sft.output_name,
         train_on_prompt=True,
+        thinking=True,
     ),
     "preference": Task(
         name="preference",
@@ -50,7 +51,8 @@ TASKS: dict[str, Task] = {
 # prepare.json's keys in the order the file shows them; a task writes those it has.
 _INFO_ORDER = (
     "task", "source", "source_path", "shape", "model", "tokenizer", "tokenizer_class", "format", "prompt_format",
-    "end_of_turn", "chat_template_sha256", "system", "max_length", "train_on_prompt", "val_ratio", "seed",
+    "end_of_turn", "chat_template_sha256", "system", "max_length", "train_on_prompt", "drop_earlier_thinking",
+    "val_ratio", "seed",
     "num_samples", "counts", "tokens", "aift_version",
 )  # fmt: skip
 
@@ -64,10 +66,13 @@ def check_options(
     num_samples: int | None,
     num_proc: int | None = None,
     train_on_prompt: bool = False,
+    drop_earlier_thinking: bool = False,
 ) -> None:
     """DataError naming the option when one of `aift prepare`'s options cannot be used by the task."""
     if train_on_prompt and not task.train_on_prompt:
         raise DataError(f"--task {task.name} trains on the answers only: --train-on-prompt does not apply")
+    if drop_earlier_thinking and not task.thinking:
+        raise DataError(f"--task {task.name} has no conversations: --drop-earlier-thinking does not apply")
     if source is not None and source not in task.sources:
         raise DataError(f"unknown source {source!r}; valid sources: {', '.join(task.sources)}")
     if source_path is None and set(task.sources) <= set(FILE_SOURCES):
@@ -140,17 +145,21 @@ def prepare(
     strict: bool = False,
     trust_remote_code: bool = False,
     num_proc: int | None = None,
+    drop_earlier_thinking: bool = False,
 ) -> Path:
     """The pipeline of every task: see `prepare_dataset` for the arguments; ``task`` is a name in ``TASKS``."""
     from aift.models.loading import load_tokenizer
 
     spec = TASKS[task]
-    check_options(spec, source, source_path, max_length, val_ratio, num_samples, num_proc, train_on_prompt)
+    check_options(
+        spec, source, source_path, max_length, val_ratio, num_samples, num_proc, train_on_prompt, drop_earlier_thinking
+    )
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
     fmt = resolve_format(model, tokenizer, format)
     options = EncodeOptions(
-        str(model), tokenizer, fmt, system or default_system(model), system, max_length, train_on_prompt, num_proc
-    )
+        str(model), tokenizer, fmt, system or default_system(model), system, max_length, train_on_prompt, num_proc,
+        drop_earlier_thinking,
+    )  # fmt: skip
     loaded = load_rows(spec.shapes, source, source_path, num_samples, strict)
     source = source or source_for_path(source_path)
     encoded = spec.encode(loaded, options)
@@ -196,6 +205,7 @@ def prepare_dataset(
     strict: bool = False,
     trust_remote_code: bool = False,
     num_proc: int | None = None,
+    drop_earlier_thinking: bool = False,
 ) -> Path:
     """Turns raw data into a tokenized, loss-masked train/test DatasetDict on disk (`aift prepare --task sft`).
 
@@ -215,13 +225,15 @@ def prepare_dataset(
         strict: Fail on the first unusable row instead of dropping it.
         trust_remote_code: Allow tokenizers that run code from their hub repository.
         num_proc: Worker processes for tokenizing (default ``os.cpu_count()``; small files use fewer).
+        drop_earlier_thinking: Remove the reasoning of answers before the last user message (as Qwen3's
+            template does); by default every answer keeps and trains its reasoning.
 
     Returns:
         The output folder.
     """
     return prepare(
         "sft", model, source, source_path, num_samples, format, output_dir, max_length, val_ratio, seed,
-        train_on_prompt, system, strict, trust_remote_code, num_proc,
+        train_on_prompt, system, strict, trust_remote_code, num_proc, drop_earlier_thinking,
     )  # fmt: skip
 
 

@@ -29,6 +29,7 @@ class EncodeOptions:
     max_length: int
     train_on_prompt: bool = False
     num_proc: int | None = None
+    drop_earlier_thinking: bool = False  # reasoning only in the answers after the last user message
 
 
 class Encoded(Protocol):
@@ -57,3 +58,4 @@ class Task:
     encode: Callable[[Loaded, EncodeOptions], Encoded]
     output_name: Callable[[str, str | Path | None, str, int | None], str]  # (source, path, model, num_samples)
     train_on_prompt: bool = False  # whether --train-on-prompt applies (a preference pair trains its answers only)
+    thinking: bool = False  # whether --drop-earlier-thinking applies (conversations with reasoning traces)
