@@ -109,7 +109,8 @@ def _clean(i: int, message: dict[str, Any]) -> Message:
         )
     content = message.get("content")
     if role == "tool":
-        return {"role": "tool", "content": tool_result(content, where)}
+        ids = {k: message[k] for k in ("tool_call_id", "name") if isinstance(message.get(k), str)}
+        return {"role": "tool", "content": tool_result(content, where), **ids}
     if content is not None and not isinstance(content, str):
         raise DataError(f"{where}: content is a {type(content).__name__}, expected a string")
     content = (content or "").strip()

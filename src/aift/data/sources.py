@@ -130,7 +130,7 @@ def _turn(turn: dict, role_key: str, content_key: str) -> dict:
     role, content = turn.get(role_key), turn.get(content_key)
     if str(role).lower() == "function_call":
         return {"role": "assistant", "content": "", "tool_calls": content}
-    extra = {k: turn[k] for k in ("tool_calls", "reasoning_content") if turn.get(k) is not None}
+    extra = {k: turn[k] for k in ("tool_calls", "reasoning_content", "tool_call_id", "name") if turn.get(k) is not None}
     return {"role": role, "content": content, **extra}
 
 
