@@ -32,6 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=42, help="seed of the train/test split")
     parser.add_argument("--train-on-prompt", action="store_true", help="train on all tokens, not only the answers")
     parser.add_argument("--system", help="system prompt for conversations without one")
+    parser.add_argument(
+        "--drop-earlier-thinking",
+        action="store_true",
+        help="remove <think> reasoning from answers before the last user message (as Qwen3's template does)",
+    )
     parser.add_argument("--strict", action="store_true", help="fail on the first unusable row instead of dropping it")
     parser.add_argument(
         "--task",
@@ -86,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         num_proc=args.num_proc,
         min_doc_tokens=args.min_doc_tokens,
         text_column=args.text_column,
+        drop_earlier_thinking=args.drop_earlier_thinking,
     )
     print(out)
     return 0

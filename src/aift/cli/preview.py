@@ -14,7 +14,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.text import Text
 
     from aift.data.preview import preview_dataset
 
@@ -33,14 +32,14 @@ def run(args: argparse.Namespace) -> int:
 
     for line in describe(info):  # a mixture's sources and their counts
         console.print(line, markup=False)
-    legend = "trained tokens in green" if tty else "trained tokens in [[...]]"
+    legend = "trained tokens in green, thinking in magenta" if tty else "trained tokens in [[...]]"
     for example in preview.examples:
         console.print(
             f"\n--- example {example.index}: {example.trained} trained / {example.masked} masked tokens ({legend})",
             markup=False,
         )
         if tty:
-            console.print(Text.assemble(*((t, "bold green") if on else (t, "dim") for t, on in example.runs)))
+            console.print(styled_text(example))
         else:
             console.print(example.bracketed(), markup=False)
         for warning in example.warnings:
@@ -51,6 +50,19 @@ def run(args: argparse.Namespace) -> int:
     for warning in preview.warnings:
         console.print(f"warning: {warning}", markup=False)
     return 0
+
+
+def styled_text(example):
+    """An example as rich Text: trained tokens green, masked ones dim, reasoning (``<think>``) magenta."""
+    from rich.text import Text
+
+    styles = {
+        (True, False): "bold green",
+        (False, False): "dim",
+        (True, True): "bold magenta",
+        (False, True): "magenta",
+    }
+    return Text.assemble(*((text, styles[trained, thinking]) for text, trained, thinking in example.styled()))
 
 
 def _is_preference(path: str) -> bool:

@@ -27,6 +27,7 @@ from typing import Any
 from aift.data import DataError
 from aift.data.conversation import Message, PromptFormat, Rendered, chat_content, eos_text, is_japanese, normalize
 from aift.data.prepared import PREPARE_JSON
+from aift.data.tools import has_structure, lower, template_messages, template_spans
 from aift.models.run_folder import META_FILE, SUMMARY_FILE
 from aift.utils.files import FileFormatError, read_json_object
 
@@ -72,7 +73,7 @@ class _TurnFormat(PromptFormat):
         return segments
 
     def render(self, messages, tokenizer=None) -> Rendered:
-        msgs = normalize(messages)
+        msgs = lower(normalize(messages))  # tools and reasoning in aift's format (aift.data.tools)
         text, spans, prompt_end = "", [], 0
         for piece, kind in self._segments(msgs, tokenizer):
             if kind == "answer":
@@ -86,7 +87,7 @@ class _TurnFormat(PromptFormat):
         return Rendered(text, tuple(spans), text[:prompt_end], msgs[-1]["content"])
 
     def generation_prompt(self, messages, tokenizer=None) -> str:
-        msgs = normalize(messages, last_role="user") + [{"role": "assistant", "content": ""}]
+        msgs = lower(normalize(messages, last_role="user")) + [{"role": "assistant", "content": ""}]
         segments = self._segments(msgs, tokenizer)
         last_answer = max(i for i, (_, kind) in enumerate(segments) if kind == "answer")
         return "".join(piece for piece, _ in segments[:last_answer])
@@ -295,12 +296,16 @@ class TemplateFormat(PromptFormat):
         return tokenizer
 
     @staticmethod
-    def _chat(msgs: list[Message]) -> list[Message]:
-        return [{"role": m["role"], "content": chat_content(m)} for m in msgs]
+    def _chat(msgs: list[Message], tok) -> tuple[list[Message], list | None]:
+        """(messages, tools) for the template: tools and reasoning kept where it handles them, else lowered."""
+        chat = [{**{k: v for k, v in m.items() if k != "input"}, "content": chat_content(m)} for m in msgs]
+        return template_messages(chat, tok.chat_template if isinstance(tok.chat_template, str) else "")
 
     def render(self, messages, tokenizer=None) -> Rendered:
         tok = self._check(tokenizer)
-        msgs = self._chat(normalize(messages))
+        msgs, tools = self._chat(normalize(messages), tok)
+        if tools or has_structure(msgs):  # the template writes the tool calls or reasoning itself
+            return self._render_structured(msgs, tools, tok)
         text = _apply_template(tok, msgs)
         answers = [k for k, m in enumerate(msgs) if m["role"] == "assistant"]
         prefixes = [_apply_template(tok, msgs[:k], add_generation_prompt=True) for k in answers]
@@ -312,7 +317,10 @@ class TemplateFormat(PromptFormat):
         fails (bad shape, a template that refuses it), each is rendered alone, so that only that one fails."""
         tok = self._check(tokenizer)
         try:
-            chats = [self._chat(normalize(m)) for m in conversations]
+            prepared = [self._chat(normalize(m), tok) for m in conversations]
+            if any(tools or has_structure(msgs) for msgs, tools in prepared):
+                return super().render_many(conversations, tokenizer)
+            chats = [msgs for msgs, _ in prepared]
             texts = _apply_template(tok, chats) if chats else []
             wanted = [(i, k) for i, msgs in enumerate(chats) for k, m in enumerate(msgs) if m["role"] == "assistant"]
             histories = [chats[i][:k] for i, k in wanted]
@@ -323,6 +331,15 @@ class TemplateFormat(PromptFormat):
             return [self._located(m, t, p, tok) for m, t, p in zip(chats, texts, prefixes, strict=True)]
         except DataError:
             return super().render_many(conversations, tokenizer)
+
+    def _render_structured(self, msgs: list[Message], tools: list | None, tok) -> Rendered:
+        """A conversation with tool calls or reasoning the template renders itself, one template call a prefix."""
+        text = _apply_template(tok, msgs, tools=tools)
+        prefix = lambda k: _apply_template(tok, msgs[:k], add_generation_prompt=True, tools=tools)  # noqa: E731
+        marker = self.end_of_turn(tok)
+        spans = template_spans(text, msgs, prefix, marker)
+        (start, end) = spans[-1]
+        return Rendered(text, tuple(spans), text[:start], text[start:end].removesuffix(marker).strip())
 
     def _located(self, msgs: list[Message], text: str, prefixes: dict[int, str], tok) -> Rendered:
         """The rendered text with each answer's span, found after the history prefix rendered before it."""
@@ -355,8 +372,8 @@ class TemplateFormat(PromptFormat):
 
     def generation_prompt(self, messages, tokenizer=None) -> str:
         tok = self._check(tokenizer)
-        msgs = self._chat(normalize(messages, last_role="user"))
-        return _apply_template(tok, msgs, add_generation_prompt=True)
+        msgs, tools = self._chat(normalize(messages, last_role="user"), tok)
+        return _apply_template(tok, msgs, add_generation_prompt=True, tools=tools)
 
     def end_of_turn(self, tokenizer=None, last=True):
         """The special token the template puts after an answer (found by rendering a probe), or ''."""
@@ -367,13 +384,15 @@ class TemplateFormat(PromptFormat):
         return [eos_text(tokenizer), *_special_tokens(tokenizer)]
 
 
-def _apply_template(tokenizer, messages: list, add_generation_prompt: bool = False) -> Any:
+def _apply_template(tokenizer, messages: list, add_generation_prompt: bool = False, tools: list | None = None) -> Any:
     """apply_chat_template of one conversation (a string) or of a list of them (a list); a template that
     refuses a conversation (raise_exception) is a DataError."""
     from jinja2.exceptions import TemplateError
 
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(
+            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
     except TemplateError as e:
         batched = bool(messages) and isinstance(messages[0], list)
         roles = "several conversations" if batched else ", ".join(m["role"] for m in messages)

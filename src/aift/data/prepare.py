@@ -37,6 +37,7 @@ TASKS: dict[str, Task] = {
         encode=sft.encode,
         output_name=sft.output_name,
         train_on_prompt=True,
+        thinking=True,
     ),
     "preference": Task(
         name="preference",
@@ -61,7 +62,8 @@ TASKS: dict[str, Task] = {
 # prepare.json's keys in the order the file shows them; a task writes those it has.
 _INFO_ORDER = (
     "task", "source", "source_path", "shape", "model", "tokenizer", "tokenizer_class", "format", "prompt_format",
-    "end_of_turn", "chat_template_sha256", "system", "max_length", "train_on_prompt", "val_ratio", "seed",
+    "end_of_turn", "chat_template_sha256", "system", "max_length", "train_on_prompt", "drop_earlier_thinking",
+    "val_ratio", "seed",
     "num_samples", "counts", "tokens", "aift_version",
     "text_column", "min_doc_tokens", "documents", "blocks",
 )  # fmt: skip
@@ -77,6 +79,7 @@ def check_options(
     num_proc: int | None = None,
     train_on_prompt: bool = False,
     pretrain_options: dict | None = None,
+    drop_earlier_thinking: bool = False,
 ) -> None:
     """DataError naming the option when one of `aift prepare`'s options cannot be used by the task."""
     for flag, value in (pretrain_options or {}).items():
@@ -84,6 +87,8 @@ def check_options(
             raise DataError(f"--{flag} applies to --task pretrain only")
     if train_on_prompt and not task.train_on_prompt:
         raise DataError(f"--task {task.name} trains on the answers only: --train-on-prompt does not apply")
+    if drop_earlier_thinking and not task.thinking:
+        raise DataError(f"--task {task.name} has no conversations: --drop-earlier-thinking does not apply")
     if source is not None and source not in task.sources:
         raise DataError(f"unknown source {source!r}; valid sources: {', '.join(task.sources)}")
     if source_path is None and set(task.sources) <= set(FILE_SOURCES):
@@ -162,6 +167,7 @@ def prepare(
     num_proc: int | None = None,
     min_doc_tokens: int | None = None,
     text_column: str | None = None,
+    drop_earlier_thinking: bool = False,
 ) -> Path:
     """The pipeline of every task: see `prepare_dataset` for the arguments; ``task`` is a name in ``TASKS``.
 
@@ -172,13 +178,22 @@ def prepare(
     spec = TASKS[task]
     pretrain_options = {"min-doc-tokens": min_doc_tokens, "text-column": text_column}
     check_options(
-        spec, source, source_path, max_length, val_ratio, num_samples, num_proc, train_on_prompt, pretrain_options
+        spec,
+        source,
+        source_path,
+        max_length,
+        val_ratio,
+        num_samples,
+        num_proc,
+        train_on_prompt,
+        pretrain_options,
+        drop_earlier_thinking,
     )
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
     fmt = resolve_format(model, tokenizer, format)
     options = EncodeOptions(
         str(model), tokenizer, fmt, system or default_system(model), system, max_length, train_on_prompt, num_proc,
-        min_doc_tokens or 0, text_column or "text",
+        min_doc_tokens or 0, text_column or "text", drop_earlier_thinking,
     )  # fmt: skip
     source, loaded, encoded, dropped = encode_source(spec, source, source_path, num_samples, strict, options)
     train, test = split(encoded.kept, val_ratio, seed)
@@ -239,6 +254,7 @@ def prepare_dataset(
     strict: bool = False,
     trust_remote_code: bool = False,
     num_proc: int | None = None,
+    drop_earlier_thinking: bool = False,
 ) -> Path:
     """Turns raw data into a tokenized, loss-masked train/test DatasetDict on disk (`aift prepare --task sft`).
 
@@ -258,6 +274,8 @@ def prepare_dataset(
         strict: Fail on the first unusable row instead of dropping it.
         trust_remote_code: Allow tokenizers that run code from their hub repository.
         num_proc: Worker processes for tokenizing (default ``os.cpu_count()``; small files use fewer).
+        drop_earlier_thinking: Remove the reasoning of answers before the last user message (as Qwen3's
+            template does); by default every answer keeps and trains its reasoning.
 
     Returns:
         The output folder.
@@ -265,6 +283,7 @@ def prepare_dataset(
     return prepare(
         "sft", model, source, source_path, num_samples, format, output_dir, max_length, val_ratio, seed,
         train_on_prompt, system, strict, trust_remote_code, num_proc,
+        drop_earlier_thinking=drop_earlier_thinking,
     )  # fmt: skip
 
 

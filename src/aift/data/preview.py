@@ -9,6 +9,7 @@ from pathlib import Path
 
 from aift.data.packing import IGNORE_INDEX, count_trained_tokens
 from aift.data.prepared import read_split
+from aift.data.reasoning import thinking_runs
 
 
 @dataclass
@@ -24,6 +25,11 @@ class ExamplePreview:
     def bracketed(self) -> str:
         """The text with trained runs in ``[[...]]``."""
         return "".join(f"[[{text}]]" if trained else text for text, trained in self.runs)
+
+    def styled(self) -> list[tuple[str, bool, bool]]:
+        """The runs as (text, trained, thinking): reasoning inside ``<think>...</think>`` marked, to be shown in a
+        colour of its own."""
+        return thinking_runs(self.runs)
 
 
 @dataclass

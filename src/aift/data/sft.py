@@ -20,6 +20,7 @@ from typing import Any
 from aift.data.conversation import Rendered
 from aift.data.masking import encode_batch
 from aift.data.packing import best_fit_decreasing, packing_efficiency
+from aift.data.reasoning import drop_earlier_thinking
 from aift.data.shapes import Loaded
 from aift.data.task import EncodeOptions
 
@@ -33,8 +34,10 @@ def output_name(source: str, source_path: str | Path | None, model: str, num_sam
 
 
 def _with_system(conversation: list[dict], system: str | None) -> list[dict]:
-    if not system or conversation[0]["role"] == "system":
+    if not system or (conversation[0]["role"] == "system" and conversation[0]["content"]):
         return conversation
+    if conversation[0]["role"] == "system":  # one that only declares tools
+        return [{**conversation[0], "content": system}, *conversation[1:]]
     return [{"role": "system", "content": system}, *conversation]
 
 
@@ -44,10 +47,13 @@ class _EncodeRows:
     def __init__(self, conversations: list[list[dict]], options: EncodeOptions):
         self.conversations, self.fmt, self.tokenizer = conversations, options.fmt, options.tokenizer
         self.max_length, self.train_on_prompt, self.system = options.max_length, options.train_on_prompt, options.system
+        self.drop_earlier_thinking = options.drop_earlier_thinking
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         """One batch of rows; a dropped row keeps its place (empty columns, its reason in ``drop``)."""
         conversations = [_with_system(self.conversations[row], self.system) for row in batch["row"]]
+        if self.drop_earlier_thinking:
+            conversations = [drop_earlier_thinking(c) for c in conversations]
         rendered = [
             r if isinstance(r, Rendered) else f"cannot render: {r}"
             for r in self.fmt.render_many(conversations, self.tokenizer)
@@ -133,6 +139,7 @@ class EncodedRows:
             "chat_template_sha256": _template_sha(tokenizer),
             "system": self.options.system,
             "train_on_prompt": self.options.train_on_prompt,
+            "drop_earlier_thinking": self.options.drop_earlier_thinking,
             "tokens": {
                 "length": _length_stats(lengths),
                 "total": sum(lengths),

@@ -1,8 +1,8 @@
 """Sources -> rows -> a task's examples: hub datasets (alpaca, dolly, wizardlm) and local JSON / JSONL / CSV / parquet.
 
 A local file's shape is detected from its columns in the task's shape table (aift.data.shapes); SFT's table
-is here: alpaca, dolly, prompt/completion, chat ``messages``, ShareGPT ``conversations``, question/answer,
-質問/回答. Hub sources have a fixed schema and go through ``datasets.load_dataset``; with ``--source-path``
+is here: alpaca, dolly, prompt/completion, chat ``messages`` and ShareGPT ``conversations`` (with ``tools``:
+tool calling, see aift.data.tools; reasoning traces, see aift.data.reasoning), question/answer, 質問/回答. Hub sources have a fixed schema and go through ``datasets.load_dataset``; with ``--source-path``
 the same schema is read from a local copy, which is also how the tests exercise each hub schema without a
 network.
 """
@@ -22,7 +22,9 @@ from typing import Any
 
 from aift.data import DataError
 from aift.data.conversation import Message, normalize
+from aift.data.reasoning import ThinkingOnly
 from aift.data.shapes import Drop, Loaded, Row, Shape, ShapeTable, convert_rows
+from aift.data.tools import parse_tools
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +88,9 @@ def _keyed(question: str, answer: str, context: str | None = None) -> Callable[[
     return convert
 
 
-def _chat(key: str, role_key: str, content_key: str) -> Callable[[dict], list[Message]]:
+def _chat(key: str, role_key: str, content_key: str, with_tools: bool = False) -> Callable[[dict], list[Message]]:
+    """A converter of a column of turns; ``with_tools``: the row's ``tools`` and ``system`` columns too."""
+
     def convert(data: dict) -> list[Message]:
         turns = data.get(key)
         if isinstance(turns, str):  # CSV cells hold JSON text
@@ -98,7 +102,7 @@ def _chat(key: str, role_key: str, content_key: str) -> Callable[[dict], list[Me
             expected = f"expected a non-empty list of {{{role_key}, {content_key}}} objects"
             raise Drop(f"empty or missing '{key}'", f"'{key}' is {_kind(turns)}; {expected}")
         try:
-            messages = [{"role": t.get(role_key), "content": t.get(content_key)} for t in turns]
+            messages = [_turn(t, role_key, content_key) for t in turns]
         except AttributeError as e:
             bad = next(i for i, t in enumerate(turns, 1) if not isinstance(t, dict))
             reason = f"'{key}' items must be objects with {role_key}/{content_key}"
@@ -108,14 +112,38 @@ def _chat(key: str, role_key: str, content_key: str) -> Callable[[dict], list[Me
         if not messages:
             raise Drop("missing answer", f"'{key}' has no turn from the assistant")
         try:
-            conversation = normalize(messages)
+            conversation = normalize(_with_row_tools(messages, data) if with_tools else messages)
+        except ThinkingOnly as e:
+            raise Drop("answer is only thinking", f"'{key}': {e}") from e
         except DataError as e:
             raise Drop(f"invalid conversation: {e}", f"'{key}': {e}") from e
         for i, message in enumerate(conversation, 1):
-            check_encodable(message["content"], f"'{key}' turn {i}")
+            check_encodable(message["content"] + message.get("reasoning_content", ""), f"'{key}' turn {i}")
         return conversation
 
     return convert
+
+
+def _turn(turn: dict, role_key: str, content_key: str) -> dict:
+    """A turn as a message: its role and content, the tool and reasoning fields, a ShareGPT function_call turn
+    (its value the JSON of a call, or of a list of calls) as an assistant message with tool_calls."""
+    role, content = turn.get(role_key), turn.get(content_key)
+    if str(role).lower() == "function_call":
+        return {"role": "assistant", "content": "", "tool_calls": content}
+    extra = {k: turn[k] for k in ("tool_calls", "reasoning_content", "tool_call_id", "name") if turn.get(k) is not None}
+    return {"role": role, "content": content, **extra}
+
+
+def _with_row_tools(messages: list[dict], data: dict) -> list[dict]:
+    """The turns with the row's ``system`` column (when they have no system turn) and its ``tools`` on it."""
+    try:
+        tools = parse_tools(data.get("tools"), "'tools'")
+    except DataError as e:
+        raise Drop("'tools' is not a list of tool schemas", str(e)) from e
+    system = _field_text(data, "system")
+    if messages and messages[0]["role"] == "system":
+        return [{**messages[0], "tools": tools}, *messages[1:]]
+    return [{"role": "system", "content": system, "tools": tools}, *messages] if system or tools else messages
 
 
 def _kind(value: Any) -> str:
@@ -143,7 +171,21 @@ def _user_assistant_text(data: dict) -> list[Message]:
 
 # Detection tries the shapes in this order.
 SHAPES = {
-    "messages": Shape(("messages",), (), _chat("messages", "role", "content"), "messages (role/content)"),
+    "openai_tools": Shape(
+        ("messages", "tools"),
+        (),
+        _chat("messages", "role", "content", with_tools=True),
+        "messages + tools (OpenAI tool calling: assistant tool_calls, tool results)",
+    ),
+    "sharegpt_tools": Shape(
+        ("conversations", "tools"),
+        ("system",),
+        _chat("conversations", "from", "value", with_tools=True),
+        "conversations + tools (ShareGPT function_call/observation turns, LLaMA-Factory)",
+    ),
+    "messages": Shape(
+        ("messages",), (), _chat("messages", "role", "content"), "messages (role/content; reasoning_content or <think>)"
+    ),
     "sharegpt": Shape(
         ("conversations",), (), _chat("conversations", "from", "value"), "conversations (from/value, ShareGPT)"
     ),

@@ -31,6 +31,7 @@ class EncodeOptions:
     num_proc: int | None = None
     min_doc_tokens: int = 0  # pretrain: documents with fewer tokens are dropped
     text_column: str = "text"  # pretrain: the column of JSONL/CSV/Parquet rows that holds a document
+    drop_earlier_thinking: bool = False  # reasoning only in the answers after the last user message
 
 
 class Encoded(Protocol):
@@ -63,3 +64,4 @@ class Task:
     # aift.data.sources.load_rows with the task's shapes (pretrain: text files, folders, globs).
     read: Callable[..., tuple[str, Loaded]] | None = None
     filters: tuple[str, ...] = ()  # drop reasons that are the user's filters: not counted as unusable rows
+    thinking: bool = False  # whether --drop-earlier-thinking applies (conversations with reasoning traces)

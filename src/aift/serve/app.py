@@ -36,6 +36,7 @@ from aift.serve.engine import (
     UnknownModelError,
 )
 from aift.serve.schemas import ChatCompletionRequest, CompletionRequest
+from aift.serve.tools import ToolCallStream, answer_message, request_messages, wants_tools
 
 log = logging.getLogger(__name__)
 
@@ -179,14 +180,16 @@ class _Api:
         return {"id": name, "object": "model", "created": self.engine.created, "owned_by": "aift"}
 
     async def chat(self, body: ChatCompletionRequest, request: Request):
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        messages = request_messages([m.message() for m in body.messages], body.tools, body.tool_choice)
+        tools = wants_tools(body.tools, body.tool_choice)
         handle = _submit(self.engine.submit_chat, body.model, messages, _sampling(body))
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
         if body.stream:
-            return self._stream(handle, request, meta, body.wants_usage_chunk(), chat=True)
+            return self._stream(handle, request, meta, body.wants_usage_chunk(), chat=True, tools=tools)
         event = await _last_event(handle, request)
-        message = {"role": "assistant", "content": event.answer}
-        choice = {"index": 0, "message": message, "finish_reason": _finish_reason(event), "logprobs": None}
+        message, calls = answer_message(event.answer, tools)
+        finish = "tool_calls" if calls else _finish_reason(event)
+        choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
         return {**meta, "object": "chat.completion", "choices": [choice], "usage": _usage(event)}
 
     async def completions(self, body: CompletionRequest, request: Request):
@@ -198,12 +201,17 @@ class _Api:
         choice = {"index": 0, "text": event.answer, "finish_reason": _finish_reason(event), "logprobs": None}
         return {**meta, "object": "text_completion", "choices": [choice], "usage": _usage(event)}
 
-    def _stream(self, handle: Handle, request: Request, meta: dict, usage: bool, chat: bool) -> StreamingResponse:
+    def _stream(
+        self, handle: Handle, request: Request, meta: dict, usage: bool, chat: bool, tools: bool = False
+    ) -> StreamingResponse:
         kind = "chat.completion.chunk" if chat else "text_completion"
+        calls = ToolCallStream() if tools else None  # content held back from a <tool_call> on
 
-        def chunk(text: str | None, finish: str | None, role: bool = False) -> str:
+        def chunk(text: str | None, finish: str | None, role: bool = False, tool_calls: list | None = None) -> str:
             if chat:
                 delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
+                if tool_calls:
+                    delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(tool_calls)]
                 choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
             else:
                 choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
@@ -217,10 +225,14 @@ class _Api:
                     if event.finish_reason == "error":
                         yield _sse(_as_api_error(event.error or RuntimeError()).body())
                         return
-                    if event.text:
-                        yield chunk(event.text, None)
+                    text = calls.feed(event.text) if calls and event.text else event.text
+                    if text:
+                        yield chunk(text, None)
                     if event.finish_reason:
-                        yield chunk(None, _finish_reason(event))
+                        rest, tool_calls = calls.finish(event.answer) if calls else ("", [])
+                        if rest or tool_calls:
+                            yield chunk(rest or None, None, tool_calls=tool_calls)
+                        yield chunk(None, "tool_calls" if tool_calls else _finish_reason(event))
                         if usage:
                             yield _sse({**meta, "object": kind, "choices": [], "usage": _usage(event)})
                         yield _sse("[DONE]")

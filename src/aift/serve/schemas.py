@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -13,11 +13,21 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    role: str  # system, user, assistant (checked with the conversation, so the error can say which message)
-    content: str | list[TextPart]
+    role: str  # system, user, assistant, tool (checked with the conversation, so the error can say which message)
+    content: str | list[TextPart] | None = None  # None: an assistant message that only calls tools
+    tool_calls: list[dict[str, Any]] | None = None  # an earlier answer's calls, sent back with their results
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+    def message(self) -> dict[str, Any]:
+        """The message as aift.data.conversation takes it."""
+        extra = {k: v for k in ("tool_calls", "reasoning_content") if (v := getattr(self, k)) is not None}
+        return {"role": self.role, "content": self.text(), **extra}
 
 
 class StreamOptions(BaseModel):
@@ -63,6 +73,8 @@ class _Generation(BaseModel):
 class ChatCompletionRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
+    tools: list[dict[str, Any]] | None = None  # JSON schemas; calls come back as tool_calls (aift.serve.tools)
+    tool_choice: str | dict[str, Any] | None = None  # "none" leaves the tools out; anything else lets the model choose
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

@@ -83,7 +83,8 @@ def _prepared_row(path: Path) -> dict[str, Any]:
 
 
 def preview(path: Path, n: int, split: str) -> dict[str, Any]:
-    """aift preview's view as JSON: each example as runs of (text, trained); the page escapes and highlights.
+    """aift preview's view as JSON: each example as runs of (text, trained, thinking); the page escapes and
+    highlights (the reasoning inside <think>...</think> in a colour of its own).
 
     Preference data comes as pairs, chosen beside rejected (KTO's labelled rows: one side and the label).
     """
@@ -104,7 +105,7 @@ def preview(path: Path, n: int, split: str) -> dict[str, Any]:
         "examples": [
             {
                 "index": e.index,
-                "runs": [[text, trained] for text, trained in e.runs],
+                "runs": [[text, trained, thinking] for text, trained, thinking in e.styled()],
                 "trained": e.trained,
                 "masked": e.masked,
                 "warnings": e.warnings,

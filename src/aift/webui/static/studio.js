@@ -78,7 +78,8 @@ async function showPreview(path, target) {
   } catch (err) { show(target, err.message, "error"); }
 }
 
-const runsOf = (runs) => runs.map(([text, trained]) => el("span", { class: trained ? "t" : "m", text }));
+const runsOf = (runs) => runs.map(([text, trained, thinking]) =>
+  el("span", { class: (trained ? "t" : "m") + (thinking ? " think" : ""), text }));
 
 // Preference data: each pair's chosen answer beside its rejected one (KTO: the answer and its label).
 function pairPreview(p) {
