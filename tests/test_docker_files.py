@@ -18,6 +18,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICE = "ai-ft-container"
+# Flags that change how an install prints or how long it takes, not what it installs: the Makefile's
+# --no-compile leaves byte-compiling to the first import, while an image is better compiled once, at build.
+QUIET_AND_SPEED_FLAGS = ("-q", "--no-compile")
 
 
 def _pip_installs(lines: list[str], variables: dict[str, str]) -> list[list[str]]:
@@ -27,12 +30,13 @@ def _pip_installs(lines: list[str], variables: dict[str, str]) -> list[list[str]
         if line.strip().lstrip("@").startswith("#"):  # a recipe comment (`@# ...`), not a command
             continue
         line = line.split("||")[0]
-        for name, value in variables.items():
-            line = line.replace(f"$({name})", value).replace(f"${{{name}}}", value)
+        for _ in range(3):  # a variable may name another: PIP := $(BIN)/pip install ...
+            for name, value in variables.items():
+                line = line.replace(f"$({name})", value).replace(f"${{{name}}}", value)
         words = shlex.split(line)
         if "pip" not in " ".join(words) or "install" not in words:
             continue
-        installs.append([w for w in words[words.index("install") + 1 :] if w != "-q"])
+        installs.append([w for w in words[words.index("install") + 1 :] if w not in QUIET_AND_SPEED_FLAGS])
     return installs
 
 
@@ -50,7 +54,7 @@ def _makefile_layer(stamp: str) -> tuple[str, list[str]]:
 
 def _makefile_setup_installs(layers: tuple[str, ...] = LAYERS) -> list[list[str]]:
     text = (ROOT / "Makefile").read_text()
-    variables = dict(re.findall(r"^(\w+)\s*\?=\s*(.+)$", text, re.M))
+    variables = dict(re.findall(r"^(\w+)\s*[?:]?=\s*(.+)$", text, re.M))
     return [args for stamp in layers for args in _pip_installs(_makefile_layer(stamp)[1], variables)]
 
 
