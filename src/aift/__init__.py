@@ -9,6 +9,10 @@ import importlib
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from aift.utils.library_noise import install_filters
+
+install_filters()  # before any aift module imports the libraries that print them (see aift.utils.library_noise)
+
 try:
     __version__ = version("aift")  # pyproject.toml's, the one place the version is written
 except PackageNotFoundError:  # run from a source tree that was never installed

@@ -1,4 +1,4 @@
-"""`aift demo` finds its sample data in a source checkout, and says what to do from an installed wheel."""
+"""`aift demo` reads its sample data from the package (so it runs from an installed wheel), a copy of data/."""
 
 from __future__ import annotations
 
@@ -6,22 +6,26 @@ from pathlib import Path
 
 import pytest
 
+import aift
 from aift.cli import demo
 from aift.errors import NotAvailableError
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_found_in_the_checkout_from_any_directory(tmp_path, monkeypatch):
+def test_the_bundled_data_is_package_data_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert demo.find_demo_data() == REPO / "data" / "ja_qa.json"
+    found = demo.find_demo_data()
+    assert found.is_file() and found.is_relative_to(Path(aift.__file__).parent)
 
 
-def test_from_a_wheel_the_message_says_what_to_do(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(demo, "_source_checkout", lambda: None)  # what an installed wheel sees
-    with pytest.raises(NotAvailableError, match="pass --data PATH"):
-        demo.find_demo_data()
+def test_the_bundled_data_is_the_repository_copy():
+    assert demo.DEMO_DATA.read_bytes() == (REPO / "data" / "ja_qa.json").read_bytes(), (
+        f"{demo.DEMO_DATA} is a copy of data/ja_qa.json (itself made by data/make_formats.py): copy it again"
+    )
+
+
+def test_data_flag(tmp_path):
     given = tmp_path / "qa.json"
     given.write_text("[]")
     assert demo.find_demo_data(str(given)) == given

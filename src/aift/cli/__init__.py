@@ -83,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"aift: unknown command {name!r}{hint}\n\n{_top_help()}", file=sys.stderr, end="")
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from aift.cli.library_noise import install_filters
+    from aift.utils.library_noise import install_filters
 
-    install_filters()  # before the command's module imports the libraries that log at import
+    install_filters()  # again (import aift did once): a caller's warnings.catch_warnings may have reset them
     try:
         parser = build_parser(name)
     except ModuleNotFoundError as e:

@@ -1,6 +1,7 @@
 """`aift demo` (`make demo`): LoRA fine-tune of the embedded model on the bundled Japanese Q&A, before and after.
 
-It prepares ``data/ja_qa.json`` with `prepare_dataset`, answers a held-out question greedily, trains a LoRA
+It prepares the bundled Q&A (``demo_data/ja_qa.json`` beside this file, package data of the wheel: a copy of
+the repository's ``data/ja_qa.json``) with `prepare_dataset`, answers a held-out question greedily, trains a LoRA
 adapter for one epoch (bf16, packed rows), then shows the eval loss before and after and the new answer.
 A few minutes on a 2-core CPU. The output dir can be passed on to `aift eval` and `aift report`.
 """
@@ -16,12 +17,15 @@ from aift.cli.flags import add_field_flag
 from aift.config import TrainingConfig
 from aift.errors import NotAvailableError
 
-DATA_FILE = Path("data") / "ja_qa.json"
+# Shipped inside the package, so that an installed wheel runs the demo from any directory.
+DEMO_DATA = Path(__file__).resolve().parent / "demo_data" / "ja_qa.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", default="outputs/demo", help="where the run goes (replaced if it exists)")
-    parser.add_argument("--data", default=None, help=f"Q&A data to train on (default: {DATA_FILE} of the checkout)")
+    parser.add_argument(
+        "--data", default=None, help="Q&A data to train on (default: the 200 bundled Japanese Q&A rows)"
+    )
     parser.add_argument("--epochs", type=float, default=1.0, help="passes over the 180 training questions")
     # Both differ from TrainingConfig on purpose, and say why in --help: the demo must show a change in minutes.
     add_field_flag(
@@ -39,27 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def find_demo_data(given: str | None = None) -> Path:
-    """--data, else data/ja_qa.json of the current directory, else of the source checkout aift runs from.
-
-    The sample data is a file of the repository, not of the wheel: an installed aift finds it in a clone.
-    """
-    if given is not None:
-        if not Path(given).is_file():
-            raise NotAvailableError(f"--data {given}: no such file")
-        return Path(given)
-    for root in (Path.cwd(), _source_checkout()):
-        if root is not None and (root / DATA_FILE).is_file():
-            return root / DATA_FILE
-    raise NotAvailableError(
-        f"the demo data {DATA_FILE} was not found: run `aift demo` from a clone of the aift repository, or pass "
-        "--data PATH (a JSON list of Q&A rows, as data/ja_qa.json)"
-    )
-
-
-def _source_checkout() -> Path | None:
-    """The repository root when aift runs from its source tree (src/aift/cli/demo.py), None from a wheel."""
-    root = Path(__file__).resolve().parents[3]
-    return root if (root / "pyproject.toml").is_file() and (root / "src" / "aift").is_dir() else None
+    """--data, else the Q&A rows bundled with the package."""
+    if given is None:
+        return DEMO_DATA
+    if not Path(given).is_file():
+        raise NotAvailableError(f"--data {given}: no such file")
+    return Path(given)
 
 
 def run(args: argparse.Namespace) -> int:

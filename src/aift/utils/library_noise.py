@@ -1,7 +1,11 @@
-"""Filters for a few known messages of libraries that tell an aift user nothing, installed by the CLI.
+"""Filters for a few known messages of libraries that tell an aift user nothing.
+
+``import aift`` installs them (so the Python API's first screen is as quiet as the CLI's), and the CLI installs
+them again before each command (pytest and ``warnings.catch_warnings`` reset the warning filters in between).
+They are logging filters on the named loggers and one narrow warning filter; nothing upstream is patched.
 
 Each entry names the library's logger (or warning) and the start of the one message, with the reason it is
-noise for someone running `aift`. Everything else those libraries say still reaches the terminal.
+noise for someone using aift. Everything else those libraries say still reaches the terminal.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ LOG_MESSAGES: dict[str, tuple[str, ...]] = {
     # Logged at import (peft imports bitsandbytes for every LoRA run, quantized or not): an optional CPU kernel
     # that bitsandbytes would download from the Hugging Face hub with the `kernels` package. 4-bit works without.
     "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",),
-    # Logged at import on every machine without CUDA; aift's own "training ..." line names the device it uses.
+    # Logged on every machine without CUDA when deepspeed is first imported, which is not only for
+    # strategy=deepspeed: accelerate's unwrap in every save_pretrained imports it when it is installed (the first
+    # use of the embedded model converts and saves it). aift's own "training ..." line names the device it uses.
     "DeepSpeed": ("Setting accelerator to CPU",),
 }
 

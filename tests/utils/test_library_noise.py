@@ -1,15 +1,16 @@
-"""The CLI's filters drop the known library messages that tell a user nothing, and only those."""
+"""aift's filters drop the known library messages that tell a user nothing, and only those, in the CLI and the API."""
 
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import warnings
 
 from optional_pieces import import_optional
 
-from aift.cli.library_noise import install_filters
+from aift.utils.library_noise import install_filters
 
 
 def test_only_the_known_messages_are_dropped(caplog):
@@ -42,7 +43,32 @@ def test_only_the_known_messages_are_dropped(caplog):
 def test_deepspeed_import_says_nothing_on_a_cpu():
     """DeepSpeed logs its accelerator choice to stdout when it is imported (aift imports it for strategy=deepspeed)."""
     import_optional("deepspeed", "DeepSpeed is not installed (make test installs it)")
-    code = "from aift.cli.library_noise import install_filters; install_filters(); import deepspeed; print('ok')"
+    code = "from aift.utils.library_noise import install_filters; install_filters(); import deepspeed; print('ok')"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Setting accelerator to CPU" not in run.stdout + run.stderr and run.stdout.endswith("ok\n")
+
+
+# The first use of the Python API converts the embedded model and saves it with save_pretrained, whose
+# unwrap (accelerate's extract_model_from_parallel) imports deepspeed when it is installed: DeepSpeed then
+# printed "Setting accelerator to CPU" on stdout. A tiny model's save_pretrained takes the same import path in
+# seconds instead of the conversion's ~45 s; the subprocess starts with deepspeed unimported and an empty cache.
+FIRST_SAVE = """
+import sys
+from aift.models import embedded
+from transformers import LlamaConfig, LlamaForCausalLM
+assert "deepspeed" not in sys.modules
+sizes = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=32)
+model = LlamaForCausalLM(LlamaConfig(num_key_value_heads=1, **sizes))
+model.save_pretrained(embedded.aift_home() / "models" / "tiny")
+print("deepspeed imported:", "deepspeed" in sys.modules)
+"""
+
+
+def test_the_api_first_save_says_nothing_on_a_cpu(tmp_path):
+    import_optional("deepspeed", "DeepSpeed is not installed (make test installs it)")
+    env = {**os.environ, "AIFT_HOME": str(tmp_path / "aift-home")}
+    run = subprocess.run([sys.executable, "-c", FIRST_SAVE], capture_output=True, text=True, timeout=180, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.splitlines()[-1] == "deepspeed imported: True"  # the path that printed it was taken
+    assert "Setting accelerator to CPU" not in run.stdout + run.stderr
