@@ -52,4 +52,5 @@ def add_field_flag(
         help_text += f" Default here {default}, not {cls.__name__}'s {field.default}: {differs_because}"
     if default is not None and "action" not in kwargs and type(field.default) in (int, float, str):
         kwargs.setdefault("type", type(field.default))  # typed like the field; unset flags stay strings for from_dict
+    help_text = help_text.replace("%", "%%")  # argparse %-formats help: a field's "20%" is text, not a format
     return parser.add_argument(flag or "--" + name.replace("_", "-"), default=default, help=help_text, **kwargs)
