@@ -35,6 +35,8 @@ _EXPORTS = {
     "LoRAFinetuningTrainer": "aift.training.trainers",
     "AdvancedMultiGPUTrainer": "aift.distributed.trainer",
     "PreferenceTrainer": "aift.training.preference",
+    "GRPOTrainer": "aift.training.grpo_trainer",
+    "GRPOConfig": "aift.training.grpo_config",
     "QuantizationOptimizer": "aift.quant.optimizer",
     "get_available_device": "aift.utils.gpu",
     "get_gpu_memory_info": "aift.utils.gpu",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types as types_module
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -328,13 +329,16 @@ def _unknown_key_error(cls: type, key: str) -> ConfigError:
 def _coerce(value: Any, annotation: Any, name: str) -> Any:
     """Turns strings from the CLI (and YAML scalars) into the field's declared type."""
     hint = annotation if not isinstance(annotation, str) else eval(annotation, vars(typing))  # noqa: S307
-    args = typing.get_args(hint)
+    is_union = typing.get_origin(hint) in (typing.Union, types_module.UnionType)
+    args = typing.get_args(hint) if is_union else ()  # list[str]'s args are its items', not alternatives
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args):
         return None
     types = [a for a in args if a is not type(None)] or [hint]
     if not isinstance(value, str):
         if float in types and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, list):  # a YAML list: its items typed like the field's (list[float]: [1, 0.2])
+            return _coerce_items(value, types, name)
         return value
     for t in types:
         origin = typing.get_origin(t) or t
@@ -347,8 +351,9 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
                 raise ValueError(value)
             if origin in (int, float):
                 return origin(value)
-            if origin is list:
-                return [v.strip() for v in value.split(",") if v.strip()]
+            if origin is list:  # "a,b" or a YAML list "[a, 'b,c']" (items that hold commas)
+                items = yaml.safe_load(value) if value.lstrip().startswith("[") else value.split(",")
+                return _coerce_items([v.strip() if isinstance(v, str) else v for v in items if v != ""], [t], name)
             if origin is dict:
                 return yaml.safe_load(value)
             if origin is str:
@@ -356,6 +361,19 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
         except (ValueError, yaml.YAMLError):
             continue
     raise ConfigError(f"{name}: cannot read {value!r} as {hint}")
+
+
+def _coerce_items(items: list, types: list, name: str) -> list:
+    """The items of a list value as the field's item type says (``list[float]``: numbers from "1,0.2")."""
+    item_type = next(
+        (typing.get_args(t)[0] for t in types if typing.get_origin(t) is list and typing.get_args(t)), None
+    )
+    if item_type not in (int, float):
+        return list(items)
+    try:
+        return [item_type(v) for v in items]
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{name}: expected a list of {item_type.__name__} values, got {items!r}") from e
 
 
 def from_dict(cls: type[T], values: dict[str, Any]) -> T:

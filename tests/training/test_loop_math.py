@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from aift import FullFinetuningTrainer, LoRAConfig, LoRAFinetuningTrainer
-from aift.training.loop import linear_warmup_then_decay, resolve_precision
+from aift.training.backends import resolve_precision
+from aift.training.optimizers import linear_warmup_then_decay
 
 TEXTS = [f"質問: {i} たす {i} は?\n回答: {2 * i} です。" + "ね" * (i % 5) for i in range(8)]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from aift.training.checkpoint import TrainerState
-from aift.training.loop import linear_warmup_then_decay
+from aift.training.optimizers import linear_warmup_then_decay
 from aift.training.step import (
     count_step,
     is_log_step,

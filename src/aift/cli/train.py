@@ -12,7 +12,8 @@ keys (its presence means LoRA; ``lora: {use_qlora: true}`` means QLoRA)::
 
 Preference tuning: ``--method dpo|orpo|simpo|kto`` (or ``method: dpo`` in the YAML), its options in a
 ``preference:`` mapping, as ``preference.beta=0.2`` or as flags (``--beta 0.2``); data from
-``aift prepare --task preference``.
+``aift prepare --task preference``. GRPO: ``--method grpo --reward exact_match --reward-weights 1``, its options
+in a ``grpo:`` mapping (``grpo.num_generations=8``) or as flags; data from ``aift prepare --task sft``.
 
 Precedence: the command line's defaults (``gradient_checkpointing: auto``) < YAML < ``key=value`` overrides
 (``lora.r=8`` for LoRA keys) < flags. Unknown keys are errors with a suggestion. ``python scripts/train_sft.py`` takes exactly the same arguments.
@@ -83,26 +84,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_launch_arguments(parser)
 
 
+# Method options whose flag is not --field-name, and how they parse (GRPO's rewards: one --reward per function).
+_METHOD_FLAGS = {"rewards": ("--reward", {"action": "append", "metavar": "SPEC", "dest": "rewards"})}
+
+
 def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
-    """--method from the registry (aift.training.methods), then each options section's flags (--beta ...)."""
+    """--method from the registry (aift.training.methods), then each options section's flags (--beta ...).
+
+    A flag two sections share (``--beta`` of DPO and of GRPO) is one flag; its value goes to the options of the
+    chosen method, and its help says what it means for each.
+    """
     methods = parser.add_argument_group("method (--method)")
     listing = "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
     methods.add_argument("--method", default=None, choices=list(METHODS), help=f"sft (default). {listing}")
+    added: dict[str, argparse.Action] = {}
     for section, cls in sections().items():
         names = "|".join(m.name for m in METHODS.values() if m.section == section)
         group = parser.add_argument_group(f"{section} options (--method {names})")
-        help_of = field_help(cls)
         for f in _option_fields(cls):
-            flag = "--" + f.name.replace("_", "-")
-            if f.type in ("bool", bool):
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_of[f.name])
-            else:
-                group.add_argument(flag, default=None, metavar="V", help=help_of[f.name])
+            if f.name in added:
+                added[f.name].help += f" [{section}] {f.metadata.get('help', '')}"
+                continue
+            flag, kwargs = _METHOD_FLAGS.get(f.name, (None, {}))
+            if not kwargs:
+                is_bool = f.type in ("bool", bool)
+                kwargs = {"action": argparse.BooleanOptionalAction} if is_bool else {"metavar": "V"}
+            added[f.name] = add_field_flag(group, cls, f.name, flag=flag, default=None, **kwargs)
 
 
 def _option_fields(cls: type) -> list[dataclasses.Field]:
     """A method config's fields that are flags (``method`` itself is --method)."""
     return [f for f in dataclasses.fields(cls) if f.name != "method"]
+
+
+def _method_option_names() -> list[str]:
+    return list(dict.fromkeys(f.name for cls in sections().values() for f in _option_fields(cls)))
 
 
 def resolve(args: argparse.Namespace) -> TrainConfigs:
@@ -112,13 +128,13 @@ def resolve(args: argparse.Namespace) -> TrainConfigs:
         raise ConfigError(f"expected one config file, got {yaml_files}; overrides are key=value")
     training = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingConfig) if f.name not in _NO_FLAG}
     training.update(strategy=args.strategy, max_memory_per_gpu=args.max_memory_per_gpu)
-    preference = {f.name: getattr(args, f.name) for f in _option_fields(sections()["preference"])}
+    options = {name: getattr(args, name) for name in _method_option_names()}
     return resolve_train_configs(
         yaml_files[0] if yaml_files else None,
         [i for i in args.items if "=" in i],
         training=_given(training),
         lora=_lora_flags(args),
-        preference=_given(preference),
+        method_options=_given(options),
         method=args.method,
         defaults=FRONT_DOOR_DEFAULTS,
     )
@@ -147,12 +163,11 @@ def run(args: argparse.Namespace) -> int:
         return launch_training(launch_options(args), configs, merge=args.merge)
     from aift.distributed.entry import train
 
-    result = train(configs.training, configs.lora, configs.preference, merge=args.merge)
+    result = train(configs.training, configs.lora, configs.preference, merge=args.merge, grpo=configs.grpo)
     s = result.summary
     if os.environ.get("RANK", "0") != "0":
         return 0  # under a launcher, rank 0 reports for all
-    preference = configs.preference
-    method = s["method"] if preference is None else f"{preference.method}, {s['method']}"
+    method = s["method"] if configs.method == "sft" else f"{configs.method}, {s['method']}"
     print(
         f"trained {s['steps']} steps ({method}), final train loss {s['final_train_loss']:.4f}"
         + (f", eval loss {s['final_eval_loss']:.4f}" if s["final_eval_loss"] is not None else "")

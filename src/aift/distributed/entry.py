@@ -7,7 +7,7 @@ configs = resolve_train_configs("configs/smollm2-135m-instruct/lora.yaml", ["max
 result = train(configs.training, configs.lora, configs.preference)
 ```
 
-Which trainer: a preference config -> PreferenceTrainer; a strategy other than plain DDP, a DeepSpeed config,
+Which trainer: a GRPO config -> GRPOTrainer; a preference config -> PreferenceTrainer; a strategy other than plain DDP, a DeepSpeed config,
 an expected world size or a launcher's environment -> AdvancedMultiGPUTrainer (it sets Accelerate up for
 several devices); otherwise FullFinetuningTrainer, or LoRAFinetuningTrainer with a LoRA config. It lives here,
 above `aift.training`, because one of its answers is the multi-device trainer.
@@ -20,6 +20,7 @@ import os
 from aift.config import LoRAConfig, TrainingConfig
 from aift.distributed.launch import under_launcher
 from aift.errors import AiftError
+from aift.training.grpo_config import GRPOConfig
 from aift.training.objectives.pairs import PreferenceConfig
 
 
@@ -28,6 +29,7 @@ def train(
     lora: LoRAConfig | None = None,
     preference: PreferenceConfig | None = None,
     merge: bool = False,
+    grpo: GRPOConfig | None = None,
 ):
     """Trains as the configs say and returns the TrainResult (summary, output_dir, model).
 
@@ -36,12 +38,19 @@ def train(
         lora: LoRA / QLoRA adapter settings; None trains every weight.
         preference: DPO / ORPO / SimPO / KTO settings; None is supervised fine-tuning.
         merge: With LoRA, also save the base with the adapter merged into ``OUTPUT/merged``.
+        grpo: GRPO settings (rewards, sampling, loss); None for the other methods.
     """
     from aift.inference.japanese import JapaneseModel
 
     holder = JapaneseModel(
         config.model_name, use_flash_attention=config.use_flash_attention, trust_remote_code=config.trust_remote_code
     )
+    if grpo is not None:
+        from aift.training.grpo_trainer import GRPOTrainer
+
+        trainer = GRPOTrainer(holder, grpo, lora, config, merge=merge)
+        trainer.train()
+        return trainer.result
     if preference is not None:
         from aift.training.preference import PreferenceTrainer
 

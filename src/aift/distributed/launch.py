@@ -329,6 +329,8 @@ def launch_training(options: LaunchOptions, configs, merge: bool = False) -> int
         values["lora"] = dataclasses.asdict(configs.lora)
     if configs.preference is not None:
         values["preference"] = dataclasses.asdict(configs.preference)
+    if configs.grpo is not None:
+        values["method"], values["grpo"] = "grpo", dataclasses.asdict(configs.grpo)
     out = Path(configs.training.output_dir)
     path = write_launch_config(
         out / f"launch-node{options.node_rank}.yaml", yaml.safe_dump(values, sort_keys=False, allow_unicode=True)

@@ -157,6 +157,15 @@ class PipelineBackend:
         dist.all_reduce(total)
         return total
 
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        raise _no_rollouts()
+
+    def gather_objects(self, obj: Any) -> list:
+        raise _no_rollouts()
+
+    def rollout_model(self) -> nn.Module:
+        raise _no_rollouts()
+
     def attention(self, model: nn.Module, config) -> ModelAttention:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         return ModelAttention(getattr(base.config, "_attn_implementation", None) or "eager")
@@ -261,7 +270,11 @@ class PipelineBackend:
     def skip_step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    def save_checkpoint(self, checkpoints_dir: Path, state: TrainerState, rng: dict, limit: int | None) -> None:
+    def save_checkpoint(
+        self, checkpoints_dir: Path, state: TrainerState, rng: dict, limit: int | None, extra: dict | None = None
+    ) -> None:
+        if extra:
+            raise _no_rollouts()
         path = save_stage_checkpoint(
             checkpoints_dir, state, self.model, self.causal_lm, self.optimizer, self.scheduler, self.ranks, limit, rng
         )
@@ -280,6 +293,14 @@ class PipelineBackend:
         dist.barrier()
         if self._owns_group:
             dist.destroy_process_group()
+
+
+def _no_rollouts() -> AiftError:
+    """Pipeline stages each hold a slice of the model: none can generate, nor hold an objective's rollout."""
+    return AiftError(
+        "strategy pipeline cannot run an objective that generates its batches (GRPO): each process holds one "
+        "stage of the model, so none can sample completions; use one process or DDP"
+    )
 
 
 def _without_labels(batch: dict) -> dict:

@@ -22,6 +22,7 @@ from aift.utils.files import FileFormatError, read_json_object, write_json_atomi
 # The names inside a run folder, here alone: the loop writes them, the report, the web UI, eval and export read them.
 CONFIG_FILE = "config.yaml"  # the resolved configuration of the run
 METRICS_FILE = "metrics.jsonl"  # one JSON object per train / eval event
+COMPLETIONS_FILE = "completions.jsonl"  # GRPO: prompts, sampled completions and their rewards, every few steps
 SUMMARY_FILE = "train_summary.json"  # written when the run ends (completed: true when it finished)
 SYSTEM_METRICS_FILE = system_metrics.FILE_NAME  # CPU / GPU samples, when collect_metrics is on
 CHECKPOINTS_DIR = "checkpoints"  # checkpoints/checkpoint-STEP/

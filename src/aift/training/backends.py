@@ -4,7 +4,10 @@ The loop owns the data plan, the step accounting, logging, eval cadence, checkpo
 A backend owns where the model lives and how one optimizer step runs on it:
 
 - the rank layout: ``is_main``, ``barrier``, the data-parallel ``dp_rank`` / ``dp_world`` (which micro-batches
-  this process runs) and ``reduce_sum`` over data-parallel replicas;
+  this process runs), ``reduce_sum`` and ``all_gather`` over data-parallel replicas, ``gather_objects`` (an
+  objective's checkpointed state, one per replica);
+- ``rollout_model``: the model an objective's rollout generates with (:mod:`aift.training.rollout_hook`), or a
+  clear error where none can;
 - ``prepare``: the model, its optimizer and learning-rate schedule (``model``, ``optimizer``, ``scheduler``,
   from :mod:`aift.training.optimizers`), given the data plan the steps collate from;
 - ``collate`` / ``forward_backward``: one optimizer step's micro-batches, forward and backward, returning the
@@ -30,6 +33,7 @@ import torch
 from peft.helpers import disable_input_dtype_casting
 
 from aift.config import TrainingConfig
+from aift.errors import AiftError
 from aift.models.loading import eval_mode
 from aift.training import checkpoint as ckpt
 from aift.training.checkpoint import TrainerState
@@ -61,6 +65,9 @@ class Backend(Protocol):
 
     def barrier(self) -> None: ...
     def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor: ...
+    def gather_objects(self, obj: Any) -> list: ...
+    def rollout_model(self) -> torch.nn.Module: ...
     def attention(self, model: torch.nn.Module, config: TrainingConfig) -> PackedAttention | ModelAttention: ...
     def prepare(self, model: torch.nn.Module, planner: Any, total_steps: int) -> None: ...
     def autocast(self) -> contextlib.AbstractContextManager: ...
@@ -76,7 +83,9 @@ class Backend(Protocol):
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor: ...
     def optimizer_step(self) -> None: ...
     def skip_step(self) -> None: ...
-    def save_checkpoint(self, checkpoints_dir: Path, state: TrainerState, rng: dict, limit: int | None) -> None: ...
+    def save_checkpoint(
+        self, checkpoints_dir: Path, state: TrainerState, rng: dict, limit: int | None, extra: dict | None = None
+    ) -> None: ...
     def load_checkpoint(self, path: Path) -> TrainerState: ...
     def final_model(self) -> tuple[torch.nn.Module, dict | None]: ...
     def close(self) -> None: ...
@@ -143,6 +152,11 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # ---------------------------------------------------------------------- Accelerate
 
 
+def _zero_stage(accelerator) -> int:
+    plugin = accelerator.state.deepspeed_plugin
+    return int(plugin.zero_stage) if plugin is not None else 0
+
+
 class AccelerateBackend:
     """One process, DDP, FSDP or DeepSpeed through Accelerate: every process holds a data-parallel replica.
 
@@ -176,6 +190,32 @@ class AccelerateBackend:
 
     def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(tensor, "sum")
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every process's ``tensor`` (same shape on each) concatenated along dim 0, in rank order."""
+        if self.dp_world == 1:
+            return tensor
+        if tensor.dtype == torch.bool:  # gloo gathers no bools
+            return self.accelerator.gather(tensor.to(torch.uint8)).bool()
+        return self.accelerator.gather(tensor)
+
+    def gather_objects(self, obj: Any) -> list:
+        """Every process's ``obj`` (picklable), in rank order, on every process."""
+        if self.dp_world == 1:
+            return [obj]
+        from accelerate.utils import gather_object
+
+        return gather_object([obj])
+
+    def rollout_model(self) -> torch.nn.Module:
+        """The whole model, unwrapped, for generation; refused where a process holds only shards of it."""
+        if self.sharded and not (self.deepspeed and _zero_stage(self.accelerator) < 3):
+            strategy = "DeepSpeed ZeRO-3" if self.deepspeed else "FSDP"
+            raise AiftError(
+                f"{strategy} shards the weights over processes, so no process can generate alone: an objective that "
+                "generates (GRPO) runs on one process, DDP or DeepSpeed ZeRO-1/2"
+            )
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
     def attention(self, model: torch.nn.Module, config: TrainingConfig) -> PackedAttention:
         return PackedAttention(model, config, self.device.type)
@@ -264,13 +304,20 @@ class AccelerateBackend:
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def save_checkpoint(self, checkpoints_dir: Path, state: TrainerState, rng: dict, limit: int | None) -> None:
+    def save_checkpoint(
+        self, checkpoints_dir: Path, state: TrainerState, rng: dict, limit: int | None, extra: dict | None = None
+    ) -> None:
+        """``extra``: more files of the checkpoint (name -> object for ``torch.save``), written by the main process."""
         if self.sharded:
-            path = ckpt.save_sharded_checkpoint(self.accelerator, checkpoints_dir, state, self.scheduler, rng, limit)
+            path = ckpt.save_sharded_checkpoint(
+                self.accelerator, checkpoints_dir, state, self.scheduler, rng, limit, extra
+            )
             log.info("saved %s", path)
         elif self.is_main:
             model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-            path = ckpt.save_checkpoint(checkpoints_dir, state, model, self.optimizer, self.scheduler, rng, limit)
+            path = ckpt.save_checkpoint(
+                checkpoints_dir, state, model, self.optimizer, self.scheduler, rng, limit, extra
+            )
             log.info("saved %s", path)
         self.barrier()
 

@@ -36,6 +36,7 @@ PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"
 SHARDED_DIR = "sharded"  # accelerator.save_state output of FSDP / DeepSpeed runs
+OBJECTIVE_STATE_FILE = "objective_state.pt"  # an objective's own state (GRPO's rollout of the iteration cycle)
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,14 @@ def restore_rng(state: dict) -> None:
 
 
 def save_checkpoint(
-    checkpoints_dir: Path, state: TrainerState, model, optimizer, scheduler, rng: dict, total_limit: int | None
+    checkpoints_dir: Path,
+    state: TrainerState,
+    model,
+    optimizer,
+    scheduler,
+    rng: dict,
+    total_limit: int | None,
+    extra: dict | None = None,
 ) -> Path:
     """Writes checkpoint-STEP atomically and deletes the oldest beyond total_limit; returns its path."""
     final = checkpoints_dir / f"{PREFIX}{state.step}"
@@ -105,13 +113,17 @@ def save_checkpoint(
     with writing_folder(tmp, final):
         model.save_pretrained(tmp, safe_serialization=True)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        finish_checkpoint(tmp, final, scheduler, rng, state, total_limit)
+        finish_checkpoint(tmp, final, scheduler, rng, state, total_limit, extra)
     return final
 
 
-def finish_checkpoint(tmp: Path, final: Path, scheduler, rng: dict, state: TrainerState, total_limit) -> None:
-    """Writes what every checkpoint holds besides weights, the manifest last, renames the temp dir into place
-    and rotates old ones."""
+def finish_checkpoint(
+    tmp: Path, final: Path, scheduler, rng: dict, state: TrainerState, total_limit, extra: dict | None = None
+) -> None:
+    """Writes what every checkpoint holds besides weights (and ``extra``: file name -> object to torch.save), the
+    manifest last, renames the temp dir into place and rotates old ones."""
+    for name, obj in (extra or {}).items():
+        torch.save(obj, tmp / name)
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng, tmp / "rng_state.pt")
     (tmp / STATE_FILE).write_text(state.to_json(), encoding="utf-8")
@@ -160,7 +172,13 @@ def _first_line(error: BaseException) -> str:
 
 
 def save_sharded_checkpoint(
-    accelerator, checkpoints_dir: Path, state: TrainerState, scheduler, rng: dict, total_limit: int | None
+    accelerator,
+    checkpoints_dir: Path,
+    state: TrainerState,
+    scheduler,
+    rng: dict,
+    total_limit: int | None,
+    extra: dict | None = None,
 ) -> Path:
     """FSDP / DeepSpeed: every rank writes its shards (accelerator.save_state), rank 0 the rest; atomic rename."""
     final = checkpoints_dir / f"{PREFIX}{state.step}"
@@ -173,7 +191,7 @@ def save_sharded_checkpoint(
     accelerator.wait_for_everyone()  # every shard is written before rank 0 lists them in the manifest
     if accelerator.is_main_process:
         with writing_folder(tmp, final, fresh=False):
-            finish_checkpoint(tmp, final, scheduler, rng, state, total_limit)
+            finish_checkpoint(tmp, final, scheduler, rng, state, total_limit, extra)
     accelerator.wait_for_everyone()
     return final
 
@@ -186,6 +204,24 @@ def load_sharded_checkpoint(path: Path, accelerator, scheduler) -> tuple[Trainer
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = torch.load(path / "rng_state.pt", weights_only=True)
     return TrainerState.from_json((path / STATE_FILE).read_text(encoding="utf-8")), rng
+
+
+def save_objective_states(states: list) -> dict:
+    """The ``extra`` files of a checkpoint for an objective's state, one entry per data-parallel process."""
+    return {OBJECTIVE_STATE_FILE: {"format": 1, "processes": states}}
+
+
+def load_objective_state(path: Path, rank: int, world: int) -> Any:
+    """This process's objective state from checkpoint ``path``; CheckpointError when it cannot be restored."""
+    file = path / OBJECTIVE_STATE_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{path} holds no {OBJECTIVE_STATE_FILE}: it was written by another method")
+    states = torch.load(file, weights_only=True)["processes"]
+    if len(states) != world:
+        raise CheckpointError(
+            f"{path} holds the objective state of {len(states)} process(es); resume on that many, not {world}"
+        )
+    return states[rank]
 
 
 def list_checkpoints(checkpoints_dir: Path) -> list[Path]:

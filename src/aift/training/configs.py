@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from aift.config import ConfigError, LoRAConfig, TrainingConfig, from_dict, load_yaml, parse_overrides
+from aift.training.grpo_config import GRPOConfig
 from aift.training.methods import get_method, methods_of, sections
 from aift.training.objectives.pairs import PreferenceConfig
 
@@ -26,7 +27,15 @@ class TrainConfigs:
 
     training: TrainingConfig
     lora: LoRAConfig | None = None  # None: full fine-tuning
-    preference: PreferenceConfig | None = None  # None: supervised fine-tuning
+    preference: PreferenceConfig | None = None  # DPO / ORPO / SimPO / KTO
+    grpo: GRPOConfig | None = None  # GRPO; neither: supervised fine-tuning
+
+    @property
+    def method(self) -> str:
+        """The registered method these configs train."""
+        if self.grpo is not None:
+            return "grpo"
+        return self.preference.method if self.preference is not None else "sft"
 
 
 def resolve_train_configs(
@@ -36,6 +45,8 @@ def resolve_train_configs(
     training: Mapping[str, Any] | None = None,
     lora: Mapping[str, Any] | None = None,
     preference: Mapping[str, Any] | None = None,
+    grpo: Mapping[str, Any] | None = None,
+    method_options: Mapping[str, Any] | None = None,
     method: str | None = None,
     defaults: Mapping[str, Any] | None = None,
 ) -> TrainConfigs:
@@ -49,6 +60,9 @@ def resolve_train_configs(
         training: TrainingConfig values that win over both (the CLI's flags).
         lora: LoRAConfig values that win over both; given, even empty, it turns LoRA on.
         preference: PreferenceConfig values that win over both.
+        grpo: GRPOConfig values that win over both.
+        method_options: values that win over both for the chosen method's options, whichever section holds
+            them (the CLI's method flags: ``--beta`` is DPO's or GRPO's as ``--method`` says).
         method: a registered method (:data:`aift.training.methods.METHODS`); wins over the YAML's ``method:``.
         defaults: TrainingConfig values under everything else (the CLI's :data:`FRONT_DOOR_DEFAULTS`).
 
@@ -74,10 +88,17 @@ def resolve_train_configs(
     if lora is not None:
         lora_values = {**(lora_values or {}), **lora}
     options["preference"].update(preference or {})
+    options["grpo"].update(grpo or {})
+    chosen = get_method(method or yaml_method or options["preference"].get("method") or "sft")
+    if method_options and chosen.section is None:
+        raise ConfigError(f"options {sorted(method_options)} are not options of method {chosen.name}")
+    if method_options:
+        options[chosen.section].update(method_options)
+    method_config = _method_config(options, chosen.name)
     return TrainConfigs(
         training=from_dict(TrainingConfig, values),
         lora=from_dict(LoRAConfig, lora_values) if lora_values is not None else None,
-        preference=_method_config(options, method or yaml_method),
+        **({chosen.section: method_config} if chosen.section else {}),
     )
 
 

@@ -17,6 +17,18 @@ Accelerate's (one process, DDP, FSDP, DeepSpeed) or the pipeline schedule's
   without bf16), all prepared by the backend; NEFTune noise on the input embeddings when asked (SFT);
 - eval, logging, checkpoints (exactly resumable, verified on resume), Ctrl-C and SIGTERM save a checkpoint
   first, a NaN/inf loss or gradient stops the run (or is skipped, counted) and NaN weights are never saved.
+
+**The rollout hook** (:mod:`aift.training.rollout_hook`), for objectives that make their batch at train time.
+An objective that defines ``rollout(batches, ctx) -> list[dict]`` gets, each step, this process's collated
+micro-batches right after they are collated and before ``count`` is asked of them, and returns the batches
+the loss is computed on: GRPO gets prompts and returns the sampled completions, scored, with their advantages.
+It runs with the model unwrapped, in eval mode, under ``torch.no_grad`` (train mode is restored after), with
+a :class:`~aift.training.objectives.StepContext`: the step, the epoch and the plan indices of the micro-batches
+(seed sampling from them, and a resumed run or another number of processes samples the same), the rank
+layout, ``reduce_sum`` and ``all_gather`` (statistics over the whole step). Each eval batch goes through it too
+(``ctx.is_eval``). Its seconds are logged apart (``rollout_s`` beside ``train_s``). An objective that defines
+``state_dict()`` / ``load_state_dict()`` has its state (one per process) saved in each checkpoint and
+restored on resume. The pipeline backend refuses rollouts (no process holds the whole model).
 """
 
 from __future__ import annotations
@@ -37,12 +49,12 @@ from aift.errors import AiftError
 from aift.models import run_folder
 from aift.training import checkpoint as ckpt
 from aift.training import optimizers, run_guard
-from aift.training.backends import AccelerateBackend, Backend, resolve_precision  # resolve_precision: public here
+from aift.training.backends import AccelerateBackend, Backend
 from aift.training.batching import Examples
 from aift.training.objectives import Objective
 from aift.training.objectives.sft import SFTObjective
-from aift.training.optimizers import linear_warmup_then_decay, make_optimizer  # public here
 from aift.training.reporting import MetricsLogger, check_loggers
+from aift.training.rollout_hook import Rollout, has_rollout, has_state, objective_files
 from aift.training.run_files import RunInfo, flat_config, prepare_output_dir, save_final
 from aift.training.step import (
     count_step,
@@ -57,14 +69,7 @@ from aift.utils.files import write_json_atomic, write_text_atomic
 from aift.utils.gpu import peak_memory_gb
 from aift.utils.system_metrics import SystemMetricsSampler
 
-__all__ = [
-    "Run",
-    "TrainResult",
-    "linear_warmup_then_decay",
-    "make_optimizer",
-    "resolve_precision",
-    "run_training",
-]
+__all__ = ["Run", "TrainResult", "run_training"]
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +144,7 @@ class StepOutcome:
     metrics: dict[str, float]  # the objective's means over the step (DPO rewards, ...); SFT has none
     tokens: int  # real (non-padding) tokens of the step, all processes
     seconds: float
+    rollout_seconds: float = 0.0  # of ``seconds``, in the objective's rollout (generation)
 
 
 @dataclass
@@ -149,12 +155,21 @@ class LogWindow:
     metrics: list[dict[str, float]] = field(default_factory=list)
     tokens: int = 0
     seconds: float = 0.0
+    rollout_seconds: float = 0.0
 
     def add(self, outcome: StepOutcome) -> None:
         self.losses.append(outcome.loss)
         self.metrics.append(outcome.metrics)
         self.tokens += outcome.tokens
         self.seconds += outcome.seconds
+        self.rollout_seconds += outcome.rollout_seconds
+
+    def timing(self) -> dict[str, float]:
+        """Seconds per step in the rollout and in the rest of the step (training), when there is a rollout."""
+        if not self.rollout_seconds:
+            return {}
+        n = len(self.losses)
+        return {"rollout_s": self.rollout_seconds / n, "train_s": (self.seconds - self.rollout_seconds) / n}
 
 
 class Run:
@@ -211,6 +226,7 @@ class Run:
         self._log_plan()
         backend.prepare(model, self.planner, self.total_steps)
         optimizers.training_mode(backend.optimizer, config)
+        self.rollout = Rollout(self.objective, backend, config.seed) if has_rollout(self.objective) else None
         if getattr(self.objective, "precompute", False):  # before a checkpoint is loaded: the reference is the start
             self._precompute_reference()
         self.state = self._initial_state(identity)
@@ -261,9 +277,14 @@ class Run:
     def _initial_state(self, identity: dict) -> ckpt.TrainerState:
         if self.resume_from is None:
             return ckpt.TrainerState(seed=self.config.seed, total_steps=self.total_steps, run=identity)
-        state = self.backend.load_checkpoint(self.resume_from)
-        optimizers.training_mode(self.backend.optimizer, self.config)  # saved with the averaged weights
+        backend = self.backend
+        state = backend.load_checkpoint(self.resume_from)
+        optimizers.training_mode(backend.optimizer, self.config)  # saved with the averaged weights
         state.total_steps, state.run = self.total_steps, identity
+        if has_state(self.objective):
+            self.objective.load_state_dict(
+                ckpt.load_objective_state(self.resume_from, backend.dp_rank, backend.dp_world)
+            )
         log.info("resumed from %s at step %d", self.resume_from, state.step)
         return state
 
@@ -280,6 +301,9 @@ class Run:
             plan, real, state.micro_batch, self.micro_per_step, backend.dp_rank, backend.dp_world
         )
         batches = backend.collate(self.planner, [plan[j] for j in mine])
+        rollout_s = 0.0
+        if self.rollout is not None:  # the objective makes the step's batches (GRPO: samples completions)
+            batches, rollout_s = self.rollout.train(batches, state.step, state.epoch, mine)
         counts = torch.tensor(
             [
                 sum(objective.count(b) * w for b, w in zip(batches, weights, strict=True)),
@@ -307,6 +331,7 @@ class Run:
             metrics=self._reduce_metrics(metrics, trained_tokens),
             tokens=int(real_tokens),
             seconds=time.perf_counter() - started,
+            rollout_seconds=rollout_s,
         )
         count_step(state, len(window), outcome.tokens, step_loss, outcome.seconds)
         return outcome
@@ -344,6 +369,7 @@ class Run:
             "epoch": round(self.state.step / self.steps_per_epoch, 4),
             "loss": sum(window.losses) / len(window.losses),
             **_mean_metrics(window.metrics),
+            **window.timing(),
             "lr": outcome.lr,
             "grad_norm": outcome.grad_norm,
             "tokens_per_s": window.tokens / max(window.seconds, 1e-9),
@@ -381,7 +407,9 @@ class Run:
         with optimizers.averaged_weights(backend.optimizer, self.config), backend.evaluating():
             batches = backend.eval_batches(objective, self.eval_examples, self.config.batch_size,
                                            self.tokenizer.pad_token_id)  # fmt: skip
-            for batch in batches:
+            for k, batch in enumerate(batches):
+                if self.rollout is not None:
+                    batch = self.rollout.eval(batch, self.state.step, k)
                 loss, batch_metrics = backend.eval_loss_sum(objective, batch)
                 totals[0] += loss.double()
                 totals[1] += objective.count(batch)
@@ -408,7 +436,8 @@ class Run:
         backend = self.backend
         with optimizers.averaged_weights(backend.optimizer, self.config):
             run_guard.check_finite_weights(backend.model, backend.all_ranks, self.state.step, self.checkpoints_dir)
-            backend.save_checkpoint(self.checkpoints_dir, self.state, rng, self.config.save_total_limit)
+            extra = objective_files(self.objective, backend)  # e.g. GRPO's rollout of the iteration cycle
+            backend.save_checkpoint(self.checkpoints_dir, self.state, rng, self.config.save_total_limit, extra)
 
     def summary(self) -> dict[str, Any]:
         state = self.state

@@ -11,12 +11,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from aift.config import ConfigError
-from aift.training.objectives import Objective, kto, pairs, sft
+from aift.training.grpo_config import GRPOConfig
+from aift.training.objectives import Objective, grpo, kto, pairs, sft
 
 
 @dataclass(frozen=True)
 class Method:
-    """One ``--method``: ``build(method_config, *, pad_token_id, is_peft, loss_chunk_size, tokenizer)``."""
+    """One ``--method``: ``build(method_config, *, pad_token_id, is_peft, loss_chunk_size, tokenizer, output_dir)``."""
 
     name: str
     summary: str  # one line, shown by `aift train --help`, the web UI and the docs
@@ -38,6 +39,8 @@ METHODS: dict[str, Method] = {
                "preference", "preference", pairs.PreferenceConfig, pairs.build),
         Method("kto", "KTO on unpaired examples labelled desirable or not, against the reference model",
                "preference", "preference", pairs.PreferenceConfig, kto.build),
+        Method("grpo", "GRPO: sampled completions scored by reward functions, group-relative advantages", "sft",
+               "grpo", GRPOConfig, grpo.build),
     )
 }  # fmt: skip
 

@@ -50,13 +50,16 @@ class StepContext:
     reduce_sum: Callable[[torch.Tensor], torch.Tensor]  # sum over data-parallel replicas
     all_gather: Callable[[torch.Tensor], torch.Tensor]  # concatenated over replicas along dim 0, rank order
     is_main: bool
+    is_eval: bool = False  # an eval batch: ``micro_batches`` holds its index in the eval order, epoch is 0
 
 
 class Objective(Protocol):
     """What the loop asks of an objective (see the module docstring).
 
     An objective MAY also define ``rollout(batches, ctx: StepContext) -> list[dict]``: the loop calls it on
-    each step's collated micro-batches before counting them, and on each eval batch (GRPO generates there).
+    each step's collated micro-batches before counting them, and on each eval batch (GRPO generates there);
+    and ``state_dict()`` / ``load_state_dict(state)``, which checkpoints save and restore
+    (:mod:`aift.training.rollout_hook`).
     """
 
     name: str  # the method's registry name: sft, dpo, ...

@@ -1,0 +1,124 @@
+"""GRPO end to end on the tiny model: the CLI writes reward metrics and completions.jsonl, a resume samples the
+same completions and logs the same losses, QLoRA trains, and a broken reward stops the run clearly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from aift.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory, embedded_dir) -> Path:
+    """examples/tasks.json (sums with a number as the answer) prepared for the embedded tokenizer, no test split."""
+    from aift.data.prepare import prepare_dataset
+
+    out = tmp_path_factory.mktemp("grpo-data") / "tasks"
+    return prepare_dataset(
+        model=str(embedded_dir), source_path=REPO / "examples" / "tasks.json", output_dir=out, max_length=64,
+        val_ratio=0,
+    )  # fmt: skip
+
+
+def _grpo_args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train", "--method", "grpo", "--model-name", str(model_dir), "--dataset-path", str(data),
+        "--output-dir", str(out), "--use-lora", "--lora-r", "4", "--lora-dropout", "0",
+        "--reward", "exact_match", "--reward", r"format:^\d+$", "--reward-weights", "1,0.2",
+        "--num-generations", "2", "--batch-size", "4", "--max-completion-length", "6", "--max-length", "64",
+        "--max-steps", "2", "--save-steps", "1", "--logging-steps", "1", "--log-completions-steps", "1",
+        "--gradient-accumulation-steps", "1",
+        "--learning-rate", "1e-2", "--warmup-steps", "0", "--report-to", "none", "--seed", "3",
+        "--no-bf16", "--no-fp16", "--no-gradient-checkpointing", *extra,
+    ]  # fmt: skip
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _train_records(out: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in _lines(out / "metrics.jsonl") if r["type"] == "train"}
+
+
+def test_cli_grpo_run_logs_rewards_and_completions_and_resumes_exactly(tmp_path, tiny_model_dir, tasks):
+    out = tmp_path / "run"
+    assert main(_grpo_args(tiny_model_dir, tasks, out, "--temperature", "1.0")) == 0
+
+    records = _train_records(out)
+    assert sorted(records) == [1, 2]
+    for key in ("reward", "reward_std", "rewards/exact_match/mean", "rewards/format/mean", "frac_reward_zero_std",
+                "completions/mean_length", "completions/min_length", "completions/max_length",
+                "completions/clipped_ratio", "clip_ratio/region_mean", "entropy", "rollout_s", "train_s"):  # fmt: skip
+        assert key in records[1], key
+    assert 0 < records[1]["completions/mean_length"] <= 6
+    entries = _lines(out / "completions.jsonl")
+    assert {e["step"] for e in entries} == {1, 2}
+    first = [e for e in entries if e["step"] == 1]
+    assert [e["group"] for e in first] == [0, 0, 1, 1]  # whole groups of num_generations completions
+    assert set(first[0]["rewards"]) == {"exact_match", "format"} and "= ?" in first[0]["prompt"]
+
+    # Resume from step 1 in a copy of the run: step 2 samples the same completions and logs the same loss.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "checkpoint-2", ignore_errors=True)
+    (resumed / "completions.jsonl").write_text(
+        "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in first), encoding="utf-8"
+    )
+    checkpoint = resumed / "checkpoints" / "checkpoint-1"
+    args = _grpo_args(
+        tiny_model_dir, tasks, resumed, "--temperature", "1.0", "--resume-from-checkpoint", str(checkpoint)
+    )
+    assert main(args) == 0
+    again = [e for e in _lines(resumed / "completions.jsonl") if e["step"] == 2]
+    assert [(e["completion"], e["reward"]) for e in again] == [
+        (e["completion"], e["reward"]) for e in entries if e["step"] == 2
+    ]
+    assert _train_records(resumed)[2]["loss"] == pytest.approx(records[2]["loss"], abs=1e-6)
+    assert _train_records(resumed)[2]["grad_norm"] == pytest.approx(records[2]["grad_norm"], rel=1e-4)
+
+
+def test_a_reward_that_raises_stops_the_run_naming_function_step_and_sample(tmp_path, tiny_model_dir, tasks):
+    from aift import GRPOConfig, GRPOTrainer, LoRAConfig
+    from aift.config import TrainingConfig
+    from aift.training.checkpoint import list_checkpoints, verify_checkpoint
+    from aift.training.rewards import RewardError
+
+    rewards = tmp_path / "my_rewards.py"
+    rewards.write_text(
+        "def picky(prompts, completions, trainer_state=None, **kwargs):\n"
+        "    if trainer_state.global_step >= 1:\n"
+        "        raise ValueError('no scores today')\n"
+        "    return [0.0 for _ in completions]\n",
+        encoding="utf-8",
+    )
+    config = TrainingConfig(
+        model_name=str(tiny_model_dir), dataset_path=str(tasks), output_dir=str(tmp_path / "run"), batch_size=4,
+        max_steps=3, save_steps=1, gradient_accumulation_steps=1, max_length=64, bf16=False, fp16=False, gradient_checkpointing=False,
+        report_to=["none"], warmup_steps=0,
+    )  # fmt: skip
+    grpo = GRPOConfig(rewards=[f"python:{rewards}:picky"], num_generations=2, max_completion_length=4)
+    trainer = GRPOTrainer(str(tiny_model_dir), grpo, LoRAConfig(r=4, lora_dropout=0.0), config)
+    with pytest.raises(RewardError) as error:
+        trainer.train()
+    message = str(error.value)
+    assert "'picky'" in message and "at step 2" in message and "no scores today" in message
+    assert "on sample 0 (prompt '" in message
+    checkpoints = list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert [p.name for p in checkpoints] == ["checkpoint-1"]
+    assert verify_checkpoint(checkpoints[0]) is None
+
+
+def test_qlora_grpo_trains_a_step(tmp_path, tiny_model_dir, tasks):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "qlora"
+    graded = ["--reward", "length:30", "--reward-weights", "1,0.2,1"]  # random completions differ in length
+    assert main([*_grpo_args(tiny_model_dir, tasks, out, "--use-4bit", *graded), "--max-steps", "1"]) == 0
+    record = _train_records(out)[1]
+    assert record["reward_std"] > 0 and record["grad_norm"] > 0  # the gradient reached the adapters
