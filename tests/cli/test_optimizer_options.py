@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
 from aift.cli import main
 from aift.cli.train import add_arguments, resolve
 from aift.config import field_help
+
+REPO = Path(__file__).resolve().parents[2]
 
 # option -> (flag value, key=value / YAML value, what the library holds)
 OPTIONS = {
@@ -62,3 +65,10 @@ def test_an_unknown_value_is_a_clear_error(item, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("aift train: error: ") and message in err
     assert not (tmp_path / "out").exists()  # refused before anything started
+
+
+def test_the_docs_example_config_resolves():
+    """examples/optimizers.yaml, which docs/optimizers.md trains with, holds what its comments say."""
+    config = _resolve(str(REPO / "examples" / "optimizers.yaml"), "dataset_path=some/prepared")
+    assert (config.optimizer, config.lr_scheduler, config.wsd_decay_ratio) == ("adamw_8bit", "wsd", 0.2)
+    assert (config.warmup_steps, config.warmup_ratio, config.neftune_noise_alpha) == (None, 0.05, 5.0)
