@@ -307,9 +307,9 @@ def test_preference_data_is_prepared_and_previewed_side_by_side(server, pairs_fi
     status, body = server.request("/api/prepare", {"source_path": pairs_file.name, "name": "p2", "options": bad})
     assert status == 400 and "answers only" in body["error"]
     status, body = server.request(
-        "/api/prepare", {"source_path": pairs_file.name, "name": "p3", "options": {"task": "pretrain"}}
+        "/api/prepare", {"source_path": pairs_file.name, "name": "p3", "options": {"task": "reward"}}
     )
-    assert status == 400 and "task must be one of sft, preference" in body["error"]
+    assert status == 400 and "task must be one of sft, preference, pretrain" in body["error"]
 
 
 def _run_with_metrics(path, records, config):
