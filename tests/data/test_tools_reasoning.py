@@ -238,3 +238,13 @@ def test_thinking_runs_split_at_the_tags():
     runs = [("prompt ", False), ("<think>\nhm\n</think>\n\nanswer", True)]
     assert thinking_runs(runs) == [("prompt ", False, False), ("<think>\nhm\n</think>", True, True),
                                    ("\n\nanswer", True, False)]  # fmt: skip
+
+
+def test_drop_earlier_thinking_is_refused_where_it_does_not_apply(tmp_path, capsys):
+    from aift.cli import main
+
+    pairs = _write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}])
+    argv = ["prepare", "--task", "preference", "--source-path", str(pairs), "--drop-earlier-thinking"]
+    assert main([*argv, "--output-dir", str(tmp_path / "out")]) == 2
+    assert "--drop-earlier-thinking does not apply" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
