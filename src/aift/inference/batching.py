@@ -55,7 +55,19 @@ class RunningBatch:
 
     @torch.inference_mode()
     def add(self, prompts: list[list[int]]) -> torch.Tensor:
-        """Prefills new rows (after the running ones) and returns their last logits, [len(prompts), vocab]."""
+        """Prefills new rows (after the running ones) and returns their last logits, [len(prompts), vocab].
+
+        Prompts of similar lengths are prefilled together, others apart: padding a short prompt to a long one's
+        length would cost more than the extra forward."""
+        first = len(self)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        pieces = [self._prefill([prompts[i] for i in group]) for group in _similar_lengths(order, prompts)]
+        placed = {i: first + slot for slot, i in enumerate(order)}  # where each prompt's row is now
+        self.keep([*range(first), *(placed[i] for i in range(len(prompts)))])
+        logits = torch.cat(pieces)
+        return logits[[placed[i] - first for i in range(len(prompts))]]
+
+    def _prefill(self, prompts: list[list[int]]) -> torch.Tensor:
         from transformers import DynamicCache
 
         ids, mask = left_padded(prompts, self.pad_token_id)
@@ -108,6 +120,18 @@ class RunningBatch:
     def _forward(self, ids, mask, positions, cache) -> torch.Tensor:
         step = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, self._cache_kwarg: cache}
         return self.model(**step, use_cache=True, **self._last_only).logits[:, -1, :]
+
+
+def _similar_lengths(order: list[int], prompts: list[list[int]], waste: float = 0.25) -> list[list[int]]:
+    """`order` (prompt indices, shortest first) cut into groups each padded by at most `waste` of its tokens."""
+    groups: list[list[int]] = []
+    for i in order:
+        group, length = (groups[-1] if groups else []), len(prompts[i])  # the longest of the group so far
+        if group and (len(group) + 1) * length <= (1 + waste) * (sum(len(prompts[j]) for j in group) + length):
+            group.append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
