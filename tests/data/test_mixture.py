@@ -59,7 +59,7 @@ def test_sft_mixed_with_text_is_seeded_counted_and_trainable(tmp_path, embedded_
 
     def make(seed: int, name: str):
         out = prepare_mixture(items, str(embedded_dir), output_dir=tmp_path / name, max_length=48, val_ratio=0.25,
-                              seed=seed)  # fmt: skip
+                              seed=seed, min_doc_tokens=2)  # fmt: skip
         return read_prepared(out)
 
     data, info = make(1, "a")

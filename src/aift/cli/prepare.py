@@ -1,7 +1,8 @@
 """`aift prepare`: raw data -> tokenized, loss-masked train/test splits (see aift.data.prepare).
 
-``--task`` picks one of ``aift.data.prepare.TASKS``: sft (the default) or preference pairs (or KTO's labelled
-examples, see aift.data.preference).
+``--task`` picks one of ``aift.data.prepare.TASKS``: sft (the default), preference pairs (or KTO's labelled
+examples, see aift.data.preference) or pretrain (raw text, aift.data.pretrain). ``--mix`` puts several sources
+in one dataset (aift.data.mixture).
 """
 
 from __future__ import annotations

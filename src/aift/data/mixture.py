@@ -212,7 +212,7 @@ def prepare_mixture(
     encoded_sources = []
     for s in sources:
         spec = TASKS[s.task]
-        given = {"min-doc-tokens": min_doc_tokens, "text-column": s.text_column}
+        given = {"text-column": s.text_column}  # --min-doc-tokens is global: it filters the text sources only
         check_options(spec, s.source, s.path, max_length, val_ratio, None, num_proc, False, given)
         options = dataclasses.replace(base, text_column=s.text_column or "text")
         encoded_sources.append(encode_source(spec, s.source, s.path, None, strict, options))
