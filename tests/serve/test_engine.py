@@ -124,9 +124,9 @@ CONTINUED = ["The weather today is", "Once upon a time, in a small village by th
 MAX_TOKENS = [16, 3, 6, 4]
 
 
-def _answers(served, max_batch: int):
+def _answers(served, max_batch: int, batching: str = "continuous"):
     """Every request queued before the worker starts: with max_batch 2, C and D can only join the running batch."""
-    engine = Engine(served, max_batch=max_batch)
+    engine = Engine(served, max_batch=max_batch, batching=batching)
     samplings = [Sampling(max_tokens=n, temperature=i % 2, seed=i) for i, n in enumerate(MAX_TOKENS)]
     handles = [engine.submit_text("smol", p, s) for p, s in zip(CONTINUED, samplings, strict=True)]
     engine.start()
@@ -145,3 +145,5 @@ def test_requests_joining_mid_batch_answer_as_alone(served):
     assert alone_stats.largest_batch == 1 and stats.largest_batch == 2
     assert stats.joined == 2 and stats.batches == 1  # C and D joined the one running batch
     assert stats.completed == 4 and stats.cancelled == 0
+    static, static_stats = _answers(served, max_batch=2, batching="static")  # the old mode, kept to compare
+    assert static == alone and static_stats.batches == 2 and static_stats.joined == 0  # A+B, then C+D

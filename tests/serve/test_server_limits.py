@@ -71,6 +71,7 @@ def test_cli_binds_loopback_and_reads_the_key_from_the_environment(monkeypatch):
     monkeypatch.setenv("AIFT_API_KEY", "sk-from-env")
     args = build_parser("serve").parse_args(["--adapter", "ja=runs/ja/final", "--adapter", "en=runs/en/final"])
     assert args.host == "127.0.0.1" and args.api_key == "sk-from-env"
+    assert args.batching == "continuous"
     assert args.adapter == [("ja", "runs/ja/final"), ("en", "runs/en/final")]
     with pytest.raises(SystemExit):
         build_parser("serve").parse_args(["--adapter", "no-equals-sign"])
