@@ -74,7 +74,8 @@ class TrainingConfig:
     )
     min_lr_ratio: float = _f(0.1, "cosine_with_min_lr: the final learning rate, as a fraction of the peak.")
     wsd_decay_ratio: float = _f(
-        0.2, "wsd: the fraction of the run spent decaying (the last 20%, as Hagele et al. 2024 found to match cosine)."
+        0.2,
+        "wsd: the fraction of the run spent decaying (0.2: the last fifth, which Hagele et al. 2024 found to match cosine).",
     )
     batch_size: int = _f(4, "Micro-batch size per process (rows per forward pass).")
     gradient_accumulation_steps: int = _f(4, "Micro-batches accumulated per optimizer step.")

@@ -50,6 +50,7 @@ def test_the_flags_carry_the_fields_help():
     helps = {a.dest: a.help for a in parser._actions}
     for name in OPTIONS:
         assert helps[name].replace("%%", "%") == field_help(type(_resolve()))[name] != ""  # argparse escapes %
+    assert "--neftune-noise-alpha" in parser.format_help()  # argparse formats each help: a bare percent sign breaks it
 
 
 @pytest.mark.parametrize(
