@@ -24,7 +24,7 @@ def test_ddp_grpo_equals_one_process_with_accumulation(tmp_path, tiny_model_dir)
     data = prepare_dataset(model=str(tiny_model_dir), source_path=REPO / "examples" / "tasks.json",
                            output_dir=tmp_path / "data", max_length=64, val_ratio=0)  # fmt: skip
     common = {"method": "grpo", "use-lora": True, "lora-r": 4, "lora-dropout": 0.0, "learning-rate": 1e-2,
-              "batch-size": 4, "num-generations": 2, "max-completion-length": 6, "reward": "format:^\\D*$",
+              "batch-size": 4, "num-generations": 2, "max-completion-length": 6, "reward": "length:30",
               "scale-rewards": "batch", "max-steps": 2, "save-steps": 0, "warmup-steps": 0}  # fmt: skip
     runs = {}
     for name, extra, overrides in (
@@ -39,3 +39,4 @@ def test_ddp_grpo_equals_one_process_with_accumulation(tmp_path, tiny_model_dir)
     for step in (1, 2):
         for key in ("loss", "grad_norm", "reward", "reward_std", "completions/mean_length", "entropy"):
             assert runs["two"][step][key] == pytest.approx(runs["one"][step][key], abs=1e-4), (step, key)
+    assert all(runs["one"][step]["reward_std"] > 0 and runs["one"][step]["grad_norm"] > 0 for step in (1, 2))

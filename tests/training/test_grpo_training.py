@@ -122,3 +122,16 @@ def test_qlora_grpo_trains_a_step(tmp_path, tiny_model_dir, tasks):
     assert main([*_grpo_args(tiny_model_dir, tasks, out, "--use-4bit", *graded), "--max-steps", "1"]) == 0
     record = _train_records(out)[1]
     assert record["reward_std"] > 0 and record["grad_norm"] > 0  # the gradient reached the adapters
+
+
+def test_num_iterations_replays_the_completions_and_beta_logs_the_kl(tmp_path, tiny_model_dir, tasks):
+    """μ = 2: step 2 trains on step 1's completions again (the old log-probs kept); β > 0: KL to the base."""
+    out = tmp_path / "mu"
+    extra = ["--num-iterations", "2", "--beta", "0.04", "--reward", "length:30", "--reward-weights", "1,0.2,1"]
+    assert main([*_grpo_args(tiny_model_dir, tasks, out, *extra), "--save-steps", "0"]) == 0
+    assert {e["step"] for e in _lines(out / "completions.jsonl")} == {1}  # step 2 generated nothing new
+    records = _train_records(out)
+    for key in ("reward", "reward_std", "completions/mean_length"):  # the same completions, scored once
+        assert records[2][key] == records[1][key], key
+    assert records[1]["kl"] == pytest.approx(0.0, abs=1e-6)  # the adapter starts at zero: policy = reference
+    assert records[2]["kl"] > 0  # after one step at lr 1e-2 the policy has moved from the base
