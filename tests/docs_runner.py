@@ -164,7 +164,7 @@ def _parse_only(command: DocCommand) -> None:
 def _run_in_process(command: DocCommand, argv: list[str]) -> None:
     from aift.cli import main
 
-    out, err = io.StringIO(), io.StringIO()
+    out, err = _text_stream(), _text_stream()  # with .buffer: some commands write bytes (aift bench)
     stdin = io.StringIO("/exit\n")  # `aift chat` reads its turns from stdin
     code: int | str | None
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), _stdin(stdin):
@@ -177,8 +177,17 @@ def _run_in_process(command: DocCommand, argv: list[str]) -> None:
     if code != 0:
         raise DocCommandError(
             f"{command.where()}\n  ran as: aift {shlex.join(argv)}\n  exit: {code}\n"
-            f"--- stdout ---\n{out.getvalue()[-3000:]}\n--- stderr ---\n{err.getvalue()[-3000:]}"
+            f"--- stdout ---\n{_text(out)[-3000:]}\n--- stderr ---\n{_text(err)[-3000:]}"
         )
+
+
+def _text_stream() -> io.TextIOWrapper:
+    return io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="replace", write_through=True)
+
+
+def _text(stream: io.TextIOWrapper) -> str:
+    stream.flush()
+    return stream.buffer.getvalue().decode("utf-8", errors="replace")
 
 
 @contextlib.contextmanager
