@@ -15,7 +15,7 @@ from typing import Any
 
 from aift.config import ConfigError, LoRAConfig, TrainingConfig, from_dict, load_yaml, parse_overrides
 from aift.training.grpo_config import GRPOConfig
-from aift.training.methods import get_method, methods_of, sections
+from aift.training.methods import METHODS, get_method, methods_of, sections
 from aift.training.objectives.pairs import PreferenceConfig
 
 __all__ = ["TrainConfigs", "resolve_train_configs"]
@@ -91,7 +91,7 @@ def resolve_train_configs(
     options["grpo"].update(grpo or {})
     chosen = get_method(method or yaml_method or options["preference"].get("method") or "sft")
     if method_options and chosen.section is None:
-        raise ConfigError(f"options {sorted(method_options)} are not options of method {chosen.name}")
+        raise ConfigError(f"method {chosen.name} has no options {sorted(method_options)}: {_who_takes(method_options)}")
     if method_options:
         options[chosen.section].update(method_options)
     method_config = _method_config(options, chosen.name)
@@ -100,6 +100,20 @@ def resolve_train_configs(
         lora=from_dict(LoRAConfig, lora_values) if lora_values is not None else None,
         **({chosen.section: method_config} if chosen.section else {}),
     )
+
+
+def _who_takes(names: Iterable[str]) -> str:
+    """ "beta needs --method dpo|orpo|simpo|kto|grpo": which methods have each option."""
+
+    def takers(name: str) -> str:
+        found = [
+            m.name
+            for m in METHODS.values()
+            if m.config_cls and name in {f.name for f in dataclasses.fields(m.config_cls)}
+        ]
+        return "|".join(found) or "none"
+
+    return "; ".join(f"{name} needs --method {takers(name)}" for name in sorted(names))
 
 
 def _section(values: dict[str, Any], name: str, cls_name: str, hint: str = "") -> dict[str, Any] | None:
