@@ -71,12 +71,8 @@ def test_every_page_is_in_the_index_and_the_readme():
         if page.name != "index.md":
             assert f"]({page.name})" in index, f"docs/index.md does not link {page.name}"
     linked = re.findall(r"\]\(docs/([^)#]+\.md)", readme)
-    missing = [name for name in linked if not (REPO / "docs" / name).is_file() and name not in _OTHER_HELPERS_PAGES]
+    missing = [name for name in linked if not (REPO / "docs" / name).is_file()]
     assert not missing, f"README links missing pages {missing}"
-
-
-# Pages other helpers of this session write; linked before they land (tests/test_docs.py drops this when they do).
-_OTHER_HELPERS_PAGES = {"rl.md", "optimizers.md", "pretraining.md", "tools.md", "serve.md", "install.md"}
 
 
 def test_the_tiny_settings_name_real_flags():
