@@ -226,6 +226,9 @@ def test_every_registered_method_is_offered_with_its_own_options(server):
     assert [m["name"] for m in body["methods"]] == list(METHODS)  # sft, dpo, orpo, simpo, kto: the registry's order
     assert [a["name"] for a in body["adapters"]] == ["lora", "qlora", "full"]
     assert body["tasks"] == ["sft", "preference", "pretrain"]  # the methods' tasks, then raw text
+    from aift.export.run import GGUF_QUANTS
+
+    assert body["gguf_quants"] == list(GGUF_QUANTS)  # the run view's export select: aift export --quant's list
     for offered in body["methods"]:
         method = METHODS[offered["name"]]
         assert (offered["summary"], offered["task"], offered["section"]) == (

@@ -13,6 +13,7 @@ router = APIRouter()
 @router.get("/api/options")
 def options(s: Studio = Depends(studio)):
     from aift.data.formats import FORMAT_CHOICES
+    from aift.export.run import GGUF_QUANTS
     from aift.models.registry import EMBEDDED_MODEL, SUPPORTED_MODELS
 
     return {
@@ -22,6 +23,7 @@ def options(s: Studio = Depends(studio)):
         "tasks": runs.prepare_tasks(),
         "models": [EMBEDDED_MODEL, *(m for m in SUPPORTED_MODELS if m != EMBEDDED_MODEL)],
         "formats": list(FORMAT_CHOICES),
+        "gguf_quants": list(GGUF_QUANTS),  # the run view's export choices: aift export --quant's own list
         "runs_dir": str(s.runs_dir),
     }
 

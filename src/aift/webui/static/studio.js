@@ -239,7 +239,8 @@ async function refreshDetail() {
   if (r.has_final) {
     actions.append(el("button", { class: "secondary", text: "Chat", onclick: () => { $("#chat-run").value = name; state.chatRun = name; switchView("chat"); } }));
     if (r.is_adapter) actions.append(el("button", { class: "secondary", id: "merge-button", text: "Merge adapter", onclick: () => action(`/api/runs/${encodeURIComponent(name)}/merge`, { dtype: "bf16" }) }));
-    const quant = el("select", { id: "export-quant" }, ...["f16", "q8_0", "bf16", "f32"].map((q) => el("option", { value: q, text: q })));
+    const quant = el("select", { id: "export-quant" }, ...state.options.gguf_quants.map((q) => el("option", { value: q, text: q })));
+    quant.value = "f16";  // aift export's default
     actions.append(quant, el("button", { class: "secondary", id: "export-button", text: "Export GGUF", onclick: () => action(`/api/runs/${encodeURIComponent(name)}/export`, { format: "gguf", quant: quant.value }) }),
       el("button", { class: "secondary", text: "Export safetensors", onclick: () => action(`/api/runs/${encodeURIComponent(name)}/export`, { format: "safetensors" }) }));
   }
