@@ -3,6 +3,7 @@ same completions and logs the same losses, QLoRA trains, and a broken reward sto
 
 from __future__ import annotations
 
+import html
 import json
 import shutil
 from pathlib import Path
@@ -63,6 +64,14 @@ def test_cli_grpo_run_logs_rewards_and_completions_and_resumes_exactly(tmp_path,
     first = [e for e in entries if e["step"] == 1]
     assert [e["group"] for e in first] == [0, 0, 1, 1]  # whole groups of num_generations completions
     assert set(first[0]["rewards"]) == {"exact_match", "format"} and "= ?" in first[0]["prompt"]
+
+    # aift report shows the last logged step's completions with their rewards, and the reward curve.
+    assert main(["report", str(out), "--output", str(tmp_path / "report")]) == 0
+    page = (tmp_path / "report" / "report.html").read_text(encoding="utf-8")
+    last = [e for e in entries if e["step"] == 2]
+    assert "Sampled completions (GRPO)" in page and "step 2" in page
+    assert all(html.escape(e["completion"]) in page for e in last)
+    assert (tmp_path / "report" / "reward.png").is_file()
 
     # Resume from step 1 in a copy of the run: step 2 samples the same completions and logs the same loss.
     resumed = tmp_path / "resumed"

@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from aift.errors import AiftError
+from aift.eval.report_samples import completions_html, samples_html
 from aift.models.run_folder import (
     BENCH_RESULT_FILE,
+    COMPLETIONS_FILE,
     EVAL_FILE,
     FINAL_DIR,
     META_FILE,
@@ -53,6 +55,7 @@ class Run:
     eval_result: dict | None = None
     bench: dict | None = None
     system: list[dict] = field(default_factory=list)
+    completions: list[dict] = field(default_factory=list)  # GRPO's sampled completions, every few steps
     problems: list[str] = field(default_factory=list)
     has_metrics_file: bool = False
 
@@ -109,6 +112,7 @@ def load_run(path: str | Path, name: str | None = None) -> Run:
     run.eval_result = _read_json(path / EVAL_FILE, run)
     run.bench = _read_json(path / BENCH_RESULT_FILE, run)
     run.system = [s for s in _read_jsonl(path / SYSTEM_METRICS_FILE, run) if "timestamp" in s or "time" in s]
+    run.completions = _read_jsonl(path / COMPLETIONS_FILE, run)
     if run.is_training and run.summary is None:
         run.problems.append("no train_summary.json (the run did not finish)")
     elif run.summary is not None and not run.summary.get("completed", False):
@@ -196,6 +200,7 @@ def run_row(run: Run) -> dict[str, Any]:
         "reward_accuracy": _last(run.train, "rewards/accuracies"),
         "reward_margin": _last(run.train, "rewards/margins"),
         "eval_reward_accuracy": _last(run.evals, "eval_rewards/accuracies"),
+        "reward": _last(run.train, "reward"),  # GRPO: the last logged mean reward
     }
     row.update(_eval_figures(run.eval_result))
     return row
@@ -361,6 +366,7 @@ def make_charts(runs: list[Run]) -> dict[str, bytes]:
         "tokens_per_s.png": _line_chart(charted, "tokens_per_s", "Training throughput", "tokens/s"),
         "memory.png": _line_chart(charted, "peak_mem_gb", "Peak memory", "GB"),
         "reward_margins.png": _line_chart(charted, "rewards/margins", "Preference reward margin", "chosen - rejected"),
+        "reward.png": _line_chart(charted, "reward", "GRPO reward (all functions, weighted)", "mean reward"),
         "system_metrics.png": _system_chart(charted),
         "bench.png": _bench_chart(runs),
     }
@@ -397,6 +403,7 @@ _RUN_COLUMNS = [
     ("reward_accuracy", "reward acc"),
     ("reward_margin", "reward margin"),
     ("eval_reward_accuracy", "eval reward acc"),
+    ("reward", "reward (GRPO)"),
     ("eval_perplexity", "eval ppl"),
     ("eval_exact_match", "EM"),
     ("eval_chrf", "chrF"),
@@ -432,22 +439,6 @@ def _table(rows: list[dict], columns: list[tuple[str, str]], table_id: str) -> s
     return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
-def _samples_html(runs: list[Run]) -> str:
-    parts = []
-    for run in runs:
-        samples = (run.eval_result or {}).get("samples") or []
-        if not samples or not isinstance(samples[0], dict):
-            continue
-        keys = list(samples[0])
-        head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
-        body = "".join(
-            "<tr>" + "".join(f"<td><pre>{html.escape(str(s.get(k, '')))}</pre></td>" for k in keys) + "</tr>"
-            for s in samples
-        )
-        parts.append(f"<h3>{html.escape(run.name)}</h3><table><tr>{head}</tr>{body}</table>")
-    return "<h2>Sample answers</h2>" + "".join(parts) if parts else ""
-
-
 def _problems_html(runs: list[Run]) -> str:
     items = [f"<li>{html.escape(run.name)}: {html.escape(p)}</li>" for run in runs for p in run.problems]
     return f'<h2>Notes</h2><ul class="problems">{"".join(items)}</ul>' if items else ""
@@ -467,7 +458,8 @@ def render_html(runs: list[Run], charts: dict[str, bytes]) -> str:
         "<h2>Runs</h2>" + _table([run_row(r) for r in training], _RUN_COLUMNS, "runs") if training else "",
         "<h2>Benchmarks</h2>" + _table([bench_row(r) for r in benches], bench_columns, "bench") if benches else "",
         f'<h2>Charts</h2><div class="charts">{images}</div>' if images else "",
-        _samples_html(runs),
+        samples_html(runs),
+        completions_html(runs),
         _problems_html(runs),
     ]
     return (
