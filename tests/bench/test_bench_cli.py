@@ -74,9 +74,17 @@ def test_ablation_switches_each_lever_off_alone(precision, tmp_path, monkeypatch
 
     def fake_run(tag, spec, work, logs, tcmalloc):
         calls.append((tag, spec, tcmalloc))
-        run = {"tokens": 100, "train_time_s": 1.0, "tokens_per_s": 100.0, "steps": 1, "peak_mem_gb": 1.0,
-               "eval_loss": 2.0, "allocator": "tcmalloc" if tcmalloc else "system", "threads": 2,
-               "optimizer": spec.get("optimizer", "adamw")}  # fmt: skip  (the worker says which optimizer ran)
+        run = {
+            "tokens": 100,
+            "train_time_s": 1.0,
+            "tokens_per_s": 100.0,
+            "steps": 1,
+            "peak_mem_gb": 1.0,
+            "eval_loss": 2.0,
+            "allocator": "tcmalloc" if tcmalloc else "system",
+            "threads": 2,
+            "optimizer": spec.get("optimizer", "adamw"),
+        }  # fmt: skip  (the worker says which optimizer ran)
         if spec.get("measure_peak"):
             run["peak"] = {"bf16_gflops": 1.0, "fp32_gflops": 1.0, "body_params": 1, "head_params": 1}
         return run
