@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from optional_pieces import import_optional
 
 from aift.cli import main
 
@@ -125,7 +126,7 @@ def test_a_reward_that_raises_stops_the_run_naming_function_step_and_sample(tmp_
 
 
 def test_qlora_grpo_trains_a_step(tmp_path, tiny_model_dir, tasks):
-    pytest.importorskip("bitsandbytes")
+    import_optional("bitsandbytes", "QLoRA needs bitsandbytes")
     out = tmp_path / "qlora"
     graded = ["--reward", "length:30", "--reward-weights", "1,0.2,1"]  # random completions differ in length
     assert main([*_grpo_args(tiny_model_dir, tasks, out, "--use-4bit", *graded), "--max-steps", "1"]) == 0

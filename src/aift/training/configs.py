@@ -91,7 +91,10 @@ def resolve_train_configs(
     options["grpo"].update(grpo or {})
     chosen = get_method(method or yaml_method or options["preference"].get("method") or "sft")
     if method_options and chosen.section is None:
-        raise ConfigError(f"method {chosen.name} has no options {sorted(method_options)}: {_who_takes(method_options)}")
+        raise ConfigError(
+            f"options {sorted(method_options)} need --method {_who_takes(method_options)} "
+            f"(method {chosen.name} has no options)"
+        )
     if method_options:
         options[chosen.section].update(method_options)
     method_config = _method_config(options, chosen.name)
@@ -103,17 +106,11 @@ def resolve_train_configs(
 
 
 def _who_takes(names: Iterable[str]) -> str:
-    """ "beta needs --method dpo|orpo|simpo|kto|grpo": which methods have each option."""
-
-    def takers(name: str) -> str:
-        found = [
-            m.name
-            for m in METHODS.values()
-            if m.config_cls and name in {f.name for f in dataclasses.fields(m.config_cls)}
-        ]
-        return "|".join(found) or "none"
-
-    return "; ".join(f"{name} needs --method {takers(name)}" for name in sorted(names))
+    """ "dpo|orpo|simpo|kto|grpo": the methods that have any of these options, in the registry's order."""
+    names = set(names)
+    return "|".join(
+        m.name for m in METHODS.values() if m.config_cls and names & {f.name for f in dataclasses.fields(m.config_cls)}
+    )
 
 
 def _section(values: dict[str, Any], name: str, cls_name: str, hint: str = "") -> dict[str, Any] | None:
