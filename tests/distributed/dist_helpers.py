@@ -73,3 +73,23 @@ def train_losses(out: Path) -> dict[int, float]:
             assert record["step"] not in losses, f"step {record['step']} logged twice: more than one writer"
             losses[record["step"]] = record["loss"]
     return losses
+
+
+def train_records(out: Path) -> dict[int, dict]:
+    """A run's train lines of metrics.jsonl by step."""
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, lines) if r["type"] == "train"}
+
+
+def two_processes_and_one(model_dir: Path, data: Path, root: Path, **common) -> dict[str, dict[int, dict]]:
+    """The same run as 2 DDP processes ("two") and as 1 process with 2 accumulation steps ("one"): train records."""
+    runs = {}
+    for name, extra, overrides in (
+        ("two", ["--nproc-per-node=2"], {}),
+        ("one", [], {"gradient-accumulation-steps": 2}),
+    ):
+        out = root / name
+        result = run_aift(["train", *train_args(model_dir, data, out, **common, **overrides), *extra])
+        assert result.returncode == 0, result.stderr[-4000:]
+        runs[name] = train_records(out)
+    return runs

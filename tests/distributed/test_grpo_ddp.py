@@ -3,19 +3,13 @@ accumulation steps: the same completions (seeded per micro-batch), advantages ov
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-from dist_helpers import run_aift, train_args
+from dist_helpers import two_processes_and_one
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _records(out: Path) -> dict[int, dict]:
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r for r in map(json.loads, lines) if r["type"] == "train"}
 
 
 def test_ddp_grpo_equals_one_process_with_accumulation(tmp_path, tiny_model_dir):
@@ -26,15 +20,7 @@ def test_ddp_grpo_equals_one_process_with_accumulation(tmp_path, tiny_model_dir)
     common = {"method": "grpo", "use-lora": True, "lora-r": 4, "lora-dropout": 0.0, "learning-rate": 1e-2,
               "batch-size": 4, "num-generations": 2, "max-completion-length": 6, "reward": "length:30",
               "scale-rewards": "batch", "max-steps": 2, "save-steps": 0, "warmup-steps": 0}  # fmt: skip
-    runs = {}
-    for name, extra, overrides in (
-        ("two", ["--nproc-per-node=2"], {}),
-        ("one", [], {"gradient-accumulation-steps": 2}),
-    ):
-        out = tmp_path / name
-        result = run_aift(["train", *train_args(tiny_model_dir, data, out, **common, **overrides), *extra])
-        assert result.returncode == 0, result.stderr[-4000:]
-        runs[name] = _records(out)
+    runs = two_processes_and_one(tiny_model_dir, data, tmp_path, **common)
     assert sorted(runs["two"]) == sorted(runs["one"]) == [1, 2]
     for step in (1, 2):
         for key in ("loss", "grad_norm", "reward", "reward_std", "completions/mean_length", "entropy"):

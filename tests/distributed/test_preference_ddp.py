@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-from dist_helpers import run_aift, train_args
+from dist_helpers import two_processes_and_one
 
 pytestmark = pytest.mark.slow
-
-
-def _records(out: Path) -> dict[int, dict]:
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r for r in map(json.loads, lines) if r["type"] == "train"}
 
 
 def test_ddp_dpo_equals_one_process_with_accumulation(tmp_path, tiny_model_dir):
@@ -25,15 +19,7 @@ def test_ddp_dpo_equals_one_process_with_accumulation(tmp_path, tiny_model_dir):
     data = prepare_preference(str(tiny_model_dir), source_path=src, output_dir=tmp_path / "data", val_ratio=0)
     common = {"method": "dpo", "use-lora": True, "lora-r": 4, "lora-dropout": 0.0, "learning-rate": 1e-2,
               "batch-size": 1, "max-steps": 3, "save-steps": 0}  # fmt: skip
-    runs = {}
-    for name, extra, overrides in (
-        ("two", ["--nproc-per-node=2"], {}),
-        ("one", [], {"gradient-accumulation-steps": 2}),
-    ):
-        out = tmp_path / name
-        result = run_aift(["train", *train_args(tiny_model_dir, data, out, **common, **overrides), *extra])
-        assert result.returncode == 0, result.stderr[-4000:]
-        runs[name] = _records(out)
+    runs = two_processes_and_one(tiny_model_dir, data, tmp_path, **common)
     assert sorted(runs["two"]) == sorted(runs["one"]) == [1, 2, 3]
     for step in (1, 2, 3):
         for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen"):
