@@ -26,10 +26,8 @@ from aift.data.prepared import read_prepared
 from aift.errors import AiftError
 from aift.training.batching import Examples
 from aift.training.grpo_config import GRPOConfig
-from aift.training.loop import run_training
 from aift.training.methods import get_method
 from aift.training.objectives.grpo import prompt_rows
-from aift.training.run_guard import output_dir_lock
 from aift.training.trainers import FullFinetuningTrainer, LoRAFinetuningTrainer, ModelArg
 
 
@@ -69,17 +67,14 @@ class GRPOTrainer(LoRAFinetuningTrainer):
         check_grpo_strategy(self.config)
         check_batch_size(self.config.batch_size, self.grpo_config.num_generations)
         self.config.packing = False  # a prompt and its completions are one padded row each, never packed
-        with output_dir_lock(self.config):
-            model, tokenizer, train_examples, eval_examples, info = self.prepare(None, None, resume_from_checkpoint)
-            objective = get_method("grpo").build(
+
+        def objective(tokenizer):
+            return get_method("grpo").build(
                 self.grpo_config, pad_token_id=tokenizer.pad_token_id, is_peft=self.lora_config is not None,
                 tokenizer=tokenizer, output_dir=self.config.output_dir,
             )  # fmt: skip
-            self.result = run_training(model, tokenizer, self.config, train_examples, eval_examples, info,
-                                       objective=objective)  # fmt: skip
-        if self.lora_config is not None and (self.merge if merge is None else merge):
-            return self._save_merged()
-        return self.result.model
+
+        return self._train_objective(objective, resume_from_checkpoint, merge)
 
     def _examples(self, train_texts, eval_texts, tokenizer) -> tuple[Examples, Examples | None]:
         source = self.train_dataset if self.train_dataset is not None else self.config.dataset_path

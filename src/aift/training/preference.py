@@ -20,7 +20,6 @@ import torch
 from aift.config import LoRAConfig, TrainingConfig
 from aift.errors import AiftError
 from aift.training.batching import Examples
-from aift.training.loop import run_training
 from aift.training.methods import get_method
 from aift.training.objectives.pairs import PreferenceConfig
 from aift.training.trainers import FullFinetuningTrainer, LoRAFinetuningTrainer, ModelArg
@@ -65,21 +64,17 @@ class PreferenceTrainer(LoRAFinetuningTrainer):
                 "preference training takes pairs, not texts: pass train_dataset= (see `aift prepare --task preference`)"
             )
         self.config.packing = False  # pairs are padded per micro-batch, never packed (config.yaml says so)
-        model, tokenizer, train_examples, eval_examples, info = self.prepare(None, None, resume_from_checkpoint)
-        objective = get_method(self.preference_config.method).build(
-            self.preference_config,
-            pad_token_id=tokenizer.pad_token_id,
-            is_peft=self.lora_config is not None,
-            loss_chunk_size=self.config.loss_chunk_size,  # fused log-probs: no full-vocabulary logits
-            tokenizer=tokenizer,
-        )
-        self.result = run_training(
-            model, tokenizer, self.config, train_examples, eval_examples, info,
-            accelerator_kwargs=self.accelerator_kwargs, objective=objective,
-        )  # fmt: skip
-        if self.lora_config is not None and (self.merge if merge is None else merge):
-            return self._save_merged()
-        return self.result.model
+
+        def objective(tokenizer):
+            return get_method(self.preference_config.method).build(
+                self.preference_config,
+                pad_token_id=tokenizer.pad_token_id,
+                is_peft=self.lora_config is not None,
+                loss_chunk_size=self.config.loss_chunk_size,  # fused log-probs: no full-vocabulary logits
+                tokenizer=tokenizer,
+            )
+
+        return self._train_objective(objective, resume_from_checkpoint, merge)
 
     def _examples(self, train_texts, eval_texts, tokenizer) -> tuple[Examples, Examples | None]:
         from aift.data import DatasetError

@@ -260,6 +260,19 @@ class LoRAFinetuningTrainer(_Trainer):
                 holder.load_in_4bit, holder.load_in_8bit, holder.model = want_4bit, want_8bit, None
         return holder.load_model()
 
+    def _train_objective(self, build_objective, resume_from_checkpoint=None, merge: bool | None = None):
+        """A method trainer's run (preference, GRPO): in the locked output dir, prepare, then the loop on the
+        objective that ``build_objective(tokenizer)`` makes; the merged model with merge, else the trained one."""
+        with output_dir_lock(self.config):
+            model, tokenizer, train_examples, eval_examples, info = self.prepare(None, None, resume_from_checkpoint)
+            self.result = run_training(
+                model, tokenizer, self.config, train_examples, eval_examples, info,
+                accelerator_kwargs=self.accelerator_kwargs, objective=build_objective(tokenizer),
+            )  # fmt: skip
+        if self.lora_config is not None and (self.merge if merge is None else merge):
+            return self._save_merged()
+        return self.result.model
+
     def _save_merged(self) -> torch.nn.Module:
         """Merges the saved adapter into a freshly loaded, unquantized base and saves it under OUTPUT/merged.
 
