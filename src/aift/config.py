@@ -47,6 +47,7 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_min_lr", "constant_with_warmup
 DEFAULT_WARMUP_RATIO = 0.03
 # What `aift train` and the web UI start from, under the YAML: where the command line and the Python API differ.
 FRONT_DOOR_DEFAULTS = {"gradient_checkpointing": "auto"}
+CHECKPOINTING_WORDS = ("auto", "selective")  # gradient_checkpointing's values besides true and false
 
 
 @dataclass
@@ -96,9 +97,11 @@ class TrainingConfig:
     bf16: bool = _f(False, "bf16 autocast (takes precedence over fp16).")
     gradient_checkpointing: bool | str = _f(
         True,
-        "Recompute activations in backward to save memory (about a third more compute per step). 'auto': on "
-        "only where the memory plan (`aift plan`) says the run would not fit the device without it, the "
-        "decision logged; `aift train` and the web UI default to auto.",
+        "Recompute activations in backward to save memory (about a third more compute per step). 'selective': "
+        "keep the outputs of each layer's GEMMs and attention and recompute only the element-wise ops (norms, "
+        "rotary, SiLU), in as many layers as the memory plan fits, the rest fully recomputed. 'auto': off where "
+        "the memory plan (`aift plan`) says the run fits the device without it, else selective where that fits "
+        "a layer, else on; the decision logged. `aift train` and the web UI default to auto.",
     )
     max_length: int = _f(512, "Tokens per packed row (or the truncation length without packing).")
     packing: bool = _f(True, "Pack examples into full rows with per-example position ids (no cross-attention).")
@@ -197,11 +200,13 @@ class TrainingConfig:
             raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}")
         _check_positive(self, "pipeline_parallel_size", "world_size")
         if isinstance(self.gradient_checkpointing, str):
-            if self.gradient_checkpointing.lower() != "auto":
+            word = self.gradient_checkpointing.lower()
+            if word not in CHECKPOINTING_WORDS:
                 raise ConfigError(
-                    f"gradient_checkpointing must be true, false or auto; got {self.gradient_checkpointing!r}"
+                    "gradient_checkpointing must be true, false, auto or selective; "
+                    f"got {self.gradient_checkpointing!r}"
                 )
-            self.gradient_checkpointing = "auto"
+            self.gradient_checkpointing = word
 
     def _check_schedule(self) -> None:
         """The optimizer and schedule are known names; schedule-free AdamW gets (and takes only) a constant one."""

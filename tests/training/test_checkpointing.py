@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 
 import pytest
@@ -45,7 +46,8 @@ def test_the_decision_follows_the_plan_and_the_headroom(ram_16gb):
         config, MODEL, method="lora", device_type="cpu", lora_r=16, lora_dropout=0.0, rows_per_example=1,
         trust_remote_code=False,
     )  # fmt: skip
-    assert _decide(batch_size=8, max_length=1024) is (needed > checkpointing.HEADROOM * 16e9)
+    # checkpointing in some form (selective or full) exactly where the run does not fit without it
+    assert (_decide(batch_size=8, max_length=1024) is not False) is (needed > checkpointing.HEADROOM * 16e9)
     pair = planned_bytes_without_checkpointing(
         config, MODEL, method="lora", device_type="cpu", lora_r=16, lora_dropout=0.0, rows_per_example=2,
         trust_remote_code=False,
@@ -105,8 +107,15 @@ def test_auto_is_a_word_of_yaml_key_value_and_the_python_api(tmp_path):
     assert resolve_train_configs(path).training.gradient_checkpointing == "auto"
     assert resolve_train_configs(None, ["gradient_checkpointing=AUTO"]).training.gradient_checkpointing == "auto"
     assert resolve_train_configs(None, ["gradient_checkpointing=off"]).training.gradient_checkpointing is False
+    path.write_text("gradient_checkpointing: selective\n")
+    assert resolve_train_configs(path).training.gradient_checkpointing == "selective"
+    assert (
+        resolve_train_configs(None, ["gradient_checkpointing=Selective"]).training.gradient_checkpointing == "selective"
+    )
     assert TrainingConfig().gradient_checkpointing is True  # the documented Python default stays
-    with pytest.raises(ConfigError, match="gradient_checkpointing must be true, false or auto; got 'sometimes'"):
+    with pytest.raises(
+        ConfigError, match="gradient_checkpointing must be true, false, auto or selective; got 'sometimes'"
+    ):
         resolve_train_configs(None, ["gradient_checkpointing=sometimes"])
 
 
@@ -140,3 +149,45 @@ def test_a_run_records_what_auto_decided(fp32_config, prepared_small, ram_16gb, 
     assert trainer.config.gradient_checkpointing is False and config.gradient_checkpointing == "auto"
     saved = yaml.safe_load((trainer.result.output_dir / "config.yaml").read_text())
     assert saved["TrainingConfig"]["gradient_checkpointing"] is False  # the run folder says what ran
+
+
+def _plan_bytes(config: TrainingConfig, selective_layers: int | None) -> float:
+    """The plan's peak for this run: checkpointing off (None), or on with that many selective layers."""
+    plan = checkpointing._Plan(config, MODEL, method="lora", device_type="cpu")
+    return plan.bytes(False) if selective_layers is None else plan.bytes(True, selective_layers)
+
+
+def test_selective_layers_cost_between_full_checkpointing_and_none():
+    config = TrainingConfig(batch_size=16, max_length=2048)
+    full, half, selective, off = (_plan_bytes(config, n) for n in (0, 15, 30, None))
+    assert full < half < selective < off
+    assert half - full == pytest.approx((selective - full) / 2)  # each selective layer costs the same
+
+
+def test_auto_is_selective_where_only_that_fits_and_the_plan_chooses_the_layers(monkeypatch, caplog):
+    config = TrainingConfig(gradient_checkpointing="auto", batch_size=16, max_length=2048)
+    full, selective, off = (_plan_bytes(config, n) for n in (0, 30, None))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+
+    def with_ram(usable: float) -> tuple:
+        monkeypatch.setattr(checkpointing, "machine_ram_bytes", lambda: usable / checkpointing.HEADROOM)
+        mode = resolve_gradient_checkpointing(config, MODEL, method="lora", device_type="cpu")
+        layers = checkpointing.selective_layer_count(
+            dataclasses.replace(config, gradient_checkpointing="selective"), MODEL, n_layers=30, method="lora",
+            device_type="cpu",
+        )  # fmt: skip
+        return mode, layers
+
+    with caplog.at_level(logging.INFO, logger="aift.training.checkpointing"):
+        assert with_ram(off * 1.01) == (False, 30)
+        assert with_ram((selective + off) / 2) == ("selective", 30)
+        assert with_ram((full + selective) / 2) == ("selective", 15)  # half the layers' GEMM outputs fit
+        assert with_ram(full * 1.001) == (True, 0)
+    assert any(r.getMessage().startswith("gradient checkpointing: auto -> selective") for r in caplog.records)
+    assert any("15 of 30 layers keep their GEMM outputs" in r.getMessage() for r in caplog.records)
+
+
+def test_selective_is_kept_and_fills_every_layer_where_memory_is_not_one_model_copy(ram_16gb):
+    config = TrainingConfig(gradient_checkpointing="selective", strategy="fsdp", batch_size=64, max_length=4096)
+    assert resolve_gradient_checkpointing(config, MODEL, method="lora", device_type="cpu") == "selective"
+    assert checkpointing.selective_layer_count(config, MODEL, n_layers=30, method="lora", device_type="cpu") == 30

@@ -86,7 +86,7 @@ class BenchOptions:
     nproc: list[int] | int | str = 1  # processes of aift's run; a list (e.g. "1,2") runs each and a scaling table
     # The same for aift and TRL: on is both trainers' default (TRL's SFTConfig, aift train), so the headline
     # measures what users get; `--gradient-checkpointing off` measures both without the recompute.
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | str = True  # or "selective": aift's (TRL then runs its full checkpointing)
     # Both trainers alike: auto = bf16 where the device has it in hardware, else fp32 (measure.bench_precision).
     precision: str = "auto"
     # aift's optimizer (TrainingConfig.optimizer); a list (e.g. "adamw,muon") runs each and a table per optimizer.

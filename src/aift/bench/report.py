@@ -58,6 +58,12 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return "-" if value is None else str(value)
 
 
+def _checkpointing(value: bool | str) -> str:
+    if value == "selective":
+        return "selective for aift (full for TRL)"
+    return "on" if value else "off"
+
+
 def markdown(result: dict[str, Any]) -> str:
     s, env = result["settings"], result["environment"]
     lines = [
@@ -65,7 +71,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"{s['examples']} training examples (one epoch), {s['eval_examples']} held-out, sequence {s['seq_len']}, "
         f"batch {s['batch_size']}, learning rate {s['learning_rate']}, gradient checkpointing "
-        f"{'on' if s['gradient_checkpointing'] else 'off'} and {_precision(result)} for every run; data: {s['data']}.",
+        f"{_checkpointing(s['gradient_checkpointing'])} and {_precision(result)} for every run; data: {s['data']}.",
         f"Machine: {env['cpu']}, {env['cores']} cores; torch {env['torch']}, transformers {env['transformers']}, "
         f"peft {env['peft']}, trl {env.get('trl', '-')}; load average {env['load_before']} before, "
         f"{env['load_after']} after.",

@@ -207,7 +207,7 @@ def run_trl(spec: dict) -> dict[str, Any]:
         logging_steps=5,
         dataloader_num_workers=0,
         seed=spec["seed"],
-        gradient_checkpointing=spec["gradient_checkpointing"],
+        gradient_checkpointing=bool(spec["gradient_checkpointing"]),  # "selective" is aift's: TRL's full one
     )
     lora = None if spec["method"] == "full" else LoraConfig(**LORA, task_type="CAUSAL_LM")
     # peft rewrites the config it is given (all-linear -> the layer names): keep the one the user wrote for the table.

@@ -50,9 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument(
         "--gradient-checkpointing",
-        choices=("on", "off"),
+        choices=("on", "off", "selective"),
         default="on" if d.gradient_checkpointing else "off",
-        help="Recompute activations in backward, for aift and TRL alike (default: %(default)s, both trainers' default).",
+        help="Recompute activations in backward, for aift and TRL alike (default: %(default)s, both trainers' "
+        "default). selective: aift keeps its layers' GEMM outputs and recomputes only element-wise ops (TRL has "
+        "only full checkpointing, which it then runs).",
     )
     parser.add_argument(
         "--precision",
@@ -96,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         tcmalloc=not getattr(args, "no_tcmalloc", False),  # the flag exists when run through the CLI table
         seed=args.seed,
         nproc=args.nproc,
-        gradient_checkpointing=args.gradient_checkpointing == "on",
+        gradient_checkpointing={"on": True, "off": False}.get(args.gradient_checkpointing, "selective"),
         precision=args.precision,
         optimizer=args.optimizer,
     )

@@ -6,6 +6,13 @@ depends on the run, so `aift train` decides it from the same memory model as `ai
 (:mod:`aift.training.memory`, checked against measured peaks in ``bench/results/plan``) and says what it
 decided and why. ``TrainingConfig``'s Python default stays ``True``; a bool is never second-guessed.
 
+Between the two, ``selective`` (:mod:`aift.training.selective`) keeps each layer's GEMM and attention outputs
+and recomputes only its element-wise ops: less memory saved than by full checkpointing (for SmolLM2-135M
+the plan keeps 5h + 2kv + 2i of the 6h + 2kv + 4i elements per token and layer), at a fraction of its time
+(``bench/results/checkpointing``). It fills as many layers as the plan fits (:func:`selective_layer_count`), the others fully
+recomputed; ``auto`` takes it where the run does not fit without checkpointing but at least one selective
+layer does.
+
 The budget is the device's total memory (a GPU's, or this machine's RAM, cgroup limit included, shared by the
 processes of the node), not what happens to be free: every process of a data-parallel run must reach the same
 decision, whenever it asks.
@@ -25,6 +32,7 @@ from aift.training.memory import (
     activation_model,
     dropout_width,
     empty_model,
+    layer_prefix_of,
     load_model_config,
     one_device_estimate,
     parameter_bytes,
@@ -49,8 +57,11 @@ def resolve_gradient_checkpointing(
     lora_targets: str | list[str] | None = None,
     rows_per_example: int = 1,
     trust_remote_code: bool = False,
-) -> bool:
-    """``config.gradient_checkpointing`` as a bool: itself when it is one; for ``"auto"``, the plan's verdict.
+) -> bool | str:
+    """``config.gradient_checkpointing`` as run: a bool or ``"selective"`` as given; for ``"auto"``, the plan's verdict.
+
+    auto: off where the run fits without checkpointing; else selective where at least one layer can keep its
+    GEMM outputs (:func:`selective_layer_count`); else on.
 
     Args:
         config: The run's settings (batch size, length, strategy).
@@ -64,7 +75,7 @@ def resolve_gradient_checkpointing(
         trust_remote_code: As for loading the model's config.
     """
     value = config.gradient_checkpointing
-    if isinstance(value, bool):
+    if value != "auto":
         return value
     if config.strategy != "ddp":
         log.info("gradient checkpointing: auto -> on (strategy %s: memory per device is not one model copy)",
@@ -74,16 +85,64 @@ def resolve_gradient_checkpointing(
     if budget is None:
         log.info("gradient checkpointing: auto -> on (%s memory is unknown here)", device_type)
         return True
-    needed = planned_bytes_without_checkpointing(
-        config, model, method=method, device_type=device_type, lora_r=lora_r, lora_dropout=lora_dropout,
-        lora_targets=lora_targets, rows_per_example=rows_per_example, trust_remote_code=trust_remote_code,
-    )  # fmt: skip
-    decision = needed > HEADROOM * budget
+    plan = _Plan(config, model, method=method, device_type=device_type, lora_r=lora_r, lora_dropout=lora_dropout,
+                 lora_targets=lora_targets, rows_per_example=rows_per_example, trust_remote_code=trust_remote_code)  # fmt: skip
+    needed, usable = plan.bytes(checkpointing=False), HEADROOM * budget
+    selective = plan.layers_that_fit(usable) if needed > usable else 0
+    decision = "off" if needed <= usable else "selective" if selective else "on"
     log.info(
         "gradient checkpointing: auto -> %s (without it the plan needs %.1f GB; %s: %.1f GB, %d %% usable)",
-        "on" if decision else "off", needed / GB, where, budget / GB, round(HEADROOM * 100),
+        decision, needed / GB, where, budget / GB, round(HEADROOM * 100),
     )  # fmt: skip
-    return decision
+    return {"off": False, "on": True}.get(decision, decision)
+
+
+def selective_layer_count(config: TrainingConfig, model: Any, *, n_layers: int, device_type: str, **plan: Any) -> int:
+    """Of ``n_layers`` decoder layers, how many keep their GEMM outputs under selective checkpointing.
+
+    All of them where the plan fits the budget (or the budget is unknown: a strategy that splits the model, a
+    device whose memory is not known here); else the most that fit, the others fully recomputed. ``plan``: the
+    keyword arguments of :func:`resolve_gradient_checkpointing` (method, lora_r, ...).
+    """
+    budget, where = memory_budget(device_type) if config.strategy == "ddp" else (None, config.strategy)
+    if budget is None:
+        return n_layers
+    fits = _Plan(config, model, device_type=device_type, **plan).layers_that_fit(HEADROOM * budget)
+    if fits < n_layers:
+        log.info("selective checkpointing: %d of %d layers keep their GEMM outputs (%s: %.1f GB, %d %% usable)",
+                 fits, n_layers, where, budget / GB, round(HEADROOM * 100))  # fmt: skip
+    return fits
+
+
+class _Plan:
+    """What `aift plan` says one process of this run holds at its peak, for each checkpointing choice."""
+
+    def __init__(self, config: TrainingConfig, model: Any, *, method: str, device_type: str, lora_r: int = LORA_R,
+                 lora_dropout: float = 0.0, lora_targets: str | list[str] | None = None, rows_per_example: int = 1,
+                 trust_remote_code: bool = False) -> None:  # fmt: skip
+        import torch
+
+        from aift.models.loading import default_dtype
+
+        self.dtype = "fp32" if default_dtype(device_type) == torch.float32 else "bf16"
+        self.model_config = load_model_config(model, trust_remote_code)
+        self.meta = empty_model(self.model_config)
+        self.per_param = parameter_bytes(self.meta, method, lora_r, lora_targets, dtype=self.dtype)
+        self.width = dropout_width(self.meta, method, lora_dropout, lora_targets)
+        self.rows, self.length = config.batch_size * rows_per_example, config.max_length
+        self.context = CUDA_CONTEXT_BYTES if device_type == "cuda" else 0.0
+        self.n_layers = len(self.meta.get_submodule(layer_prefix_of(self.meta)))
+
+    def bytes(self, checkpointing: bool, selective_layers: int = 0) -> float:
+        acts = activation_model(self.model_config, self.rows, self.length, checkpointing, self.dtype, self.width,
+                                selective_layers)  # fmt: skip
+        return one_device_estimate(self.meta, self.per_param, acts).total + self.context
+
+    def layers_that_fit(self, usable: float) -> int:
+        """The most layers that can keep their GEMM outputs within ``usable`` bytes (0: full checkpointing)."""
+        full = self.bytes(True)
+        per_layer = (self.bytes(True, self.n_layers) - full) / self.n_layers
+        return max(0, min(self.n_layers, int((usable - full) // per_layer))) if per_layer > 0 else self.n_layers
 
 
 def planned_bytes_without_checkpointing(
@@ -99,19 +158,9 @@ def planned_bytes_without_checkpointing(
     lora_targets: str | list[str] | None = None,
 ) -> float:
     """What `aift plan` says one process of this run holds at its peak with checkpointing off, in bytes."""
-    import torch
-
-    from aift.models.loading import default_dtype
-
-    dtype = "fp32" if default_dtype(device_type) == torch.float32 else "bf16"
-    model_config = load_model_config(model, trust_remote_code)
-    meta = empty_model(model_config)
-    per_param = parameter_bytes(meta, method, lora_r, lora_targets, dtype=dtype)
-    width = dropout_width(meta, method, lora_dropout, lora_targets)
-    rows = config.batch_size * rows_per_example
-    acts = activation_model(model_config, rows, config.max_length, False, dtype, width)
-    total = one_device_estimate(meta, per_param, acts).total
-    return total + CUDA_CONTEXT_BYTES if device_type == "cuda" else total
+    plan = _Plan(config, model, method=method, device_type=device_type, lora_r=lora_r, lora_dropout=lora_dropout,
+                 lora_targets=lora_targets, rows_per_example=rows_per_example, trust_remote_code=trust_remote_code)  # fmt: skip
+    return plan.bytes(checkpointing=False)
 
 
 def memory_budget(device_type: str) -> tuple[float | None, str]:

@@ -12,7 +12,8 @@ Activations, in the dtype, per token and decoder layer (Korthikanti et al. 2022,
 SDPA/flash attention, which keep no seq x seq scores): 6h + 2kv + 4i elements (h hidden, kv the key/value
 width, i the MLP width). LoRA dropout (peft's path) adds, per input feature of each adapted layer, the
 dropped copy (d) and its mask (1 byte on CUDA, d on a CPU). With gradient checkpointing only each layer's
-input (h) is kept, plus one layer being recomputed. The logits cost d + 8 bytes per token and vocabulary
+input (h) is kept, plus one layer being recomputed; a selectively checkpointed layer also keeps the outputs of
+its GEMMs and attention (5h + 2kv + 2i in all), so that its recompute redoes only element-wise ops. The logits cost d + 8 bytes per token and vocabulary
 entry (the logits, the fp32 log-softmax cross-entropy keeps, and its fp32 gradient). With gradient
 accumulation, the largest gradient is also in flight before it is added (two for a tied head). Each GPU
 also loses about 0.5 GB to the CUDA context. bench/results/plan/ checks these terms against measured peaks.
@@ -167,6 +168,7 @@ class ActivationModel:
     element_bytes: int = 2  # the compute dtype's: bf16
     dropout_width: int = 0  # input features per layer that LoRA dropout copies (0 without dropout)
     mask_bytes: int = 1  # per dropped element (DROPOUT_MASK_BYTES)
+    selective_layers: int = 0  # checkpointed layers that keep their GEMMs' outputs (gradient_checkpointing: selective)
 
     @property
     def full_layer(self) -> float:
@@ -175,12 +177,20 @@ class ActivationModel:
         dropout = (self.element_bytes + self.mask_bytes) * self.dropout_width
         return self.tokens * (kept + dropout)
 
+    @property
+    def selective_layer(self) -> float:
+        """A selectively checkpointed layer: its input (h) and what its recompute would redo GEMMs for, the outputs
+        of q, k, v, o, gate, up, down and of attention (5h + 2kv + 2i); norms, rotary, SiLU are recomputed."""
+        return self.tokens * self.element_bytes * (5 * self.hidden + 2 * self.kv_width + 2 * self.intermediate)
+
     def layers(self, n_layers: int) -> float:
         """Activations kept for n layers on one device (one recomputed layer on top with checkpointing)."""
         if n_layers == 0:
             return 0.0
         if self.checkpointing:
-            return n_layers * self.tokens * self.element_bytes * self.hidden + self.full_layer
+            layer_input = self.tokens * self.element_bytes * self.hidden
+            selective = min(n_layers, self.selective_layers) * (self.selective_layer - layer_input)
+            return n_layers * layer_input + selective + self.full_layer
         return n_layers * self.full_layer
 
     @property
@@ -189,7 +199,13 @@ class ActivationModel:
 
 
 def activation_model(
-    config, batch_size: int, max_length: int, checkpointing: bool, dtype: str = "bf16", dropout_width: int = 0
+    config,
+    batch_size: int,
+    max_length: int,
+    checkpointing: bool,
+    dtype: str = "bf16",
+    dropout_width: int = 0,
+    selective_layers: int = 0,
 ) -> ActivationModel:
     hidden = config.hidden_size
     heads = getattr(config, "num_attention_heads", 1)
@@ -206,6 +222,7 @@ def activation_model(
         dtype_bytes(dtype),
         dropout_width,
         DROPOUT_MASK_BYTES[dtype],
+        selective_layers,
     )
 
 

@@ -27,11 +27,12 @@ from aift.models.loading import default_dtype
 from aift.models.run_folder import FINAL_DIR, MERGED_DIR
 from aift.training.backends import holds_frozen_base_in_bf16
 from aift.training.batching import Examples, to_examples
-from aift.training.checkpointing import resolve_gradient_checkpointing
+from aift.training.checkpointing import resolve_gradient_checkpointing, selective_layer_count
 from aift.training.loop import TrainResult, run_training
 from aift.training.loss import usable_loss_chunk
 from aift.training.run_files import RunInfo
 from aift.training.run_guard import output_dir_lock
+from aift.training.selective import enable_selective_checkpointing
 from aift.utils.gpu import enable_activation_checkpointing, get_available_device
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class _Trainer:
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
         self.result: TrainResult | None = None
+        self.selective_layers = 0  # decoder layers that keep their GEMM outputs (set by prepare, when selective)
         self.accelerator_kwargs: dict[str, Any] = {}  # set by AdvancedMultiGPUTrainer (FSDP / DeepSpeed plugins)
 
     def train(
@@ -86,6 +88,7 @@ class _Trainer:
         train_examples, eval_examples = self._examples(train_texts, eval_texts, tokenizer)
         set_seed(self.config.seed)
         self.config = dataclasses.replace(self.config, gradient_checkpointing=self._gradient_checkpointing())
+        self.selective_layers = self._selective_layers()
         model = self._prepare_model()
         chunk = usable_loss_chunk(model, self.config.loss_chunk_size, self.accelerator_kwargs)
         self.config = dataclasses.replace(self.config, loss_chunk_size=chunk)  # config.yaml records what ran
@@ -97,21 +100,37 @@ class _Trainer:
         )
         return model, tokenizer, train_examples, eval_examples, info
 
-    def _gradient_checkpointing(self) -> bool:
-        """The run's gradient checkpointing as a bool (``auto`` decided from the memory plan, and logged)."""
-        lora = getattr(self, "lora_config", None)
+    def _gradient_checkpointing(self) -> bool | str:
+        """The run's gradient checkpointing: a bool or "selective" (``auto`` decided from the memory plan, and logged)."""
+        return resolve_gradient_checkpointing(self.config, self._model_config(), **self._plan_kwargs())
+
+    def _selective_layers(self) -> int:
+        """Decoder layers that keep their GEMM outputs: those the plan fits under selective checkpointing, else 0."""
+        if self.config.gradient_checkpointing != "selective":
+            return 0
+        config = self._model_config()
+        if isinstance(config, str):
+            from aift.training.memory import load_model_config
+
+            config = load_model_config(config, self.model.trust_remote_code)
+        n_layers = config.get_text_config().num_hidden_layers
+        return selective_layer_count(self.config, config, n_layers=n_layers, **self._plan_kwargs())
+
+    def _model_config(self) -> Any:
         holder = self.model
-        return resolve_gradient_checkpointing(
-            self.config,
-            holder.model.config if holder.model is not None else holder.model_name,
-            method=self.method,
-            device_type=self._device_type(),
-            lora_r=lora.r if lora else LoRAConfig.r,
-            lora_dropout=lora.lora_dropout if lora else 0.0,
-            lora_targets=lora.target_modules if lora else None,
-            rows_per_example=self.rows_per_example,
-            trust_remote_code=holder.trust_remote_code,
-        )
+        return holder.model.config if holder.model is not None else holder.model_name
+
+    def _plan_kwargs(self) -> dict[str, Any]:
+        lora = getattr(self, "lora_config", None)
+        return {
+            "method": self.method,
+            "device_type": self._device_type(),
+            "lora_r": lora.r if lora else LoRAConfig.r,
+            "lora_dropout": lora.lora_dropout if lora else 0.0,
+            "lora_targets": lora.target_modules if lora else None,
+            "rows_per_example": self.rows_per_example,
+            "trust_remote_code": self.model.trust_remote_code,
+        }
 
     def _device_type(self) -> str:
         """ "cuda", "cpu", ...: where the model trains."""
@@ -144,8 +163,12 @@ def _has_test_split(source: Any) -> bool:
     return isinstance(getattr(source, "column_names", None), dict) and "test" in source
 
 
-def _enable_checkpointing(model: torch.nn.Module) -> None:
-    enable_activation_checkpointing(model)
+def _enable_checkpointing(model: torch.nn.Module, selective_layers: int = 0) -> None:
+    """Checkpointing on every decoder layer; the first ``selective_layers`` recompute only element-wise ops."""
+    if selective_layers:
+        enable_selective_checkpointing(model, selective_layers)
+    else:
+        enable_activation_checkpointing(model)
     model.config.use_cache = False
 
 
@@ -192,7 +215,7 @@ class FullFinetuningTrainer(_Trainer):
         for p in model.parameters():
             p.requires_grad_(True)
         if self.config.gradient_checkpointing:
-            _enable_checkpointing(model)
+            _enable_checkpointing(model, self.selective_layers)
         return model
 
 
@@ -244,8 +267,10 @@ class LoRAFinetuningTrainer(_Trainer):
                 use_gradient_checkpointing=config.gradient_checkpointing,
                 gradient_checkpointing_kwargs={"use_reentrant": False},
             )
+            if self.selective_layers:
+                enable_selective_checkpointing(model, self.selective_layers)
         elif config.gradient_checkpointing:
-            _enable_checkpointing(model)
+            _enable_checkpointing(model, self.selective_layers)
             model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
         fused = config.fused_lora and not lc.use_qlora
         frozen_bf16 = holds_frozen_base_in_bf16(config, self._device_type())
