@@ -31,10 +31,12 @@ TEXT_SOURCES = ("text", *FILE_SOURCES)  # text: any of the above, by suffix; jso
 def text_table(column: str = "text") -> ShapeTable:
     """The pretrain task's one shape: a document per row, in ``column``."""
     help_text = f"{column} (one document per row; name another column with --text-column; .txt/.md files)"
-    return ShapeTable("text", {"text": Shape((column,), (), _document(column), help_text)})
+    return ShapeTable("text", {"text": Shape((column,), (), document_converter(column), help_text)})
 
 
-def _document(column: str):
+def document_converter(column: str):
+    """The function from a row to its document (stripped text), raising Drop for a row without one."""
+
     def convert(data: dict) -> str:
         value = data.get(column)
         if not isinstance(value, str):
