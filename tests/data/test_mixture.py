@@ -88,7 +88,7 @@ def test_cli_mix_and_streaming_errors(tmp_path, embedded_dir, capsys):
     assert main([*argv, "--mix", f"{text}:1", "--source-path", str(text)]) == 2
     assert "--mix names its sources" in capsys.readouterr().err
     assert main([*argv, "--task", "pretrain", "--source-path", str(text), "--streaming"]) == 2
-    assert "--streaming is not implemented yet" in capsys.readouterr().err
+    assert "all are held out for eval (--eval-documents 100)" in capsys.readouterr().err
     prefs = {"path": str(text), "task": "preference"}
     (tmp_path / "m.yaml").write_text(yaml.safe_dump({"datasets": [prefs, {"path": str(text), "task": "pretrain"}]}))
     assert main([*argv, "--mix", str(tmp_path / "m.yaml")]) == 2

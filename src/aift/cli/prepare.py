@@ -60,18 +60,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH:WEIGHT,... | MIX.yaml",
         help="mix sources (each of --task), or a YAML 'datasets:' list of {path, task, weight | samples, split}",
     )
-    mix.add_argument("--streaming", action="store_true", help="tokenize and pack on the fly (not implemented yet)")
+    stream = parser.add_argument_group("--task pretrain --streaming (a corpus larger than memory)")
+    stream.add_argument(
+        "--streaming",
+        action="store_true",
+        help="record the corpus and tokenize and pack it while training (needs --max-steps there); "
+        "only the held-out split is written",
+    )
+    stream.add_argument(
+        "--eval-documents",
+        type=int,
+        default=100,
+        help="with --streaming: the first N documents are held out for eval, never trained (default 100); "
+        "--val-ratio does not apply",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    from aift.data import DataError
     from aift.data.prepare import prepare
 
     if args.streaming:
-        raise DataError(
-            "--streaming is not implemented yet: prepare the corpus without it (it is tokenized in memory), "
-            "or split it into parts that fit"
-        )
+        return _run_streaming(args)
     if args.mix:
         return _run_mix(args)
     out = prepare(
@@ -120,6 +129,34 @@ def _run_mix(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code,
         num_proc=args.num_proc,
         min_doc_tokens=args.min_doc_tokens,
+    )
+    print(out)
+    return 0
+
+
+def _run_streaming(args: argparse.Namespace) -> int:
+    from aift.data import DataError
+    from aift.data.streaming import prepare_streaming
+
+    if args.task != "pretrain":
+        raise DataError(f"--streaming streams raw text: use it with --task pretrain, not --task {args.task}")
+    if args.mix:
+        raise DataError("--streaming streams one corpus (a file, folder or glob): --mix is not supported with it")
+    if args.num_samples or args.train_on_prompt or args.drop_earlier_thinking or args.system:
+        raise DataError("--streaming trains every token of every document: --num-samples, --train-on-prompt, "
+                        "--system and --drop-earlier-thinking do not apply")  # fmt: skip
+    out = prepare_streaming(
+        args.model,
+        args.source_path,
+        source=args.source,
+        output_dir=args.output_dir,
+        max_length=args.max_length,
+        seed=args.seed,
+        text_column=args.text_column,
+        min_doc_tokens=args.min_doc_tokens,
+        eval_documents=args.eval_documents,
+        format=args.format,
+        trust_remote_code=args.trust_remote_code,
     )
     print(out)
     return 0

@@ -26,6 +26,7 @@ from aift.data.packing import (
 )
 from aift.data.prepared import read_prepared
 from aift.data.pretrain import pack
+from aift.data.streaming import StreamedExamples, streamed_examples
 
 Example = dict[str, list[int]]
 log = logging.getLogger(__name__)
@@ -46,13 +47,21 @@ class Examples:
         return sum(count_trained_tokens(ex["labels"]) for ex in self.rows)
 
 
-def to_examples(source: Any, tokenizer, max_length: int, name: str, split: str = "train") -> Examples:
-    """Token ids and labels from a prepared folder, a Dataset/DatasetDict, a TextDataset, texts or dicts."""
+def to_examples(
+    source: Any, tokenizer, max_length: int, name: str, split: str = "train"
+) -> Examples | StreamedExamples:
+    """Token ids and labels from a prepared folder, a Dataset/DatasetDict, a TextDataset, texts or dicts.
+
+    The train split of a folder `aift prepare --streaming` wrote is a stream (aift.training.streaming).
+    """
     from aift.data.text_dataset import TextDataset
 
     prompt_format = None
     if isinstance(source, (str, Path)):
-        source, meta = read_prepared(source)
+        path = source
+        source, meta = read_prepared(path)
+        if "streaming" in meta and split == "train":
+            return streamed_examples(Path(path), meta, tokenizer, name)
         prompt_format = meta.get("prompt_format") or meta.get("format")
     if hasattr(source, "keys") and hasattr(source, "column_names") and isinstance(source.column_names, dict):
         if split not in source:

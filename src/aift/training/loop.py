@@ -48,7 +48,7 @@ from aift.config import ConfigError, TrainingConfig, to_yaml
 from aift.errors import AiftError
 from aift.models import run_folder
 from aift.training import checkpoint as ckpt
-from aift.training import optimizers, run_guard
+from aift.training import optimizers, run_guard, streaming
 from aift.training.backends import AccelerateBackend, Backend
 from aift.training.batching import Examples
 from aift.training.objectives import Objective
@@ -100,7 +100,7 @@ def run_training(
     """
     # ------------------------------------------------------------------ setup
     objective = objective or SFTObjective(config.loss_chunk_size)
-    objective.check(train_examples)
+    streaming.check_data(objective, train_examples)
     if config.neftune_noise_alpha and objective.name != "sft":
         raise ConfigError(f"neftune_noise_alpha is for supervised fine-tuning, not {objective.name}")
     optimizers.check_available(config)
@@ -216,8 +216,8 @@ class Run:
         set_seed(config.seed)
 
         self.attention = backend.attention(model, config)
-        pad_token_id = self.tokenizer.pad_token_id
-        self.planner = self.objective.planner(self.train_examples, config, pad_token_id, self.attention.mask)
+        pad, mask = self.tokenizer.pad_token_id, self.attention.mask
+        self.planner = streaming.planner(self.objective, self.train_examples, config, pad, mask, backend)
         self.micro_per_step = config.gradient_accumulation_steps * backend.dp_world
         self.steps_per_epoch = math.ceil(self.planner.num_micro_batches() / self.micro_per_step)
         self.total_steps = (
@@ -281,6 +281,7 @@ class Run:
         state = backend.load_checkpoint(self.resume_from)
         optimizers.training_mode(backend.optimizer, self.config)  # saved with the averaged weights
         state.total_steps, state.run = self.total_steps, identity
+        streaming.restore(self.planner, self.resume_from, state)
         if has_state(self.objective):
             self.objective.load_state_dict(
                 ckpt.load_objective_state(self.resume_from, backend.dp_rank, backend.dp_world)
@@ -436,7 +437,7 @@ class Run:
         backend = self.backend
         with optimizers.averaged_weights(backend.optimizer, self.config):
             run_guard.check_finite_weights(backend.model, backend.all_ranks, self.state.step, self.checkpoints_dir)
-            extra = objective_files(self.objective, backend)  # e.g. GRPO's rollout of the iteration cycle
+            extra = {**(objective_files(self.objective, backend) or {}), **streaming.files(self.planner, self.state)}
             backend.save_checkpoint(self.checkpoints_dir, self.state, rng, self.config.save_total_limit, extra)
 
     def summary(self) -> dict[str, Any]:
@@ -458,6 +459,7 @@ class Run:
             "output_dir": str(self.output_dir),
             "prompt_format": self.info.prompt_format,
         }
+        summary.update(streaming.summary(self.planner))  # a streamed run: its passes, documents, tokens
         if self.objective.name != "sft":  # preference runs say which objective trained them
             summary["objective"] = self.objective.name
         return summary

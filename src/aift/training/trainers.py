@@ -33,6 +33,7 @@ from aift.training.loss import usable_loss_chunk
 from aift.training.run_files import RunInfo
 from aift.training.run_guard import output_dir_lock
 from aift.training.selective import enable_selective_checkpointing
+from aift.training.streaming import check_config
 from aift.utils.gpu import enable_activation_checkpointing, get_available_device
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,7 @@ class _Trainer:
         if train_source is None:
             raise DatasetError("no training data: pass train_texts= or train_dataset=, or set dataset_path")
         train = to_examples(train_source, tokenizer, config.max_length, "training", split="train")
+        check_config(train, config)  # a streamed corpus needs max_steps: say so before the model loads
         eval_source = eval_texts if eval_texts is not None else self.eval_dataset
         if eval_source is None and _has_test_split(train_source):
             eval_source = train_source
