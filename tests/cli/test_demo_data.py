@@ -31,3 +31,26 @@ def test_data_flag(tmp_path):
     assert demo.find_demo_data(str(given)) == given
     with pytest.raises(NotAvailableError, match="no such file"):
         demo.find_demo_data(str(tmp_path / "missing.json"))
+
+
+def _autocast_seen_by_the_model(model_dir, tokenizer) -> set[bool]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    seen: set[bool] = set()
+    model.register_forward_pre_hook(lambda module, args: seen.add(torch.is_autocast_enabled("cpu")))
+    answer = demo.greedy_answer(model, tokenizer, "日本の首都は", max_new_tokens=2)
+    assert isinstance(answer, str)
+    return seen
+
+
+def test_the_demo_answers_in_fp32_where_bf16_is_emulated(tiny_model_dir, tokenizer, monkeypatch):
+    from aift.utils import gpu
+
+    monkeypatch.setattr(gpu, "cpu_has_native_bf16", lambda: False)  # an AVX2-only CPU, as this machine's
+    assert _autocast_seen_by_the_model(tiny_model_dir, tokenizer) == {False}
+
+
+def test_the_demo_answers_under_bf16_autocast_where_the_cpu_has_it(tiny_model_dir, tokenizer, native_cpu_bf16):
+    assert _autocast_seen_by_the_model(tiny_model_dir, tokenizer) == {True}
