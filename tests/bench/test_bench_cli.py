@@ -136,3 +136,41 @@ def test_dpo_bench_against_trl_writes_a_complete_result(tiny_model_dir, tmp_path
     assert aift["settings"]["gradient checkpointing"] == trl["settings"]["gradient checkpointing"] == "True"
     assert "| forward of a pair |" in (out / "results.md").read_text()
     assert "aift DPO:" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_grpo_bench_against_trl_writes_a_complete_result(tiny_model_dir, tmp_path, capsys):
+    """`aift bench --method grpo --compare trl`: both trainers on the same prompts in the same order, each step
+    timed in generation and training, the reward curves, and a results.md / chart.png from them."""
+    out = tmp_path / "grpo"
+    argv = ["bench", "--method", "grpo", "--model", str(tiny_model_dir), "--examples", "2", "--batch-size", "2",
+            "--num-generations", "2", "--max-completion-length", "4", "--compare", "trl", "--output", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads((out / "result.json").read_text())
+    aift, trl = result["runs"]["aift"], result["runs"]["trl"]
+    assert result["steps"] == 2 and len(json.loads((out / "tasks.json").read_text())) == 2
+    assert trl["prompts_match_aift"]  # TRL's chat-template rendering gives aift's prompt ids
+    for run in (aift, trl):
+        assert len(run["step_s"]) == len(run["generation_s"]) == len(run["reward"]) == 2
+        assert all(0 < g < s for g, s in zip(run["generation_s"], run["step_s"], strict=True))
+        assert all(0 <= r <= 1 for r in run["reward"]) and run["completions"] == 4
+        assert all(0 < n <= 2 * 4 for n in run["generated_tokens"])  # 2 completions of at most 4 tokens
+        summary = run["summary"]
+        for key in ("steps_per_s", "generated_tokens_per_s", "trained_tokens_per_s", "peak_mem_gb"):
+            assert math.isfinite(summary[key]) and summary[key] > 0, key
+        assert summary["step_s"] == pytest.approx(summary["generation_s"] + summary["train_s"])
+    # Both count the real prompt + completion tokens of a step's rows; the same prompts, so at least those.
+    prompt_tokens = aift["trained_tokens"][0] - aift["generated_tokens"][0]
+    assert trl["trained_tokens"][0] - trl["generated_tokens"][0] == pytest.approx(prompt_tokens)
+    ratios = result["ratios"]
+    assert ratios["steps_per_s"] == pytest.approx(aift["summary"]["steps_per_s"] / trl["summary"]["steps_per_s"])
+    assert {t["name"] for t in result["targets"]} == {"steps_per_s", "peak_mem", "reward_gap_in_noise"}
+    for name in ("num_generations", "max_completion_length", "LoRA", "gradient checkpointing", "learning rate",
+                 "loss", "reward", "beta"):  # fmt: skip
+        assert aift["settings"][name] == trl["settings"][name], name
+    assert aift["settings"]["precision"] == trl["settings"]["precision"]
+    assert trl["settings"]["allocator"] == "system"  # TRL as its users run it
+    text = (out / "results.md").read_text()
+    assert "| step | aift reward | trl reward |" in text and "| generation |" in text
+    assert (out / "chart.png").stat().st_size > 0 and (out / "logs" / "trl.log").is_file()
+    assert "aift GRPO:" in capsys.readouterr().out

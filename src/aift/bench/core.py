@@ -306,7 +306,7 @@ def _run_processes(tag: str, spec: dict, work: Path, logs: Path, tcmalloc: bool,
     spec_file, result_file = work / f"{tag}.spec.json", work / f"{tag}.result.json"
     spec_file.write_text(json.dumps(spec), encoding="utf-8")
     logs.mkdir(parents=True, exist_ok=True)
-    env = _worker_env(tcmalloc)
+    env = worker_env(tcmalloc)
     allocator = "tcmalloc" if "libtcmalloc" in env.get("LD_PRELOAD", "") else "malloc"
     log.info("bench: running %s (%s, %d process%s)", tag, allocator, nproc, "" if nproc == 1 else "es")
     command = worker_command(nproc, spec_file, result_file)
@@ -343,7 +343,7 @@ def worker_command(nproc: int, spec_file: Path, result_file: Path) -> list[str]:
     ]
 
 
-def _worker_env(tcmalloc: bool) -> dict[str, str]:
+def worker_env(tcmalloc: bool) -> dict[str, str]:
     """This process's environment, with tcmalloc preloaded or removed as asked."""
     from aift.utils.allocator import find_tcmalloc
 

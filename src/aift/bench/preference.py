@@ -16,7 +16,6 @@ import copy
 import json
 import logging
 import random
-import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
@@ -28,6 +27,7 @@ import torch
 from aift.bench import measure
 from aift.bench.core import load_average
 from aift.bench.measure import allocator
+from aift.bench.process import run_worker, worker_main
 from aift.bench.settings import aift_settings, settings_markdown, trl_settings
 from aift.models.run_folder import BENCH_RESULT_FILE
 from aift.utils.files import write_json_atomic, write_text_atomic
@@ -115,7 +115,7 @@ def run_bench(options: PreferenceBenchOptions) -> dict:
     precision = measure.bench_precision(options.precision)
     for trainer in ["aift", *([options.compare] if options.compare else [])]:
         spec = {**asdict(options), "trainer": trainer, "data": str(data), "bf16": precision == "bf16"}
-        runs[trainer] = _run_worker(spec, out / "logs")
+        runs[trainer] = run_worker("aift.bench.preference", spec, out / "logs", "DPO")
     result = {
         "options": asdict(options),
         "precision": precision,
@@ -132,22 +132,6 @@ def run_bench(options: PreferenceBenchOptions) -> dict:
     write_json_atomic(out / BENCH_RESULT_FILE, result, ensure_ascii=True)  # what `aift report` reads
     write_text_atomic(out / "results.md", markdown(result))
     return result
-
-
-def _run_worker(spec: dict, logs: Path) -> dict:
-    logs.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
-        spec_path.write_text(json.dumps(spec), encoding="utf-8")
-        log_file = logs / f"{spec['trainer']}.log"
-        with log_file.open("w", encoding="utf-8") as f:
-            code = subprocess.call([sys.executable, "-m", "aift.bench.preference", str(spec_path), str(result_path)],
-                                   stdout=f, stderr=subprocess.STDOUT)  # fmt: skip
-        if code != 0:
-            from aift.errors import AiftError
-
-            raise AiftError(f"the {spec['trainer']} DPO run failed (exit {code}); see {log_file}")
-        return json.loads(result_path.read_text(encoding="utf-8"))
 
 
 def markdown(result: dict) -> str:
@@ -333,15 +317,5 @@ def run_trl(spec: dict) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str]) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    spec_path, result_path = argv
-    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
-    torch.manual_seed(spec["seed"])
-    result = {"aift": run_aift, "trl": run_trl}[spec["trainer"]](spec)
-    write_json_atomic(Path(result_path), result)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(worker_main(sys.argv[1:], {"aift": run_aift, "trl": run_trl}))

@@ -176,7 +176,7 @@ def scaling_chart(result: dict[str, Any], path: Path) -> None:
     s = result["settings"]
     ax.set_title(f"aift {s['method']} on {Path(str(s['model_name'])).name}, seq {s['seq_len']}", fontsize=9)
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def optimizers_markdown(result: dict[str, Any]) -> list[str]:
@@ -246,10 +246,10 @@ def chart(result: dict[str, Any], path: Path) -> None:
     s = result["settings"]
     fig.suptitle(f"{s['method']} on {s['model_name']}, seq {s['seq_len']}, {s['examples']} examples", fontsize=10)
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
-def _save_figure(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     png = io.BytesIO()

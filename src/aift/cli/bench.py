@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from aift.bench.core import BenchOptions, run_bench
+from aift.bench.grpo import GRPOBenchOptions
 from aift.bench.report import summary_line
 from aift.cli.flags import add_field_flag
 from aift.config import OPTIMIZERS, TrainingConfig
@@ -17,9 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # Not `aift train --method`: which weights train (as `aift plan --method`), or the DPO bench.
     parser.add_argument(
         "--method",
-        choices=("lora", "qlora", "full", "dpo"),
+        choices=("lora", "qlora", "full", "dpo", "grpo"),
         default=d.method,
-        help="SFT with lora/qlora/full, or LoRA DPO on preference pairs (--compare trl: TRL's DPOTrainer).",
+        help="SFT with lora/qlora/full, LoRA DPO on preference pairs (--compare trl: TRL's DPOTrainer), or LoRA GRPO "
+        "on sums with exact_match (--compare trl: TRL's GRPOTrainer).",
     )
     parser.add_argument("--seq-len", type=int, default=d.seq_len, help="Tokens per row (default: %(default)s).")
     parser.add_argument("--examples", type=int, default=d.examples, help="Training examples, one epoch.")
@@ -70,6 +72,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="--method dpo: the preference pairs (sort a list; or pick the larger of two numbers).",
     )
     parser.add_argument("--numbers", type=int, default=24, help="--method dpo --task sort: numbers per list.")
+    g = GRPOBenchOptions()
+    parser.add_argument(
+        "--num-generations", type=int, default=g.num_generations, help="--method grpo: completions per prompt."
+    )
+    parser.add_argument(
+        "--max-completion-length",
+        type=int,
+        default=g.max_completion_length,
+        help="--method grpo: most new tokens per completion (default: %(default)s).",
+    )
     parser.add_argument(
         "--nproc",
         default="1",
@@ -80,8 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.method == "dpo":
-        return _run_dpo(args)
+    if args.method in ("dpo", "grpo"):
+        return _run_method_bench(args)
     options = BenchOptions(
         model=args.model,
         method=args.method,
@@ -109,28 +121,54 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_dpo(args: argparse.Namespace) -> int:
-    from aift.bench.preference import PreferenceBenchOptions, run_bench, summary_line
+def _given(args: argparse.Namespace, name: str, method_default):
+    """The flag's value when the user gave it; else the method bench's own default (not the SFT bench's)."""
+    value = getattr(args, name)
+    return method_default if value == getattr(BenchOptions(), name) else value
 
+
+def _run_method_bench(args: argparse.Namespace) -> int:
+    """--method dpo or grpo: that method's bench (aift.bench.preference / aift.bench.grpo)."""
     if args.optimizer != ",".join(BenchOptions().optimizer):
-        raise AiftError("--optimizer is for the SFT bench (--method lora, qlora or full), not --method dpo")
-    d = PreferenceBenchOptions()
-    options = PreferenceBenchOptions(
-        model=args.model,
-        examples=args.examples if args.examples != BenchOptions().examples else d.examples,
-        eval_examples=args.eval_examples or d.eval_examples,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate if args.learning_rate != BenchOptions().learning_rate else d.learning_rate,
-        max_length=min(args.seq_len, d.max_length) if args.seq_len == BenchOptions().seq_len else args.seq_len,
-        compare=args.compare,
-        output=args.output if args.output != BenchOptions().output else d.output,
-        seed=args.seed,
-        task=args.task,
-        numbers=args.numbers,
-        gradient_checkpointing=args.gradient_checkpointing == "on",
-        precision=args.precision,
-    )
+        raise AiftError(f"--optimizer is for the SFT bench (--method lora, qlora or full), not --method {args.method}")
+    if args.method == "dpo":
+        from aift.bench.preference import PreferenceBenchOptions, run_bench, summary_line
+
+        d = PreferenceBenchOptions()
+        options = PreferenceBenchOptions(
+            eval_examples=args.eval_examples or d.eval_examples,
+            batch_size=args.batch_size,
+            max_length=min(args.seq_len, d.max_length) if args.seq_len == BenchOptions().seq_len else args.seq_len,
+            task=args.task,
+            numbers=args.numbers,
+            **_shared(args, d),
+        )
+    else:
+        from aift.bench.grpo import run_bench, summary_line
+
+        options = GRPOBenchOptions(
+            batch_size=_given(args, "batch_size", GRPOBenchOptions().batch_size),
+            num_generations=args.num_generations,
+            max_completion_length=args.max_completion_length,
+            data=args.data,
+            **_shared(args, GRPOBenchOptions()),
+        )
     result = run_bench(options)
-    print(f"wrote {options.output}/result.json, results.md")
+    written = "result.json, results.md" + (", chart.png" if args.method == "grpo" else "")
+    print(f"wrote {options.output}/{written}")
     print(summary_line(result))
     return 0
+
+
+def _shared(args: argparse.Namespace, defaults) -> dict:
+    """The options every method bench takes, each the method's default unless the flag was given."""
+    return {
+        "model": args.model,
+        "examples": _given(args, "examples", defaults.examples),
+        "learning_rate": _given(args, "learning_rate", defaults.learning_rate),
+        "compare": args.compare,
+        "output": _given(args, "output", defaults.output),
+        "seed": args.seed,
+        "gradient_checkpointing": args.gradient_checkpointing == "on",
+        "precision": args.precision,
+    }
