@@ -159,6 +159,7 @@ def run(repeats: int, steps: int, speed_rows: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="aift-ckpt-") as tmp:
         work = Path(tmp)
         seconds: dict[str, list[float]] = {mode: [] for mode in MODES}
+        step_seconds("off", work, 2, speed_rows)  # warm-up: the process's first steps are slower
         for _ in range(repeats):
             for mode in MODES:
                 seconds[mode] += step_seconds(mode, work, steps, speed_rows)
