@@ -102,3 +102,17 @@ def native_cpu_bf16(monkeypatch):
     from aift.utils import gpu
 
     monkeypatch.setattr(gpu, "cpu_has_native_bf16", lambda: True)
+
+
+@pytest.fixture(scope="module")
+def packed_batch():
+    """Two packed rows of random token ids (documents of 30+20+14 and 50+9 tokens, 64 long), labels = inputs."""
+    from aift.data.packing import PackedCollator
+
+    g = torch.Generator().manual_seed(1)
+    rows = [[{"input_ids": torch.randint(0, 49152, (n,), generator=g).tolist()} for n in lens] for lens in
+            ([30, 20, 14], [50, 9])]  # fmt: skip
+    for row in rows:
+        for ex in row:
+            ex["labels"] = ex["input_ids"]
+    return PackedCollator(pad_token_id=2, max_length=64)(rows)

@@ -8,8 +8,6 @@ import json
 import pytest
 import torch
 
-from aift.data.packing import PackedCollator
-
 
 @pytest.fixture(scope="module")
 def tiny_lora(tiny_model_dir):
@@ -23,17 +21,6 @@ def tiny_lora(tiny_model_dir):
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
     return model
-
-
-@pytest.fixture(scope="module")
-def packed_batch():
-    g = torch.Generator().manual_seed(1)
-    rows = [[{"input_ids": torch.randint(0, 49152, (n,), generator=g).tolist()} for n in lens] for lens in
-            ([30, 20, 14], [50, 9])]  # fmt: skip
-    for row in rows:
-        for ex in row:
-            ex["labels"] = ex["input_ids"]
-    return PackedCollator(pad_token_id=2, max_length=64)(rows)
 
 
 def loss_and_grads(model, batch):

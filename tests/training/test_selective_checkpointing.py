@@ -7,22 +7,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from aift.config import LoRAConfig
-from aift.data.packing import PackedCollator
 from aift.training.selective import enable_selective_checkpointing
 from aift.utils.gpu import enable_activation_checkpointing
 
 MODES = ("off", "full", "selective")
-
-
-@pytest.fixture(scope="module")
-def packed_batch():
-    g = torch.Generator().manual_seed(1)
-    rows = [[{"input_ids": torch.randint(0, 49152, (n,), generator=g).tolist()} for n in lens] for lens in
-            ([30, 20, 14], [50, 9])]  # fmt: skip
-    for row in rows:
-        for ex in row:
-            ex["labels"] = ex["input_ids"]
-    return PackedCollator(pad_token_id=2, max_length=64)(rows)
 
 
 def _model(tiny_model_dir, method: str, mode: str):
