@@ -73,24 +73,36 @@ def left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
+def _forward_parameters(model) -> set[str]:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return set(inspect.signature(type(base).forward).parameters)
+
+
 def _cache_argument(model) -> str:
     """The forward argument that takes the KV cache: recent transformers call it `cache` and warn on the older
     `past_key_values` (still accepted until 5.40); the floor of our range (5.0) knows only `past_key_values`."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+    return "cache" if "cache" in _forward_parameters(model) else "past_key_values"
+
+
+def _last_logits_only(model) -> dict:
+    """The forward argument that computes the output head on the last position only (the prefill's other
+    positions predict nothing the decoder uses: a prompt of P tokens saves P - 1 head matmuls of V x H)."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in _forward_parameters(model) else {}
 
 
 NextToken = Callable[[int, torch.Tensor], "int | None"]
 
 
 @torch.inference_mode()
-def decode(model, prompts: list[list[int]], next_token: NextToken, *, pad_token_id: int) -> None:
+def decode(model, prompts: list[list[int]], next_token: NextToken, *, pad_token_id: int, copies: int = 1) -> None:
     """Decodes rows together token by token with one KV cache, until every row is finished.
 
-    `next_token(row, logits)` gets a row's index in `prompts` and its last logits, and returns the token to
-    feed next, or None when that row is finished. Rows are left-padded: the attention mask hides the padding
-    and the position ids count only real tokens, so a batched row computes what it would alone. Finished rows
-    leave the batch (and the cache) at once.
+    `next_token(row, logits)` gets a row's index and its last logits, and returns the token to feed next, or
+    None when that row is finished. Rows are left-padded: the attention mask hides the padding and the position
+    ids count only real tokens, so a batched row computes what it would alone. Finished rows leave the batch (and
+    the cache) at once. `copies`: each prompt is decoded that many times, as rows ``i * copies .. i * copies +
+    copies - 1``; its prompt runs through the model once and the KV cache is repeated (samples of one prompt
+    share its prefill).
     """
     from transformers import DynamicCache
 
@@ -99,11 +111,19 @@ def decode(model, prompts: list[list[int]], next_token: NextToken, *, pad_token_
     device = model.device
     inputs, mask, positions = inputs.to(device), mask.to(device), positions.to(device)
     cache = DynamicCache(config=model.config)
-    cache_kwarg = _cache_argument(model)
-    active = list(range(len(prompts)))
-    while active:
-        step = {"input_ids": inputs, "attention_mask": mask, "position_ids": positions, cache_kwarg: cache}
-        logits = model(**step, use_cache=True).logits[:, -1, :]
+    extra = {_cache_argument(model): cache, **_last_logits_only(model)}
+
+    def last_logits() -> torch.Tensor:
+        step = {"input_ids": inputs, "attention_mask": mask, "position_ids": positions, **extra}
+        return model(**step, use_cache=True).logits[:, -1, :]
+
+    logits = last_logits()  # the prefill
+    if copies > 1:
+        logits = logits.repeat_interleave(copies, dim=0)
+        cache.batch_repeat_interleave(copies)
+        mask, positions = mask.repeat_interleave(copies, dim=0), positions.repeat_interleave(copies, dim=0)
+    active = list(range(len(prompts) * copies))
+    while True:
         picked = [(row, next_token(index, logits[row])) for row, index in enumerate(active)]
         keep = [row for row, token in picked if token is not None]
         if not keep:
@@ -116,6 +136,7 @@ def decode(model, prompts: list[list[int]], next_token: NextToken, *, pad_token_
         inputs = torch.tensor([token for _, token in picked if token is not None], device=device).unsqueeze(1)
         mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
         positions = positions[:, -1:] + 1
+        logits = last_logits()
 
 
 def generate_batch(
@@ -148,8 +169,7 @@ def generate_batch(
         raise AiftError(f"num_return_sequences must be at least 1, got {num_return_sequences}")
     if generator is None and params.seed is not None:
         generator = torch.Generator().manual_seed(params.seed)
-    rows = [list(p) for p in prompts for _ in range(num_return_sequences)]
-    completions: list[list[int]] = [[] for _ in rows]
+    completions: list[list[int]] = [[] for _ in range(len(prompts) * num_return_sequences)]
     stops = set(params.stop_token_ids)
 
     def next_token(index: int, logits: torch.Tensor) -> int | None:
@@ -159,6 +179,6 @@ def generate_batch(
         done = stopped or token in stops or len(completions[index]) >= params.max_new_tokens
         return None if done else token
 
-    if rows:
-        decode(model, rows, next_token, pad_token_id=pad_token_id)
+    if prompts:
+        decode(model, [list(p) for p in prompts], next_token, pad_token_id=pad_token_id, copies=num_return_sequences)
     return completions
