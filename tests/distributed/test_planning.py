@@ -44,10 +44,11 @@ def test_parameter_count_matches_a_real_model(embedded_model, embedded_dir):
 def test_bytes_per_parameter_by_method(llama8b):
     model = empty_model(llama8b)
     n = sum(p.numel() for p in model.parameters())
+    steps = 4 * len(list(model.parameters()))  # AdamW's step count: an fp32 scalar tensor per parameter tensor
     full = sum(e.total for e in parameter_bytes(model, "full", dtype="fp32").values())
-    assert full == 16 * n  # fp32 weights + grads + two AdamW moments
+    assert full == 16 * n + steps  # fp32 weights + grads + two AdamW moments
     full_bf16 = sum(e.total for e in parameter_bytes(model, "full", dtype="bf16").values())
-    assert full_bf16 == 8 * n  # aift on a GPU: the model loaded in bf16, its grads and AdamW moments too
+    assert full_bf16 == 8 * n + steps  # aift on a GPU: the model loaded in bf16, its grads and AdamW moments too
     lora = parameter_bytes(model, "lora", lora_r=16)
     adapters = 16 * 32 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 2 * (4096 + 14336) + (14336 + 4096))
     assert sum(e.gradients for e in lora.values()) == 4 * adapters

@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
+# No torch at module level: the CLI imports this module to build the parser, before it re-executes itself on
+# tcmalloc (aift.utils.allocator), and torch imported then would be imported twice (seconds, on a fresh venv
+# without bytecode).
 from aift.cli.flags import add_field_flag
 from aift.config import TrainingConfig
 from aift.errors import NotAvailableError
@@ -113,19 +114,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-@torch.no_grad()
 def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
     """The greedy continuation of a rendered prompt, in the precision the adapter was trained in.
 
     bf16 autocast only where the device computes bf16 in hardware (supports_bf16, the rule training follows):
     on a CPU without it (AVX2) bf16 is emulated, and the demo's two answers took 7x longer than in fp32.
     """
+    import torch
+
     from aift.inference.generation import SamplingParams, eos_token_ids, generate_batch
     from aift.utils.gpu import supports_bf16
 
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     params = SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=eos_token_ids(model, tokenizer))
     device = next(model.parameters()).device.type
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=supports_bf16(device)):
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=supports_bf16(device)):
         (completion,) = generate_batch(model, [ids], params, pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(completion, skip_special_tokens=True).strip()

@@ -15,7 +15,7 @@ import json
 import yaml
 
 from aift.cli.flags import add_field_flag
-from aift.config import LoRAConfig, TrainingConfig
+from aift.config import OPTIMIZERS, LoRAConfig, TrainingConfig
 from aift.distributed.planning import PlanningError, plan_training
 from aift.training.memory import DTYPE_BYTES, METHODS
 
@@ -54,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_field_flag(parser, LoRAConfig, "r", flag="--lora-r")
     add_field_flag(parser, LoRAConfig, "lora_dropout", flag="--lora-dropout")
     add_field_flag(parser, LoRAConfig, "target_modules", flag="--lora-target-modules", metavar="V")
+    add_field_flag(parser, LoRAConfig, "modules_to_save", flag="--lora-modules-to-save", metavar="V")
+    add_field_flag(parser, TrainingConfig, "optimizer", choices=OPTIMIZERS)
     parser.add_argument(
         "--dtype",
         choices=tuple(DTYPE_BYTES),
@@ -80,6 +82,8 @@ def _max_memory(text: str | None):
 
 
 def run(args: argparse.Namespace) -> int:
+    # Checked and split into names as training does.
+    lora = LoRAConfig(target_modules=args.lora_target_modules, modules_to_save=args.lora_modules_to_save)
     plan = plan_training(
         args.model,
         gpus=args.gpus,
@@ -90,7 +94,9 @@ def run(args: argparse.Namespace) -> int:
         gradient_checkpointing=args.gradient_checkpointing,
         lora_r=args.lora_r,
         lora_dropout=args.lora_dropout,
-        lora_targets=LoRAConfig(target_modules=args.lora_target_modules).target_modules,  # checked as training does
+        lora_targets=lora.target_modules,
+        modules_to_save=lora.modules_to_save,
+        optimizer=args.optimizer,
         dtype=args.dtype,
         max_memory=_max_memory(args.max_memory),
         cpu_memory_gb=args.cpu_memory,

@@ -66,6 +66,7 @@ class TrainingPlan:
 
     model: str
     method: str
+    optimizer: str
     gpus: int
     gpu_memory_gb: float
     batch_size: int
@@ -92,6 +93,7 @@ class TrainingPlan:
         return {
             "model": self.model,
             "method": self.method,
+            "optimizer": self.optimizer,
             "gpus": self.gpus,
             "gpu_memory_gb": self.gpu_memory_gb,
             "batch_size": self.batch_size,
@@ -123,7 +125,7 @@ class TrainingPlan:
 
     def render(self) -> str:
         head = (
-            f"{self.model}: {self.method}, {self.params / 1e9:.2f}B parameters "
+            f"{self.model}: {self.method}, {self.optimizer}, {self.params / 1e9:.2f}B parameters "
             f"({self.trainable_params / 1e6:.1f}M trained), batch {self.batch_size} x {self.max_length} tokens, "
             f"gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}, {self.dtype}"
         )
@@ -316,6 +318,8 @@ def plan_training(
     lora_dropout: float = LoRAConfig.lora_dropout,
     lora_targets: str | list[str] | None = None,
     dtype: str = "bf16",
+    optimizer: str = "adamw",
+    modules_to_save: list[str] | None = None,
     max_memory: Mapping[Any, Any] | None = None,
     cpu_memory_gb: float = 64,
     trust_remote_code: bool = False,
@@ -336,6 +340,9 @@ def plan_training(
         lora_targets: The adapted modules, as LoRAConfig's ``target_modules`` (names, or all-linear / None).
         dtype: What aift holds the weights and computes in: bf16 on CUDA GPUs (the default), fp32 on a CPU
             with mixed precision off.
+        optimizer: TrainingConfig's optimizer, whose state is counted as it keeps it (aift.training.memory).
+        modules_to_save: LoRAConfig's modules trained in full beside the adapters (lora, qlora), e.g.
+            ``["embed_tokens", "lm_head"]``: each a trainable copy with its gradient and optimizer state.
         max_memory: Per-device budgets as accelerate takes them, e.g. ``{0: "22GB", 1: "22GB", "cpu": "64GB"}``.
         cpu_memory_gb: CPU RAM for offload when ``max_memory`` has no "cpu" entry.
         trust_remote_code: Allow configs whose model code lives on the hub.
@@ -350,7 +357,7 @@ def plan_training(
     config = load_model_config(model, trust_remote_code)
     budgets = _budgets(max_memory, gpus, gpu_memory_gb, cpu_memory_gb)
     meta = empty_model(config)
-    per_param = parameter_bytes(meta, method, lora_r, lora_targets, dtype=dtype)
+    per_param = parameter_bytes(meta, method, lora_r, lora_targets, dtype, optimizer, modules_to_save)
     width = dropout_width(meta, method, lora_dropout, lora_targets)
     acts = activation_model(config, batch_size, max_length, gradient_checkpointing, dtype, width)
     device_map = infer_device_map(meta, budgets, per_param, acts)
@@ -369,6 +376,7 @@ def plan_training(
     plan = TrainingPlan(
         model=str(model) if not hasattr(model, "to_dict") else (config.name_or_path or config.model_type),
         method=method,
+        optimizer=optimizer,
         gpus=n_gpus,
         gpu_memory_gb=min(v for k, v in budgets.items() if isinstance(k, int)) / GB,
         batch_size=batch_size,
@@ -376,7 +384,7 @@ def plan_training(
         gradient_checkpointing=gradient_checkpointing,
         dtype=dtype,
         params=sum(p.numel() for p in unique_parameters(meta).values()),
-        trainable_params=trainable_count(meta, method, lora_r, lora_targets),
+        trainable_params=trainable_count(meta, method, lora_r, lora_targets, modules_to_save),
         device_map=device_map,
         devices=devices,
         per_gpu_by_strategy=(

@@ -167,6 +167,8 @@ class AdvancedMultiGPUTrainer:
             lora_r=lc.r if lc else LoRAConfig.r,
             lora_dropout=lc.lora_dropout if lc else 0.0,
             lora_targets=lc.target_modules if lc else None,
+            optimizer=self.config.optimizer,
+            modules_to_save=lc.modules_to_save if lc else None,
             max_memory=budgets,
             trust_remote_code=self.model.trust_remote_code,
         )

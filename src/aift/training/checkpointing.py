@@ -57,6 +57,7 @@ def resolve_gradient_checkpointing(
     lora_targets: str | list[str] | None = None,
     rows_per_example: int = 1,
     trust_remote_code: bool = False,
+    modules_to_save: list[str] | None = None,
 ) -> bool | str:
     """``config.gradient_checkpointing`` as run: a bool or ``"selective"`` as given; for ``"auto"``, the plan's verdict.
 
@@ -73,6 +74,7 @@ def resolve_gradient_checkpointing(
         lora_targets: The adapted modules, as LoRAConfig's ``target_modules`` (None: all-linear).
         rows_per_example: Rows one example puts through the model (2 for a preference pair: chosen and rejected).
         trust_remote_code: As for loading the model's config.
+        modules_to_save: LoRAConfig's modules trained in full beside the adapters (their copies count).
     """
     value = config.gradient_checkpointing
     if value != "auto":
@@ -86,7 +88,8 @@ def resolve_gradient_checkpointing(
         log.info("gradient checkpointing: auto -> on (%s memory is unknown here)", device_type)
         return True
     plan = _Plan(config, model, method=method, device_type=device_type, lora_r=lora_r, lora_dropout=lora_dropout,
-                 lora_targets=lora_targets, rows_per_example=rows_per_example, trust_remote_code=trust_remote_code)  # fmt: skip
+                 lora_targets=lora_targets, rows_per_example=rows_per_example, trust_remote_code=trust_remote_code,
+                 modules_to_save=modules_to_save)  # fmt: skip
     needed, usable = plan.bytes(checkpointing=False), HEADROOM * budget
     selective = plan.layers_that_fit(usable) if needed > usable else 0
     decision = "off" if needed <= usable else "selective" if selective else "on"
@@ -119,7 +122,7 @@ class _Plan:
 
     def __init__(self, config: TrainingConfig, model: Any, *, method: str, device_type: str, lora_r: int = LORA_R,
                  lora_dropout: float = 0.0, lora_targets: str | list[str] | None = None, rows_per_example: int = 1,
-                 trust_remote_code: bool = False) -> None:  # fmt: skip
+                 trust_remote_code: bool = False, modules_to_save: list[str] | None = None) -> None:  # fmt: skip
         import torch
 
         from aift.models.loading import default_dtype
@@ -127,7 +130,8 @@ class _Plan:
         self.dtype = "fp32" if default_dtype(device_type) == torch.float32 else "bf16"
         self.model_config = load_model_config(model, trust_remote_code)
         self.meta = empty_model(self.model_config)
-        self.per_param = parameter_bytes(self.meta, method, lora_r, lora_targets, dtype=self.dtype)
+        self.per_param = parameter_bytes(self.meta, method, lora_r, lora_targets, self.dtype, config.optimizer,
+                                        modules_to_save)  # fmt: skip
         self.width = dropout_width(self.meta, method, lora_dropout, lora_targets)
         self.rows, self.length = config.batch_size * rows_per_example, config.max_length
         self.context = CUDA_CONTEXT_BYTES if device_type == "cuda" else 0.0
@@ -156,10 +160,12 @@ def planned_bytes_without_checkpointing(
     rows_per_example: int,
     trust_remote_code: bool,
     lora_targets: str | list[str] | None = None,
+    modules_to_save: list[str] | None = None,
 ) -> float:
     """What `aift plan` says one process of this run holds at its peak with checkpointing off, in bytes."""
     plan = _Plan(config, model, method=method, device_type=device_type, lora_r=lora_r, lora_dropout=lora_dropout,
-                 lora_targets=lora_targets, rows_per_example=rows_per_example, trust_remote_code=trust_remote_code)  # fmt: skip
+                 lora_targets=lora_targets, rows_per_example=rows_per_example, trust_remote_code=trust_remote_code,
+                 modules_to_save=modules_to_save)  # fmt: skip
     return plan.bytes(checkpointing=False)
 
 

@@ -2,12 +2,19 @@
 
 Bytes per parameter, as aift trains, with ``d`` the bytes of ``dtype``: the dtype aift loads the weights in
 and computes in (bf16, d = 2, on CUDA GPUs: ``default_dtype``; fp32, d = 4, on a CPU without autocast):
-- full: weights, gradients and AdamW's two moments all in that dtype (4d: 8 in bf16, 16 in fp32); aift
-  does not keep fp32 master weights beside bf16 ones.
-- lora: the frozen base (d); adapters r * (in + out) per adapted linear layer, in fp32 with gradients and
-  AdamW moments (16: peft keeps adapters in fp32 under a bf16 base).
+- full: weights and gradients in that dtype (2d); aift does not keep fp32 master weights beside bf16 ones.
+- lora: the frozen base (d); adapters r * (in + out) per adapted linear layer, in fp32 with their gradients
+  (8: peft keeps adapters in fp32 under a bf16 base). ``modules_to_save`` (embed_tokens, lm_head) adds a
+  trainable copy of each such module in the dtype, with its gradient and optimizer state, beside the frozen
+  original (peft's ModulesToSaveWrapper; a tied embedding and head share one copy).
 - qlora: linear layers of the decoder blocks in 4-bit NF4 with double quantization (about 0.52),
   embeddings, norms and the output head in the dtype (d); adapters as for lora.
+The optimizer state of each trained tensor of n elements in its dtype (e bytes), as the optimizers of
+:mod:`aift.training.optimizers` keep it (:func:`state_bytes`): adamw two moments (2en) and its step count (an
+fp32 scalar tensor); sgd its momentum (en); schedule_free_adamw z and the second moment (2en); muon a momentum
+(en) for the hidden matrices and AdamW's state for embeddings, head and 1-D tensors; adamw_8bit and
+paged_adamw_8bit (bitsandbytes) one byte per moment (2n) plus an fp32 absmax per block of 256 for each,
+fp32 moments (8n) for tensors under 4096 elements, and two 256-entry quantization maps in all.
 Activations, in the dtype, per token and decoder layer (Korthikanti et al. 2022, adapted to SwiGLU and
 SDPA/flash attention, which keep no seq x seq scores): 6h + 2kv + 4i elements (h hidden, kv the key/value
 width, i the MLP width). LoRA dropout (peft's path) adds, per input feature of each adapted layer, the
@@ -25,11 +32,12 @@ The adapted layers are the run's ``target_modules`` (LoRAConfig's): module names
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from aift.config import ALL_LINEAR, LoRAConfig
+from aift.config import ALL_LINEAR, OPTIMIZERS, LoRAConfig
 from aift.errors import AiftError
 
 METHODS = ("full", "lora", "qlora")
@@ -41,6 +49,10 @@ DTYPE_BYTES = {"bf16": 2, "fp32": 4}  # bf16: aift's dtype on CUDA GPUs; fp32: o
 DROPOUT_MASK_BYTES = {"bf16": 1, "fp32": 4}
 CUDA_CONTEXT_BYTES = 0.5 * 1024**3  # CUDA context, cuBLAS workspace and allocator slack on every GPU
 LORA_R = LoRAConfig.r  # what a LoRA run adapts with unless told otherwise
+STEP_BYTES = 4  # torch's AdamW keeps each tensor's step count as an fp32 scalar tensor
+BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps fp32 moments for smaller tensors
+BNB_BLOCK = 256  # elements per fp32 absmax of its 8-bit moments
+BNB_QMAPS_BYTES = 2 * 256 * 4  # its two quantization maps (256 fp32 values each), shared by every tensor
 
 
 class PlanningError(AiftError, ValueError):
@@ -123,36 +135,100 @@ def dtype_bytes(dtype: str) -> int:
     return DTYPE_BYTES[dtype]
 
 
+def state_bytes(optimizer: str, numel: int, element_bytes: int, momentum_only: bool = False) -> float:
+    """Optimizer state of one trained tensor of ``numel`` elements of ``element_bytes`` each (see the module).
+
+    ``momentum_only``: the tensor is one of muon's hidden matrices (Muon keeps only a momentum for it).
+    """
+    if optimizer not in OPTIMIZERS:
+        raise PlanningError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}")
+    if optimizer in ("adamw_8bit", "paged_adamw_8bit"):
+        if numel < BNB_MIN_8BIT_SIZE:
+            return 2 * 4 * numel
+        return 2 * numel + 2 * 4 * math.ceil(numel / BNB_BLOCK)
+    if optimizer == "sgd" or (optimizer == "muon" and momentum_only):
+        return element_bytes * numel  # the momentum buffer
+    if optimizer == "schedule_free_adamw":
+        return 2 * element_bytes * numel  # z and the second moment
+    return 2 * element_bytes * numel + STEP_BYTES  # adamw, and muon's AdamW part
+
+
 def parameter_bytes(
-    model, method: str, lora_r: int = LORA_R, lora_targets=None, dtype: str = "bf16"
+    model,
+    method: str,
+    lora_r: int = LORA_R,
+    lora_targets=None,
+    dtype: str = "bf16",
+    optimizer: str = "adamw",
+    modules_to_save: list[str] | None = None,
 ) -> dict[str, MemoryEstimate]:
-    """Parameter name -> memory of that parameter (with its adapter, if any) during training."""
+    """Parameter name -> memory of that parameter (with its adapter or trainable copy, if any) during training.
+
+    ``optimizer``: TrainingConfig's; ``modules_to_save``: LoRAConfig's (lora and qlora only).
+    """
     if method not in METHODS:
         raise PlanningError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     d = dtype_bytes(dtype)
     linears, prefix = _linear_shapes(model), layer_prefix_of(model)
-    out = {}
+    saved = set() if method == "full" else saved_parameters(model, modules_to_save)
+    matrices = muon_matrices(model)
+
+    out, eight_bit = {}, None
     for name, param in unique_parameters(model).items():
         n = param.numel()
+        # The frozen weight (none in full fine-tuning), then each trained tensor: (elements, bytes each, Muon's).
         if method == "full":
-            out[name] = MemoryEstimate(weights=d * n, gradients=d * n, optimizer=2 * d * n)
-            continue
-        adapted = _adapted(name, linears, prefix, lora_targets)
-        quantized = method == "qlora" and name in linears and _in_decoder_layers(name, prefix)
-        base = MemoryEstimate(weights=(NF4_BYTES if quantized else d) * n)
-        if adapted:
-            a = lora_r * sum(linears[name])
-            base = base + MemoryEstimate(weights=4 * a, gradients=4 * a, optimizer=8 * a)
-        out[name] = base
+            out[name], trained = MemoryEstimate(), [(n, d, name in matrices)]
+        else:
+            quantized = method == "qlora" and name in linears and _in_decoder_layers(name, prefix)
+            out[name], trained = MemoryEstimate(weights=(NF4_BYTES if quantized else d) * n), []
+            if _adapted(name, linears, prefix, lora_targets):  # lora_A (r x in) and lora_B (out x r), fp32
+                n_in, n_out = linears[name]
+                trained += [(lora_r * n_in, 4, True), (n_out * lora_r, 4, True)]
+            if name in saved:  # peft's trainable copy beside the frozen module
+                trained.append((n, d, name in matrices))
+        for numel, element_bytes, matrix in trained:
+            size = element_bytes * numel
+            state = state_bytes(optimizer, numel, element_bytes, matrix)
+            out[name] = out[name] + MemoryEstimate(weights=size, gradients=size, optimizer=state)
+            if numel >= BNB_MIN_8BIT_SIZE and eight_bit is None:
+                eight_bit = name
+    if optimizer in ("adamw_8bit", "paged_adamw_8bit") and eight_bit is not None:
+        # bitsandbytes' two quantization maps, shared: counted with the first tensor that has 8-bit moments.
+        out[eight_bit] = out[eight_bit] + MemoryEstimate(optimizer=BNB_QMAPS_BYTES)
     return out
 
 
-def trainable_count(model, method: str, lora_r: int = LORA_R, lora_targets=None) -> int:
+def saved_parameters(model, modules_to_save: list[str] | None) -> set[str]:
+    """Names (as :func:`unique_parameters` gives them) of the parameters of the modules peft trains in full:
+    those whose module name or its last part is in ``modules_to_save``. A tied head is the embedding's name."""
+    if not modules_to_save:
+        return set()
+    wanted = set(modules_to_save)
+    ids = {
+        id(p)
+        for module_name, module in model.named_modules()
+        if module_name and (module_name in wanted or module_name.split(".")[-1] in wanted)
+        for p in module.parameters()
+    }
+    return {name for name, p in unique_parameters(model).items() if id(p) in ids}
+
+
+def muon_matrices(model) -> set[str]:
+    """Names of the 2-D parameters that muon steps with Muon: all but the embeddings and the output head."""
+    from aift.training.optimizers import embedding_and_head_params
+
+    outside = embedding_and_head_params(model)
+    return {name for name, p in unique_parameters(model).items() if p.ndim == 2 and id(p) not in outside}
+
+
+def trainable_count(model, method: str, lora_r: int = LORA_R, lora_targets=None, modules_to_save=None) -> int:
     params = unique_parameters(model)
     if method == "full":
         return sum(p.numel() for p in params.values())
     linears, prefix = _linear_shapes(model), layer_prefix_of(model)
-    return sum(lora_r * sum(linears[n]) for n in params if _adapted(n, linears, prefix, lora_targets))
+    copies = sum(params[n].numel() for n in saved_parameters(model, modules_to_save))
+    return copies + sum(lora_r * sum(linears[n]) for n in params if _adapted(n, linears, prefix, lora_targets))
 
 
 @dataclass(frozen=True)

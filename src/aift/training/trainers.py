@@ -129,6 +129,7 @@ class _Trainer:
             "lora_r": lora.r if lora else LoRAConfig.r,
             "lora_dropout": lora.lora_dropout if lora else 0.0,
             "lora_targets": lora.target_modules if lora else None,
+            "modules_to_save": lora.modules_to_save if lora else None,
             "rows_per_example": self.rows_per_example,
             "trust_remote_code": self.model.trust_remote_code,
         }
