@@ -1,4 +1,4 @@
-"""Data view: the datasets below the data roots, their preview, and `aift prepare` on a raw file."""
+"""Data view: the datasets below the data roots, their preview, and `aift prepare` (aift.webui.prepare)."""
 
 from __future__ import annotations
 
