@@ -11,9 +11,10 @@ from typing import Any
 
 from aift.data.prepared import PREPARE_JSON  # torch-free, so the UI still starts without importing torch
 from aift.utils.files import FileFormatError, read_json_object
-from aift.webui.runs import DATASETS_DIR, WebUIError, check_name, data_task, prepare_tasks
+from aift.webui.runs import DATASETS_DIR, WebUIError, check_name, data_task
 
 RAW_SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".parquet")  # the file sources of aift prepare
+TEXT_SUFFIXES = (".txt", ".md")  # documents of raw text (--task pretrain), listed beside the data files
 _SEARCH_DEPTH = 3  # data/<group>/<dataset>/
 
 
@@ -36,6 +37,25 @@ class DataRoots:
         roots = ", ".join(str(r) for r in self.roots)
         raise WebUIError(f"{path} is not a file or folder below the data folders ({roots}); start with --data-dir")
 
+    def resolve_corpus(self, path: str) -> str:
+        """Raw text's source below a root: a file, a folder, or a glob whose folder (the part before the first
+        wildcard) is below a root, as is every file it matches (no link out). The absolute path or pattern."""
+        import glob
+
+        from aift.data.text_sources import corpus_files
+
+        if not isinstance(path, str) or not glob.has_magic(path):
+            pattern = str(self.resolve(path))
+        else:
+            parts = Path(path).parts
+            first_wild = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+            if first_wild == 0:
+                raise WebUIError(f"{path}: name the folder the pattern looks in, e.g. corpus/*.md")
+            pattern = str(self.resolve(str(Path(*parts[:first_wild]))).joinpath(*parts[first_wild:]))
+        for file in corpus_files(pattern):
+            self.resolve(str(file.resolve()))
+        return pattern
+
     def listing(self) -> dict[str, list[dict[str, Any]]]:
         """Prepared dataset folders and raw data files below the roots."""
         prepared, raw = [], []
@@ -45,7 +65,7 @@ class DataRoots:
             for path in _walk(root, _SEARCH_DEPTH):
                 if path.is_dir() and (path / PREPARE_JSON).is_file():
                     prepared.append(_prepared_row(path))
-                elif path.is_file() and path.suffix.lower() in RAW_SUFFIXES:
+                elif path.is_file() and path.suffix.lower() in RAW_SUFFIXES + TEXT_SUFFIXES:
                     raw.append({"path": str(path), "name": path.name, "size": path.stat().st_size})
         return {"prepared": prepared, "raw": raw, "roots": [str(r) for r in self.roots]}
 
@@ -152,54 +172,3 @@ def _info(path: Path) -> dict[str, Any]:
         return read_json_object(path / PREPARE_JSON)
     except (OSError, FileFormatError):  # a listing shows the folder with what it has
         return {}
-
-
-def prepare(roots: DataRoots, source_path: str, name: str, options: dict[str, Any]) -> Path:
-    """`aift prepare` (``task``: sft or preference) on a raw file below the roots, into RUNS/datasets/NAME."""
-    source = roots.resolve(source_path)
-    if not source.is_file() or source.suffix.lower() not in RAW_SUFFIXES:
-        raise WebUIError(f"{source_path} is not a data file ({', '.join(RAW_SUFFIXES)})")
-    output = roots.prepared_path(name)
-    if output.exists():
-        raise WebUIError(f"a dataset named {name!r} exists already in {roots.prepared_dir}; choose another name")
-    allowed = {"task", "model", "format", "max_length", "val_ratio", "num_samples", "train_on_prompt", "system", "seed"}
-    unknown = set(options) - allowed
-    if unknown:
-        raise WebUIError(f"unknown prepare option(s) {sorted(unknown)}; known: {', '.join(sorted(allowed))}")
-    kwargs = {k: v for k, v in options.items() if v not in ("", None)}
-    for key, kind in (("max_length", int), ("num_samples", int), ("seed", int), ("val_ratio", float)):
-        if key in kwargs:
-            try:
-                kwargs[key] = kind(kwargs[key])
-            except (TypeError, ValueError) as e:
-                raise WebUIError(f"{key}: expected a number, got {kwargs[key]!r}") from e
-    task = kwargs.pop("task", "sft")
-    if task not in prepare_tasks():
-        raise WebUIError(f"task must be one of {', '.join(prepare_tasks())}; got {task!r}")
-    roots.prepared_dir.mkdir(parents=True, exist_ok=True)
-    if task == "preference":
-        return _prepare_preference(source, output, kwargs)
-    if task == "pretrain":
-        return _prepare_text(source, output, kwargs)
-    from aift.data.prepare import prepare_dataset
-
-    return prepare_dataset(source=None, source_path=source, output_dir=output, **kwargs)
-
-
-def _prepare_text(source: Path, output: Path, kwargs: dict[str, Any]) -> Path:
-    """`aift prepare --task pretrain`: a file with a ``text`` column, packed into blocks, every token trained."""
-    from aift.data.prepare import prepare
-
-    for key in ("train_on_prompt", "system", "format"):
-        if kwargs.pop(key, None) not in (None, False, "auto"):
-            raise WebUIError(f"raw text trains on every token, with no prompt format: {key} does not apply")
-    return prepare("pretrain", source_path=source, output_dir=output, **kwargs)
-
-
-def _prepare_preference(source: Path, output: Path, kwargs: dict[str, Any]) -> Path:
-    """`aift prepare --task preference`: pairs (or KTO's labelled rows), trained on the answers only."""
-    from aift.data.prepare import prepare_preference
-
-    if kwargs.pop("train_on_prompt", False):
-        raise WebUIError("preference data trains on the answers only: train_on_prompt does not apply")
-    return prepare_preference(source_path=source, output_dir=output, **kwargs)

@@ -21,7 +21,7 @@ from typing import Any
 import psutil
 import yaml
 
-from aift.config import FRONT_DOOR_DEFAULTS, LoRAConfig, TrainingConfig
+from aift.config import FRONT_DOOR_DEFAULTS, LR_SCHEDULERS, OPTIMIZERS, LoRAConfig, TrainingConfig
 from aift.data.prepared import PREPARE_JSON
 from aift.errors import AiftError
 from aift.models.run_folder import CONFIG_FILE, FINAL_DIR, MERGED_DIR, METRICS_FILE, SUMMARY_FILE
@@ -47,6 +47,8 @@ HIDDEN_FIELDS = {
     "pipeline_parallel_size",
     "pipeline_schedule",
 }
+# Fields offered as a select of their names (the form's text box takes anything, the config checks it).
+FIELD_CHOICES = {"optimizer": OPTIMIZERS, "lr_scheduler": LR_SCHEDULERS}
 # How a run trains, crossed with the registered method (aift.training.methods.METHODS) it trains with.
 ADAPTERS = {
     "lora": "LoRA: small adapters on a frozen base",
@@ -303,7 +305,10 @@ def _describe(cls: type, hidden: set[str]) -> list[dict[str, Any]]:
         if f.name in hidden:
             continue
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        rows.append({"name": f.name, "type": str(f.type), "default": default, "help": f.metadata.get("help", "")})
+        row = {"name": f.name, "type": str(f.type), "default": default, "help": f.metadata.get("help", "")}
+        if f.name in FIELD_CHOICES:
+            row["choices"] = list(FIELD_CHOICES[f.name])
+        rows.append(row)
     return rows
 
 
@@ -386,6 +391,7 @@ def build_request(
         lora_values = {**_given(lora), **({"use_qlora": True} if adapter == "qlora" else {})}
     sections = {spec.section: options} if spec.section else {}  # preference=... for DPO & co
     checked = resolve_train_configs(training=training, lora=lora_values, method=method, **sections)  # ConfigError
+    check_streamed(Path(training["dataset_path"]), checked.training.max_steps)
     request: dict[str, Any] = {k: getattr(checked.training, k) for k in training}
     if checked.lora is not None:
         request["lora"] = {k: getattr(checked.lora, k) for k in lora_values}
@@ -424,6 +430,16 @@ def check_data_task(method: str, task: str, dataset: Path) -> None:
         raise WebUIError(
             f"method {method} trains on {task} data (aift prepare --task {task}); {dataset.name} holds {found} data"
         )
+
+
+def check_streamed(dataset: Path, max_steps: int) -> None:
+    """A corpus prepared for streaming has no length: the run needs max_steps (as `aift train` says too)."""
+    try:
+        streamed = "streaming" in read_json_object(dataset / PREPARE_JSON)
+    except (OSError, FileFormatError):
+        return
+    if streamed and max_steps <= 0:
+        raise WebUIError(f"{dataset.name} is a streamed corpus, with no known length: set max_steps")
 
 
 def start_run(runs_dir: Path, name: str, request: dict[str, Any]) -> subprocess.Popen:

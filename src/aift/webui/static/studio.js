@@ -6,9 +6,11 @@ const state = { options: null, selectedRun: null, runs: [], chat: [], timer: nul
 const METHOD_LABELS = { sft: "SFT", dpo: "DPO", orpo: "ORPO", simpo: "SimPO", kto: "KTO", grpo: "GRPO" };
 const methodLabel = (name) => METHOD_LABELS[name] || name.toUpperCase();
 const TASK_HELP = { sft: "conversations or instruction/answer rows (SFT)",
-  preference: "chosen/rejected pairs (DPO, ORPO, SimPO), or answers with a true/false label (KTO)" };
-const COMMON_TRAINING = ["learning_rate", "num_epochs", "max_steps", "batch_size", "gradient_accumulation_steps",
-  "max_length", "warmup_steps", "eval_steps", "logging_steps", "save_steps"];
+  preference: "chosen/rejected pairs (DPO, ORPO, SimPO), or answers with a true/false label (KTO)",
+  pretrain: "raw text for continued pretraining, packed into blocks, every token trained (by SFT)" };
+const SOURCE_HELP = { pretrain: "a .txt/.md file, a folder or a glob (corpus/*.md) below the data folders, or JSONL/CSV/Parquet with a text column" };
+const COMMON_TRAINING = ["learning_rate", "optimizer", "lr_scheduler", "num_epochs", "max_steps", "batch_size",
+  "gradient_accumulation_steps", "max_length", "warmup_ratio", "warmup_steps", "eval_steps", "logging_steps", "save_steps"];
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -93,21 +95,58 @@ function pairPreview(p) {
   return [head, ...pairs];
 }
 
-function showTaskFields() {  // preference data trains on the answers only
-  const task = $("#prep-task").value;
+function showTaskFields() {  // what applies to the task: preference data trains on the answers only, raw text every token
+  const task = $("#prep-task").value, streaming = task === "pretrain" && $("#prep-streaming").checked;
   $("#prep-task-help").textContent = TASK_HELP[task] || "";
+  $("#prep-source-help").textContent = SOURCE_HELP[task] || "JSON, JSONL, CSV or parquet below the data folders";
   $("#prep-train-on-prompt-label").style.display = task === "sft" ? "" : "none";
+  $("#prep-drop-thinking-label").style.display = task === "sft" ? "" : "none";
+  $("#prep-format-label").style.display = task === "pretrain" ? "none" : "";
+  $("#prep-pretrain-fields").style.display = task === "pretrain" ? "" : "none";
+  $("#prep-eval-documents-label").style.display = streaming ? "" : "none";
+  $("#prep-val-ratio").closest("label").style.display = streaming ? "none" : "";
 }
 $("#prep-task").addEventListener("change", showTaskFields);
+$("#prep-streaming").addEventListener("change", showTaskFields);
+
+// The mixture's sources, one row each: the YAML datasets: list {path, task, weight | samples, split}.
+function addMixRow() {
+  const options = (values) => values.map((v) => el("option", { value: v, text: v }));
+  const row = el("tr", { class: "mix-row" },
+    el("td", {}, el("input", { type: "text", class: "mix-path", list: "raw-files", placeholder: "data/ja_qa.jsonl" })),
+    el("td", {}, el("select", { class: "mix-task" }, ...options(state.options.tasks))),
+    el("td", {}, el("input", { type: "number", step: "0.01", class: "mix-weight", placeholder: "-" })),
+    el("td", {}, el("input", { type: "number", class: "mix-samples", placeholder: "-" })),
+    el("td", {}, el("select", { class: "mix-split" }, ...options(["auto", "train", "test"]))));
+  row.append(el("td", {}, el("button", { class: "secondary", text: "remove", onclick: () => row.remove() })));
+  $("#mix-table tbody").append(row);
+}
+$("#mix-add").addEventListener("click", addMixRow);
+
+function mixSources() {
+  return [...document.querySelectorAll(".mix-row")].map((r) => ({ path: r.querySelector(".mix-path").value.trim(),
+    task: r.querySelector(".mix-task").value, weight: r.querySelector(".mix-weight").value, samples: r.querySelector(".mix-samples").value,
+    split: r.querySelector(".mix-split").value })).filter((s) => s.path);
+}
+
+function prepareOptions() {  // the form as aift prepare's options (aift.webui.prepare)
+  const task = $("#prep-task").value, mix = mixSources();
+  const options = { task, model: $("#prep-model").value, max_length: $("#prep-max-length").value, num_samples: $("#prep-num-samples").value,
+    val_ratio: $("#prep-val-ratio").value };
+  if (task !== "pretrain" || mix.length) options.format = $("#prep-format").value;
+  if (task === "sft") Object.assign(options, { train_on_prompt: $("#prep-train-on-prompt").checked, drop_earlier_thinking: $("#prep-drop-earlier-thinking").checked });
+  if (task === "pretrain") Object.assign(options, { text_column: $("#prep-text-column").value, min_doc_tokens: $("#prep-min-doc-tokens").value });
+  if (task === "pretrain" && $("#prep-streaming").checked) Object.assign(options, { streaming: true, eval_documents: $("#prep-eval-documents").value, val_ratio: "" });
+  if (mix.length) Object.assign(options, { mix, num_samples: "" });
+  return options;
+}
 
 $("#prep-button").addEventListener("click", async () => {
   const status = $("#prep-status"), button = $("#prep-button");
-  const task = $("#prep-task").value;
-  const options = { task, model: $("#prep-model").value, format: $("#prep-format").value, max_length: $("#prep-max-length").value,
-    num_samples: $("#prep-num-samples").value, val_ratio: $("#prep-val-ratio").value, ...(task === "sft" ? { train_on_prompt: $("#prep-train-on-prompt").checked } : {}) };
+  const options = prepareOptions();
   button.disabled = true; show(status, "preparing…", "muted");
   try {
-    const r = await api("/api/prepare", { source_path: $("#prep-source").value, name: $("#prep-name").value, options });
+    const r = await api("/api/prepare", { source_path: options.mix ? "" : $("#prep-source").value, name: $("#prep-name").value, options });
     show(status, "prepared " + r.path);
     await refreshDatasets();
     $("#dataset-path").value = r.path;
@@ -122,7 +161,10 @@ function asText(value) { return value === null || value === undefined ? "" : Arr
 function fieldInput(group, f) {
   const id = `${group}-${f.name}`;
   const isBool = f.type === "bool";
-  const input = isBool ? el("input", { type: "checkbox", id }) : el("input", { type: "text", id, placeholder: asText(f.default) || "none" });
+  const choices = f.choices && [...(f.default === null ? [""] : []), ...f.choices];  // "": unset, the config decides
+  const input = isBool ? el("input", { type: "checkbox", id })
+    : choices ? el("select", { id }, ...choices.map((c) => el("option", { value: c, text: c || "(default)" })))
+    : el("input", { type: "text", id, placeholder: asText(f.default) || "none" });
   if (isBool) input.checked = Boolean(f.default); else input.value = asText(f.default);
   input.dataset.group = group; input.dataset.name = f.name; input.dataset.initial = isBool ? String(Boolean(f.default)) : asText(f.default);
   const label = isBool ? el("label", { class: "field", title: f.type }, input, f.name, el("span", { class: "help", text: f.help }))
@@ -169,7 +211,7 @@ function pickDatasetForMethod() {  // keep the dataset when it suits the method,
 
 function changedValues(group) {
   const out = {};
-  document.querySelectorAll(`input[data-group=${group}]`).forEach((input) => {
+  document.querySelectorAll(`[data-group=${group}]`).forEach((input) => {
     const value = input.type === "checkbox" ? String(input.checked) : input.value.trim();
     if (value !== input.dataset.initial) out[input.dataset.name] = input.type === "checkbox" ? input.checked : value;
   });
