@@ -1,12 +1,18 @@
 """GRPO under the loop's guards, on the tiny model: gradient checkpointing changes nothing but memory, a step
-whose rewards make the gradient non-finite stops the run (or is skipped, counted)."""
+whose rewards make the gradient non-finite stops the run (or is skipped, counted), and SIGTERM saves a
+checkpoint from which the run resumes to the same completions and losses."""
 
 from __future__ import annotations
 
 import json
+import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from subprocess_helpers import child_env, wait_for
 
 from aift.cli import main
 
@@ -119,3 +125,34 @@ def test_skip_nonfinite_steps_skips_a_grpo_step_and_counts_it(tmp_path, tiny_mod
     assert all(r["loss"] == r["loss"] and r["grad_norm"] < 1e6 for r in _records(out).values())
     weights = load_file(out / "final" / "adapter_model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_that_resumes_to_the_same_completions_and_losses(tmp_path, tiny_model_dir, tasks):
+    broken, straight = tmp_path / "broken", tmp_path / "straight"
+    command = [sys.executable, "-m", "aift", *_args(tiny_model_dir, tasks, broken, "--no-gradient-checkpointing")]
+    command += ["--max-steps", "300", "--no-tcmalloc"]
+    proc = subprocess.Popen(command, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(broken / "metrics.jsonl", proc)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, output[-2000:]
+    assert "aift train: stopped by SIGTERM after saving a checkpoint" in output and "Traceback" not in output
+    (checkpoint,) = (broken / "checkpoints").glob("checkpoint-*")
+    k = int(re.search(r"checkpoint-(\d+)", checkpoint.name).group(1))
+    total = str(k + 2)
+
+    resume = ["--max-steps", total, "--resume-from-checkpoint", "latest", "--no-gradient-checkpointing"]
+    assert main([*_args(tiny_model_dir, tasks, broken), *resume]) == 0
+    assert main([*_args(tiny_model_dir, tasks, straight, "--no-gradient-checkpointing"), "--max-steps", total]) == 0
+    resumed, reference = _records(broken), _records(straight)
+    assert sorted(resumed) == sorted(reference) == list(range(1, k + 3))
+    got, want = _completions(broken), _completions(straight)
+    for step in (k + 1, k + 2):
+        assert got[step] == want[step], step
+        assert resumed[step]["loss"] == pytest.approx(reference[step]["loss"], abs=1e-6), step
+        assert resumed[step]["grad_norm"] == pytest.approx(reference[step]["grad_norm"], rel=1e-4), step
