@@ -253,11 +253,10 @@ class Run:
             )  # fmt: skip
         device = backend.device.type
         log.info(
-            "training %d steps (%d per epoch), %d examples, %s on %s, precision %s, packing efficiency %.1f%%, "
-            "attention %s",
+            "training %d steps (%d per epoch), %s, %s on %s, precision %s, packing efficiency %.1f%%, attention %s",
             self.total_steps,
             self.steps_per_epoch,
-            len(self.train_examples.rows),
+            streaming.describe(self.train_examples),
             self.info.method,
             f"{backend.dp_world} x {device}" if backend.dp_world > 1 else device,
             backend.precision,
