@@ -146,3 +146,40 @@ def test_tiny_settings_are_appended_and_pages_run_in_their_own_folder(tmp_path):
         run_page(page, tmp_path / "work", tiny={"recommend": ["--gpus", "many"]})
     assert (tmp_path / "work" / "data" / "ja_qa.json").is_file()
     assert Path.cwd() != tmp_path / "work"
+
+
+def test_an_identical_prepare_is_copied_not_run_again(tmp_path, monkeypatch):
+    import docs_runner
+
+    runs = []
+
+    def prepare(command, argv):  # stands in for the real run: what it writes depends on its argv and input
+        runs.append(argv)
+        out = Path("datasets/t")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "rows.txt").write_text(f"{argv} {Path('examples/tasks.json').stat().st_size}")
+
+    monkeypatch.setattr(docs_runner, "_run_in_process", prepare)
+    page = tmp_path / "p.md"
+    page.write_text(
+        "```bash\naift prepare --source-path examples/tasks.json --output-dir datasets/t --val-ratio 0.5\n```\n"
+    )
+    run_page(page, tmp_path / "one", tiny={})
+    run_page(page, tmp_path / "two", tiny={})
+    assert len(runs) == 1
+    rows = "datasets/t/rows.txt"
+    assert (tmp_path / "two" / rows).read_text() == (tmp_path / "one" / rows).read_text()
+    run_page(page, tmp_path / "three", tiny={"prepare": ["--max-length", "64"]})  # other flags: a run of its own
+    assert len(runs) == 2 and "64" in (tmp_path / "three" / rows).read_text()
+
+
+def test_the_prepare_key_is_the_argv_and_the_bytes_of_the_files_it_names(tmp_path):
+    from docs_runner import _prepare_key
+
+    source = tmp_path / "rows.json"
+    source.write_text("[1]")
+    first = _prepare_key(["--source-path", str(source)])
+    assert _prepare_key(["--source-path", str(source)]) == first
+    source.write_text("[2]")
+    assert _prepare_key(["--source-path", str(source)]) != first
+    assert _prepare_key(["--source-path", str(tmp_path)]) != _prepare_key(["--source-path", str(source)])

@@ -90,6 +90,10 @@ class TrainingConfig:
     )
     max_grad_norm: float = _f(1.0, "Clip gradients to this global L2 norm; 0 disables clipping.")
     eval_steps: int = _f(100, "Evaluate on the test split every this many optimizer steps; 0 disables.")
+    max_eval_samples: int = _f(
+        0,
+        "Evaluate on the first this many examples of the test split (every process the same ones); 0: all of it.",
+    )
     save_steps: int = _f(500, "Write a checkpoint every this many optimizer steps; 0 saves only at the end.")
     save_total_limit: int | None = _f(2, "Keep at most this many checkpoints (oldest deleted); None keeps all.")
     logging_steps: int = _f(10, "Log loss, lr, grad norm, tokens/s and memory every this many steps.")
@@ -180,7 +184,7 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         _check_positive(self, "batch_size", "gradient_accumulation_steps", "max_length")
-        check_non_negative(self, "max_grad_norm", "eval_steps", "save_steps", "logging_steps")
+        check_non_negative(self, "max_grad_norm", "eval_steps", "max_eval_samples", "save_steps", "logging_steps")
         check_non_negative(self, "skip_nonfinite_steps", "neftune_noise_alpha")
         if self.warmup_steps is not None:
             check_non_negative(self, "warmup_steps")

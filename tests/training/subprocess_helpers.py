@@ -9,8 +9,9 @@ from pathlib import Path
 
 
 def child_env() -> dict:
-    """The environment of a training child: unbuffered output, no hub, no bytecode files."""
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    """The environment of a training child: unbuffered output, no hub. It reads and writes .pyc files as the
+    suite's other processes do (tests/conftest.py says why; Python writes each atomically, so a SIGKILL is safe)."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:

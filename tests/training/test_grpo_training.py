@@ -175,3 +175,64 @@ def test_each_loss_type_and_option_trains_through_the_cli(tmp_path, tiny_model_d
     assert math.isfinite(record["loss"]) and record["grad_norm"] > 0  # a loss, and a gradient to the adapters
     assert record["reward_std"] > 0 and 0 <= record["clip_ratio/region_mean"] <= 1
     assert all(math.isfinite(record[key]) for key in ("reward", "entropy", "completions/mean_length"))
+
+
+SHAPE_REWARDS = """
+from pathlib import Path
+
+CALLS = Path(__file__).with_suffix(".calls")
+
+
+def _log(kind, n):
+    with CALLS.open("a", encoding="utf-8") as f:
+        f.write(f"{kind} {n}\\n")
+
+
+def chat_shape(prompts, completions, reference, **kwargs):
+    for prompt, completion in zip(prompts, completions, strict=True):
+        assert isinstance(prompt, list) and prompt[-1]["role"] == "user" and "= ?" in prompt[-1]["content"], prompt
+        assert isinstance(completion, list) and len(completion) == 1, completion
+        assert completion[0]["role"] == "assistant" and isinstance(completion[0]["content"], str), completion
+    _log("chat", len(completions))
+    return [float(c[0]["content"].strip() == r) for c, r in zip(completions, reference)]
+
+
+def text_shape(prompts, completions, reference, **kwargs):
+    assert all(isinstance(p, str) and "= ?" in p for p in prompts), prompts
+    assert all(isinstance(c, str) for c in completions), completions
+    _log("text", len(completions))
+    return [float(c.strip() == r) for c, r in zip(completions, reference)]
+"""
+
+
+def test_rewards_get_message_lists_for_conversational_data_and_strings_for_text(tmp_path, tiny_model_dir, tasks):
+    """TRL's interface: a prompt column of messages makes the data conversational; the prompt is rendered as
+    `aift prepare` renders it (the same system prompt and format), and the rewards get message lists."""
+    from aift import GRPOConfig, GRPOTrainer, LoRAConfig
+    from aift.config import TrainingConfig
+    from aift.data.prepared import read_prepared
+
+    rewards = tmp_path / "shapes.py"
+    rewards.write_text(SHAPE_REWARDS, encoding="utf-8")
+    source = json.loads((REPO / "examples" / "tasks.json").read_text(encoding="utf-8"))
+    chat_rows = [{"prompt": [{"role": "user", "content": r["question"]}], "reference": r["answer"]} for r in source]
+
+    def run(name: str, reward: str, data) -> Path:
+        out = tmp_path / name
+        config = TrainingConfig(
+            model_name=str(tiny_model_dir), dataset_path=str(tasks), output_dir=str(out), batch_size=4, max_steps=1,
+            save_steps=0, gradient_accumulation_steps=1, max_length=64, bf16=False, fp16=False,
+            gradient_checkpointing=False, report_to=["none"], warmup_steps=0, logging_steps=1,
+        )  # fmt: skip
+        grpo = GRPOConfig(rewards=[f"python:{rewards}:{reward}"], num_generations=2, max_completion_length=4,
+                          log_completions_steps=1)  # fmt: skip
+        GRPOTrainer(str(tiny_model_dir), grpo, LoRAConfig(r=4, lora_dropout=0.0), config, train_dataset=data).train()
+        return out
+
+    chat = run("chat", "chat_shape", chat_rows)
+    text = run("text", "text_shape", None)  # the prepared folder: text prompts
+    assert rewards.with_suffix(".calls").read_text(encoding="utf-8").split() == ["chat", "4", "text", "4"]
+    prepared_prompts = set(read_prepared(tasks)[0]["train"]["prompt"])
+    for out in (chat, text):
+        logged = {e["prompt"] for e in _lines(out / "completions.jsonl")}
+        assert logged and logged <= prepared_prompts  # rendered messages = the prepared column, character for character

@@ -19,7 +19,7 @@ from aift.config import TrainingConfig
 from aift.data.streaming import prepare_streaming
 from aift.training.batching import to_examples
 from aift.training.checkpoint import TrainerState
-from aift.training.streaming import StreamPlanner
+from aift.training.streaming import StreamPlanner, describe
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,16 @@ def test_two_processes_read_what_one_reads_with_accumulation(streamed, tokenizer
     # Saved at a step's end, every process's stream is at the same place.
     states = [p.state_dict(TrainerState(micro_batch=8)) for p in (one, *two)]
     assert states[0] == states[1] == states[2] and states[0]["stats"]["blocks"] == 16
+
+
+def test_the_start_up_line_says_the_run_streams_and_what_is_known(streamed, tokenizer):
+    examples = to_examples(streamed, tokenizer, 48, "training")
+    size = sum(f.size for f in examples.corpus.files) / 1e6
+    assert describe(examples) == (
+        f"streamed from 2 file(s), {size:.1f} MB (its documents and tokens are counted as it is read: see the summary)"
+    )
+    held_out = to_examples(streamed, tokenizer, 48, "training", split="test")
+    assert describe(held_out) == f"{len(held_out.rows)} examples" and len(held_out.rows) > 0
 
 
 def test_a_stream_needs_max_steps_and_its_unchanged_files(streamed, tiny_model_dir, tmp_path, capsys):

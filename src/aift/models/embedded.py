@@ -60,11 +60,16 @@ def embedded_model_dir() -> Path:
 
 def _convert(source: Path, target: Path) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     log.info("converting the embedded model %s into %s (once)", source.name, target)
-    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    tokenizer = gguf_tokenizer(source)
+    # Read once and passed on: transformers builds a llama GGUF's config with gguf's pure-Python reader, which
+    # walks all 49,152 tokens and 48,900 merges (seconds each time, and from_pretrained would read it again).
+    gguf_config = AutoConfig.from_pretrained(source.parent, gguf_file=source.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        source.parent, gguf_file=source.name, config=gguf_config, dtype=torch.float32
+    )
     # transformers refuses save_pretrained on a GGUF-loaded model: rebuild a plain Llama and copy the weights.
     config_dict = gguf_model.config.to_dict()
     config_dict.pop("quantization_config", None)
@@ -77,3 +82,15 @@ def _convert(source: Path, target: Path) -> None:
     with atomic_folder(target, replace=True) as tmp:  # replace: a folder an interrupted conversion left
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+
+
+def gguf_tokenizer(source: Path):
+    """The tokenizer a GGUF file describes, built from its vocabulary and merges (under a second).
+
+    The same TokenizersBackend that ``AutoTokenizer.from_pretrained(..., gguf_file=...)`` returns, and the same
+    saved files, byte for byte; but AutoTokenizer first rebuilds the model's config to choose the class, through
+    the slow reader above, which was most of the conversion's time.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(source.parent, gguf_file=source.name)

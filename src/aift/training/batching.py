@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,17 @@ def to_examples(
     if "block" in getattr(source, "column_names", ()):
         rows, blocks = _prepared_blocks(source, rows, name, max_length)
     return Examples(rows=rows, name=name, prompt_format=prompt_format, blocks=blocks)
+
+
+def first_examples(examples: Examples | None, n: int) -> Examples | None:
+    """The first ``n`` examples (all for 0) of an eval split, None when it has none. Taken before the split is
+    shared out, so every process evaluates its part of the same ones."""
+    if examples is None or not examples.rows:
+        return None
+    if not n or n >= len(examples.rows):
+        return examples
+    blocks = examples.blocks and [kept for block in examples.blocks if (kept := [i for i in block if i < n])]
+    return replace(examples, rows=examples.rows[:n], blocks=blocks)
 
 
 def _prepared_blocks(source: Any, rows: list[Example], name: str, max_length: int):

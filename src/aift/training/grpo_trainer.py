@@ -22,12 +22,13 @@ import torch
 
 from aift.config import LoRAConfig, TrainingConfig
 from aift.data import DatasetError
+from aift.data.formats import default_system, resolve_format
 from aift.data.prepared import read_prepared
 from aift.errors import AiftError
 from aift.training.batching import Examples
 from aift.training.grpo_config import GRPOConfig
 from aift.training.methods import get_method
-from aift.training.objectives.grpo import prompt_rows
+from aift.training.objectives.grpo import is_conversational, prompt_rows
 from aift.training.trainers import FullFinetuningTrainer, LoRAFinetuningTrainer, ModelArg
 
 
@@ -83,11 +84,23 @@ class GRPOTrainer(LoRAFinetuningTrainer):
         train_split, test_split, fmt = _splits(source)
         if self.eval_dataset is not None:
             test_split = _splits(self.eval_dataset, split="test")[0]
-        train = Examples(rows=prompt_rows(train_split, tokenizer), name="training", prompt_format=fmt)
+        render = self._render_format(tokenizer, fmt, train_split, test_split)
+        if render is not None:
+            fmt = render.name
+        system = default_system(self.model.model_name)
+        train = Examples(rows=prompt_rows(train_split, tokenizer, render, system), name="training", prompt_format=fmt)
         evaluation = None
         if test_split is not None and len(test_split):
-            evaluation = Examples(rows=prompt_rows(test_split, tokenizer), name="evaluation", prompt_format=fmt)
+            rows = prompt_rows(test_split, tokenizer, render, system)
+            evaluation = Examples(rows=rows, name="evaluation", prompt_format=fmt)
         return train, evaluation
+
+    def _render_format(self, tokenizer, fmt: str | None, *splits):
+        """The prompt format that renders message-list prompts (conversational data), None for text prompts."""
+        firsts = [next(iter(split), None) for split in splits if split is not None]
+        if not any(row is not None and is_conversational(row.get("prompt")) for row in firsts):
+            return None
+        return resolve_format(self.model.model_name, tokenizer, fmt or "auto")
 
     def _prepare_model(self) -> torch.nn.Module:
         model = FullFinetuningTrainer._prepare_model(self) if self.lora_config is None else super()._prepare_model()

@@ -50,7 +50,7 @@ from aift.models import run_folder
 from aift.training import checkpoint as ckpt
 from aift.training import optimizers, run_guard, streaming
 from aift.training.backends import AccelerateBackend, Backend
-from aift.training.batching import Examples
+from aift.training.batching import Examples, first_examples
 from aift.training.objectives import Objective
 from aift.training.objectives.sft import SFTObjective
 from aift.training.reporting import MetricsLogger, check_loggers
@@ -105,8 +105,7 @@ def run_training(
         raise ConfigError(f"neftune_noise_alpha is for supervised fine-tuning, not {objective.name}")
     optimizers.check_available(config)
     check_loggers(config.report_to)
-    if eval_examples is not None and not eval_examples.rows:
-        eval_examples = None
+    eval_examples = first_examples(eval_examples, config.max_eval_samples)
     backend = backend or AccelerateBackend(config, info.method in ("lora", "qlora"), accelerator_kwargs)
     run = Run(tokenizer, config, info, backend, objective, train_examples, eval_examples)
     run.setup(model)
@@ -253,11 +252,10 @@ class Run:
             )  # fmt: skip
         device = backend.device.type
         log.info(
-            "training %d steps (%d per epoch), %d examples, %s on %s, precision %s, packing efficiency %.1f%%, "
-            "attention %s",
+            "training %d steps (%d per epoch), %s, %s on %s, precision %s, packing efficiency %.1f%%, attention %s",
             self.total_steps,
             self.steps_per_epoch,
-            len(self.train_examples.rows),
+            streaming.describe(self.train_examples),
             self.info.method,
             f"{backend.dp_world} x {device}" if backend.dp_world > 1 else device,
             backend.precision,

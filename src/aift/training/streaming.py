@@ -32,6 +32,17 @@ STATE_FILE = "stream_state.pt"
 log = logging.getLogger(__name__)
 
 
+def describe(examples) -> str:
+    """The train data in the loop's start-up line: its examples, or what is known of a stream before it is read."""
+    if not isinstance(examples, StreamedExamples):
+        return f"{len(examples.rows)} examples"
+    corpus = examples.corpus
+    return (
+        f"streamed from {len(corpus.files)} file(s), {sum(f.size for f in corpus.files) / 1e6:.1f} MB "
+        "(its documents and tokens are counted as it is read: see the summary)"
+    )
+
+
 def check_data(objective, examples) -> None:
     """The objective's check of its data; a streamed corpus trains the sft objective (next-token loss) only."""
     if not isinstance(examples, StreamedExamples):

@@ -51,6 +51,7 @@ from aift.training.grpo_rollout import (
     zero_std_warning,
 )
 from aift.training.objectives import Autocast, Metrics, StepContext, to_device
+from aift.utils.files import read_jsonl, write_text_atomic
 
 log = logging.getLogger(__name__)
 EVAL_EPOCH = -1  # the sampling seeds of eval batches: (seed, -1, index in the eval order)
@@ -103,6 +104,7 @@ class GRPOObjective:
         self.precompute = config.beta > 0 and not is_peft  # a full fine-tune's reference: a frozen copy, made first
         self.reference: torch.nn.Module | None = None
         self.cache = RolloutCache()
+        self.rollout_step = 0  # the last training step that sampled (or replayed) completions
         self.stop_ids: tuple[int, ...] = ()
         self.planner_: GRPOPlanner | None = None
         self.rows_per_micro_batch = config.num_generations  # completions per micro-batch: set by planner()
@@ -174,6 +176,7 @@ class GRPOObjective:
         """This process's micro-batches of prompts -> scored completions with advantages (see the module doc)."""
         if ctx.is_eval:
             return self._generate_and_score(batches, ctx, [(EVAL_EPOCH, i) for i in ctx.micro_batches], [True])
+        self.rollout_step = ctx.step + 1
         planner, mu = self.planner_, self.config.num_iterations
         real = len(planner.epoch(ctx.epoch))  # indices past it are the loop's padding (weight 0) for the processes
         plan_len = len(planner.base_epoch(ctx.epoch))
@@ -222,7 +225,7 @@ class GRPOObjective:
         prompts = [r["prompt"] for r in rows]
         columns = {k: [r["columns"][k] for r in rows] for k in rows[0]["columns"]}
         scores = reward_fns.score(
-            self.rewards, prompts, texts, columns, step=ctx.step + 1, completion_ids=ids,
+            self.rewards, *_reward_inputs(rows, texts), columns, step=ctx.step + 1, completion_ids=ids,
             state=reward_fns.RewardState(global_step=ctx.step, epoch=float(ctx.epoch)),
         )  # fmt: skip
         # Each micro-batch padded to `width` rows: every process gathers tensors of one shape.
@@ -325,32 +328,78 @@ class GRPOObjective:
     # ---------------------------------------------------------------- state (checkpoints)
 
     def state_dict(self) -> dict:
-        return {"rollout": self.cache.state_dict()}
+        return {"rollout": self.cache.state_dict(), "rollout_step": self.rollout_step}
 
     def load_state_dict(self, state: dict) -> None:
         self.cache.load_state_dict(state.get("rollout", {}))
+        if "rollout_step" in state:
+            self.rollout_step = state["rollout_step"]
+            self._forget_completions_after(self.rollout_step)
+
+    def _forget_completions_after(self, step: int) -> None:
+        """On resume, drop the completions.jsonl entries of steps the interrupted run did after its checkpoint
+        (the resumed run logs them again), as metrics.jsonl drops their records."""
+        path = self.completions_file
+        main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        if path is None or not main or not path.exists():
+            return
+        kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+        write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+
+
+def _reward_inputs(rows: list[dict], texts: list[str]) -> tuple[list, list]:
+    """(prompts, completions) as TRL passes them: strings for text data; for conversational data the prompt's
+    messages and each completion as ``[{"role": "assistant", "content": text}]``."""
+    if rows and rows[0]["prompt_messages"] is not None:
+        return [r["prompt_messages"] for r in rows], [[{"role": "assistant", "content": t}] for t in texts]
+    return [r["prompt"] for r in rows], texts
 
 
 # ---------------------------------------------------------------------- data
 
 
-def prompt_rows(split, tokenizer) -> list[dict]:
+def prompt_rows(split, tokenizer, fmt=None, system: str | None = None) -> list[dict]:
     """GRPO rows of a prepared split (or any rows with ``prompt`` and ``reference``): ids, text, other columns.
 
-    The prompt's ids are those of its text, with BOS in front when the prepared sequence began with it, as
-    ``aift eval`` generates from the same column.
+    A ``prompt`` is the rendered text (``aift prepare``'s column: BOS in front when the prepared sequence began
+    with it, as ``aift eval`` generates from the same column), or a list of messages (TRL's conversational
+    data), rendered here as a generation prompt in ``fmt`` (with ``system`` first when it has no system
+    message, as ``aift prepare`` does) and kept as ``prompt_messages``: its rewards get message lists.
     """
     rows, bos = [], tokenizer.bos_token_id
-    for item in split:
-        if "prompt" not in item or not item["prompt"]:
-            raise AiftError("GRPO data needs a non-empty `prompt` column (prepare it with `aift prepare --task sft`)")
-        ids = tokenizer(item["prompt"], add_special_tokens=False)["input_ids"]
-        first = item.get("input_ids") or [None]
+    adds_bos = bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
+    for i, item in enumerate(split):
+        prompt, messages = item.get("prompt"), None
+        if is_conversational(prompt):
+            messages = list(prompt)
+            if fmt is None:
+                raise AiftError(f"row {i}: a list of messages as prompt, where the other split has text prompts")
+            prompt = fmt.generation_prompt(_with_system(messages, system), tokenizer)
+        elif not isinstance(prompt, str) or not prompt:
+            raise AiftError(
+                f"row {i}: GRPO data needs a non-empty `prompt` column, text (prepare it with `aift prepare --task "
+                f"sft`) or a list of {{'role', 'content'}} messages, got {type(prompt).__name__}"
+            )
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        first = item.get("input_ids") or [bos if messages is not None and adds_bos else None]
         if bos is not None and first[0] == bos and (not ids or ids[0] != bos):
             ids = [bos, *ids]
         columns = {k: v for k, v in item.items() if k not in _TOKEN_COLUMNS}
-        rows.append({"prompt_input_ids": ids, "prompt": item["prompt"], "columns": columns})
+        rows.append({"prompt_input_ids": ids, "prompt": prompt, "prompt_messages": messages, "columns": columns})
+    if len({r["prompt_messages"] is None for r in rows}) > 1:
+        raise AiftError("GRPO data mixes text prompts and message-list prompts: use one kind for every row")
     return rows
+
+
+def is_conversational(prompt) -> bool:
+    """TRL's rule: a prompt is conversational when it is a list of messages (dicts with a ``role``)."""
+    return isinstance(prompt, list) and bool(prompt) and all(isinstance(m, dict) and "role" in m for m in prompt)
+
+
+def _with_system(messages: list[dict], system: str | None) -> list[dict]:
+    if not system or messages[0]["role"] == "system":
+        return messages
+    return [{"role": "system", "content": system}, *messages]
 
 
 _TOKEN_COLUMNS = ("input_ids", "attention_mask", "labels", "text", "prompt")
