@@ -67,3 +67,15 @@ def _read_metrics(output_dir, kind="train") -> list[dict]:
 def read_metrics():
     """read_metrics(output_dir, kind="train"): the records of metrics.jsonl of one type."""
     return _read_metrics
+
+
+@pytest.fixture(scope="session")
+def tasks(tmp_path_factory, embedded_dir) -> Path:
+    """examples/tasks.json (sums with a number as the answer) prepared for the embedded tokenizer, no test split."""
+    from aift.data.prepare import prepare_dataset
+
+    out = tmp_path_factory.mktemp("grpo-data") / "tasks"
+    return prepare_dataset(
+        model=str(embedded_dir), source_path=REPO / "examples" / "tasks.json", output_dir=out, max_length=64,
+        val_ratio=0,
+    )  # fmt: skip

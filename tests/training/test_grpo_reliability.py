@@ -19,18 +19,6 @@ from aift.cli import main
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def tasks(tmp_path_factory, embedded_dir) -> Path:
-    """examples/tasks.json (sums with a number as the answer) prepared for the embedded tokenizer, no test split."""
-    from aift.data.prepare import prepare_dataset
-
-    out = tmp_path_factory.mktemp("grpo-data") / "tasks"
-    return prepare_dataset(
-        model=str(embedded_dir), source_path=REPO / "examples" / "tasks.json", output_dir=out, max_length=64,
-        val_ratio=0,
-    )  # fmt: skip
-
-
 def _args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
     """A short LoRA GRPO run; a length reward makes a group's rewards differ on the random tiny model."""
     return [
