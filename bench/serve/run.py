@@ -28,13 +28,12 @@ from pathlib import Path
 import httpx
 from clients import load, soak
 
-from aift.bench.core import environment, load_average
+from aift.bench.core import cpu_flags, environment, load_average
 from aift.models.embedded import embedded_model_dir
 from aift.utils.files import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[2]
 MODES = ("continuous", "static")
-CPU_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
 
 
 def _free_port() -> int:
@@ -140,14 +139,6 @@ def run_mode(mode: str, args, logs: Path) -> dict:
             result["stats"] = health["stats"]
     result["tracebacks_in_log"] = server.tracebacks()
     return result
-
-
-def cpu_flags() -> list[str]:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            present = set(line.split(":", 1)[1].split())
-            return [flag for flag in CPU_FLAGS if flag in present]
-    return []
 
 
 def targets(result: dict) -> list[dict]:

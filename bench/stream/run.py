@@ -34,8 +34,9 @@ from pathlib import Path
 
 import psutil
 
+from aift.bench.core import cpu_flags, load_average
+
 ROOT = Path(__file__).resolve().parents[2]
-CPU_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
 JSONL_FILES = 6  # the corpus: most bytes in JSON Lines files of many documents ...
 TEXT_SHARE = 0.15  # ... and this share in .txt files of one long document each (50 KB - 2 MB)
 # Pieces of Japanese prose the generator draws from: kanji, hiragana, katakana and some ASCII, as a domain corpus has.
@@ -267,18 +268,6 @@ def train_run(prepared: Path, model: str, steps: int, max_length: int, work: Pat
 
 
 # ---------------------------------------------------------------------- reporting
-
-
-def load_average() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-def cpu_flags() -> list[str]:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            present = set(line.split(":", 1)[1].split())
-            return [flag for flag in CPU_FLAGS if flag in present]
-    return []
 
 
 def markdown(r: dict) -> str:
