@@ -41,7 +41,7 @@ def test_plan_reads_its_lora_rank_from_the_config():
 @pytest.mark.parametrize(
     ("command", "flag", "name", "default", "reason"),
     [
-        ("demo", "--learning-rate", "learning_rate", 1e-3, "the demo has minutes"),
+        ("demo", "--learning-rate", "learning_rate", 3e-3, "the demo has minutes"),
         ("demo", "--max-length", "max_length", 384, "short Q&A rows"),
         ("plan", "--max-length", "max_length", 2048, "long rows of GPU runs"),
         ("bench", "--learning-rate", "learning_rate", 2e-4, "the committed result's"),
