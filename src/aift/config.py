@@ -89,7 +89,11 @@ class TrainingConfig:
         "Alpaca/QLoRA recipes' ratio; a warning says when warmup covers the whole run.",
     )
     max_grad_norm: float = _f(1.0, "Clip gradients to this global L2 norm; 0 disables clipping.")
-    eval_steps: int = _f(100, "Evaluate on the test split every this many optimizer steps; 0 disables.")
+    eval_steps: int = _f(
+        100,
+        "Evaluate on the test split every this many optimizer steps, and always before the first step and after "
+        "the last (the loss before and after); 0: only those two.",
+    )
     max_eval_samples: int = _f(
         0,
         "Evaluate on the first this many examples of the test split (every process the same ones); 0: all of it.",
