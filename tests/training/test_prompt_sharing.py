@@ -9,7 +9,7 @@ import torch
 
 from aift.training.objectives.logps import forward_logps
 from aift.training.objectives.pairs import PairObjective, PreferenceConfig, dpo_loss
-from aift.training.prompt_sharing import collate_shared, shared_prefix_length
+from aift.training.prompt_sharing import collate_shared, segment_mask, shared_prefix_length
 
 # Prompts of different lengths, answers of different lengths, one pair whose answers share a first token.
 ROWS = [
@@ -64,3 +64,64 @@ def test_shared_log_probs_and_dpo_gradients_equal_two_rows(tiny_model_dir, chunk
     assert torch.allclose(results[True][0], results[False][0], atol=1e-4)
     assert torch.equal(results[True][1], results[False][1])
     assert torch.allclose(results[True][2], results[False][2], atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------- GRPO groups
+
+PAD, EOS, G = 0, 2, 3
+# Two groups of 3: prompts of different lengths (the plain batch left-pads one), completions of unequal lengths,
+# some ending at EOS, some truncated (no EOS), one of a single token.
+PROMPTS = [[5, 6, 7, 8, 9], [11, 12]]
+COMPLETIONS = [[20, 21, EOS], [22], [23, 24, 25, 26], [27, 28, 29, 30], [31, EOS], [32, 33]]
+
+
+def test_collate_groups_puts_each_prompt_once_and_gathers_each_completions_positions():
+    from aift.training.grpo_rollout import collate_rollout
+
+    groups = [COMPLETIONS[:G], COMPLETIONS[G:]]
+    shared = collate_rollout([p for p in PROMPTS for _ in range(G)], COMPLETIONS, PAD, [EOS], group_size=G)["shared"]
+    assert shared["input_ids"][0].tolist() == PROMPTS[0] + sum(groups[0], [])  # the longest row: no padding
+    assert shared["input_ids"][1].tolist() == PROMPTS[1] + sum(groups[1], []) + [PAD] * 3
+    assert shared["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 5, 5, 6, 7, 8]
+    assert shared["segment_ids"][1].tolist() == [0, 0, 1, 1, 1, 1, 2, 2, 3, 3, -1, -1, -1]
+    width = shared["input_ids"].shape[1]
+    # completion 1 of group 0 ([22]) is predicted by the prompt's last token; then repeated past its end
+    assert shared["gather_index"][1].tolist() == [4, 4, 4, 4]
+    assert shared["gather_index"][3].tolist() == [width + i for i in (1, 2, 3, 4)]  # [27, 28, 29, 30]
+    mask = segment_mask(shared["segment_ids"])[1, 0]
+    assert mask[6:8, :2].all() and not mask[6:8, 2:6].any()  # completion 2 sees the prompt, not completion 1
+    assert mask[10:, :].sum() == 3 and mask[10:, 10:].diagonal().all()  # padding sees only itself
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+@pytest.mark.parametrize("mask_truncated", [False, True])
+def test_shared_groups_equal_one_row_per_completion(tiny_model_dir, loss_type, mask_truncated):
+    """Per-token log-probs and entropies, the GRPO loss (clipped, beta > 0) and the LoRA gradients: fp32, 1e-5."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from aift.training.grpo_loss import grpo_loss
+    from aift.training.grpo_rollout import can_share_prompt, collate_rollout, rollout_logps
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    policy = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).eval()
+    assert can_share_prompt(policy)
+    prompts = [p for p in PROMPTS for _ in range(G)]
+    advantages = torch.tensor([1.0, -0.5, -0.5, 0.8, -1.2, 0.4])
+    results = {}
+    for group_size in (G, None):
+        policy.zero_grad()
+        batch = collate_rollout(prompts, COMPLETIONS, PAD, [EOS], mask_truncated, group_size=group_size)
+        assert ("shared" in batch) == (group_size is not None)
+        logps, entropy = rollout_logps(policy, batch, temperature=0.7, with_entropy=True)
+        mask = batch["completion_mask"]
+        shift = torch.linspace(-0.3, 0.3, logps.numel()).reshape(logps.shape)  # ratios off 1: some clipped
+        out = grpo_loss(logps, mask, advantages, old_logps=logps.detach() + shift, ref_logps=logps.detach() - shift,
+                        entropies=entropy, loss_type=loss_type, beta=0.05, max_completion_length=4)  # fmt: skip
+        (out.loss_sum / out.count).backward()
+        grads = torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None])
+        results[group_size] = logps.detach() * mask, entropy * mask, out.loss_sum.detach(), grads
+    for shared, plain in zip(results[G], results[None], strict=True):
+        assert torch.allclose(shared, plain, atol=1e-5, rtol=0)
+    assert results[G][3].abs().sum() > 0

@@ -100,6 +100,12 @@ class GRPOConfig:
         "With beta > 0, multiply the per-token KL (k3 estimator) by the probability ratio, so that its gradient is the "
         "unbiased reverse-KL gradient (DeepSeek-V3.2); TRL 1.16's default.",
     )
+    share_prompt: bool = _f(
+        True,
+        "Run each prompt once per group in the training forwards: one row prompt + its num_generations completions, "
+        "with a mask that hides each completion from the others (the same log-probs, far fewer tokens; SDPA/eager "
+        "attention and a plain lm_head only, else off). TRL runs the prompt once per completion.",
+    )
     disable_dropout: bool = _f(
         False,
         "Turn dropout off in the model. TRL's GRPO default is False (unlike its DPO's); with num_iterations > 1 or "

@@ -5,7 +5,9 @@ scores them with :mod:`aift.training.rewards` and computes advantages with :mod:
 what it needs between those steps is here, independent of the loop:
 
 - :func:`collate_rollout`: prompts (left-padded) and completions (right-padded) in one row each, as TRL does,
-  with the completion mask (truncated completions masked out with ``mask_truncated_completions``);
+  with the completion mask (truncated completions masked out with ``mask_truncated_completions``); with
+  ``group_size`` also each group as one row, its prompt once (:mod:`aift.training.prompt_sharing`), which the
+  forwards of :func:`rollout_logps` then take instead;
 - :func:`completion_logps`: per-token log-probs (and entropies) of the completion tokens under the
   temperature-scaled distribution, as TRL's ``selective_log_softmax_and_entropy``;
 - :func:`sampling_seed`: the seed of a micro-batch's sampling, a function of (seed, epoch, plan index) only, so
@@ -26,7 +28,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from aift.errors import NotAvailableError
 from aift.training.grpo_loss import Advantages, group_advantages, nanstd, truncated_completions
+from aift.training.loss import split_causal_lm
+from aift.training.prompt_sharing import collate_groups, gather_sequences, segment_mask
 
 ZERO_STD_WARN_FRACTION = 0.5  # warn when more than this share of a step's groups has no reward spread
 
@@ -40,6 +45,7 @@ def collate_rollout(
     pad_token_id: int,
     stop_ids: Sequence[int],
     mask_truncated: bool = False,
+    group_size: int | None = None,
 ) -> dict:
     """One row per completion: ``[left-padded prompt | right-padded completion]``.
 
@@ -47,6 +53,10 @@ def collate_rollout(
     as generation's do), ``completion_mask`` ``[B, C]`` (the trained tokens: the completion including its EOS;
     all 0 for a truncated completion when ``mask_truncated``), ``truncated`` ``[B]``, ``logits_to_keep`` (C),
     ``num_tokens`` (real tokens) and ``num_completion_tokens`` (trained tokens).
+
+    ``group_size``: each run of that many rows shares one prompt (a GRPO group); the batch then also holds the
+    groups as shared rows (``shared`` : :func:`~aift.training.prompt_sharing.collate_groups`' keys), on which
+    :func:`rollout_logps` runs its forward: the same log-probs for fewer tokens.
     """
     width_p = max(len(p) for p in prompt_ids)
     width_c = max(1, max(len(c) for c in completion_ids))
@@ -62,7 +72,7 @@ def collate_rollout(
     mask = torch.tensor(completion_mask, dtype=torch.long)
     if mask_truncated:
         mask = mask * (~truncated).unsqueeze(1).long()
-    return {
+    batch = {
         "input_ids": torch.tensor(rows, dtype=torch.long),
         "attention_mask": attention_mask,
         "position_ids": position_ids,
@@ -72,6 +82,20 @@ def collate_rollout(
         "num_tokens": int(attention_mask.sum()),
         "num_completion_tokens": int(mask.sum()),
     }
+    if group_size:
+        batch["shared"] = _shared_groups(prompt_ids, completion_ids, pad_token_id, width_c, group_size)
+    return batch
+
+
+def _shared_groups(prompt_ids, completion_ids, pad_token_id: int, width: int, group_size: int) -> dict:
+    starts = range(0, len(prompt_ids), group_size)
+    if len(prompt_ids) % group_size or any(
+        list(p) != list(prompt_ids[s]) for s in starts for p in prompt_ids[s : s + group_size]
+    ):
+        raise ValueError(f"internal: the rows do not form groups of {group_size} with one prompt each")
+    prompts = [list(prompt_ids[s]) for s in starts]
+    groups = [[list(c) for c in completion_ids[s : s + group_size]] for s in starts]
+    return collate_groups(prompts, groups, pad_token_id, width)
 
 
 def completion_logps(
@@ -106,9 +130,35 @@ def rollout_logps(
     old policy (``num_iterations`` > 1) and the reference (``beta`` > 0).
     """
     width = batch["logits_to_keep"]
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
-    logits = model(**inputs, use_cache=False, logits_to_keep=width + 1).logits[:, :-1]
+    if "shared" in batch:
+        logits = _shared_logits(model, batch["shared"])
+    else:
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+        logits = model(**inputs, use_cache=False, logits_to_keep=width + 1).logits[:, :-1]
     return completion_logps(logits, batch["input_ids"][:, -width:], temperature, with_entropy)
+
+
+def _shared_logits(model, shared: dict) -> torch.Tensor:
+    """``[B, C, V]`` logits predicting each completion's tokens, from one forward of the groups' shared rows."""
+    _, head = split_causal_lm(model)
+    inputs = {"input_ids": shared["input_ids"], "position_ids": shared["position_ids"],
+              "attention_mask": segment_mask(shared["segment_ids"])}  # fmt: skip
+    out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    return head(gather_sequences(out.hidden_states[-1], shared["gather_index"]))
+
+
+def can_share_prompt(model) -> bool:
+    """Whether :func:`rollout_logps` can run a group's prompt once for ``model``: its attention takes a 4-D mask
+    (SDPA, eager; not flash-attention or aift's segment attention) and its logits are ``hidden @ lm_head``."""
+    inner = getattr(model, "module", model)
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    if getattr(base.config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return False
+    try:
+        split_causal_lm(model)
+    except NotAvailableError:
+        return False
+    return True
 
 
 def sampling_seed(seed: int, epoch: int, plan_index: int) -> int:

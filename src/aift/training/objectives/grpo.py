@@ -8,7 +8,8 @@ plan index: a resumed run and any number of processes sample the same), scores t
 completions, ``all_gather``; a group never spans processes). It returns one trainable batch per micro-batch
 (:func:`~aift.training.grpo_rollout.collate_rollout`), on which :meth:`loss_sum` computes TRL's clipped surrogate
 (:mod:`aift.training.grpo_loss`). ``count`` follows TRL's normalisation: dapo completion tokens, grpo and
-dr_grpo completions, bnpo 1 per micro-batch.
+dr_grpo completions, bnpo 1 per micro-batch. With ``share_prompt`` every forward on the completions (the loss,
+the old and the reference log-probs) runs each group's prompt once (:mod:`aift.training.prompt_sharing`).
 
 ``num_iterations`` (μ) > 1: the plan repeats each step's micro-batches μ times (TRL's RepeatSampler, which drops
 an incomplete last step); the first pass generates and keeps the batches with their log-probs (the old policy),
@@ -40,6 +41,7 @@ from aift.training.grpo_config import GRPOConfig
 from aift.training.grpo_loss import Advantages, grpo_loss, metrics_for_loop, truncated_completions
 from aift.training.grpo_rollout import (
     RolloutCache,
+    can_share_prompt,
     collate_rollout,
     completion_records,
     generation_index,
@@ -108,6 +110,7 @@ class GRPOObjective:
         self.stop_ids: tuple[int, ...] = ()
         self.planner_: GRPOPlanner | None = None
         self.rows_per_micro_batch = config.num_generations  # completions per micro-batch: set by planner()
+        self.share_prompt: bool | None = None  # config.share_prompt where the model allows it: set at the first rollout
 
     # ---------------------------------------------------------------- data
 
@@ -201,6 +204,8 @@ class GRPOObjective:
         cfg = self.config
         if not self.stop_ids:
             self.stop_ids = eos_token_ids(ctx.model, self.tokenizer)
+        if self.share_prompt is None:
+            self.share_prompt = cfg.share_prompt and can_share_prompt(ctx.model)
         params = SamplingParams(
             max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p,
             top_k=cfg.top_k, stop_token_ids=self.stop_ids,
@@ -257,7 +262,7 @@ class GRPOObjective:
         for batch, completions in zip(batches, generated, strict=True):
             prompts = [r["prompt_input_ids"] for r in batch["rows"] for _ in range(g)]
             rollout = collate_rollout(prompts, completions, self.pad_token_id, self.stop_ids,
-                                      cfg.mask_truncated_completions)  # fmt: skip
+                                      cfg.mask_truncated_completions, g if self.share_prompt else None)  # fmt: skip
             rollout["advantages"] = advantages[start : start + len(completions)]
             start += len(completions)
             self._add_logps(rollout, ctx)
