@@ -157,6 +157,18 @@ class TrainingConfig:
         "LoRA (not QLoRA): add the adapter's product inside the base layer's matmul, forward and backward "
         "(same result as peft's layer, fewer passes over memory; the saved adapter is peft's).",
     )
+    fused_ops: bool = _f(
+        False,
+        "Llama-family models: RMSNorm, SwiGLU and rotary embedding as fused forward+backward functions that "
+        "keep less for backward (same loss and gradients within fp32 rounding). Off until an ablation on a "
+        "quiet machine decides; other model families take their own forward (a log line says so).",
+    )
+    fused_projections: bool = _f(
+        False,
+        "LoRA on Llama-family models: q/k/v and gate/up each as one wider GEMM over the concatenated frozen "
+        "base weights, the adapters' A matrices in one GEMM (the saved adapter is peft's, unchanged). Off "
+        "until an ablation decides; a trained base (full fine-tuning) takes the plain path.",
+    )
     segment_attention: bool = _f(
         True,
         "Packing on a CPU with SDPA: attend within each packed example only (aift_segment attention), "

@@ -37,6 +37,8 @@ ALL_LEVERS = {
     "loss_chunk_size": 1024,
     "fused_lora": True,
     "segment_attention": True,
+    "fused_ops": False,  # off until this ablation, on a quiet machine, decides (their rows switch them on alone)
+    "fused_projections": False,
     "torch_compile": False,
 }
 # Ablation runs: name -> the levers that differ from ALL_LEVERS (tcmalloc is the process's allocator).
@@ -48,6 +50,8 @@ ABLATION = {
     "without tcmalloc": {"tcmalloc": False},
     "without fused LoRA layers (peft's)": {"fused_lora": False},
     "without segment attention (SDPA, 4-D mask)": {"segment_attention": False},
+    "with fused RMSNorm, SwiGLU and rotary": {"fused_ops": True},
+    "with fused q/k/v and gate/up GEMMs": {"fused_projections": True},
 }
 
 
@@ -267,7 +271,7 @@ def _ablation(options: BenchOptions, base_spec: dict, levers: dict, work: Path, 
     for name, change in ABLATION.items():
         if options.method == "full" and "frozen_base_bf16" in change:
             continue  # a full fine-tune has no frozen base
-        if options.method != "lora" and "fused_lora" in change:
+        if options.method != "lora" and ("fused_lora" in change or "fused_projections" in change):
             continue  # the fused layer is for unquantized LoRA only
         changed = {k: v for k, v in change.items() if k != "tcmalloc"}
         if changed and all(levers[k] == v for k, v in changed.items()):

@@ -140,6 +140,8 @@ def aift_config(spec: dict, train_ids: list[list[int]], output_dir: Path):
         frozen_base_bf16=levers["frozen_base_bf16"],
         fused_lora=levers.get("fused_lora", False),
         segment_attention=levers.get("segment_attention", False),
+        fused_ops=levers.get("fused_ops", False),
+        fused_projections=levers.get("fused_projections", False),
     )
 
 

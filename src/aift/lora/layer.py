@@ -58,7 +58,7 @@ class FusedLoraLinear(PeftLoraLinear):
         if adapter is None:
             return super().forward(x, *args, **kwargs)
         base = self.get_base_layer()
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         # The casts sit outside the function so that autograd carries the adapters' gradients back to fp32.
         lora_a = self.lora_A[adapter].weight.to(dtype)
         lora_b = self.lora_B[adapter].weight.to(dtype)
@@ -87,7 +87,7 @@ class FusedLoraLinear(PeftLoraLinear):
         return adapter
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a linear layer computes in here: autocast's when it is on, else the input's."""
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)

@@ -28,6 +28,7 @@ from aift.models.run_folder import FINAL_DIR, MERGED_DIR
 from aift.training.backends import holds_frozen_base_in_bf16
 from aift.training.batching import Examples, to_examples
 from aift.training.checkpointing import resolve_gradient_checkpointing, selective_layer_count
+from aift.training.fused_llama import fuse_modules, restore_modules
 from aift.training.loop import TrainResult, run_training
 from aift.training.loss import usable_loss_chunk
 from aift.training.run_files import RunInfo
@@ -73,6 +74,7 @@ class _Trainer:
                 info,
                 accelerator_kwargs=self.accelerator_kwargs,
             )
+        restore_modules(self.result.model)  # the model handed out is transformers' own again
         return self.result.model
 
     def prepare(self, train_texts=None, eval_texts=None, resume_from_checkpoint=None) -> tuple:
@@ -91,6 +93,8 @@ class _Trainer:
         self.config = dataclasses.replace(self.config, gradient_checkpointing=self._gradient_checkpointing())
         self.selective_layers = self._selective_layers()
         model = self._prepare_model()
+        # q/k/v and gate/up share a GEMM only over a frozen base: LoRA (QLoRA's quantized bases step aside).
+        fuse_modules(model, self.config.fused_ops, self.config.fused_projections and self.method != "full")
         chunk = usable_loss_chunk(model, self.config.loss_chunk_size, self.accelerator_kwargs)
         self.config = dataclasses.replace(self.config, loss_chunk_size=chunk)  # config.yaml records what ran
         info = RunInfo(
@@ -297,6 +301,7 @@ class LoRAFinetuningTrainer(_Trainer):
                 model, tokenizer, self.config, train_examples, eval_examples, info,
                 accelerator_kwargs=self.accelerator_kwargs, objective=build_objective(tokenizer),
             )  # fmt: skip
+        restore_modules(self.result.model)
         if self.lora_config is not None and (self.merge if merge is None else merge):
             return self._save_merged()
         return self.result.model
