@@ -6,8 +6,8 @@
    document each) under a temporary folder or ``--corpus-dir``, removed afterwards unless ``--keep``, and records it
    with `aift prepare --task pretrain --streaming` (aift.data.streaming.prepare_streaming).
 2. Stream: one whole pass over the corpus through what `aift train` runs for each micro-batch (the reader, the
-   tokenizer 64 documents at a time, the packer and the collator: aift.training.streaming.StreamPlanner), in this
-   process, its RSS (psutil) sampled every ``--sample-every`` blocks against the bytes read (from the stream's
+   tokenizer 64 documents or 1 MB at a time, the packer and the collator: aift.training.streaming.StreamPlanner),
+   in this process, its RSS (psutil) sampled every ``--sample-every`` blocks against the bytes read (from the stream's
    cursor). Reported: RSS at the start, after the warm-up (the first ``--warmup-mb`` read), at the end and its
    peak; growth per GB read after the warm-up; documents, tokens, blocks; MB/s and tokens/s.
 3. Train: a short real `python -m aift train` (LoRA on the embedded model, ``--train-steps`` steps) on the same

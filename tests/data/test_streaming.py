@@ -116,3 +116,44 @@ def test_streaming_errors_name_the_file(tmp_path, embedded_dir, tokenizer):
     (tmp_path / "other.jsonl").write_text('{"body": "x"}\n')
     with pytest.raises(DataError, match="line 1 has no 'text' field .* --text-column"):
         prepare_streaming(str(embedded_dir), tmp_path / "other.jsonl", output_dir=tmp_path / "t")
+
+
+def test_a_tokenizer_call_is_bounded_by_bytes_and_gives_the_unbounded_blocks(tmp_path, embedded_dir, tokenizer,
+                                                                             monkeypatch):  # fmt: skip
+    """Long .txt documents: the first block comes after ~batch_bytes read, not 64 documents; same blocks, same
+    resume. One document over the bound is tokenized alone."""
+    import aift.data.streaming as streaming
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    rng = random.Random(2)
+    for i, kb in enumerate((30, 5, 90, 30, 1, 30, 30)):  # 90 KB: over the 64 KB bound below, tokenized alone
+        sentences = [f"第{i}章の{j}番目の文。" + "蔵の記録を読む。" * rng.randint(1, 6) for j in range(kb * 20)]
+        (folder / f"doc{i}.txt").write_text("".join(sentences)[: kb * 340], encoding="utf-8")
+    out = prepare_streaming(str(embedded_dir), folder, output_dir=tmp_path / "s", max_length=256, eval_documents=1)
+    corpus = Corpus.from_record(read_prepared(out)[1]["streaming"], "s")
+    sizes = {f.path: f.size for f in corpus.files}
+    read: list[int] = []  # bytes of each document the reader gave
+
+    def counting(file, start, column):
+        for record in read_documents(file, start, column):
+            read.append(sizes[file.path])
+            yield record
+
+    monkeypatch.setattr(streaming, "read_documents", counting)
+    bounded = BlockStream(corpus, tokenizer, 256, batch_bytes=64 << 10)
+    bounded.next_block()
+    assert 0 < sum(read) <= (64 << 10) + max(sizes.values()) and len(read) < 6  # the unbounded batch reads all 6
+    read.clear()
+    unbounded = BlockStream(corpus, tokenizer, 256, batch_bytes=1 << 40)
+    expected = [unbounded.next_block() for _ in range(2 * one_pass(corpus, tokenizer, 256)[1].stats["blocks"] + 5)]
+    assert len(read) >= 6
+    assert [bounded.next_block() for _ in range(len(expected) // 3)] == expected[1 : len(expected) // 3 + 1]
+    state = bounded.state_dict()
+    assert state["cursor"]["token"] > 0  # restored in mid-document
+    restored = BlockStream(corpus, tokenizer, 256, batch_bytes=64 << 10)
+    restored.load_state_dict(state)
+    assert [restored.next_block() for _ in range(len(expected) - len(expected) // 3 - 1)] == expected[
+        len(expected) // 3 + 1 :
+    ]
+    assert restored.stats == unbounded.stats and restored.stats["passes"] == 2

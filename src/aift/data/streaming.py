@@ -9,9 +9,10 @@ split is empty on disk.
 
 Training (:class:`BlockStream`) reads the files lazily, a pass after a pass: each pass visits the files in a
 seeded order (``seed + pass``), each file's documents in order and the held-out documents never. Documents
-are tokenized in small batches and packed by the rule of aift.data.pretrain.pack (same EOS, a long document
-continued in the next block, a block closed when a pass ends), so one pass gives exactly the blocks that
-``pack`` gives for the same documents in the same order. Memory holds a batch of documents and a block.
+are tokenized in small batches (at most ``BATCH`` documents or ``BATCH_BYTES`` of text, a longer document
+alone) and packed by the rule of aift.data.pretrain.pack (same EOS, a long document continued in the next
+block, a block closed when a pass ends), so one pass gives exactly the blocks that ``pack`` gives for the same
+documents in the same order. Memory holds a batch of documents and a block.
 
 The stream's position is a :class:`Cursor`: (pass, file in the pass's order, byte offset and line of the
 record, token in its document). It is saved in each checkpoint; a resumed stream continues at the same
@@ -41,7 +42,11 @@ from aift.data.text_sources import TEXT_SOURCES, corpus_files
 
 log = logging.getLogger(__name__)
 
-BATCH = 64  # documents per tokenizer call while streaming: bounded memory, and fast tokenizers batch well
+# A tokenizer call while streaming takes up to BATCH documents (fast tokenizers batch well) and closes early at
+# BATCH_BYTES of UTF-8 text, so a pass starting on long documents makes its first block after ~1 MB tokenized
+# (~1.5 s here), not 64 of them. A longer document is tokenized alone, whole: the same tokens as without a bound.
+BATCH = 64
+BATCH_BYTES = 1 << 20
 PROBE = "aift streaming probe: 日本語のテキストと English text, 123."  # its ids tell one tokenizer from another
 
 
@@ -143,8 +148,11 @@ class Doc(NamedTuple):
 class BlockStream:
     """Blocks of at most ``max_length`` tokens, each a list of pieces, pass after pass (see the module)."""
 
-    def __init__(self, corpus: Corpus, tokenizer, max_length: int) -> None:
+    def __init__(
+        self, corpus: Corpus, tokenizer, max_length: int, batch: int = BATCH, batch_bytes: int = BATCH_BYTES
+    ) -> None:
         self.corpus, self.tokenizer, self.max_length = corpus, tokenizer, max_length
+        self.batch, self.batch_bytes = batch, batch_bytes  # the tokenizer call's bound (see BATCH)
         first = corpus.order(0)[0]
         self.cursor = Cursor(0, 0, *corpus.start(first))
         self.stats: Counter = Counter()  # documents, tokens (of documents packed whole), blocks, dropped, passes
@@ -205,16 +213,17 @@ class BlockStream:
         position: Position | None = (cursor.offset, cursor.line)
         self._dropped, empty_passes = 0, 0  # rows dropped since the last document; passes that kept none
         while True:
-            order, kept, pending = corpus.order(epoch), 0, []
+            order, kept, pending, size = corpus.order(epoch), 0, [], 0
             for k in range(first, len(order)):
                 start = position or corpus.start(order[k])
                 for where, after, text in read_documents(corpus.files[order[k]], start, corpus.text_column):
                     pending.append((Cursor(epoch, k, *where), Cursor(epoch, k, *after), text))
-                    if len(pending) >= BATCH:
+                    size += len(text.encode()) if text else 0
+                    if len(pending) >= self.batch or size >= self.batch_bytes:
                         for doc in self._tokenized(pending):
                             kept += 1
                             yield doc
-                        pending = []
+                        pending, size = [], 0
                 position = None
             for doc in self._tokenized(pending):
                 kept += 1
