@@ -21,16 +21,48 @@ from aift.training.batching import to_examples
 from aift.training.checkpoint import TrainerState
 from aift.training.streaming import StreamPlanner, describe
 
+FORMATS = ("jsonl", "parquet", "txt")
 
-@pytest.fixture(scope="module")
-def streamed(tmp_path_factory, tiny_model_dir):
-    """Two JSON Lines files of documents longer and shorter than a block, prepared with --streaming."""
-    work = tmp_path_factory.mktemp("streamed")
+
+def write_corpus(folder, kind: str) -> None:
+    """The same 28 documents, longer and shorter than a block, as 2 JSON Lines files, 2 Parquet files of
+    several row groups, or a folder of one .txt document each."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir()
     rng = random.Random(1)
     for f in range(2):
         docs = [f"記録{f}-{i}。" + "蔵で酒を仕込む。" * rng.randint(2, 30) for i in range(14)]
-        (work / f"part{f}.jsonl").write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs))
-    return prepare_streaming(str(tiny_model_dir), work, output_dir=work / "prepared", max_length=48, eval_documents=3)
+        if kind == "jsonl":
+            lines = "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs)
+            (folder / f"part{f}.jsonl").write_text(lines, encoding="utf-8")
+        elif kind == "parquet":
+            pq.write_table(pa.table({"text": docs}), folder / f"part{f}.parquet", row_group_size=4)
+        else:
+            for i, doc in enumerate(docs):
+                (folder / f"part{f}-{i:02d}.txt").write_text(doc, encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory, tiny_model_dir):
+    """corpora(kind): the corpus of write_corpus in that format, prepared with --streaming (once per module)."""
+    made = {}
+
+    def prepared(kind: str):
+        if kind not in made:
+            work = tmp_path_factory.mktemp(f"streamed-{kind}")
+            write_corpus(work / "corpus", kind)
+            made[kind] = prepare_streaming(str(tiny_model_dir), work / "corpus", output_dir=work / "prepared",
+                                           max_length=48, eval_documents=3)  # fmt: skip
+        return made[kind]
+
+    return prepared
+
+
+@pytest.fixture(scope="module")
+def streamed(corpora):
+    return corpora("jsonl")
 
 
 def _micro_batches(planner, indices):
@@ -69,7 +101,7 @@ def test_a_stream_needs_max_steps_and_its_unchanged_files(streamed, tiny_model_d
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "a streamed corpus has no known length: set the number of steps (--max-steps N" in err
-    part = streamed.parent / "part1.jsonl"
+    part = streamed.parent / "corpus" / "part1.jsonl"
     stat = os.stat(part)
     os.utime(part, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
     try:
@@ -90,7 +122,9 @@ def _train_cmd(tiny_model_dir, streamed, output_dir, *extra) -> list[str]:
 
 
 @pytest.mark.slow
-def test_sigkilled_streaming_run_resumes_to_the_same_losses(tmp_path, tiny_model_dir, streamed, read_metrics):
+@pytest.mark.parametrize("kind", FORMATS)
+def test_sigkilled_streaming_run_resumes_to_the_same_losses(tmp_path, tiny_model_dir, corpora, kind, read_metrics):
+    streamed = corpora(kind)
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     subprocess.run(_train_cmd(tiny_model_dir, streamed, straight), check=True, env=child_env(), capture_output=True)
     reference = {r["step"]: r["loss"] for r in read_metrics(straight)}
@@ -105,6 +139,7 @@ def test_sigkilled_streaming_run_resumes_to_the_same_losses(tmp_path, tiny_model
     assert not (broken / "train_summary.json").exists(), "the run finished before it could be killed"
     saved = torch.load(broken / "checkpoints" / "checkpoint-2" / "stream_state.pt", weights_only=True)
     assert saved["micro_batch"] == 4 and saved["stats"]["blocks"] == 4
+    assert saved["cursor"]["token"] > 0  # killed in mid-document: the resumed run continues inside it
     done = subprocess.run(_train_cmd(tiny_model_dir, streamed, broken, "resume_from_checkpoint=latest"),
                           env=child_env(), capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
