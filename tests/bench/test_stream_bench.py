@@ -33,7 +33,7 @@ def test_generated_corpus_has_both_kinds_and_the_size_asked(bench, tmp_path):
     assert any("\u3040" <= ch <= "\u30ff" for ch in line["text"])  # kana: Japanese-like text
 
 
-@pytest.mark.slow  # a 2-step `aift train` subprocess; 576 s at load 11 on 2 cores, its quiet-machine time not measured
+@pytest.mark.slow  # a 2-step `aift train` subprocess: 24 s at load 1.5 on 2 cores (576 s at load 11)
 def test_bench_streams_the_whole_corpus_and_a_training_run(bench, tmp_path, tiny_model_dir):
     out, corpus = tmp_path / "out", tmp_path / "corpus"
     argv = ["--corpus-gb", "0.0002", "--corpus-dir", str(corpus), "--model", str(tiny_model_dir), "--max-length",
