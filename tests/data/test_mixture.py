@@ -93,3 +93,16 @@ def test_cli_mix_and_streaming_errors(tmp_path, embedded_dir, capsys):
     (tmp_path / "m.yaml").write_text(yaml.safe_dump({"datasets": [prefs, {"path": str(text), "task": "pretrain"}]}))
     assert main([*argv, "--mix", str(tmp_path / "m.yaml")]) == 2
     assert "a mixture of preference pairs cannot hold pretrain data" in capsys.readouterr().err
+
+
+def test_a_chat_source_keeps_its_prompt_messages_in_a_mixture(tmp_path, embedded_dir):
+    """A chat source's prompt_messages column (GRPO's conversational data) reaches the mixture; the rows of the
+    other sources get it empty, so the parts concatenate."""
+    fixtures = REPO / "tests" / "data" / "fixtures"
+    items = [{"path": str(fixtures / "messages.jsonl"), "task": "sft", "split": "train"},
+             {"path": str(fixtures / "question_answer.json"), "task": "sft", "split": "train"}]  # fmt: skip
+    data, _ = read_prepared(prepare_mixture(items, str(embedded_dir), output_dir=tmp_path / "mix", max_length=256))
+    rows = data["train"].to_list()
+    by_answer = {r["reference"]: r["prompt_messages"] for r in rows}
+    assert json.loads(by_answer["Hi, how can I help?"]) == [{"role": "user", "content": "Hello!"}]
+    assert by_answer["Eight."] == by_answer["Blue."] == "" and len(rows) == 4

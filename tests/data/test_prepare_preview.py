@@ -39,12 +39,16 @@ def test_prepared_folder_follows_the_contract(prepared, tokenizer):
     splits = load_from_disk(str(prepared))
     assert set(splits) == {"train", "test"}
     assert (len(splits["train"]), len(splits["test"])) == (1, 1)
+    chats = [json.loads(line)["messages"] for line in (FIXTURES / "messages.jsonl").read_text().splitlines()]
+    prompt_messages = {c[-1]["content"]: c[:-1] for c in chats}  # a chat source: each prompt's messages (GRPO)
     for split in splits.values():
-        assert set(split.column_names) == {"input_ids", "attention_mask", "labels", "text", "prompt", "reference"}
+        columns = {"input_ids", "attention_mask", "labels", "text", "prompt", "reference", "prompt_messages"}
+        assert set(split.column_names) == columns
         for row in split:
             assert len(row["input_ids"]) == len(row["labels"]) == len(row["attention_mask"])
             assert row["text"].startswith(row["prompt"])
             assert trained_text(tokenizer, row).endswith(row["reference"] + "<|im_end|>")
+            assert json.loads(row["prompt_messages"]) == prompt_messages[row["reference"]]
     info = json.loads((prepared / "prepare.json").read_text())
     assert info["format"] == info["prompt_format"] == "template"
     assert info["model"] == info["tokenizer"] == MODEL
@@ -190,6 +194,7 @@ def test_train_on_prompt_and_system(tmp_path, tokenizer):
     )
     row = load_from_disk(str(out))["train"][0]
     assert row["labels"] == row["input_ids"]
+    assert "prompt_messages" not in row  # a question/answer source: only chat sources keep the prompt's messages
     assert row["text"].startswith("<|im_start|>system\nAnswer in one word.<|im_end|>\n")
     info = json.loads((out / "prepare.json").read_text())
     assert info["train_on_prompt"] is True and info["system"] == "Answer in one word."

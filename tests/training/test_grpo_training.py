@@ -224,3 +224,53 @@ def test_rewards_get_message_lists_for_conversational_data_and_strings_for_text(
     for out in (chat, text):
         logged = {e["prompt"] for e in _lines(out / "completions.jsonl")}
         assert logged and logged <= prepared_prompts  # rendered messages = the prepared column, character for character
+
+
+PREPARED_CHAT_REWARD = """
+import json
+from pathlib import Path
+
+SEEN = Path(__file__).with_suffix(".seen")
+
+
+def prepared_chat(prompts, completions, reference, **kwargs):
+    assert "prompt_messages" not in kwargs, sorted(kwargs)  # the column is the prompts, not one more column
+    assert all(isinstance(p, list) and all(isinstance(m, dict) for m in p) for p in prompts), prompts
+    for completion in completions:
+        assert isinstance(completion, list) and len(completion) == 1, completion
+        assert completion[0]["role"] == "assistant" and isinstance(completion[0]["content"], str), completion
+    with SEEN.open("a", encoding="utf-8") as f:
+        f.writelines(json.dumps(p, ensure_ascii=False) + "\\n" for p in prompts)
+    return [float(c[0]["content"].strip() == r) for c, r in zip(completions, reference)]
+"""
+
+
+def test_a_folder_prepared_from_chat_messages_is_conversational_for_the_rewards(tmp_path, tiny_model_dir, embedded_dir):
+    """`aift prepare` of chat `messages` keeps each prompt's messages (all before the last assistant turn, the
+    source's own, no added system prompt): `aift train --method grpo` hands them to the rewards as message
+    lists, and each completion as [{"role": "assistant", "content": text}], as TRL does for such data."""
+    from aift.data.prepared import read_prepared
+
+    source = json.loads((REPO / "examples" / "tasks.json").read_text(encoding="utf-8"))
+    chats = [
+        [{"role": "user", "content": f"I have sum number {i} for you."}, {"role": "assistant", "content": "Go ahead."},
+         {"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]
+        for i, r in enumerate(source)
+    ]  # fmt: skip
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats), encoding="utf-8")
+    prepared = tmp_path / "prepared"
+    prepare = ["prepare", "--model", str(embedded_dir), "--source-path", str(data), "--output-dir", str(prepared),
+               "--max-length", "64", "--val-ratio", "0"]  # fmt: skip
+    assert main(prepare) == 0
+    rewards = tmp_path / "chat_rewards.py"
+    rewards.write_text(PREPARED_CHAT_REWARD, encoding="utf-8")
+    out = tmp_path / "run"
+    args = _grpo_args(tiny_model_dir, prepared, out, "--max-steps", "1", "--save-steps", "0")
+    at = args.index("--reward")  # one reward, this file's, instead of _grpo_args's two and their weights
+    args[at : at + 6] = ["--reward", f"python:{rewards}:prepared_chat"]
+    assert main(args) == 0
+    seen = _lines(rewards.with_suffix(".seen"))
+    assert len(seen) == 4 and all(prompt in [c[:-1] for c in chats] for prompt in seen)  # 2 prompts x 2 completions
+    logged = {e["prompt"] for e in _lines(out / "completions.jsonl")}
+    assert logged and logged <= set(read_prepared(prepared)[0]["train"]["prompt"])  # the model gets the rendered text

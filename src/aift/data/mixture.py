@@ -40,6 +40,7 @@ from aift.data.formats import default_system, resolve_format
 from aift.data.prepare import TASKS, check_options, encode_source, split
 from aift.data.prepared import write_prepared
 from aift.data.pretrain import NO_BLOCK
+from aift.data.sft import PROMPT_MESSAGES
 from aift.data.task import EncodeOptions
 from aift.models.registry import EMBEDDED_MODEL
 
@@ -167,6 +168,20 @@ def _unify(part: Any, task: str, block_offset: int) -> tuple[Any, int]:
     return part.add_column("block", [NO_BLOCK] * len(part), feature=Value("int32")), block_offset
 
 
+def _same_columns(parts: list) -> list:
+    """The parts, with an empty prompt_messages column (a chat source's, aift.data.sft) on those without one
+    when any has it, so that they concatenate."""
+    from datasets import Value
+
+    if not any(PROMPT_MESSAGES in part.column_names for part in parts):
+        return parts
+    return [
+        part if PROMPT_MESSAGES in part.column_names
+        else part.add_column(PROMPT_MESSAGES, [""] * len(part), feature=Value("string"))
+        for part in parts
+    ]  # fmt: skip
+
+
 def _check_tasks(sources: list[MixSource]) -> None:
     tasks = {s.task for s in sources}
     if "preference" in tasks and len(tasks) > 1:
@@ -231,7 +246,7 @@ def prepare_mixture(
         listing.append(_listing(s, name, loaded, encoded, dropped, n, len(train), len(test), len(data["train"])))
         if n > encoded.kept:
             log.info("%s: %d examples drawn from %d (repeated)", s.path, n, encoded.kept)
-    dataset = DatasetDict({name: concatenate_datasets(p) for name, p in parts.items()})
+    dataset = DatasetDict({name: concatenate_datasets(_same_columns(p)) for name, p in parts.items()})
     info = _info(sources, listing, model, fmt.name, max_length, val_ratio, seed, dataset)
     out = Path(output_dir) if output_dir else Path("datasets") / f"mixture_{Path(str(model).rstrip('/')).name}"
     write_prepared(out, dataset, info)

@@ -3,11 +3,16 @@
 `aift prepare --task sft` (the default). Rows are read and turned into conversations by aift.data.sources
 (its ``SFT_SHAPES``); here each conversation is rendered in the prompt format, tokenized and masked in one
 batched ``datasets.map``, and prepare.json gets token-length statistics and the packing efficiency.
+
+Rows of a chat shape (``CHAT_SHAPES``: messages, ShareGPT conversations) also keep their prompt's messages,
+everything before the last assistant turn, as JSON in a ``prompt_messages`` column: GRPO reads a folder with it
+as conversational data (TRL's rule), so its rewards get message lists. The other shapes do not have the column.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import statistics
@@ -25,6 +30,8 @@ from aift.data.shapes import Loaded
 from aift.data.task import EncodeOptions
 
 log = logging.getLogger(__name__)
+CHAT_SHAPES = ("openai_tools", "sharegpt_tools", "messages", "sharegpt")  # rows that are conversations
+PROMPT_MESSAGES = "prompt_messages"  # the column of their prompt's messages (JSON)
 _MIN_ROWS_PER_PROC = 256  # below this a worker process costs more than it saves
 
 
@@ -44,24 +51,28 @@ def _with_system(conversation: list[dict], system: str | None) -> list[dict]:
 class _EncodeRows:
     """The batched map function: row indices -> rendered, tokenized, masked columns (one per worker process)."""
 
-    def __init__(self, conversations: list[list[dict]], options: EncodeOptions):
+    def __init__(self, conversations: list[list[dict]], options: EncodeOptions, keep_messages: bool):
         self.conversations, self.fmt, self.tokenizer = conversations, options.fmt, options.tokenizer
+        self.keep_messages = keep_messages
         self.max_length, self.train_on_prompt, self.system = options.max_length, options.train_on_prompt, options.system
         self.drop_earlier_thinking = options.drop_earlier_thinking
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         """One batch of rows; a dropped row keeps its place (empty columns, its reason in ``drop``)."""
-        conversations = [_with_system(self.conversations[row], self.system) for row in batch["row"]]
+        conversations = [self.conversations[row] for row in batch["row"]]
         if self.drop_earlier_thinking:
             conversations = [drop_earlier_thinking(c) for c in conversations]
+        # The prompt's messages as the source had them (the system prompt that prepare adds is in `prompt` only).
+        prompts = [json.dumps(c[:-1], ensure_ascii=False) if self.keep_messages else "" for c in conversations]
+        conversations = [_with_system(c, self.system) for c in conversations]
         rendered = [
             r if isinstance(r, Rendered) else f"cannot render: {r}"
             for r in self.fmt.render_many(conversations, self.tokenizer)
         ]
         ok = [r for r in rendered if isinstance(r, Rendered)]
         encoded = iter(encode_batch(ok, self.tokenizer, self.max_length, self.train_on_prompt) if ok else [])
-        out: dict[str, list] = {c: [] for c in _features(with_bookkeeping=True)}
-        for r in rendered:
+        out: dict[str, list] = {c: [] for c in _features(with_bookkeeping=True, with_messages=self.keep_messages)}
+        for r, messages in zip(rendered, prompts, strict=True):
             e = next(encoded) if isinstance(r, Rendered) else None
             trained = e.num_trained if e else 0
             drop = r if e is None else ("no trained token" if trained == 0 else "")
@@ -75,11 +86,14 @@ class _EncodeRows:
             out["truncated"].append((e.truncated or "") if e and not drop else "")
             out["drop"].append(drop)
             out["trained"].append(trained if not drop else 0)
+            if self.keep_messages:
+                out[PROMPT_MESSAGES].append(messages if not drop else "")
         return out
 
 
-def _features(with_bookkeeping: bool):
-    """The prepared dataset's columns and types; with the map's own bookkeeping (drop reason, truncation, ...)."""
+def _features(with_bookkeeping: bool, with_messages: bool = False):
+    """The prepared dataset's columns and types; with the map's own bookkeeping (drop reason, truncation, ...)
+    and, for a chat shape, the prompt's messages."""
     from datasets import Features, List, Value
 
     columns = {
@@ -90,6 +104,8 @@ def _features(with_bookkeeping: bool):
         "prompt": Value("string"),
         "reference": Value("string"),
     }
+    if with_messages:
+        columns[PROMPT_MESSAGES] = Value("string")
     if with_bookkeeping:
         columns.update(truncated=Value("string"), drop=Value("string"), trained=Value("int32"))
     return Features(columns)
@@ -106,6 +122,7 @@ class EncodedRows:
     dropped: Counter
     truncated: Counter
     options: EncodeOptions
+    with_messages: bool = False  # a chat shape: the prompt_messages column
     noun = "examples"
 
     @property
@@ -119,7 +136,7 @@ class EncodedRows:
         return DatasetDict({"train": self._select(train), "test": self._select(test)})
 
     def _select(self, positions: list[int]):
-        columns = list(_features(with_bookkeeping=False))
+        columns = list(_features(with_bookkeeping=False, with_messages=self.with_messages))
         return self.rows.select([self.kept_rows[i] for i in positions]).select_columns(columns)
 
     def info(self) -> dict:
@@ -163,9 +180,10 @@ def encode(loaded: Loaded, options: EncodeOptions) -> EncodedRows:
     if num_proc is None:  # every core, but no worker for fewer than _MIN_ROWS_PER_PROC rows
         num_proc = min(os.cpu_count() or 1, rows // _MIN_ROWS_PER_PROC or 1)
     procs = max(1, min(num_proc, rows))
-    features = _features(with_bookkeeping=True)
+    keep_messages = loaded.shape in CHAT_SHAPES
+    features = _features(with_bookkeeping=True, with_messages=keep_messages)
     mapped = Dataset.from_dict({"row": list(range(rows))}).map(
-        _EncodeRows(loaded.examples, options),
+        _EncodeRows(loaded.examples, options, keep_messages),
         batched=True,
         batch_size=256,
         num_proc=procs if procs > 1 else None,
@@ -197,6 +215,7 @@ def encode(loaded: Loaded, options: EncodeOptions) -> EncodedRows:
         dropped=dropped,
         truncated=truncated,
         options=options,
+        with_messages=keep_messages,
     )
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from aift.data.sft import PROMPT_MESSAGES
 from aift.errors import AiftError
 from aift.inference.generation import SamplingParams, eos_token_ids, generate_batch
 from aift.models.run_folder import COMPLETIONS_FILE
@@ -369,7 +370,9 @@ def prompt_rows(split, tokenizer, fmt=None, system: str | None = None) -> list[d
     A ``prompt`` is the rendered text (``aift prepare``'s column: BOS in front when the prepared sequence began
     with it, as ``aift eval`` generates from the same column), or a list of messages (TRL's conversational
     data), rendered here as a generation prompt in ``fmt`` (with ``system`` first when it has no system
-    message, as ``aift prepare`` does) and kept as ``prompt_messages``: its rewards get message lists.
+    message, as ``aift prepare`` does) and kept as ``prompt_messages``: its rewards get message lists. A folder
+    `aift prepare` wrote from chat rows is conversational too: its ``prompt_messages`` column holds each prompt's
+    messages.
     """
     rows, bos = [], tokenizer.bos_token_id
     adds_bos = bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
@@ -385,6 +388,8 @@ def prompt_rows(split, tokenizer, fmt=None, system: str | None = None) -> list[d
                 f"row {i}: GRPO data needs a non-empty `prompt` column, text (prepare it with `aift prepare --task "
                 f"sft`) or a list of {{'role', 'content'}} messages, got {type(prompt).__name__}"
             )
+        elif item.get(PROMPT_MESSAGES):
+            messages = json.loads(item[PROMPT_MESSAGES])
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         first = item.get("input_ids") or [bos if messages is not None and adds_bos else None]
         if bos is not None and first[0] == bos and (not ids or ids[0] != bos):
@@ -407,7 +412,7 @@ def _with_system(messages: list[dict], system: str | None) -> list[dict]:
     return [{"role": "system", "content": system}, *messages]
 
 
-_TOKEN_COLUMNS = ("input_ids", "attention_mask", "labels", "text", "prompt")
+_TOKEN_COLUMNS = ("input_ids", "attention_mask", "labels", "text", "prompt", PROMPT_MESSAGES)
 
 
 def build(config: GRPOConfig, *, tokenizer, is_peft: bool, output_dir: str | Path | None = None,
